@@ -1,0 +1,233 @@
+//! Context threads: each owns one interpreter for its whole life (an OWN_GIL
+//! sub-interpreter, or the shared main interpreter) and serves its mailbox in order.
+//!
+//! The router pushes jobs into a context's bounded [`Mailbox`] and wakes the thread only
+//! if it sleeps. A thread that runs out of work spins for a short, bounded while (GIL
+//! released) before it sleeps in its own mio poll, because a sleeping thread costs tens
+//! of microseconds of wake-up latency on the request path (DESIGN.md).
+
+use std::collections::VecDeque;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use mio::{Events, Poll, Token, Waker};
+use pyo3::prelude::*;
+
+use crate::error::{panic_message, Error};
+use crate::python::SubInterpreter;
+use crate::session::Session;
+use crate::writer::Writer;
+
+const WAKE: Token = Token(0);
+/// How long an idle context spins before it sleeps.
+const SPIN: Duration = Duration::from_micros(40);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    OwnGil,
+    Main,
+}
+
+/// How to create a context (from a `new_context` request).
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub id: u64,
+    pub mode: Mode,
+    pub name: Option<String>,
+    pub preload: Option<String>,
+    pub path: Vec<String>,
+}
+
+/// One unit of work for a context: a request frame, or the order to stop.
+pub struct Job {
+    pub frame: Vec<u8>,
+    /// Byte range of the reply header inside `frame`.
+    pub header: (usize, usize),
+    /// Where the ETF body starts inside `frame`.
+    pub body: usize,
+    pub stop: bool,
+}
+
+impl Job {
+    pub fn header(&self) -> &[u8] {
+        &self.frame[self.header.0..self.header.1]
+    }
+    pub fn body(&self) -> &[u8] {
+        &self.frame[self.body..]
+    }
+}
+
+const STARTING: u8 = 0;
+const RUNNING: u8 = 1;
+const DEAD: u8 = 2;
+
+/// The queue between the router and one context thread.
+pub struct Mailbox {
+    queue: Mutex<VecDeque<Job>>,
+    capacity: usize,
+    waker: Waker,
+    sleeping: AtomicBool,
+    state: AtomicU8,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a job; gives it back if the queue is full or the context is dead.
+    pub fn push(&self, job: Job) -> Result<(), (Job, Error)> {
+        if self.is_dead() {
+            return Err((job, Error::ContextDown("stopped".into())));
+        }
+        {
+            let mut q = self.lock();
+            if q.len() >= self.capacity && !job.stop {
+                return Err((job, Error::Overloaded));
+            }
+            q.push_back(job);
+        }
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<Job> {
+        self.lock().pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.state.load(Ordering::SeqCst) == DEAD
+    }
+
+    /// Waits until the queue may hold something: spin, then sleep in `poll`.
+    fn wait(&self, poll: &mut Poll, events: &mut Events) {
+        let until = Instant::now() + SPIN;
+        while Instant::now() < until {
+            if !self.is_empty() {
+                return;
+            }
+            std::hint::spin_loop();
+        }
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.is_empty() {
+            loop {
+                match poll.poll(events, None) {
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    _ => break,
+                }
+            }
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Marks the context dead and answers everything still queued.
+    fn fail_all(&self, writer: &Writer, reason: &str) {
+        self.state.store(DEAD, Ordering::SeqCst);
+        let jobs: Vec<Job> = self.lock().drain(..).collect();
+        let err = Error::ContextDown(reason.into());
+        for job in jobs {
+            if !job.header().is_empty() {
+                writer.reply(job.header(), |w| err.write_reply(w));
+            }
+        }
+    }
+}
+
+/// Starts the thread of a new context. `create` is the job of the `new_context` request:
+/// it is answered once the interpreter is ready (or failed to start).
+pub fn spawn(spec: Spec, create: Job, writer: Arc<Writer>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
+    let poll = Poll::new()?;
+    let waker = Waker::new(poll.registry(), WAKE)?;
+    let mailbox = Arc::new(Mailbox {
+        queue: Mutex::new(VecDeque::new()),
+        capacity,
+        waker,
+        sleeping: AtomicBool::new(false),
+        state: AtomicU8::new(STARTING),
+    });
+    let mb = mailbox.clone();
+    std::thread::Builder::new()
+        .name(format!("pyport-ctx-{}", spec.id))
+        .stack_size(64 << 20)
+        .spawn(move || run(spec, create, mb, writer, poll))?;
+    Ok(mailbox)
+}
+
+fn run(spec: Spec, create: Job, mailbox: Arc<Mailbox>, writer: Arc<Writer>, poll: Poll) {
+    match spec.mode {
+        Mode::Main => serve(&spec, create, &mailbox, &writer, poll),
+        Mode::OwnGil => match SubInterpreter::new() {
+            Ok(interp) => {
+                serve(&spec, create, &mailbox, &writer, poll);
+                interp.end();
+            }
+            Err(e) => {
+                let err = Error::ContextDown(format!("interpreter creation failed: {e}"));
+                writer.reply(create.header(), |w| err.write_reply(w));
+                mailbox.fail_all(&writer, "start_failed");
+            }
+        },
+    }
+}
+
+/// The context's loop, attached to its interpreter.
+fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, writer: &Writer, mut poll: Poll) {
+    Python::attach(|py| {
+        let session = match Session::new(py, spec) {
+            Ok(s) => s,
+            Err(e) => {
+                writer.reply(create.header(), |w| e.write_reply(w));
+                mailbox.fail_all(writer, "start_failed");
+                return;
+            }
+        };
+        mailbox.state.store(RUNNING, Ordering::SeqCst);
+        writer.reply(create.header(), |w| w.atom("ok"));
+        let mut events = Events::with_capacity(16);
+        loop {
+            let job = match mailbox.pop() {
+                Some(job) => job,
+                None => {
+                    py.detach(|| mailbox.wait(&mut poll, &mut events));
+                    continue;
+                }
+            };
+            if job.stop {
+                session.close(py);
+                mailbox.fail_all(writer, "stopped");
+                writer.reply(job.header(), |w| w.atom("ok"));
+                return;
+            }
+            handle(py, &session, &job, writer);
+        }
+    });
+}
+
+/// Serves one request; a panic becomes an error reply and the context lives on.
+fn handle(py: Python<'_>, session: &Session, job: &Job, writer: &Writer) {
+    let mut out = Vec::with_capacity(256);
+    let result = catch_unwind(AssertUnwindSafe(|| session.serve(py, job.header(), job.body(), &mut out)));
+    let header = job.header();
+    match result {
+        Ok(Ok(())) if !header.is_empty() => writer.send(&out),
+        Ok(Ok(())) => {}
+        Ok(Err(e)) if header.is_empty() => writer.log("warning", session.id, &format!("cast failed: {e}")),
+        Ok(Err(e)) => writer.reply(header, |w| e.write_reply(w)),
+        Err(panic) => {
+            let e = Error::Panic(panic_message(&*panic));
+            if header.is_empty() {
+                writer.log("error", session.id, &e.to_string());
+            } else {
+                writer.reply(header, |w| e.write_reply(w));
+            }
+        }
+    }
+}

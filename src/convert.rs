@@ -1,0 +1,343 @@
+//! Erlang terms <-> Python objects, decoded straight from ETF bytes into Python objects
+//! and encoded straight from Python objects into ETF bytes (no intermediate tree).
+//!
+//! The mapping is the table in docs (API.md, "Type mapping"). Everything here runs on the
+//! thread that owns the interpreter; the per-interpreter type objects live in [`Types`].
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use pyo3::exceptions::PyTypeError;
+use pyo3::prelude::*;
+use pyo3::types::{
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView, PySet, PyString,
+    PyTuple,
+};
+
+use crate::error::{BadTerm, Error};
+use crate::etf::{self, Reader, Writer, MAX_DEPTH};
+
+/// The `erlang` module's types, as objects of one interpreter, plus a cache of atoms.
+pub struct Types {
+    pub atom: Py<PyAny>,
+    pub pid: Py<PyAny>,
+    pub reference: Py<PyAny>,
+    pub opaque: Py<PyAny>,
+    pub term: Py<PyAny>,
+    atoms: RefCell<HashMap<Box<str>, Py<PyAny>>>,
+}
+
+const ATOM_CACHE_MAX: usize = 4096;
+
+impl Types {
+    /// Reads the types from an imported `erlang` module.
+    pub fn from_module(module: &Bound<'_, PyModule>) -> PyResult<Self> {
+        let get = |name: &str| module.getattr(name).map(Bound::unbind);
+        Ok(Types {
+            atom: get("Atom")?,
+            pid: get("Pid")?,
+            reference: get("Ref")?,
+            opaque: get("Opaque")?,
+            term: get("_Term")?,
+            atoms: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// Drops every cached object; must run while attached to this interpreter.
+    pub fn clear(&self) {
+        self.atoms.borrow_mut().clear();
+    }
+
+    fn atom<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(a) = self.atoms.borrow().get(name) {
+            return Ok(a.bind(py).clone());
+        }
+        let a = self.atom.bind(py).call1((name,))?;
+        let mut cache = self.atoms.borrow_mut();
+        if cache.len() < ATOM_CACHE_MAX {
+            cache.insert(name.into(), a.clone().unbind());
+        }
+        Ok(a)
+    }
+}
+
+impl From<PyErr> for Error {
+    fn from(e: PyErr) -> Self {
+        Python::attach(|py| crate::pyerr::to_error(py, &e))
+    }
+}
+
+/// Decodes a whole term (version byte included, nothing after it).
+pub fn decode<'py>(py: Python<'py>, types: &Types, bytes: &[u8]) -> Result<Bound<'py, PyAny>, Error> {
+    let mut r = Reader::new(bytes)?;
+    let v = decode_term(py, types, &mut r, 0)?;
+    r.finish()?;
+    Ok(v)
+}
+
+/// Decodes the next term of `r`.
+pub fn decode_term<'py>(py: Python<'py>, types: &Types, r: &mut Reader<'_>, depth: usize) -> Result<Bound<'py, PyAny>, Error> {
+    if depth > MAX_DEPTH {
+        return Err(BadTerm::TooDeep.into());
+    }
+    let start = r.pos();
+    let tag = r.u8()?;
+    Ok(match tag {
+        etf::SMALL_INTEGER => r.u8()?.into_pyobject(py).map_err(PyErr::from)?.into_any(),
+        etf::INTEGER => r.i32()?.into_pyobject(py).map_err(PyErr::from)?.into_any(),
+        etf::SMALL_BIG | etf::LARGE_BIG => {
+            let n = if tag == etf::SMALL_BIG { r.u8()? as usize } else { r.u32()? as usize };
+            let negative = r.u8()? != 0;
+            big_int(py, negative, r.bytes(n)?)?
+        }
+        etf::NEW_FLOAT => PyFloat::new(py, r.f64()?).into_any(),
+        etf::FLOAT => {
+            let raw = r.bytes(31)?;
+            let text = std::str::from_utf8(raw).map_err(|_| etf::DecodeError::BadFloat)?;
+            let v: f64 = text.trim_end_matches('\0').trim().parse().map_err(|_| etf::DecodeError::BadFloat)?;
+            PyFloat::new(py, v).into_any()
+        }
+        etf::SMALL_ATOM_UTF8 | etf::ATOM_UTF8 | etf::SMALL_ATOM | etf::ATOM => {
+            let name = r.atom_body(tag)?;
+            atom_to_py(py, types, &name)?
+        }
+        etf::BINARY => {
+            let n = r.u32()? as usize;
+            binary_to_py(py, r.bytes(n)?)
+        }
+        etf::NIL => PyList::empty(py).into_any(),
+        etf::STRING => {
+            let n = r.u16()? as usize;
+            PyList::new(py, r.bytes(n)?.iter().copied())?.into_any()
+        }
+        etf::LIST => {
+            let n = r.u32()? as usize;
+            let n = r.count(n, 1)?;
+            let list = PyList::empty(py);
+            for _ in 0..n {
+                list.append(decode_term(py, types, r, depth + 1)?)?;
+            }
+            if r.peek()? == etf::NIL {
+                r.u8()?;
+                list.into_any()
+            } else {
+                // An improper list: keep the whole term verbatim.
+                r.skip(depth + 1)?;
+                raw_term(py, &types.opaque, r.slice(start, r.pos()))?
+            }
+        }
+        etf::SMALL_TUPLE | etf::LARGE_TUPLE => {
+            let n = if tag == etf::SMALL_TUPLE { r.u8()? as usize } else { r.u32()? as usize };
+            let n = r.count(n, 1)?;
+            if n == 2 && r.peek_atom().as_deref() == Some("bytes") {
+                let mut probe = r.clone();
+                probe.atom()?;
+                if probe.peek()? == etf::BINARY {
+                    probe.u8()?;
+                    let len = probe.u32()? as usize;
+                    let bytes = PyBytes::new(py, probe.bytes(len)?).into_any();
+                    *r = probe;
+                    return Ok(bytes);
+                }
+            }
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(decode_term(py, types, r, depth + 1)?);
+            }
+            PyTuple::new(py, items)?.into_any()
+        }
+        etf::MAP => {
+            let n = r.u32()? as usize;
+            let n = r.count(n, 2)?;
+            let dict = PyDict::new(py);
+            for _ in 0..n {
+                let key_start = r.pos();
+                let key = decode_term(py, types, r, depth + 1)?;
+                let key_end = r.pos();
+                let value = decode_term(py, types, r, depth + 1)?;
+                match dict.set_item(&key, &value) {
+                    Ok(()) => {}
+                    Err(e) if e.is_instance_of::<PyTypeError>(py) => {
+                        // Unhashable in Python (a list or map key): keep the key verbatim,
+                        // hashable and exact on the way back.
+                        let key = raw_term(py, &types.opaque, r.slice(key_start, key_end))?;
+                        dict.set_item(key, value)?;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            dict.into_any()
+        }
+        etf::PID | etf::NEW_PID => {
+            r.atom()?;
+            r.bytes(if tag == etf::NEW_PID { 12 } else { 9 })?;
+            raw_term(py, &types.pid, r.slice(start, r.pos()))?
+        }
+        etf::REFERENCE | etf::NEW_REFERENCE | etf::NEWER_REFERENCE => {
+            r.seek(start);
+            r.skip(depth)?;
+            raw_term(py, &types.reference, r.slice(start, r.pos()))?
+        }
+        _ => {
+            // Ports, funs, bitstrings: verbatim. Unknown tags fail inside `skip`.
+            r.seek(start);
+            r.skip(depth)?;
+            raw_term(py, &types.opaque, r.slice(start, r.pos()))?
+        }
+    })
+}
+
+fn atom_to_py<'py>(py: Python<'py>, types: &Types, name: &str) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match name {
+        "true" => PyBool::new(py, true).to_owned().into_any(),
+        "false" => PyBool::new(py, false).to_owned().into_any(),
+        "none" | "nil" | "undefined" => py.None().into_bound(py),
+        _ => types.atom(py, name)?,
+    })
+}
+
+/// A binary is a `str` when it is valid UTF-8, else `bytes`.
+fn binary_to_py<'py>(py: Python<'py>, b: &[u8]) -> Bound<'py, PyAny> {
+    match std::str::from_utf8(b) {
+        Ok(s) => PyString::new(py, s).into_any(),
+        Err(_) => PyBytes::new(py, b).into_any(),
+    }
+}
+
+fn raw_term<'py>(py: Python<'py>, class: &Py<PyAny>, body: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    class.bind(py).call1((PyBytes::new(py, body),))
+}
+
+fn big_int<'py>(py: Python<'py>, negative: bool, magnitude_le: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+    if magnitude_le.len() <= 16 {
+        let mut b = [0u8; 16];
+        b[..magnitude_le.len()].copy_from_slice(magnitude_le);
+        let m = u128::from_le_bytes(b);
+        if !negative {
+            return Ok(m.into_pyobject(py)?.into_any());
+        }
+        if let Ok(v) = i128::try_from(m) {
+            return Ok((-v).into_pyobject(py)?.into_any());
+        }
+    }
+    let int_type = py.get_type::<PyInt>();
+    let v = int_type.call_method1("from_bytes", (PyBytes::new(py, magnitude_le), "little"))?;
+    if negative {
+        v.neg()
+    } else {
+        Ok(v)
+    }
+}
+
+/// Encodes `obj` as a whole term (with the version byte) into `out`.
+pub fn encode(types: &Types, obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Result<(), Error> {
+    let mut w = Writer::new(out);
+    encode_term(types, obj, &mut w, 0)
+}
+
+pub fn encode_term(types: &Types, obj: &Bound<'_, PyAny>, w: &mut Writer<'_>, depth: usize) -> Result<(), Error> {
+    if depth > MAX_DEPTH {
+        return Err(BadTerm::TooDeep.into());
+    }
+    let py = obj.py();
+    if obj.is_none() {
+        w.atom("none");
+    } else if let Ok(b) = obj.cast_exact::<PyBool>() {
+        w.atom(if b.is_true() { "true" } else { "false" });
+    } else if let Ok(s) = obj.cast_exact::<PyString>() {
+        w.binary(s.to_str()?.as_bytes());
+    } else if obj.is_exact_instance_of::<PyInt>() || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>()) {
+        encode_int(obj, w)?;
+    } else if let Ok(f) = obj.cast::<PyFloat>() {
+        let v = f.value();
+        if v.is_nan() {
+            w.atom("nan");
+        } else if v.is_infinite() {
+            w.atom(if v > 0.0 { "infinity" } else { "neg_infinity" });
+        } else {
+            w.float(v);
+        }
+    } else if let Ok(list) = obj.cast::<PyList>() {
+        let n = list.len();
+        if n > 0 {
+            w.list_header(n);
+            for item in list.iter() {
+                encode_term(types, &item, w, depth + 1)?;
+            }
+        }
+        w.nil();
+    } else if let Ok(t) = obj.cast::<PyTuple>() {
+        w.tuple_header(t.len());
+        for item in t.iter() {
+            encode_term(types, &item, w, depth + 1)?;
+        }
+    } else if let Ok(d) = obj.cast::<PyDict>() {
+        w.map_header(d.len());
+        for (k, v) in d.iter() {
+            encode_term(types, &k, w, depth + 1)?;
+            encode_term(types, &v, w, depth + 1)?;
+        }
+    } else if let Ok(s) = obj.cast::<PyString>() {
+        if obj.is_instance(types.atom.bind(py))? {
+            let name = s.to_str()?;
+            if name.chars().count() > 255 {
+                return Err(BadTerm::Unsupported("Atom longer than 255 characters".into()).into());
+            }
+            w.atom(name);
+        } else {
+            w.binary(s.to_str()?.as_bytes());
+        }
+    } else if let Ok(b) = obj.cast::<PyBytes>() {
+        w.binary(b.as_bytes());
+    } else if let Ok(b) = obj.cast::<PyByteArray>() {
+        w.binary(&b.to_vec());
+    } else if obj.is_instance_of::<PyMemoryView>() {
+        let bytes = obj.call_method0("tobytes")?;
+        w.binary(bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+    } else if obj.is_instance(types.term.bind(py))? {
+        let raw = obj.getattr("_etf")?;
+        w.raw(raw.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+    } else if obj.is_instance_of::<PySet>() || obj.is_instance_of::<PyFrozenSet>() {
+        let items: Vec<Bound<'_, PyAny>> = obj.try_iter()?.collect::<PyResult<_>>()?;
+        if !items.is_empty() {
+            w.list_header(items.len());
+            for item in &items {
+                encode_term(types, item, w, depth + 1)?;
+            }
+        }
+        w.nil();
+    } else {
+        return Err(BadTerm::Unsupported(type_name(obj)).into());
+    }
+    Ok(())
+}
+
+fn encode_int(obj: &Bound<'_, PyAny>, w: &mut Writer<'_>) -> Result<(), Error> {
+    if let Ok(v) = obj.extract::<i64>() {
+        w.int(v);
+        return Ok(());
+    }
+    let negative = obj.lt(0)?;
+    let magnitude = obj.abs()?;
+    let bits: usize = magnitude.call_method0("bit_length")?.extract()?;
+    let nbytes = bits.div_ceil(8);
+    let bytes = magnitude.call_method1("to_bytes", (nbytes, "little"))?;
+    w.big(negative, bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+    Ok(())
+}
+
+/// `module.QualName` of an object's type, or just the name for builtins.
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    qualified_name(&obj.get_type().into_any())
+}
+
+pub fn qualified_name(ty: &Bound<'_, PyAny>) -> String {
+    let name = ty
+        .getattr("__qualname__")
+        .and_then(|n| n.extract::<String>())
+        .unwrap_or_else(|_| "?".to_string());
+    match ty.getattr("__module__").and_then(|m| m.extract::<String>()) {
+        Ok(m) if m != "builtins" => format!("{m}.{name}"),
+        _ => name,
+    }
+}

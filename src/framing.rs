@@ -1,0 +1,307 @@
+//! `{packet,4}` framing: an incremental reader for a non-blocking byte stream, and the
+//! layout of outbound frames.
+//!
+//! The reader hands out whole frames only. Small frames are cut out of a 64 KiB staging
+//! buffer; a frame larger than that is read straight into its own allocation, so a
+//! 16 MiB binary is copied once in user space. A frame over `max_frame` is not kept:
+//! its first bytes are (to answer the request) and the rest is read and dropped.
+
+use std::io::{self, Read};
+
+const STAGING: usize = 64 * 1024;
+/// Bytes of an oversized frame kept so its request can still be answered:
+/// context id (8) + header length (2) + the largest header (65535).
+pub const HEAD_KEEP: usize = 8 + 2 + 65535;
+
+/// Something the reader produced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Inbound {
+    /// A whole frame, without its 4-byte length.
+    Frame(Vec<u8>),
+    /// A frame over the limit: its declared length and its first bytes.
+    Oversized { len: usize, head: Vec<u8> },
+}
+
+enum Big {
+    /// A large frame being read into its own buffer.
+    Filling { frame: Vec<u8>, filled: usize },
+    /// An oversized frame: keep `head`, drop the rest.
+    Discarding { head: Vec<u8>, len: usize, seen: usize },
+}
+
+pub struct FrameReader {
+    buf: Box<[u8]>,
+    start: usize,
+    end: usize,
+    big: Option<Big>,
+    max_frame: usize,
+}
+
+/// Whether the stream is still open after a `fill`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Read until `WouldBlock`; more may come.
+    Open,
+    /// End of stream. `clean` is false if it cut a frame in two.
+    Closed { clean: bool },
+}
+
+impl FrameReader {
+    pub fn new(max_frame: usize) -> Self {
+        FrameReader { buf: vec![0u8; STAGING].into_boxed_slice(), start: 0, end: 0, big: None, max_frame }
+    }
+
+    /// Reads everything `src` has now (until `WouldBlock` or end of stream) and pushes
+    /// each complete frame to `out`. `EINTR` is retried.
+    pub fn fill<R: Read>(&mut self, src: &mut R, out: &mut Vec<Inbound>) -> io::Result<Status> {
+        loop {
+            let n = match self.read_some(src) {
+                Ok(0) => {
+                    let clean = self.big.is_none() && self.start == self.end;
+                    return Ok(Status::Closed { clean });
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Status::Open),
+                Err(e) => return Err(e),
+            };
+            self.advance(n, out);
+        }
+    }
+
+    fn read_some<R: Read>(&mut self, src: &mut R) -> io::Result<usize> {
+        match &mut self.big {
+            Some(Big::Filling { frame, filled }) => src.read(&mut frame[*filled..]),
+            Some(Big::Discarding { .. }) => {
+                self.start = 0;
+                self.end = 0;
+                src.read(&mut self.buf)
+            }
+            None => {
+                if self.end == self.buf.len() {
+                    self.compact();
+                }
+                src.read(&mut self.buf[self.end..])
+            }
+        }
+    }
+
+    fn compact(&mut self) {
+        self.buf.copy_within(self.start..self.end, 0);
+        self.end -= self.start;
+        self.start = 0;
+    }
+
+    /// Accounts for `n` fresh bytes, then cuts out every complete frame.
+    fn advance(&mut self, n: usize, out: &mut Vec<Inbound>) {
+        match &mut self.big {
+            Some(Big::Filling { frame, filled }) => {
+                *filled += n;
+                if *filled == frame.len() {
+                    if let Some(Big::Filling { frame, .. }) = self.big.take() {
+                        out.push(Inbound::Frame(frame));
+                    }
+                }
+                return;
+            }
+            Some(Big::Discarding { .. }) => self.end = n,
+            None => self.end += n,
+        }
+        self.discard_staged(out);
+        self.cut_frames(out);
+    }
+
+    /// Feeds staged bytes to an oversized frame being discarded.
+    fn discard_staged(&mut self, out: &mut Vec<Inbound>) {
+        let Some(Big::Discarding { head, len, seen }) = &mut self.big else { return };
+        let avail = self.end - self.start;
+        let take = avail.min(*len - *seen);
+        let keep = take.min(HEAD_KEEP.saturating_sub(head.len()));
+        head.extend_from_slice(&self.buf[self.start..self.start + keep]);
+        *seen += take;
+        self.start += take;
+        if *seen == *len {
+            if let Some(Big::Discarding { head, len, .. }) = self.big.take() {
+                out.push(Inbound::Oversized { len, head });
+            }
+        }
+    }
+
+    fn cut_frames(&mut self, out: &mut Vec<Inbound>) {
+        while self.big.is_none() && self.end - self.start >= 4 {
+            let s = self.start;
+            let len = u32::from_be_bytes([self.buf[s], self.buf[s + 1], self.buf[s + 2], self.buf[s + 3]]) as usize;
+            let avail = self.end - s - 4;
+            if len > self.max_frame {
+                self.start += 4;
+                self.big = Some(Big::Discarding { head: Vec::new(), len, seen: 0 });
+                self.discard_staged(out);
+            } else if avail >= len {
+                out.push(Inbound::Frame(self.buf[s + 4..s + 4 + len].to_vec()));
+                self.start += 4 + len;
+            } else if len + 4 > self.buf.len() {
+                let mut frame = vec![0u8; len];
+                frame[..avail].copy_from_slice(&self.buf[s + 4..self.end]);
+                self.start = 0;
+                self.end = 0;
+                self.big = Some(Big::Filling { frame, filled: avail });
+            } else {
+                break;
+            }
+        }
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+}
+
+/// Kinds of outbound frames (see docs/protocol.md).
+pub const KIND_REPLY: u8 = 0;
+pub const KIND_EVENT: u8 = 1;
+
+/// Starts an outbound frame in `out`: room for the length, the kind, the header.
+/// The ETF payload is appended after it, then `finish_frame` fills in the length.
+pub fn begin_frame(out: &mut Vec<u8>, kind: u8, header: &[u8]) {
+    out.clear();
+    out.extend_from_slice(&[0, 0, 0, 0, kind]);
+    out.extend_from_slice(&(header.len() as u16).to_be_bytes());
+    out.extend_from_slice(header);
+}
+
+pub fn finish_frame(out: &mut [u8]) {
+    let len = (out.len() - 4) as u32;
+    out[..4].copy_from_slice(&len.to_be_bytes());
+}
+
+/// A request frame split into its parts: `<<Ctx:64, HLen:16, Header, Body>>`.
+pub struct Request<'a> {
+    pub ctx: u64,
+    pub header: &'a [u8],
+    pub body: &'a [u8],
+}
+
+/// Splits a request frame; `None` if it is too short for its fixed fields.
+pub fn split_request(frame: &[u8]) -> Option<Request<'_>> {
+    if frame.len() < 10 {
+        return None;
+    }
+    let ctx = u64::from_be_bytes(frame[..8].try_into().ok()?);
+    let hlen = u16::from_be_bytes([frame[8], frame[9]]) as usize;
+    if frame.len() < 10 + hlen {
+        return None;
+    }
+    Some(Request { ctx, header: &frame[10..10 + hlen], body: &frame[10 + hlen..] })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Yields the input in chunks of the given sizes, with `WouldBlock` between them.
+    struct Chunks {
+        data: Vec<u8>,
+        pos: usize,
+        sizes: Vec<usize>,
+        i: usize,
+        blocked: bool,
+    }
+
+    impl Read for Chunks {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            if self.pos == self.data.len() {
+                return Ok(0);
+            }
+            if self.blocked {
+                self.blocked = false;
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            self.blocked = true;
+            let want = self.sizes[self.i % self.sizes.len()].max(1);
+            self.i += 1;
+            let n = want.min(out.len()).min(self.data.len() - self.pos);
+            out[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    fn packet(payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32).to_be_bytes().to_vec();
+        v.extend_from_slice(payload);
+        v
+    }
+
+    fn read_all(data: Vec<u8>, sizes: Vec<usize>, max: usize) -> (Vec<Inbound>, Status) {
+        let mut src = Chunks { data, pos: 0, sizes, i: 0, blocked: false };
+        let mut r = FrameReader::new(max);
+        let mut out = Vec::new();
+        loop {
+            if let Status::Closed { clean } = r.fill(&mut src, &mut out).unwrap() {
+                return (out, Status::Closed { clean });
+            }
+        }
+    }
+
+    #[test]
+    fn big_frame_is_read_whole() {
+        let big: Vec<u8> = (0..200_000u32).map(|i| i as u8).collect();
+        let mut data = packet(b"a");
+        data.extend(packet(&big));
+        data.extend(packet(b"bc"));
+        let (out, status) = read_all(data, vec![7000, 65536, 3], 1 << 30);
+        assert_eq!(status, Status::Closed { clean: true });
+        assert_eq!(out, vec![Inbound::Frame(b"a".to_vec()), Inbound::Frame(big), Inbound::Frame(b"bc".to_vec())]);
+    }
+
+    #[test]
+    fn oversized_frame_keeps_head_and_the_stream_goes_on() {
+        let big = vec![9u8; 300_000];
+        let mut data = packet(&big);
+        data.extend(packet(b"next"));
+        let (out, _) = read_all(data, vec![1000], 100_000);
+        assert_eq!(out.len(), 2);
+        match &out[0] {
+            Inbound::Oversized { len, head } => {
+                assert_eq!(*len, 300_000);
+                assert_eq!(head.len(), HEAD_KEEP);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out[1], Inbound::Frame(b"next".to_vec()));
+    }
+
+    #[test]
+    fn cut_frame_is_not_clean() {
+        let mut data = packet(b"hello");
+        data.truncate(6);
+        let (out, status) = read_all(data, vec![100], 1000);
+        assert!(out.is_empty());
+        assert_eq!(status, Status::Closed { clean: false });
+    }
+
+    #[test]
+    fn split_request_checks_lengths() {
+        assert!(split_request(&[0; 9]).is_none());
+        let mut f = vec![0, 0, 0, 0, 0, 0, 0, 7, 0, 3, 1, 2];
+        assert!(split_request(&f).is_none());
+        f.extend_from_slice(&[3, 131, 106]);
+        let r = split_request(&f).unwrap();
+        assert_eq!((r.ctx, r.header, r.body), (7, &[1u8, 2, 3][..], &[131u8, 106][..]));
+    }
+
+    proptest! {
+        #[test]
+        fn any_chunking_gives_the_same_frames(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..20),
+            sizes in proptest::collection::vec(1usize..5000, 1..10),
+        ) {
+            let data: Vec<u8> = frames.iter().flat_map(|f| packet(f)).collect();
+            let (out, status) = read_all(data, sizes, 1 << 20);
+            prop_assert_eq!(status, Status::Closed { clean: true });
+            let expect: Vec<Inbound> = frames.into_iter().map(Inbound::Frame).collect();
+            prop_assert_eq!(out, expect);
+        }
+    }
+}

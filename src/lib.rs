@@ -1,0 +1,29 @@
+//! pyport: a port program that runs Python for Erlang, one OS process per runtime.
+//!
+//! # Layout
+//!
+//! - [`startup`]: command line, fd hygiene, Python start, the hello frame; `main` calls it.
+//! - [`framing`]: `{packet,4}` frames in (incremental, non-blocking) and out.
+//! - [`etf`]: External Term Format reader/writer and a small `Term` tree for control.
+//! - [`router`]: the router thread: stdin frames -> context mailboxes; control requests.
+//! - [`context`]: context threads, one interpreter each, and their bounded mailboxes.
+//! - [`session`]: what a context does with `call` / `eval` / `exec`.
+//! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
+//! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
+//! - [`pyerr`]: Python exceptions as `{python, Type, Message, Traceback}`.
+//! - [`writer`]: the shared, batching writer of outbound frames.
+//! - [`error`]: errors as the Erlang caller sees them.
+//!
+//! The wire grammar is in `docs/protocol.md`; the architecture in `docs/architecture.md`.
+
+pub mod context;
+pub mod convert;
+pub mod error;
+pub mod etf;
+pub mod framing;
+pub mod pyerr;
+pub mod python;
+pub mod router;
+pub mod session;
+pub mod startup;
+pub mod writer;

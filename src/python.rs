@@ -1,0 +1,145 @@
+//! The CPython lifecycle through raw `pyo3::ffi`: starting the main interpreter, and
+//! creating and ending OWN_GIL sub-interpreters (pyo3 has no API for these).
+//!
+//! Rules (see DESIGN.md): the main interpreter pre-imports `_datetime` and `ctypes` on
+//! Python < 3.14 before any sub-interpreter exists, then releases its GIL for good.
+//! Each sub-interpreter is created on, used by, and ended on one dedicated thread.
+
+use std::ffi::{CStr, CString};
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+/// What the rest of the program needs to know about the embedded Python.
+#[derive(Clone, Debug)]
+pub struct PythonInfo {
+    pub version: String,
+    /// Whether `owngil` contexts can be created (Python >= 3.12).
+    pub owngil: bool,
+}
+
+/// The Python executable pyport was built against; used as `sys.executable` and to
+/// locate the standard library. `PYPORT_PYTHON_EXECUTABLE` overrides it.
+fn program_name() -> Option<String> {
+    std::env::var("PYPORT_PYTHON_EXECUTABLE")
+        .ok()
+        .or_else(|| option_env!("PYPORT_BUILD_PYTHON").map(str::to_string))
+}
+
+/// The text of a failed `PyStatus`.
+fn status_message(status: &ffi::PyStatus) -> String {
+    let func = if status.func.is_null() {
+        String::new()
+    } else {
+        // SAFETY: CPython sets `func` to a static C string when not NULL.
+        unsafe { CStr::from_ptr(status.func) }.to_string_lossy().into_owned()
+    };
+    let msg = if status.err_msg.is_null() {
+        "unknown error".to_string()
+    } else {
+        // SAFETY: CPython sets `err_msg` to a static C string when not NULL.
+        unsafe { CStr::from_ptr(status.err_msg) }.to_string_lossy().into_owned()
+    };
+    if func.is_empty() {
+        msg
+    } else {
+        format!("{func}: {msg}")
+    }
+}
+
+/// Starts the main interpreter on the calling thread, runs `setup` in it, then releases
+/// its GIL for good (context threads attach as they need).
+pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<PythonInfo, String> {
+    // SAFETY: called once, before any other Python API, on the main thread. The config
+    // is initialised by CPython before use and cleared after.
+    unsafe {
+        let mut config = std::mem::MaybeUninit::<ffi::PyConfig>::zeroed().assume_init();
+        ffi::PyConfig_InitPythonConfig(&mut config);
+        config.install_signal_handlers = 0;
+        config.parse_argv = 0;
+        if let Some(prog) = program_name().and_then(|p| CString::new(p).ok()) {
+            let status = ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, prog.as_ptr());
+            if ffi::PyStatus_Exception(status) != 0 {
+                ffi::PyConfig_Clear(&mut config);
+                return Err(status_message(&status));
+            }
+        }
+        let status = ffi::Py_InitializeFromConfig(&config);
+        ffi::PyConfig_Clear(&mut config);
+        if ffi::PyStatus_Exception(status) != 0 {
+            return Err(status_message(&status));
+        }
+    }
+    let info = Python::attach(|py| -> Result<PythonInfo, String> {
+        let version = py.version_info();
+        let info = PythonInfo {
+            version: format!("{}.{}.{}", version.major, version.minor, version.patch),
+            owngil: cfg!(Py_3_12) && (version.major, version.minor) >= (3, 12),
+        };
+        if (version.major, version.minor) < (3, 14) {
+            // Sub-interpreters that import these first own their static state and
+            // crash the others when they end; importing them here first avoids it.
+            for name in ["_datetime", "ctypes"] {
+                if let Err(e) = py.import(name) {
+                    eprintln!("pyport: pre-import of {name} failed: {e}");
+                }
+            }
+        }
+        setup(py).map_err(|e| format!("setting up the main interpreter: {e}"))?;
+        Ok(info)
+    })?;
+    // SAFETY: this thread holds the main GIL (taken by Py_InitializeFromConfig); it never
+    // runs Python again, so the saved thread state is simply kept.
+    unsafe {
+        ffi::PyEval_SaveThread();
+    }
+    Ok(info)
+}
+
+/// A sub-interpreter owned by the current thread.
+pub struct SubInterpreter {
+    tstate: *mut ffi::PyThreadState,
+}
+
+impl SubInterpreter {
+    /// Creates an OWN_GIL sub-interpreter on the calling thread, which must hold no
+    /// Python thread state. On success the thread is attached to it (its GIL held), and
+    /// the new thread state is the one `Python::attach` finds on this thread.
+    #[cfg(Py_3_12)]
+    pub fn new() -> Result<Self, String> {
+        let config = ffi::PyInterpreterConfig {
+            use_main_obmalloc: 0,
+            allow_fork: 0,
+            allow_exec: 1,
+            allow_threads: 1,
+            allow_daemon_threads: 0,
+            check_multi_interp_extensions: 1,
+            gil: ffi::PyInterpreterConfig_OWN_GIL,
+        };
+        let mut tstate = std::ptr::null_mut();
+        // SAFETY: the runtime is initialised; this thread has no thread state, so the
+        // new one becomes this thread's bound state. Failure leaves tstate NULL.
+        let status = unsafe { ffi::Py_NewInterpreterFromConfig(&mut tstate, &config) };
+        // SAFETY: plain struct inspection.
+        if unsafe { ffi::PyStatus_Exception(status) } != 0 || tstate.is_null() {
+            return Err(status_message(&status));
+        }
+        Ok(SubInterpreter { tstate })
+    }
+
+    #[cfg(not(Py_3_12))]
+    pub fn new() -> Result<Self, String> {
+        Err("owngil contexts need Python 3.12 or newer".to_string())
+    }
+
+    /// Ends the interpreter. The calling thread must be the creating thread, attached
+    /// to it, with no other thread of that interpreter still alive.
+    pub fn end(self) {
+        // SAFETY: `tstate` belongs to this thread and is current (the context loop only
+        // detaches around waits and re-attaches before returning here).
+        unsafe {
+            ffi::PyThreadState_Swap(self.tstate);
+            ffi::Py_EndInterpreter(self.tstate);
+        }
+    }
+}

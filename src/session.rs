@@ -1,0 +1,192 @@
+//! What a context does with a request: `call`, `eval` and `exec` against its
+//! interpreter, with arguments decoded from ETF and the result encoded back.
+//!
+//! A `Session` holds the interpreter's objects that every request needs (the `erlang`
+//! module's types, `sys.modules`, `__main__`'s namespace, the event loop). It lives on
+//! the context thread and is dropped there, attached.
+
+use std::cell::RefCell;
+use std::ffi::CString;
+
+use pyo3::ffi;
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyList, PyModule, PyString, PyTuple};
+
+use crate::context::Spec;
+use crate::convert::{self, Types};
+use crate::error::Error;
+use crate::etf;
+use crate::framing::{begin_frame, finish_frame, KIND_REPLY};
+
+const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
+
+pub struct Session {
+    pub id: u64,
+    types: Types,
+    modules: Py<PyDict>,
+    import_module: Py<PyAny>,
+    main_dict: Py<PyDict>,
+    eval: Py<PyAny>,
+    exec: Py<PyAny>,
+    event_loop: RefCell<Option<Py<PyAny>>>,
+}
+
+/// The `erlang` module of the current interpreter, created on first use.
+pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Ok(m) = modules.get_item("erlang") {
+        return Ok(m.cast_into::<PyModule>()?);
+    }
+    let code = CString::new(ERLANG_PY).expect("erlang.py has no NUL bytes");
+    PyModule::from_code(py, &code, c"erlang.py", c"erlang")
+}
+
+/// Text of Python source from an Erlang binary (`str`) or charlist (list of ints).
+fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
+    if let Ok(s) = code.cast::<PyString>() {
+        return Ok(s.to_str()?.to_string());
+    }
+    if let Ok(list) = code.cast::<PyList>() {
+        let mut s = String::with_capacity(list.len());
+        for c in list.iter() {
+            let c: u32 = c.extract().map_err(|_| Error::BadRequest("code must be a string".into()))?;
+            s.push(char::from_u32(c).ok_or_else(|| Error::BadRequest("code is not valid text".into()))?);
+        }
+        return Ok(s);
+    }
+    Err(Error::BadRequest("code must be a string".into()))
+}
+
+fn item<'py>(t: &Bound<'py, PyTuple>, i: usize) -> Result<Bound<'py, PyAny>, Error> {
+    Ok(t.get_item(i)?)
+}
+
+impl Session {
+    pub fn new(py: Python<'_>, spec: &Spec) -> Result<Self, Error> {
+        let sys = py.import("sys")?;
+        let path = sys.getattr("path")?;
+        for (i, dir) in spec.path.iter().enumerate() {
+            path.call_method1("insert", (i, dir))?;
+        }
+        let erlang = erlang_module(py)?;
+        let builtins = py.import("builtins")?;
+        let main = py.import("__main__")?;
+        let session = Session {
+            id: spec.id,
+            types: Types::from_module(&erlang)?,
+            modules: sys.getattr("modules")?.cast_into::<PyDict>().map_err(PyErr::from)?.unbind(),
+            import_module: py.import("importlib")?.getattr("import_module")?.unbind(),
+            main_dict: main.dict().unbind(),
+            eval: builtins.getattr("eval")?.unbind(),
+            exec: builtins.getattr("exec")?.unbind(),
+            event_loop: RefCell::new(None),
+        };
+        if let Some(code) = &spec.preload {
+            session.exec.bind(py).call1((code, session.main_dict.bind(py)))?;
+        }
+        Ok(session)
+    }
+
+    /// Releases what the session holds; runs attached, before the interpreter ends.
+    pub fn close(&self, py: Python<'_>) {
+        if let Some(lp) = self.event_loop.borrow_mut().take() {
+            let _ = lp.bind(py).call_method0("close");
+        }
+        self.types.clear();
+    }
+
+    /// Serves one request body; on success `out` holds the complete reply frame.
+    pub fn serve(&self, py: Python<'_>, header: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+        let request = convert::decode(py, &self.types, body)?;
+        let request = request
+            .cast_into::<PyTuple>()
+            .map_err(|_| Error::BadRequest("a request is a tuple".into()))?;
+        let op: String = item(&request, 0)?
+            .extract()
+            .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
+        let result = match (op.as_str(), request.len()) {
+            ("call", 6) => Some(self.call(py, &request)?),
+            ("eval", 4) => Some(self.eval(py, &item(&request, 1)?, &item(&request, 2)?)?),
+            ("exec", 3) => {
+                self.exec.bind(py).call1((source_text(&item(&request, 1)?)?, self.main_dict.bind(py)))?;
+                None
+            }
+            _ => return Err(Error::BadRequest(format!("unknown request {op}/{}", request.len()))),
+        };
+        begin_frame(out, KIND_REPLY, header);
+        let mut w = etf::Writer::new(out);
+        match result {
+            Some(value) => {
+                let value = self.await_if_coroutine(py, value)?;
+                w.tuple_header(2);
+                w.atom("ok");
+                convert::encode_term(&self.types, &value, &mut w, 0)?;
+            }
+            None => w.atom("ok"),
+        }
+        finish_frame(out);
+        Ok(())
+    }
+
+    fn call<'py>(&self, py: Python<'py>, request: &Bound<'py, PyTuple>) -> Result<Bound<'py, PyAny>, Error> {
+        let module = item(request, 1)?;
+        let function = item(request, 2)?;
+        let args = item(request, 3)?;
+        let kwargs = item(request, 4)?;
+        let module_name = module
+            .cast::<PyString>()
+            .map_err(|_| Error::BadRequest("module must be an atom or a binary".into()))?;
+        let mut target = self.module(py, module_name)?;
+        let function_name: String = function
+            .extract()
+            .map_err(|_| Error::BadRequest("function must be an atom or a binary".into()))?;
+        for part in function_name.split('.') {
+            target = target.getattr(part)?;
+        }
+        let args = args
+            .cast::<PyList>()
+            .map_err(|_| Error::BadRequest("args must be a list".into()))?
+            .to_tuple();
+        let kwargs = match kwargs.cast::<PyDict>() {
+            Ok(d) if d.is_empty() => None,
+            Ok(d) => Some(d.clone()),
+            Err(_) if kwargs.is_none() => None,
+            Err(_) => return Err(Error::BadRequest("kwargs must be a map".into())),
+        };
+        Ok(target.call(args, kwargs.as_ref())?)
+    }
+
+    /// The module named `name`, from `sys.modules` or imported now.
+    fn module<'py>(&self, py: Python<'py>, name: &Bound<'py, PyString>) -> Result<Bound<'py, PyAny>, Error> {
+        if let Some(m) = self.modules.bind(py).get_item(name)? {
+            return Ok(m);
+        }
+        Ok(self.import_module.bind(py).call1((name,))?)
+    }
+
+    fn eval<'py>(&self, py: Python<'py>, code: &Bound<'py, PyAny>, locals: &Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, Error> {
+        let code = source_text(code)?;
+        let globals = self.main_dict.bind(py);
+        let locals = match locals.cast::<PyDict>() {
+            Ok(d) => d.clone(),
+            Err(_) if locals.is_none() => PyDict::new(py),
+            Err(_) => return Err(Error::BadRequest("locals must be a map".into())),
+        };
+        Ok(self.eval.bind(py).call1((code, globals, locals))?)
+    }
+
+    /// Runs a coroutine to completion on this context's event loop.
+    fn await_if_coroutine<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, Error> {
+        // SAFETY: a type check on a live object, attached.
+        if unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) } == 0 {
+            return Ok(value);
+        }
+        let mut slot = self.event_loop.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(py.import("asyncio")?.call_method0("new_event_loop")?.unbind());
+        }
+        let lp = slot.as_ref().map(|l| l.clone_ref(py)).expect("event loop was just set");
+        drop(slot);
+        Ok(lp.bind(py).call_method1("run_until_complete", (value,))?)
+    }
+}

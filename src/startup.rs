@@ -1,0 +1,138 @@
+//! Start-up: command line, fd hygiene, Python, the hello frame, then the router.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+
+use crate::python::{self, PythonInfo};
+use crate::router::{Config, Router};
+use crate::session::erlang_module;
+use crate::writer::Writer;
+
+pub const PROTOCOL_VERSION: i64 = 1;
+const DEFAULT_MAX_FRAME: usize = 1 << 30;
+const DEFAULT_QUEUE: usize = 10_000;
+
+/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`.
+pub fn parse_args(args: &[String]) -> Result<Config, String> {
+    let mut config = Config { max_frame: DEFAULT_MAX_FRAME, queue_capacity: DEFAULT_QUEUE, path: Vec::new() };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--path" => config.path.push(value()?.clone()),
+            "--max-frame" => config.max_frame = value()?.parse().map_err(|_| "--max-frame needs a number of bytes")?,
+            "--queue" => config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(config)
+}
+
+/// Takes fds 0 and 1 for the protocol (close-on-exec, so children don't inherit them),
+/// then points fd 0 at /dev/null and fd 1 at fd 2: C code or Python that writes to
+/// stdout can't corrupt frames.
+fn take_protocol_fds() -> io::Result<(File, File)> {
+    let dup = |fd| {
+        // SAFETY: plain fcntl on a descriptor we were started with.
+        let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if new < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `new` is a fresh descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(new) })
+    };
+    let input = dup(0)?;
+    let output = dup(1)?;
+    let null = File::open("/dev/null")?;
+    // SAFETY: dup2 onto the standard descriptors, which we no longer use directly.
+    unsafe {
+        if libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) < 0 || libc::dup2(2, 1) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&input), libc::F_GETFL);
+        libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&input), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        // subprocess.run hangs if SIGCHLD is ignored.
+        libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+    }
+    Ok((File::from(input), File::from(output)))
+}
+
+fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
+    writer.event(|w| {
+        w.tuple_header(2);
+        w.atom("hello");
+        w.map_header(6);
+        w.atom("protocol");
+        w.int(PROTOCOL_VERSION);
+        w.atom("python_version");
+        w.binary(info.version.as_bytes());
+        w.atom("owngil");
+        w.atom(if info.owngil { "true" } else { "false" });
+        w.atom("os_pid");
+        w.int(std::process::id() as i64);
+        w.atom("max_frame");
+        w.int(config.max_frame as i64);
+        w.atom("capabilities");
+        let caps: &[&str] = if info.owngil { &["call", "eval", "exec", "main", "owngil"] } else { &["call", "eval", "exec", "main"] };
+        w.list_header(caps.len());
+        for c in caps {
+            w.atom(c);
+        }
+        w.nil();
+    });
+}
+
+fn start_error(writer: &Writer, reason: &str) -> i32 {
+    eprintln!("pyport: start failed: {reason}");
+    writer.event(|w| {
+        w.tuple_header(2);
+        w.atom("start_error");
+        w.binary(reason.as_bytes());
+    });
+    2
+}
+
+/// Runs the port program; returns the exit code.
+pub fn main(args: Vec<String>) -> i32 {
+    let (input, output) = match take_protocol_fds() {
+        Ok(fds) => fds,
+        Err(e) => {
+            eprintln!("pyport: cannot set up stdio: {e}");
+            return 2;
+        }
+    };
+    let writer = Arc::new(Writer::new(output));
+    let config = match parse_args(&args) {
+        Ok(c) => c,
+        Err(e) => return start_error(&writer, &e),
+    };
+    let path = config.path.clone();
+    let info = match python::init_main(|py| {
+        let sys_path = py.import("sys")?.getattr("path")?;
+        for (i, dir) in path.iter().enumerate() {
+            sys_path.call_method1("insert", (i, dir))?;
+        }
+        erlang_module(py).map(drop)
+    }) {
+        Ok(info) => info,
+        Err(e) => return start_error(&writer, &e),
+    };
+    hello(&writer, &info, &config);
+    let mut router = Router::new(config, info, writer.clone());
+    let code = match router.run(input) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("pyport: router failed: {e}");
+            1
+        }
+    };
+    let _ = writer.flush();
+    // Python is not finalized: a context stuck in C code would make that hang, and the
+    // OS reclaims everything anyway.
+    // SAFETY: ends the process without running atexit handlers or destructors.
+    unsafe { libc::_exit(code) }
+}

@@ -1,0 +1,104 @@
+//! The single outbound stream to Erlang, shared by the router and every context thread.
+//!
+//! Any thread with a finished frame appends it under a short lock. If no other thread is
+//! writing, it becomes the flusher and writes everything queued so far in one `write`,
+//! repeating until the queue is empty; frames queued meanwhile by others ride along in the
+//! next batch. So replies are batched under load without a writer thread to wake.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::sync::{Mutex, MutexGuard};
+
+use crate::etf;
+use crate::framing::{begin_frame, finish_frame, KIND_EVENT, KIND_REPLY};
+
+struct Queue {
+    pending: Vec<u8>,
+    flushing: bool,
+    broken: bool,
+}
+
+pub struct Writer {
+    queue: Mutex<Queue>,
+    out: Mutex<File>,
+}
+
+impl Writer {
+    pub fn new(out: File) -> Self {
+        Writer { queue: Mutex::new(Queue { pending: Vec::new(), flushing: false, broken: false }), out: Mutex::new(out) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one complete frame (length prefix included) and flushes if nobody is.
+    pub fn send(&self, frame: &[u8]) {
+        let mut q = self.lock();
+        if q.broken {
+            return;
+        }
+        q.pending.extend_from_slice(frame);
+        if q.flushing {
+            return;
+        }
+        q.flushing = true;
+        let mut batch = Vec::new();
+        loop {
+            std::mem::swap(&mut batch, &mut q.pending);
+            drop(q);
+            let result = self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&batch);
+            batch.clear();
+            q = self.lock();
+            if let Err(e) = result {
+                // Erlang closed the port: nothing can be delivered any more.
+                q.broken = true;
+                q.flushing = false;
+                q.pending = Vec::new();
+                eprintln!("pyport: protocol stream closed: {e}");
+                return;
+            }
+            if q.pending.is_empty() {
+                q.flushing = false;
+                if batch.capacity() > q.pending.capacity() && batch.capacity() <= 1 << 20 {
+                    q.pending = batch;
+                }
+                return;
+            }
+        }
+    }
+
+    /// Sends a reply whose ETF payload is written by `payload`.
+    pub fn reply(&self, header: &[u8], payload: impl FnOnce(&mut etf::Writer<'_>)) {
+        let mut frame = Vec::with_capacity(64);
+        begin_frame(&mut frame, KIND_REPLY, header);
+        payload(&mut etf::Writer::new(&mut frame));
+        finish_frame(&mut frame);
+        self.send(&frame);
+    }
+
+    /// Sends an event for the port owner.
+    pub fn event(&self, payload: impl FnOnce(&mut etf::Writer<'_>)) {
+        let mut frame = Vec::with_capacity(64);
+        begin_frame(&mut frame, KIND_EVENT, &[]);
+        payload(&mut etf::Writer::new(&mut frame));
+        finish_frame(&mut frame);
+        self.send(&frame);
+    }
+
+    /// Sends `{log, Level, Ctx, Message}`.
+    pub fn log(&self, level: &str, ctx: u64, message: &str) {
+        self.event(|w| {
+            w.tuple_header(4);
+            w.atom("log");
+            w.atom(level);
+            w.int(ctx as i64);
+            w.binary(message.as_bytes());
+        });
+    }
+
+    /// Flushes what the OS buffers hold (used before exiting).
+    pub fn flush(&self) -> io::Result<()> {
+        self.out.lock().unwrap_or_else(|e| e.into_inner()).flush()
+    }
+}
