@@ -1,14 +1,16 @@
 //! Context threads: each owns one interpreter for its whole life (an OWN_GIL
 //! sub-interpreter, or the shared main interpreter) and serves its mailbox in order.
 //!
-//! The router pushes jobs into a context's bounded [`Mailbox`] and wakes the thread only
-//! if it sleeps. A thread that runs out of work spins for a short, bounded while (GIL
-//! released) before it sleeps in its own mio poll, because a sleeping thread costs tens
-//! of microseconds of wake-up latency on the request path (DESIGN.md).
+//! Frames are routed into a context's bounded [`Mailbox`], which wakes the thread only if
+//! it sleeps. A thread that runs out of work spins for a short, bounded while (GIL
+//! released, yielding the CPU between tries) before it sleeps in its own mio poll,
+//! because a sleeping thread costs tens of microseconds of wake-up latency (DESIGN.md).
+//! While it spins it also reads stdin itself through the shared [`Inbox`]: a request for
+//! an idle context is then read, served and answered by that one thread, with no hop.
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,12 +19,13 @@ use pyo3::prelude::*;
 
 use crate::error::{panic_message, Error};
 use crate::python::SubInterpreter;
+use crate::router::Inbox;
 use crate::session::Session;
 use crate::writer::Writer;
 
 const WAKE: Token = Token(0);
 /// How long an idle context spins before it sleeps.
-const SPIN: Duration = Duration::from_micros(40);
+const SPIN: Duration = Duration::from_micros(200);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
@@ -69,6 +72,8 @@ pub struct Mailbox {
     capacity: usize,
     waker: Waker,
     sleeping: AtomicBool,
+    /// Jobs queued, readable without the lock (for spinning).
+    queued: AtomicUsize,
     state: AtomicU8,
 }
 
@@ -88,6 +93,7 @@ impl Mailbox {
                 return Err((job, Error::Overloaded));
             }
             q.push_back(job);
+            self.queued.store(q.len(), Ordering::SeqCst);
         }
         if self.sleeping.load(Ordering::SeqCst) {
             let _ = self.waker.wake();
@@ -96,26 +102,40 @@ impl Mailbox {
     }
 
     fn pop(&self) -> Option<Job> {
-        self.lock().pop_front()
+        if self.is_empty() {
+            return None;
+        }
+        let mut q = self.lock();
+        let job = q.pop_front();
+        self.queued.store(q.len(), Ordering::SeqCst);
+        job
     }
 
     fn is_empty(&self) -> bool {
-        self.lock().is_empty()
+        self.queued.load(Ordering::SeqCst) == 0
     }
 
     pub fn is_dead(&self) -> bool {
         self.state.load(Ordering::SeqCst) == DEAD
     }
 
-    /// Waits until the queue may hold something: spin, then sleep in `poll`.
-    fn wait(&self, poll: &mut Poll, events: &mut Events) {
+    /// Waits until the queue may hold something: spin (reading stdin when no other
+    /// thread is), then sleep in `poll`.
+    fn wait(&self, inbox: &Inbox, poll: &mut Poll, events: &mut Events) {
         let until = Instant::now() + SPIN;
-        while Instant::now() < until {
+        inbox.spin_enter();
+        while self.is_empty() && Instant::now() < until {
+            inbox.try_pump();
             if !self.is_empty() {
-                return;
+                break;
             }
-            std::hint::spin_loop();
+            std::thread::yield_now();
         }
+        if !self.is_empty() {
+            inbox.spin_to_work();
+            return;
+        }
+        inbox.spin_to_sleep();
         self.sleeping.store(true, Ordering::SeqCst);
         if self.is_empty() {
             loop {
@@ -131,7 +151,11 @@ impl Mailbox {
     /// Marks the context dead and answers everything still queued.
     fn fail_all(&self, writer: &Writer, reason: &str) {
         self.state.store(DEAD, Ordering::SeqCst);
-        let jobs: Vec<Job> = self.lock().drain(..).collect();
+        let jobs: Vec<Job> = {
+            let mut q = self.lock();
+            self.queued.store(0, Ordering::SeqCst);
+            q.drain(..).collect()
+        };
         let err = Error::ContextDown(reason.into());
         for job in jobs {
             if !job.header().is_empty() {
@@ -143,7 +167,12 @@ impl Mailbox {
 
 /// Starts the thread of a new context. `create` is the job of the `new_context` request:
 /// it is answered once the interpreter is ready (or failed to start).
-pub fn spawn(spec: Spec, create: Job, writer: Arc<Writer>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
+pub fn spawn(
+    spec: Spec,
+    create: Job,
+    inbox: Arc<Inbox>,
+    capacity: usize,
+) -> std::io::Result<Arc<Mailbox>> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKE)?;
     let mailbox = Arc::new(Mailbox {
@@ -151,22 +180,24 @@ pub fn spawn(spec: Spec, create: Job, writer: Arc<Writer>, capacity: usize) -> s
         capacity,
         waker,
         sleeping: AtomicBool::new(false),
+        queued: AtomicUsize::new(0),
         state: AtomicU8::new(STARTING),
     });
     let mb = mailbox.clone();
     std::thread::Builder::new()
         .name(format!("pyport-ctx-{}", spec.id))
         .stack_size(64 << 20)
-        .spawn(move || run(spec, create, mb, writer, poll))?;
+        .spawn(move || run(spec, create, mb, inbox, poll))?;
     Ok(mailbox)
 }
 
-fn run(spec: Spec, create: Job, mailbox: Arc<Mailbox>, writer: Arc<Writer>, poll: Poll) {
+fn run(spec: Spec, create: Job, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
+    let writer = inbox.writer().clone();
     match spec.mode {
-        Mode::Main => serve(&spec, create, &mailbox, &writer, poll),
+        Mode::Main => serve(&spec, create, &mailbox, &inbox, poll),
         Mode::OwnGil => match SubInterpreter::new() {
             Ok(interp) => {
-                serve(&spec, create, &mailbox, &writer, poll);
+                serve(&spec, create, &mailbox, &inbox, poll);
                 interp.end();
             }
             Err(e) => {
@@ -179,7 +210,8 @@ fn run(spec: Spec, create: Job, mailbox: Arc<Mailbox>, writer: Arc<Writer>, poll
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, writer: &Writer, mut poll: Poll) {
+fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
+    let writer: &Writer = inbox.writer();
     Python::attach(|py| {
         let session = match Session::new(py, spec) {
             Ok(s) => s,
@@ -196,7 +228,7 @@ fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, writer: &Writer, mut poll:
             let job = match mailbox.pop() {
                 Some(job) => job,
                 None => {
-                    py.detach(|| mailbox.wait(&mut poll, &mut events));
+                    py.detach(|| mailbox.wait(inbox, &mut poll, &mut events));
                     continue;
                 }
             };
@@ -214,12 +246,16 @@ fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, writer: &Writer, mut poll:
 /// Serves one request; a panic becomes an error reply and the context lives on.
 fn handle(py: Python<'_>, session: &Session, job: &Job, writer: &Writer) {
     let mut out = Vec::with_capacity(256);
-    let result = catch_unwind(AssertUnwindSafe(|| session.serve(py, job.header(), job.body(), &mut out)));
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        session.serve(py, job.header(), job.body(), &mut out)
+    }));
     let header = job.header();
     match result {
         Ok(Ok(())) if !header.is_empty() => writer.send(&out),
         Ok(Ok(())) => {}
-        Ok(Err(e)) if header.is_empty() => writer.log("warning", session.id, &format!("cast failed: {e}")),
+        Ok(Err(e)) if header.is_empty() => {
+            writer.log("warning", session.id, &format!("cast failed: {e}"))
+        }
         Ok(Err(e)) => writer.reply(header, |w| e.write_reply(w)),
         Err(panic) => {
             let e = Error::Panic(panic_message(&*panic));

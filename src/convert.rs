@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use pyo3::types::{
-    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView, PySet, PyString,
-    PyTuple,
+    PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView, PySet,
+    PyString, PyTuple,
 };
 
 use crate::error::{BadTerm, Error};
@@ -68,7 +68,11 @@ impl From<PyErr> for Error {
 }
 
 /// Decodes a whole term (version byte included, nothing after it).
-pub fn decode<'py>(py: Python<'py>, types: &Types, bytes: &[u8]) -> Result<Bound<'py, PyAny>, Error> {
+pub fn decode<'py>(
+    py: Python<'py>,
+    types: &Types,
+    bytes: &[u8],
+) -> Result<Bound<'py, PyAny>, Error> {
     let mut r = Reader::new(bytes)?;
     let v = decode_term(py, types, &mut r, 0)?;
     r.finish()?;
@@ -76,7 +80,12 @@ pub fn decode<'py>(py: Python<'py>, types: &Types, bytes: &[u8]) -> Result<Bound
 }
 
 /// Decodes the next term of `r`.
-pub fn decode_term<'py>(py: Python<'py>, types: &Types, r: &mut Reader<'_>, depth: usize) -> Result<Bound<'py, PyAny>, Error> {
+pub fn decode_term<'py>(
+    py: Python<'py>,
+    types: &Types,
+    r: &mut Reader<'_>,
+    depth: usize,
+) -> Result<Bound<'py, PyAny>, Error> {
     if depth > MAX_DEPTH {
         return Err(BadTerm::TooDeep.into());
     }
@@ -86,7 +95,11 @@ pub fn decode_term<'py>(py: Python<'py>, types: &Types, r: &mut Reader<'_>, dept
         etf::SMALL_INTEGER => r.u8()?.into_pyobject(py).map_err(PyErr::from)?.into_any(),
         etf::INTEGER => r.i32()?.into_pyobject(py).map_err(PyErr::from)?.into_any(),
         etf::SMALL_BIG | etf::LARGE_BIG => {
-            let n = if tag == etf::SMALL_BIG { r.u8()? as usize } else { r.u32()? as usize };
+            let n = if tag == etf::SMALL_BIG {
+                r.u8()? as usize
+            } else {
+                r.u32()? as usize
+            };
             let negative = r.u8()? != 0;
             big_int(py, negative, r.bytes(n)?)?
         }
@@ -94,7 +107,11 @@ pub fn decode_term<'py>(py: Python<'py>, types: &Types, r: &mut Reader<'_>, dept
         etf::FLOAT => {
             let raw = r.bytes(31)?;
             let text = std::str::from_utf8(raw).map_err(|_| etf::DecodeError::BadFloat)?;
-            let v: f64 = text.trim_end_matches('\0').trim().parse().map_err(|_| etf::DecodeError::BadFloat)?;
+            let v: f64 = text
+                .trim_end_matches('\0')
+                .trim()
+                .parse()
+                .map_err(|_| etf::DecodeError::BadFloat)?;
             PyFloat::new(py, v).into_any()
         }
         etf::SMALL_ATOM_UTF8 | etf::ATOM_UTF8 | etf::SMALL_ATOM | etf::ATOM => {
@@ -127,7 +144,11 @@ pub fn decode_term<'py>(py: Python<'py>, types: &Types, r: &mut Reader<'_>, dept
             }
         }
         etf::SMALL_TUPLE | etf::LARGE_TUPLE => {
-            let n = if tag == etf::SMALL_TUPLE { r.u8()? as usize } else { r.u32()? as usize };
+            let n = if tag == etf::SMALL_TUPLE {
+                r.u8()? as usize
+            } else {
+                r.u32()? as usize
+            };
             let n = r.count(n, 1)?;
             if n == 2 && r.peek_atom().as_deref() == Some("bytes") {
                 let mut probe = r.clone();
@@ -208,7 +229,11 @@ fn raw_term<'py>(py: Python<'py>, class: &Py<PyAny>, body: &[u8]) -> PyResult<Bo
     class.bind(py).call1((PyBytes::new(py, body),))
 }
 
-fn big_int<'py>(py: Python<'py>, negative: bool, magnitude_le: &[u8]) -> PyResult<Bound<'py, PyAny>> {
+fn big_int<'py>(
+    py: Python<'py>,
+    negative: bool,
+    magnitude_le: &[u8],
+) -> PyResult<Bound<'py, PyAny>> {
     if magnitude_le.len() <= 16 {
         let mut b = [0u8; 16];
         b[..magnitude_le.len()].copy_from_slice(magnitude_le);
@@ -235,7 +260,12 @@ pub fn encode(types: &Types, obj: &Bound<'_, PyAny>, out: &mut Vec<u8>) -> Resul
     encode_term(types, obj, &mut w, 0)
 }
 
-pub fn encode_term(types: &Types, obj: &Bound<'_, PyAny>, w: &mut Writer<'_>, depth: usize) -> Result<(), Error> {
+pub fn encode_term(
+    types: &Types,
+    obj: &Bound<'_, PyAny>,
+    w: &mut Writer<'_>,
+    depth: usize,
+) -> Result<(), Error> {
     if depth > MAX_DEPTH {
         return Err(BadTerm::TooDeep.into());
     }
@@ -246,7 +276,9 @@ pub fn encode_term(types: &Types, obj: &Bound<'_, PyAny>, w: &mut Writer<'_>, de
         w.atom(if b.is_true() { "true" } else { "false" });
     } else if let Ok(s) = obj.cast_exact::<PyString>() {
         w.binary(s.to_str()?.as_bytes());
-    } else if obj.is_exact_instance_of::<PyInt>() || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>()) {
+    } else if obj.is_exact_instance_of::<PyInt>()
+        || (obj.is_instance_of::<PyInt>() && !obj.is_instance_of::<PyBool>())
+    {
         encode_int(obj, w)?;
     } else if let Ok(f) = obj.cast::<PyFloat>() {
         let v = f.value();
@@ -322,7 +354,10 @@ fn encode_int(obj: &Bound<'_, PyAny>, w: &mut Writer<'_>) -> Result<(), Error> {
     let bits: usize = magnitude.call_method0("bit_length")?.extract()?;
     let nbytes = bits.div_ceil(8);
     let bytes = magnitude.call_method1("to_bytes", (nbytes, "little"))?;
-    w.big(negative, bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+    w.big(
+        negative,
+        bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes(),
+    );
     Ok(())
 }
 

@@ -8,7 +8,11 @@ use crate::etf::{self, DecodeError};
 #[derive(Debug, Clone, PartialEq)]
 pub enum Error {
     /// `{python, Type, Message, Traceback}`
-    Python { kind: String, message: String, traceback: String },
+    Python {
+        kind: String,
+        message: String,
+        traceback: String,
+    },
     /// `{bad_term, Detail}`
     BadTerm(BadTerm),
     /// `{bad_request, Message}`
@@ -61,7 +65,9 @@ impl fmt::Display for Error {
             Error::BadRequest(m) => write!(f, "bad request: {m}"),
             Error::Overloaded => write!(f, "overloaded"),
             Error::ContextDown(r) => write!(f, "context down: {r}"),
-            Error::FrameTooLarge { size, max } => write!(f, "frame of {size} bytes is over the limit of {max}"),
+            Error::FrameTooLarge { size, max } => {
+                write!(f, "frame of {size} bytes is over the limit of {max}")
+            }
             Error::Panic(m) => write!(f, "panic: {m}"),
             Error::NotFound => write!(f, "not found"),
         }
@@ -80,7 +86,11 @@ impl Error {
 
     pub fn write(&self, w: &mut etf::Writer<'_>) {
         match self {
-            Error::Python { kind, message, traceback } => {
+            Error::Python {
+                kind,
+                message,
+                traceback,
+            } => {
                 w.tuple_header(4);
                 w.atom("python");
                 w.binary(kind.as_bytes());

@@ -124,7 +124,10 @@ impl<'a> Reader<'a> {
     }
 
     pub fn peek(&self) -> Result<u8> {
-        self.buf.get(self.pos).copied().ok_or(DecodeError::Truncated)
+        self.buf
+            .get(self.pos)
+            .copied()
+            .ok_or(DecodeError::Truncated)
     }
 
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
@@ -195,9 +198,13 @@ impl<'a> Reader<'a> {
             Ok(std::borrow::Cow::Borrowed(s))
         } else if raw.is_ascii() {
             // SAFETY-free fast path: ASCII is UTF-8.
-            Ok(std::borrow::Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| DecodeError::BadAtom)?))
+            Ok(std::borrow::Cow::Borrowed(
+                std::str::from_utf8(raw).map_err(|_| DecodeError::BadAtom)?,
+            ))
         } else {
-            Ok(std::borrow::Cow::Owned(raw.iter().map(|&b| b as char).collect()))
+            Ok(std::borrow::Cow::Owned(
+                raw.iter().map(|&b| b as char).collect(),
+            ))
         }
     }
 
@@ -223,7 +230,11 @@ impl<'a> Reader<'a> {
             FLOAT => self.skip_bytes(31)?,
             SMALL_ATOM_UTF8 | ATOM_UTF8 | SMALL_ATOM | ATOM => drop(self.atom_body(tag)?),
             SMALL_TUPLE | LARGE_TUPLE => {
-                let n = if tag == SMALL_TUPLE { self.u8()? as usize } else { self.u32()? as usize };
+                let n = if tag == SMALL_TUPLE {
+                    self.u8()? as usize
+                } else {
+                    self.u32()? as usize
+                };
                 for _ in 0..self.count(n, 1)? {
                     self.skip(depth + 1)?;
                 }
@@ -352,7 +363,8 @@ impl<'a> Writer<'a> {
             self.out.push(magnitude_le.len() as u8);
         } else {
             self.out.push(LARGE_BIG);
-            self.out.extend_from_slice(&(magnitude_le.len() as u32).to_be_bytes());
+            self.out
+                .extend_from_slice(&(magnitude_le.len() as u32).to_be_bytes());
         }
         self.out.push(negative as u8);
         self.out.extend_from_slice(magnitude_le);
@@ -451,7 +463,11 @@ impl Term {
             SMALL_ATOM_UTF8 | ATOM_UTF8 | SMALL_ATOM | ATOM => Term::Atom(r.atom()?.into_owned()),
             SMALL_TUPLE | LARGE_TUPLE => {
                 r.u8()?;
-                let n = if tag == SMALL_TUPLE { r.u8()? as usize } else { r.u32()? as usize };
+                let n = if tag == SMALL_TUPLE {
+                    r.u8()? as usize
+                } else {
+                    r.u32()? as usize
+                };
                 let n = r.count(n, 1)?;
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -681,7 +697,18 @@ mod tests {
     #[test]
     fn improper_lists_are_kept_verbatim() {
         // [1 | 2]
-        let bytes = [VERSION, LIST, 0, 0, 0, 1, SMALL_INTEGER, 1, SMALL_INTEGER, 2];
+        let bytes = [
+            VERSION,
+            LIST,
+            0,
+            0,
+            0,
+            1,
+            SMALL_INTEGER,
+            1,
+            SMALL_INTEGER,
+            2,
+        ];
         let t = Term::decode(&bytes).unwrap();
         assert_eq!(t, Term::Other(bytes[1..].to_vec()));
         assert_eq!(t.encode(), bytes);
@@ -692,7 +719,9 @@ mod tests {
         let t = Term::Int(i64::MIN);
         let bytes = t.encode();
         assert_eq!(bytes[1], SMALL_BIG);
-        let big = [VERSION, SMALL_BIG, 8, 0, 255, 255, 255, 255, 255, 255, 255, 255];
+        let big = [
+            VERSION, SMALL_BIG, 8, 0, 255, 255, 255, 255, 255, 255, 255, 255,
+        ];
         assert_eq!(Term::decode(&big).unwrap().as_u64(), Some(u64::MAX));
     }
 
@@ -713,7 +742,9 @@ mod tests {
     fn arb_term() -> impl Strategy<Value = Term> {
         let leaf = prop_oneof![
             any::<i64>().prop_map(Term::Int),
-            any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Term::Float),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(Term::Float),
             "[a-zA-Z_é😀]{0,20}".prop_map(Term::Atom),
             proptest::collection::vec(any::<u8>(), 0..40).prop_map(Term::Binary),
         ];

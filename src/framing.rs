@@ -26,7 +26,11 @@ enum Big {
     /// A large frame being read into its own buffer.
     Filling { frame: Vec<u8>, filled: usize },
     /// An oversized frame: keep `head`, drop the rest.
-    Discarding { head: Vec<u8>, len: usize, seen: usize },
+    Discarding {
+        head: Vec<u8>,
+        len: usize,
+        seen: usize,
+    },
 }
 
 pub struct FrameReader {
@@ -48,7 +52,13 @@ pub enum Status {
 
 impl FrameReader {
     pub fn new(max_frame: usize) -> Self {
-        FrameReader { buf: vec![0u8; STAGING].into_boxed_slice(), start: 0, end: 0, big: None, max_frame }
+        FrameReader {
+            buf: vec![0u8; STAGING].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            big: None,
+            max_frame,
+        }
     }
 
     /// Reads everything `src` has now (until `WouldBlock` or end of stream) and pushes
@@ -113,7 +123,9 @@ impl FrameReader {
 
     /// Feeds staged bytes to an oversized frame being discarded.
     fn discard_staged(&mut self, out: &mut Vec<Inbound>) {
-        let Some(Big::Discarding { head, len, seen }) = &mut self.big else { return };
+        let Some(Big::Discarding { head, len, seen }) = &mut self.big else {
+            return;
+        };
         let avail = self.end - self.start;
         let take = avail.min(*len - *seen);
         let keep = take.min(HEAD_KEEP.saturating_sub(head.len()));
@@ -130,11 +142,20 @@ impl FrameReader {
     fn cut_frames(&mut self, out: &mut Vec<Inbound>) {
         while self.big.is_none() && self.end - self.start >= 4 {
             let s = self.start;
-            let len = u32::from_be_bytes([self.buf[s], self.buf[s + 1], self.buf[s + 2], self.buf[s + 3]]) as usize;
+            let len = u32::from_be_bytes([
+                self.buf[s],
+                self.buf[s + 1],
+                self.buf[s + 2],
+                self.buf[s + 3],
+            ]) as usize;
             let avail = self.end - s - 4;
             if len > self.max_frame {
                 self.start += 4;
-                self.big = Some(Big::Discarding { head: Vec::new(), len, seen: 0 });
+                self.big = Some(Big::Discarding {
+                    head: Vec::new(),
+                    len,
+                    seen: 0,
+                });
                 self.discard_staged(out);
             } else if avail >= len {
                 out.push(Inbound::Frame(self.buf[s + 4..s + 4 + len].to_vec()));
@@ -144,7 +165,10 @@ impl FrameReader {
                 frame[..avail].copy_from_slice(&self.buf[s + 4..self.end]);
                 self.start = 0;
                 self.end = 0;
-                self.big = Some(Big::Filling { frame, filled: avail });
+                self.big = Some(Big::Filling {
+                    frame,
+                    filled: avail,
+                });
             } else {
                 break;
             }
@@ -191,7 +215,11 @@ pub fn split_request(frame: &[u8]) -> Option<Request<'_>> {
     if frame.len() < 10 + hlen {
         return None;
     }
-    Some(Request { ctx, header: &frame[10..10 + hlen], body: &frame[10 + hlen..] })
+    Some(Request {
+        ctx,
+        header: &frame[10..10 + hlen],
+        body: &frame[10 + hlen..],
+    })
 }
 
 #[cfg(test)]
@@ -234,7 +262,13 @@ mod tests {
     }
 
     fn read_all(data: Vec<u8>, sizes: Vec<usize>, max: usize) -> (Vec<Inbound>, Status) {
-        let mut src = Chunks { data, pos: 0, sizes, i: 0, blocked: false };
+        let mut src = Chunks {
+            data,
+            pos: 0,
+            sizes,
+            i: 0,
+            blocked: false,
+        };
         let mut r = FrameReader::new(max);
         let mut out = Vec::new();
         loop {
@@ -252,7 +286,14 @@ mod tests {
         data.extend(packet(b"bc"));
         let (out, status) = read_all(data, vec![7000, 65536, 3], 1 << 30);
         assert_eq!(status, Status::Closed { clean: true });
-        assert_eq!(out, vec![Inbound::Frame(b"a".to_vec()), Inbound::Frame(big), Inbound::Frame(b"bc".to_vec())]);
+        assert_eq!(
+            out,
+            vec![
+                Inbound::Frame(b"a".to_vec()),
+                Inbound::Frame(big),
+                Inbound::Frame(b"bc".to_vec())
+            ]
+        );
     }
 
     #[test]
@@ -288,7 +329,10 @@ mod tests {
         assert!(split_request(&f).is_none());
         f.extend_from_slice(&[3, 131, 106]);
         let r = split_request(&f).unwrap();
-        assert_eq!((r.ctx, r.header, r.body), (7, &[1u8, 2, 3][..], &[131u8, 106][..]));
+        assert_eq!(
+            (r.ctx, r.header, r.body),
+            (7, &[1u8, 2, 3][..], &[131u8, 106][..])
+        );
     }
 
     proptest! {

@@ -10,10 +10,17 @@ use crate::error::Error;
 pub fn to_error(py: Python<'_>, err: &PyErr) -> Error {
     let kind = qualified_name(&err.get_type(py).into_any());
     let value = err.value(py);
-    let message = value.str().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let message = value
+        .str()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let traceback = err
         .traceback(py)
         .and_then(|tb| tb.format().ok())
         .unwrap_or_default();
-    Error::Python { kind, message, traceback }
+    Error::Python {
+        kind,
+        message,
+        traceback,
+    }
 }

@@ -32,13 +32,17 @@ fn status_message(status: &ffi::PyStatus) -> String {
         String::new()
     } else {
         // SAFETY: CPython sets `func` to a static C string when not NULL.
-        unsafe { CStr::from_ptr(status.func) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(status.func) }
+            .to_string_lossy()
+            .into_owned()
     };
     let msg = if status.err_msg.is_null() {
         "unknown error".to_string()
     } else {
         // SAFETY: CPython sets `err_msg` to a static C string when not NULL.
-        unsafe { CStr::from_ptr(status.err_msg) }.to_string_lossy().into_owned()
+        unsafe { CStr::from_ptr(status.err_msg) }
+            .to_string_lossy()
+            .into_owned()
     };
     if func.is_empty() {
         msg
@@ -58,7 +62,8 @@ pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<Pytho
         config.install_signal_handlers = 0;
         config.parse_argv = 0;
         if let Some(prog) = program_name().and_then(|p| CString::new(p).ok()) {
-            let status = ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, prog.as_ptr());
+            let status =
+                ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, prog.as_ptr());
             if ffi::PyStatus_Exception(status) != 0 {
                 ffi::PyConfig_Clear(&mut config);
                 return Err(status_message(&status));

@@ -49,8 +49,13 @@ fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
     if let Ok(list) = code.cast::<PyList>() {
         let mut s = String::with_capacity(list.len());
         for c in list.iter() {
-            let c: u32 = c.extract().map_err(|_| Error::BadRequest("code must be a string".into()))?;
-            s.push(char::from_u32(c).ok_or_else(|| Error::BadRequest("code is not valid text".into()))?);
+            let c: u32 = c
+                .extract()
+                .map_err(|_| Error::BadRequest("code must be a string".into()))?;
+            s.push(
+                char::from_u32(c)
+                    .ok_or_else(|| Error::BadRequest("code is not valid text".into()))?,
+            );
         }
         return Ok(s);
     }
@@ -74,7 +79,11 @@ impl Session {
         let session = Session {
             id: spec.id,
             types: Types::from_module(&erlang)?,
-            modules: sys.getattr("modules")?.cast_into::<PyDict>().map_err(PyErr::from)?.unbind(),
+            modules: sys
+                .getattr("modules")?
+                .cast_into::<PyDict>()
+                .map_err(PyErr::from)?
+                .unbind(),
             import_module: py.import("importlib")?.getattr("import_module")?.unbind(),
             main_dict: main.dict().unbind(),
             eval: builtins.getattr("eval")?.unbind(),
@@ -82,7 +91,10 @@ impl Session {
             event_loop: RefCell::new(None),
         };
         if let Some(code) = &spec.preload {
-            session.exec.bind(py).call1((code, session.main_dict.bind(py)))?;
+            session
+                .exec
+                .bind(py)
+                .call1((code, session.main_dict.bind(py)))?;
         }
         Ok(session)
     }
@@ -96,7 +108,13 @@ impl Session {
     }
 
     /// Serves one request body; on success `out` holds the complete reply frame.
-    pub fn serve(&self, py: Python<'_>, header: &[u8], body: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
+    pub fn serve(
+        &self,
+        py: Python<'_>,
+        header: &[u8],
+        body: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
         let request = convert::decode(py, &self.types, body)?;
         let request = request
             .cast_into::<PyTuple>()
@@ -108,10 +126,17 @@ impl Session {
             ("call", 6) => Some(self.call(py, &request)?),
             ("eval", 4) => Some(self.eval(py, &item(&request, 1)?, &item(&request, 2)?)?),
             ("exec", 3) => {
-                self.exec.bind(py).call1((source_text(&item(&request, 1)?)?, self.main_dict.bind(py)))?;
+                self.exec
+                    .bind(py)
+                    .call1((source_text(&item(&request, 1)?)?, self.main_dict.bind(py)))?;
                 None
             }
-            _ => return Err(Error::BadRequest(format!("unknown request {op}/{}", request.len()))),
+            _ => {
+                return Err(Error::BadRequest(format!(
+                    "unknown request {op}/{}",
+                    request.len()
+                )))
+            }
         };
         begin_frame(out, KIND_REPLY, header);
         let mut w = etf::Writer::new(out);
@@ -128,7 +153,11 @@ impl Session {
         Ok(())
     }
 
-    fn call<'py>(&self, py: Python<'py>, request: &Bound<'py, PyTuple>) -> Result<Bound<'py, PyAny>, Error> {
+    fn call<'py>(
+        &self,
+        py: Python<'py>,
+        request: &Bound<'py, PyTuple>,
+    ) -> Result<Bound<'py, PyAny>, Error> {
         let module = item(request, 1)?;
         let function = item(request, 2)?;
         let args = item(request, 3)?;
@@ -157,14 +186,23 @@ impl Session {
     }
 
     /// The module named `name`, from `sys.modules` or imported now.
-    fn module<'py>(&self, py: Python<'py>, name: &Bound<'py, PyString>) -> Result<Bound<'py, PyAny>, Error> {
+    fn module<'py>(
+        &self,
+        py: Python<'py>,
+        name: &Bound<'py, PyString>,
+    ) -> Result<Bound<'py, PyAny>, Error> {
         if let Some(m) = self.modules.bind(py).get_item(name)? {
             return Ok(m);
         }
         Ok(self.import_module.bind(py).call1((name,))?)
     }
 
-    fn eval<'py>(&self, py: Python<'py>, code: &Bound<'py, PyAny>, locals: &Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, Error> {
+    fn eval<'py>(
+        &self,
+        py: Python<'py>,
+        code: &Bound<'py, PyAny>,
+        locals: &Bound<'py, PyAny>,
+    ) -> Result<Bound<'py, PyAny>, Error> {
         let code = source_text(code)?;
         let globals = self.main_dict.bind(py);
         let locals = match locals.cast::<PyDict>() {
@@ -176,16 +214,27 @@ impl Session {
     }
 
     /// Runs a coroutine to completion on this context's event loop.
-    fn await_if_coroutine<'py>(&self, py: Python<'py>, value: Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, Error> {
+    fn await_if_coroutine<'py>(
+        &self,
+        py: Python<'py>,
+        value: Bound<'py, PyAny>,
+    ) -> Result<Bound<'py, PyAny>, Error> {
         // SAFETY: a type check on a live object, attached.
         if unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) } == 0 {
             return Ok(value);
         }
         let mut slot = self.event_loop.borrow_mut();
         if slot.is_none() {
-            *slot = Some(py.import("asyncio")?.call_method0("new_event_loop")?.unbind());
+            *slot = Some(
+                py.import("asyncio")?
+                    .call_method0("new_event_loop")?
+                    .unbind(),
+            );
         }
-        let lp = slot.as_ref().map(|l| l.clone_ref(py)).expect("event loop was just set");
+        let lp = slot
+            .as_ref()
+            .map(|l| l.clone_ref(py))
+            .expect("event loop was just set");
         drop(slot);
         Ok(lp.bind(py).call_method1("run_until_complete", (value,))?)
     }

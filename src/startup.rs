@@ -8,7 +8,7 @@ use std::sync::Arc;
 use pyo3::prelude::*;
 
 use crate::python::{self, PythonInfo};
-use crate::router::{Config, Router};
+use crate::router::{Config, Inbox};
 use crate::session::erlang_module;
 use crate::writer::Writer;
 
@@ -18,14 +18,24 @@ const DEFAULT_QUEUE: usize = 10_000;
 
 /// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
-    let mut config = Config { max_frame: DEFAULT_MAX_FRAME, queue_capacity: DEFAULT_QUEUE, path: Vec::new() };
+    let mut config = Config {
+        max_frame: DEFAULT_MAX_FRAME,
+        queue_capacity: DEFAULT_QUEUE,
+        path: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--path" => config.path.push(value()?.clone()),
-            "--max-frame" => config.max_frame = value()?.parse().map_err(|_| "--max-frame needs a number of bytes")?,
-            "--queue" => config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?,
+            "--max-frame" => {
+                config.max_frame = value()?
+                    .parse()
+                    .map_err(|_| "--max-frame needs a number of bytes")?
+            }
+            "--queue" => {
+                config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -54,7 +64,11 @@ fn take_protocol_fds() -> io::Result<(File, File)> {
             return Err(io::Error::last_os_error());
         }
         let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&input), libc::F_GETFL);
-        libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&input), libc::F_SETFL, flags | libc::O_NONBLOCK);
+        libc::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&input),
+            libc::F_SETFL,
+            flags | libc::O_NONBLOCK,
+        );
         // subprocess.run hangs if SIGCHLD is ignored.
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
     }
@@ -77,7 +91,11 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
         w.atom("max_frame");
         w.int(config.max_frame as i64);
         w.atom("capabilities");
-        let caps: &[&str] = if info.owngil { &["call", "eval", "exec", "main", "owngil"] } else { &["call", "eval", "exec", "main"] };
+        let caps: &[&str] = if info.owngil {
+            &["call", "eval", "exec", "main", "owngil"]
+        } else {
+            &["call", "eval", "exec", "main"]
+        };
         w.list_header(caps.len());
         for c in caps {
             w.atom(c);
@@ -122,8 +140,8 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(e) => return start_error(&writer, &e),
     };
     hello(&writer, &info, &config);
-    let mut router = Router::new(config, info, writer.clone());
-    let code = match router.run(input) {
+    let inbox = Inbox::new(config, info, writer.clone(), input);
+    let code = match inbox.run() {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("pyport: router failed: {e}");

@@ -25,7 +25,14 @@ pub struct Writer {
 
 impl Writer {
     pub fn new(out: File) -> Self {
-        Writer { queue: Mutex::new(Queue { pending: Vec::new(), flushing: false, broken: false }), out: Mutex::new(out) }
+        Writer {
+            queue: Mutex::new(Queue {
+                pending: Vec::new(),
+                flushing: false,
+                broken: false,
+            }),
+            out: Mutex::new(out),
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -47,7 +54,11 @@ impl Writer {
         loop {
             std::mem::swap(&mut batch, &mut q.pending);
             drop(q);
-            let result = self.out.lock().unwrap_or_else(|e| e.into_inner()).write_all(&batch);
+            let result = self
+                .out
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .write_all(&batch);
             batch.clear();
             q = self.lock();
             if let Err(e) = result {

@@ -1,0 +1,45 @@
+# The one task runner: CI calls `make test`. Everything installs what it needs first.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+PYTHON = $(shell scripts/ensure-python.sh)
+CARGO_ENV = PYO3_PYTHON=$(PYTHON)
+REBAR = rebar3
+
+.PHONY: setup build rust erl test test-rust test-erl demo bench lint clean
+
+setup:
+	@scripts/ensure-erlang.sh
+	@scripts/ensure-python.sh >/dev/null
+
+build: setup rust erl
+
+rust:
+	$(CARGO_ENV) cargo build --release
+	@mkdir -p priv
+	install -m 755 target/release/pyport priv/pyport
+
+erl:
+	$(REBAR) compile
+
+test: build test-rust test-erl
+
+test-rust:
+	$(CARGO_ENV) cargo test --release
+
+test-erl:
+	$(REBAR) ct
+
+demo: build
+	escript scripts/demo.escript
+
+bench: build
+	escript benches/pyport_bench.escript
+
+lint: setup
+	$(CARGO_ENV) cargo fmt --check
+	$(CARGO_ENV) cargo clippy --release --all-targets -- -D warnings
+	$(REBAR) dialyzer
+
+clean:
+	cargo clean
+	rm -rf _build priv/pyport

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs Erlang/OTP, rebar3 and Common Test from Debian's packages when absent.
+set -euo pipefail
+need=()
+command -v erl >/dev/null 2>&1 || need+=(erlang-base erlang-dev erlang-eunit erlang-tools erlang-syntax-tools erlang-dialyzer)
+command -v rebar3 >/dev/null 2>&1 || need+=(rebar3)
+if command -v erl >/dev/null 2>&1; then
+    erl -noshell -eval 'case code:lib_dir(common_test) of {error, _} -> halt(1); _ -> halt(0) end.' \
+        || need+=(erlang-common-test)
+else
+    need+=(erlang-common-test)
+fi
+[ ${#need[@]} -eq 0 ] && exit 0
+echo "ensure-erlang: installing ${need[*]}" >&2
+export DEBIAN_FRONTEND=noninteractive
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+$SUDO apt-get update -qq >&2
+$SUDO apt-get install -y -qq "${need[@]}" >&2
