@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 
 use pyo3::exceptions::PyTypeError;
+use pyo3::ffi;
 use pyo3::prelude::*;
 use pyo3::types::{
     PyBool, PyByteArray, PyBytes, PyDict, PyFloat, PyFrozenSet, PyInt, PyList, PyMemoryView, PySet,
@@ -130,9 +131,13 @@ pub fn decode_term<'py>(
         etf::LIST => {
             let n = r.u32()? as usize;
             let n = r.count(n, 1)?;
-            let list = PyList::empty(py);
-            for _ in 0..n {
-                list.append(decode_term(py, types, r, depth + 1)?)?;
+            let list = new_list(py, n)?;
+            for i in 0..n {
+                let item = decode_term(py, types, r, depth + 1)?;
+                // SAFETY: `list` is a fresh list of length n and slot i is empty; SET_ITEM
+                // steals the reference. A list with empty slots left by an error is
+                // still safe to free.
+                unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
             }
             if r.peek()? == etf::NIL {
                 r.u8()?;
@@ -161,11 +166,13 @@ pub fn decode_term<'py>(
                     return Ok(bytes);
                 }
             }
-            let mut items = Vec::with_capacity(n);
-            for _ in 0..n {
-                items.push(decode_term(py, types, r, depth + 1)?);
+            let tuple = new_tuple(py, n)?;
+            for i in 0..n {
+                let item = decode_term(py, types, r, depth + 1)?;
+                // SAFETY: as for lists; tuples with empty slots are safe to free too.
+                unsafe { ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
             }
-            PyTuple::new(py, items)?.into_any()
+            tuple.into_any()
         }
         etf::MAP => {
             let n = r.u32()? as usize;
@@ -206,6 +213,20 @@ pub fn decode_term<'py>(
             raw_term(py, &types.opaque, r.slice(start, r.pos()))?
         }
     })
+}
+
+fn new_list(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyList>> {
+    // SAFETY: PyList_New returns a new reference or NULL with an exception set.
+    let ptr = unsafe { ffi::PyList_New(n as ffi::Py_ssize_t) };
+    // SAFETY: as above; `from_owned_ptr_or_err` takes the new reference.
+    Ok(unsafe { Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked() })
+}
+
+fn new_tuple(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyTuple>> {
+    // SAFETY: PyTuple_New returns a new reference or NULL with an exception set.
+    let ptr = unsafe { ffi::PyTuple_New(n as ffi::Py_ssize_t) };
+    // SAFETY: as above.
+    Ok(unsafe { Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked() })
 }
 
 fn atom_to_py<'py>(py: Python<'py>, types: &Types, name: &str) -> PyResult<Bound<'py, PyAny>> {

@@ -1,0 +1,46 @@
+//! In-process cost of serving one request (decode, call, encode), without the pipe.
+//! Run with `make bench` (or `cargo bench --bench session` with PYO3_PYTHON set).
+
+use std::time::Instant;
+
+use pyo3::prelude::*;
+use pyport::context::{Mode, Spec};
+use pyport::etf::Term;
+use pyport::session::Session;
+
+fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {
+    Term::Tuple(vec![
+        Term::atom("call"),
+        Term::Binary(module.as_bytes().to_vec()),
+        Term::Binary(function.as_bytes().to_vec()),
+        Term::List(args),
+        Term::Map(vec![]),
+        Term::Map(vec![]),
+    ])
+    .encode()
+}
+
+fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
+    let mut out = Vec::new();
+    let n = 200_000;
+    for _ in 0..1000 {
+        session.serve(py, b"h", body, &mut out).unwrap();
+    }
+    let t0 = Instant::now();
+    for _ in 0..n {
+        session.serve(py, b"h", body, &mut out).unwrap();
+    }
+    println!("session {name}: {:.0} ns/request", t0.elapsed().as_nanos() as f64 / n as f64);
+}
+
+fn main() {
+    pyport::python::init_main(|_| Ok(())).expect("python starts");
+    Python::attach(|py| {
+        let spec = Spec { id: 1, mode: Mode::Main, name: None, preload: None, path: vec![] };
+        let session = Session::new(py, &spec).expect("session");
+        time(py, &session, "operator.add(1, 2)", &call_body("operator", "add", vec![Term::Int(1), Term::Int(2)]));
+        let list: Vec<Term> = (0..1000).map(Term::Int).collect();
+        time(py, &session, "builtins.len(1000 ints)", &call_body("builtins", "len", vec![Term::List(list)]));
+        session.close(py);
+    });
+}
