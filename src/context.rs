@@ -43,14 +43,24 @@ pub struct Spec {
     pub path: Vec<String>,
 }
 
-/// One unit of work for a context: a request frame, or the order to stop.
+/// What a job asks of a context.
+pub enum Kind {
+    /// Serve the request in the frame.
+    Request,
+    /// Become the context described (always the first job of a thread).
+    Start(Box<Spec>),
+    /// End the interpreter and the thread.
+    Stop,
+}
+
+/// One unit of work for a context, with the frame it came in (for the reply header).
 pub struct Job {
     pub frame: Vec<u8>,
     /// Byte range of the reply header inside `frame`.
     pub header: (usize, usize),
     /// Where the ETF body starts inside `frame`.
     pub body: usize,
-    pub stop: bool,
+    pub kind: Kind,
 }
 
 impl Job {
@@ -72,6 +82,8 @@ pub struct Mailbox {
     capacity: usize,
     waker: Waker,
     sleeping: AtomicBool,
+    /// Why the context is dead, once it is.
+    death: Mutex<String>,
     /// Jobs queued, readable without the lock (for spinning).
     queued: AtomicUsize,
     state: AtomicU8,
@@ -85,11 +97,12 @@ impl Mailbox {
     /// Queues a job; gives it back if the queue is full or the context is dead.
     pub fn push(&self, job: Job) -> Result<(), (Job, Error)> {
         if self.is_dead() {
-            return Err((job, Error::ContextDown("stopped".into())));
+            let reason = self.death.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return Err((job, Error::ContextDown(reason)));
         }
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity && !job.stop {
+            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) {
                 return Err((job, Error::Overloaded));
             }
             q.push_back(job);
@@ -150,6 +163,7 @@ impl Mailbox {
 
     /// Marks the context dead and answers everything still queued.
     fn fail_all(&self, writer: &Writer, reason: &str) {
+        *self.death.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
         self.state.store(DEAD, Ordering::SeqCst);
         let jobs: Vec<Job> = {
             let mut q = self.lock();
@@ -165,14 +179,11 @@ impl Mailbox {
     }
 }
 
-/// Starts the thread of a new context. `create` is the job of the `new_context` request:
-/// it is answered once the interpreter is ready (or failed to start).
-pub fn spawn(
-    spec: Spec,
-    create: Job,
-    inbox: Arc<Inbox>,
-    capacity: usize,
-) -> std::io::Result<Arc<Mailbox>> {
+/// Starts a context thread for `mode`. An `owngil` thread creates its interpreter at
+/// once; either waits for its first job, a [`Kind::Start`] with the context's spec. So
+/// the router can keep a spare owngil thread with its interpreter ready, and a new
+/// context costs its session set-up only (interpreter creation takes ~10 ms).
+pub fn spawn(mode: Mode, inbox: Arc<Inbox>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKE)?;
     let mailbox = Arc::new(Mailbox {
@@ -180,65 +191,84 @@ pub fn spawn(
         capacity,
         waker,
         sleeping: AtomicBool::new(false),
+        death: Mutex::new(String::new()),
         queued: AtomicUsize::new(0),
         state: AtomicU8::new(STARTING),
     });
     let mb = mailbox.clone();
     std::thread::Builder::new()
-        .name(format!("pyport-ctx-{}", spec.id))
+        .name("pyport-ctx".into())
         .stack_size(64 << 20)
-        .spawn(move || run(spec, create, mb, inbox, poll))?;
+        .spawn(move || run(mode, mb, inbox, poll))?;
     Ok(mailbox)
 }
 
-fn run(spec: Spec, create: Job, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
-    let writer = inbox.writer().clone();
-    match spec.mode {
-        Mode::Main => serve(&spec, create, &mailbox, &inbox, poll),
+fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
+    match mode {
+        Mode::Main => serve(&mailbox, &inbox, poll),
         Mode::OwnGil => match SubInterpreter::new() {
             Ok(interp) => {
-                serve(&spec, create, &mailbox, &inbox, poll);
+                serve(&mailbox, &inbox, poll);
                 interp.end();
             }
             Err(e) => {
-                let err = Error::ContextDown(format!("interpreter creation failed: {e}"));
-                writer.reply(create.header(), |w| err.write_reply(w));
-                mailbox.fail_all(&writer, "start_failed");
+                mailbox.fail_all(inbox.writer(), &format!("interpreter creation failed: {e}"))
             }
         },
     }
 }
 
+/// Waits for the next job (spinning, then sleeping with the GIL released).
+fn next_job(
+    py: Python<'_>,
+    mailbox: &Mailbox,
+    inbox: &Inbox,
+    poll: &mut Poll,
+    events: &mut Events,
+) -> Job {
+    loop {
+        if let Some(job) = mailbox.pop() {
+            return job;
+        }
+        py.detach(|| mailbox.wait(inbox, poll, events));
+    }
+}
+
 /// The context's loop, attached to its interpreter.
-fn serve(spec: &Spec, create: Job, mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
+fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
     let writer: &Writer = inbox.writer();
     Python::attach(|py| {
+        let mut events = Events::with_capacity(16);
+        let start = next_job(py, mailbox, inbox, &mut poll, &mut events);
+        let Kind::Start(spec) = &start.kind else {
+            mailbox.fail_all(writer, "not_started");
+            return;
+        };
         let session = match Session::new(py, spec) {
             Ok(s) => s,
             Err(e) => {
-                writer.reply(create.header(), |w| e.write_reply(w));
+                writer.reply(start.header(), |w| e.write_reply(w));
                 mailbox.fail_all(writer, "start_failed");
                 return;
             }
         };
         mailbox.state.store(RUNNING, Ordering::SeqCst);
-        writer.reply(create.header(), |w| w.atom("ok"));
-        let mut events = Events::with_capacity(16);
+        writer.reply(start.header(), |w| w.atom("ok"));
         loop {
-            let job = match mailbox.pop() {
-                Some(job) => job,
-                None => {
-                    py.detach(|| mailbox.wait(inbox, &mut poll, &mut events));
-                    continue;
+            let job = next_job(py, mailbox, inbox, &mut poll, &mut events);
+            match job.kind {
+                Kind::Request => handle(py, &session, &job, writer),
+                Kind::Stop => {
+                    session.close(py);
+                    mailbox.fail_all(writer, "stopped");
+                    writer.reply(job.header(), |w| w.atom("ok"));
+                    return;
                 }
-            };
-            if job.stop {
-                session.close(py);
-                mailbox.fail_all(writer, "stopped");
-                writer.reply(job.header(), |w| w.atom("ok"));
-                return;
+                Kind::Start(_) => {
+                    let e = Error::BadRequest("context already started".into());
+                    writer.reply(job.header(), |w| e.write_reply(w));
+                }
             }
-            handle(py, &session, &job, writer);
         }
     });
 }

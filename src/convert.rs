@@ -137,7 +137,9 @@ pub fn decode_term<'py>(
                 // SAFETY: `list` is a fresh list of length n and slot i is empty; SET_ITEM
                 // steals the reference. A list with empty slots left by an error is
                 // still safe to free.
-                unsafe { ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
+                unsafe {
+                    ffi::PyList_SET_ITEM(list.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr())
+                };
             }
             if r.peek()? == etf::NIL {
                 r.u8()?;
@@ -170,7 +172,9 @@ pub fn decode_term<'py>(
             for i in 0..n {
                 let item = decode_term(py, types, r, depth + 1)?;
                 // SAFETY: as for lists; tuples with empty slots are safe to free too.
-                unsafe { ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
+                unsafe {
+                    ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr())
+                };
             }
             tuple.into_any()
         }

@@ -145,6 +145,8 @@ impl SubInterpreter {
         unsafe {
             ffi::PyThreadState_Swap(self.tstate);
             ffi::Py_EndInterpreter(self.tstate);
+            // Give the interpreter's freed arenas back to the OS.
+            libc::malloc_trim(0);
         }
     }
 }

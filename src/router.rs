@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::context::{self, Job, Mailbox, Mode, Spec};
+use crate::context::{self, Job, Kind, Mailbox, Mode, Spec};
 use crate::error::Error;
 use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
@@ -93,6 +93,7 @@ impl Inbox {
                 input,
                 inbound: Vec::new(),
                 contexts: HashMap::new(),
+                spare: None,
                 closed: false,
                 me: me.clone(),
             }),
@@ -166,6 +167,7 @@ impl Inbox {
         poll.registry()
             .register(&mut SourceFd(&fd), STDIN, Interest::READABLE)?;
         let waker = mio::Waker::new(poll.registry(), WAKE)?;
+        self.lock().make_spare();
         *self.watch() = Some(Watch {
             registry: poll.registry().try_clone()?,
             waker,
@@ -220,6 +222,8 @@ struct Routing {
     reader: FrameReader,
     inbound: Vec<Inbound>,
     contexts: HashMap<u64, Arc<Mailbox>>,
+    /// An owngil thread whose interpreter is created, waiting to become a context.
+    spare: Option<Arc<Mailbox>>,
     closed: bool,
     /// The Inbox this state lives in, handed to the contexts it starts.
     me: std::sync::Weak<Inbox>,
@@ -281,7 +285,7 @@ impl Routing {
             body: header.1,
             header,
             frame,
-            stop: false,
+            kind: Kind::Request,
         };
         if ctx == 0 {
             return self.control(job);
@@ -347,21 +351,43 @@ impl Routing {
                 Error::BadRequest(format!("context id {} is in use", spec.id)),
             ));
         }
+        let mode = spec.mode;
         let id = spec.id;
-        let header = job.header().to_vec();
-        let Some(inbox) = self.me.upgrade() else {
-            return Err((job, Error::ContextDown("shutting_down".into())));
+        let spare = match mode {
+            Mode::OwnGil => self.spare.take().filter(|m| !m.is_dead()),
+            Mode::Main => None,
         };
-        match context::spawn(spec, job, inbox, self.config.queue_capacity) {
-            Ok(mailbox) => {
-                self.contexts.insert(id, mailbox);
-                Ok(())
-            }
-            Err(e) => {
-                let err = Error::ContextDown(format!("thread start failed: {e}"));
-                self.writer.reply(&header, |w| err.write_reply(w));
-                Ok(())
-            }
+        let mailbox = match spare {
+            Some(m) => m,
+            None => match self.spawn(mode) {
+                Ok(m) => m,
+                Err(e) => return Err((job, e)),
+            },
+        };
+        mailbox.push(Job {
+            kind: Kind::Start(Box::new(spec)),
+            ..job
+        })?;
+        self.contexts.insert(id, mailbox);
+        if mode == Mode::OwnGil {
+            self.make_spare();
+        }
+        Ok(())
+    }
+
+    fn spawn(&self, mode: Mode) -> Result<Arc<Mailbox>, Error> {
+        let inbox = self
+            .me
+            .upgrade()
+            .ok_or_else(|| Error::ContextDown("shutting_down".into()))?;
+        context::spawn(mode, inbox, self.config.queue_capacity)
+            .map_err(|e| Error::ContextDown(format!("thread start failed: {e}")))
+    }
+
+    /// Prepares the next owngil context ahead of time.
+    fn make_spare(&mut self) {
+        if self.python.owngil && self.spare.is_none() {
+            self.spare = self.spawn(Mode::OwnGil).ok();
         }
     }
 
@@ -398,7 +424,10 @@ impl Routing {
         let Some(mailbox) = id.as_u64().and_then(|id| self.contexts.remove(&id)) else {
             return Err((job, Error::NotFound));
         };
-        let job = Job { stop: true, ..job };
+        let job = Job {
+            kind: Kind::Stop,
+            ..job
+        };
         mailbox.push(job).map_err(|(job, _)| (job, Error::NotFound))
     }
 

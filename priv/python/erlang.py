@@ -4,8 +4,6 @@ pyport creates this module in every interpreter it starts (it is compiled into t
 port program), so ``import erlang`` works in every context.
 """
 
-import functools
-
 __all__ = ["Atom", "Pid", "Ref", "Opaque", "Error", "atom"]
 
 
@@ -27,7 +25,6 @@ def atom(name):
     return Atom(name)
 
 
-@functools.total_ordering
 class _Term:
     """An Erlang term Python has no type for, kept as its external format bytes so it
     goes back to Erlang unchanged. Hashable; equal when the bytes are equal."""
@@ -46,6 +43,21 @@ class _Term:
         if type(other) is not type(self):
             return NotImplemented
         return self._etf < other._etf
+
+    def __le__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._etf <= other._etf
+
+    def __gt__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._etf > other._etf
+
+    def __ge__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._etf >= other._etf
 
     def __hash__(self):
         return hash((type(self).__name__, self._etf))
