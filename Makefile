@@ -33,6 +33,7 @@ demo: build
 	escript scripts/demo.escript
 
 bench: build
+	$(CARGO_ENV) cargo bench --bench session
 	escript benches/pyport_bench.escript
 
 lint: setup

@@ -30,17 +30,36 @@ fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
     for _ in 0..n {
         session.serve(py, b"h", body, &mut out).unwrap();
     }
-    println!("session {name}: {:.0} ns/request", t0.elapsed().as_nanos() as f64 / n as f64);
+    println!(
+        "session {name}: {:.0} ns/request",
+        t0.elapsed().as_nanos() as f64 / n as f64
+    );
 }
 
 fn main() {
     pyport::python::init_main(|_| Ok(())).expect("python starts");
     Python::attach(|py| {
-        let spec = Spec { id: 1, mode: Mode::Main, name: None, preload: None, path: vec![] };
+        let spec = Spec {
+            id: 1,
+            mode: Mode::Main,
+            name: None,
+            preload: None,
+            path: vec![],
+        };
         let session = Session::new(py, &spec).expect("session");
-        time(py, &session, "operator.add(1, 2)", &call_body("operator", "add", vec![Term::Int(1), Term::Int(2)]));
+        time(
+            py,
+            &session,
+            "operator.add(1, 2)",
+            &call_body("operator", "add", vec![Term::Int(1), Term::Int(2)]),
+        );
         let list: Vec<Term> = (0..1000).map(Term::Int).collect();
-        time(py, &session, "builtins.len(1000 ints)", &call_body("builtins", "len", vec![Term::List(list)]));
+        time(
+            py,
+            &session,
+            "builtins.len(1000 ints)",
+            &call_body("builtins", "len", vec![Term::List(list)]),
+        );
         session.close(py);
     });
 }

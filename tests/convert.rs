@@ -10,7 +10,8 @@ use std::sync::Once;
 fn python() {
     static START: Once = Once::new();
     START.call_once(|| {
-        pyport::python::init_main(|py| pyport::session::erlang_module(py).map(drop)).expect("python starts");
+        pyport::python::init_main(|py| pyport::session::erlang_module(py).map(drop))
+            .expect("python starts");
     });
 }
 
@@ -48,7 +49,10 @@ fn special_atoms_and_bytes_wrapper() {
         for (input, expect) in [
             (Term::atom("nil"), Term::atom("none")),
             (Term::atom("undefined"), Term::atom("none")),
-            (Term::Tuple(vec![Term::atom("bytes"), Term::Binary(b"ab".to_vec())]), Term::Binary(b"ab".to_vec())),
+            (
+                Term::Tuple(vec![Term::atom("bytes"), Term::Binary(b"ab".to_vec())]),
+                Term::Binary(b"ab".to_vec()),
+            ),
         ] {
             let out = round_trip(py, types, &input.encode()).unwrap();
             assert_eq!(Term::decode(&out).unwrap(), expect);
@@ -63,8 +67,19 @@ fn special_atoms_and_bytes_wrapper() {
 #[test]
 fn python_only_values() {
     with_types(|py, types| {
-        let nan = encode_py(types, &py_eval(py, "[float('nan'), float('inf'), -float('inf')]")).unwrap();
-        assert_eq!(nan, Term::List(vec![Term::atom("nan"), Term::atom("infinity"), Term::atom("neg_infinity")]));
+        let nan = encode_py(
+            types,
+            &py_eval(py, "[float('nan'), float('inf'), -float('inf')]"),
+        )
+        .unwrap();
+        assert_eq!(
+            nan,
+            Term::List(vec![
+                Term::atom("nan"),
+                Term::atom("infinity"),
+                Term::atom("neg_infinity")
+            ])
+        );
         let set = encode_py(types, &py_eval(py, "frozenset([3])")).unwrap();
         assert_eq!(set, Term::List(vec![Term::Int(3)]));
         let big = encode_py(types, &py_eval(py, "-(2**64)")).unwrap();
@@ -78,7 +93,10 @@ fn python_only_values() {
             cur.call_method1("append", (&inner,)).unwrap();
             cur = inner.into_any();
         }
-        assert_eq!(encode_py(types, &nested).unwrap_err(), Error::BadTerm(BadTerm::TooDeep));
+        assert_eq!(
+            encode_py(types, &nested).unwrap_err(),
+            Error::BadTerm(BadTerm::TooDeep)
+        );
     });
 }
 
@@ -91,16 +109,29 @@ fn deep_erlang_nesting_is_refused_without_crashing() {
         }
         bytes.push(etf::NIL);
         bytes.extend(std::iter::repeat_n(etf::NIL, 1_000_000));
-        assert_eq!(convert::decode(py, types, &bytes).unwrap_err(), Error::BadTerm(BadTerm::TooDeep));
+        assert_eq!(
+            convert::decode(py, types, &bytes).unwrap_err(),
+            Error::BadTerm(BadTerm::TooDeep)
+        );
     });
 }
 
 fn arb_term() -> impl Strategy<Value = Term> {
     let leaf = prop_oneof![
         any::<i64>().prop_map(Term::Int),
-        any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Term::Float),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Term::Float),
         "[a-z][a-zA-Z_é😀]{0,10}"
-            .prop_filter("special atoms", |a| !["true", "false", "none", "nil", "undefined", "bytes"].contains(&a.as_str()))
+            .prop_filter("special atoms", |a| ![
+                "true",
+                "false",
+                "none",
+                "nil",
+                "undefined",
+                "bytes"
+            ]
+            .contains(&a.as_str()))
             .prop_map(Term::Atom),
         proptest::collection::vec(any::<u8>(), 0..40).prop_map(Term::Binary),
     ];
@@ -109,8 +140,12 @@ fn arb_term() -> impl Strategy<Value = Term> {
             proptest::collection::vec(inner.clone(), 0..8).prop_map(Term::List),
             proptest::collection::vec(inner.clone(), 0..8).prop_map(Term::Tuple),
             // Binary keys, unique: Python's 1 == 1.0 == True would merge other keys.
-            proptest::collection::btree_map(proptest::collection::vec(any::<u8>(), 0..6), inner, 0..5)
-                .prop_map(|m| Term::Map(m.into_iter().map(|(k, v)| (Term::Binary(k), v)).collect())),
+            proptest::collection::btree_map(
+                proptest::collection::vec(any::<u8>(), 0..6),
+                inner,
+                0..5
+            )
+            .prop_map(|m| Term::Map(m.into_iter().map(|(k, v)| (Term::Binary(k), v)).collect())),
         ]
     })
 }
