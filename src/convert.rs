@@ -80,6 +80,53 @@ pub fn decode<'py>(
     Ok(v)
 }
 
+/// Decodes a term body (no version byte) that must be consumed whole.
+pub fn decode_body<'py>(
+    py: Python<'py>,
+    types: &Types,
+    bytes: &[u8],
+) -> Result<Bound<'py, PyAny>, Error> {
+    let mut r = Reader::body(bytes);
+    let v = decode_term(py, types, &mut r, 0)?;
+    r.finish()?;
+    Ok(v)
+}
+
+/// Decodes a proper list body straight into a tuple (call arguments).
+pub fn decode_args<'py>(
+    py: Python<'py>,
+    types: &Types,
+    bytes: &[u8],
+) -> Result<Bound<'py, PyTuple>, Error> {
+    let mut r = Reader::body(bytes);
+    let tuple = match r.u8()? {
+        etf::NIL => new_tuple(py, 0)?,
+        etf::STRING => {
+            let n = r.u16()? as usize;
+            PyTuple::new(py, r.bytes(n)?.iter().copied())?
+        }
+        etf::LIST => {
+            let n = r.u32()? as usize;
+            let n = r.count(n, 1)?;
+            let tuple = new_tuple(py, n)?;
+            for i in 0..n {
+                let item = decode_term(py, types, &mut r, 1)?;
+                // SAFETY: fresh tuple of length n, slot i empty; SET_ITEM steals.
+                unsafe {
+                    ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr())
+                };
+            }
+            if r.u8()? != etf::NIL {
+                return Err(Error::BadRequest("args must be a proper list".into()));
+            }
+            tuple
+        }
+        _ => return Err(Error::BadRequest("args must be a list".into())),
+    };
+    r.finish()?;
+    Ok(tuple)
+}
+
 /// Decodes the next term of `r`.
 pub fn decode_term<'py>(
     py: Python<'py>,

@@ -96,6 +96,42 @@ impl<'a> Reader<'a> {
         }
     }
 
+    /// A reader over a term body without the version byte (a slice of a larger term).
+    pub fn body(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    /// Reads a tuple header; returns its arity.
+    pub fn tuple_header(&mut self) -> Result<usize> {
+        match self.u8()? {
+            SMALL_TUPLE => Ok(self.u8()? as usize),
+            LARGE_TUPLE => Ok(self.u32()? as usize),
+            t => Err(DecodeError::UnknownTag(t)),
+        }
+    }
+
+    /// Skips one term and returns its bytes.
+    pub fn term_slice(&mut self) -> Result<&'a [u8]> {
+        let start = self.pos;
+        self.skip(0)?;
+        Ok(&self.buf[start..self.pos])
+    }
+
+    /// Text of a binary or an atom.
+    pub fn text(&mut self) -> Result<std::borrow::Cow<'a, str>> {
+        match self.peek()? {
+            BINARY => {
+                self.u8()?;
+                let n = self.u32()? as usize;
+                let b = self.bytes(n)?;
+                Ok(std::borrow::Cow::Borrowed(
+                    std::str::from_utf8(b).map_err(|_| DecodeError::BadAtom)?,
+                ))
+            }
+            _ => self.atom(),
+        }
+    }
+
     pub fn pos(&self) -> usize {
         self.pos
     }

@@ -10,7 +10,7 @@ use std::ffi::CString;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyModule, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyModule, PyString};
 
 use crate::context::Spec;
 use crate::convert::{self, Types};
@@ -62,10 +62,6 @@ fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
     Err(Error::BadRequest("code must be a string".into()))
 }
 
-fn item<'py>(t: &Bound<'py, PyTuple>, i: usize) -> Result<Bound<'py, PyAny>, Error> {
-    Ok(t.get_item(i)?)
-}
-
 impl Session {
     pub fn new(py: Python<'_>, spec: &Spec) -> Result<Self, Error> {
         let sys = py.import("sys")?;
@@ -108,6 +104,9 @@ impl Session {
     }
 
     /// Serves one request body; on success `out` holds the complete reply frame.
+    ///
+    /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is taken apart in
+    /// Rust; only the values Python needs become Python objects.
     pub fn serve(
         &self,
         py: Python<'_>,
@@ -115,28 +114,34 @@ impl Session {
         body: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
-        let request = convert::decode(py, &self.types, body)?;
-        let request = request
-            .cast_into::<PyTuple>()
+        let mut r = etf::Reader::new(body)?;
+        let arity = r
+            .tuple_header()
             .map_err(|_| Error::BadRequest("a request is a tuple".into()))?;
-        let op: String = item(&request, 0)?
-            .extract()
+        let op = r
+            .atom()
             .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
-        let result = match (op.as_str(), request.len()) {
-            ("call", 6) => Some(self.call(py, &request)?),
-            ("eval", 4) => Some(self.eval(py, &item(&request, 1)?, &item(&request, 2)?)?),
+        let mut parts: [&[u8]; 5] = [&[]; 5];
+        if arity == 0 || arity > parts.len() + 1 {
+            return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
+        }
+        for part in parts.iter_mut().take(arity - 1) {
+            *part = r.term_slice()?;
+        }
+        r.finish()?;
+        let result = match (op.as_ref(), arity) {
+            ("call", 6) => Some(self.call(py, parts[0], parts[1], parts[2], parts[3])?),
+            ("eval", 4) => {
+                let code = convert::decode_body(py, &self.types, parts[0])?;
+                let locals = convert::decode_body(py, &self.types, parts[1])?;
+                Some(self.eval(py, &code, &locals)?)
+            }
             ("exec", 3) => {
-                self.exec
-                    .bind(py)
-                    .call1((source_text(&item(&request, 1)?)?, self.main_dict.bind(py)))?;
+                let code = source_text(&convert::decode_body(py, &self.types, parts[0])?)?;
+                self.exec.bind(py).call1((code, self.main_dict.bind(py)))?;
                 None
             }
-            _ => {
-                return Err(Error::BadRequest(format!(
-                    "unknown request {op}/{}",
-                    request.len()
-                )))
-            }
+            _ => return Err(Error::BadRequest(format!("unknown request {op}/{arity}"))),
         };
         begin_frame(out, KIND_REPLY, header);
         let mut w = etf::Writer::new(out);
@@ -156,31 +161,36 @@ impl Session {
     fn call<'py>(
         &self,
         py: Python<'py>,
-        request: &Bound<'py, PyTuple>,
+        module: &[u8],
+        function: &[u8],
+        args: &[u8],
+        kwargs: &[u8],
     ) -> Result<Bound<'py, PyAny>, Error> {
-        let module = item(request, 1)?;
-        let function = item(request, 2)?;
-        let args = item(request, 3)?;
-        let kwargs = item(request, 4)?;
-        let module_name = module
-            .cast::<PyString>()
-            .map_err(|_| Error::BadRequest("module must be an atom or a binary".into()))?;
-        let mut target = self.module(py, module_name)?;
-        let function_name: String = function
-            .extract()
-            .map_err(|_| Error::BadRequest("function must be an atom or a binary".into()))?;
-        for part in function_name.split('.') {
+        let bad = |what: &str| Error::BadRequest(format!("{what} must be an atom or a binary"));
+        let module = etf::Reader::body(module)
+            .text()
+            .map_err(|_| bad("module"))?;
+        let function = etf::Reader::body(function)
+            .text()
+            .map_err(|_| bad("function"))?;
+        let mut target = self.module(py, &PyString::new(py, &module))?;
+        for part in function.split('.') {
             target = target.getattr(part)?;
         }
-        let args = args
-            .cast::<PyList>()
-            .map_err(|_| Error::BadRequest("args must be a list".into()))?
-            .to_tuple();
-        let kwargs = match kwargs.cast::<PyDict>() {
-            Ok(d) if d.is_empty() => None,
-            Ok(d) => Some(d.clone()),
-            Err(_) if kwargs.is_none() => None,
-            Err(_) => return Err(Error::BadRequest("kwargs must be a map".into())),
+        let args = convert::decode_args(py, &self.types, args)?;
+        let kwargs = match kwargs {
+            [etf::MAP, 0, 0, 0, 0] => None,
+            _ => {
+                let k = convert::decode_body(py, &self.types, kwargs)?;
+                if k.is_none() {
+                    None
+                } else {
+                    Some(
+                        k.cast_into::<PyDict>()
+                            .map_err(|_| Error::BadRequest("kwargs must be a map".into()))?,
+                    )
+                }
+            }
         };
         Ok(target.call(args, kwargs.as_ref())?)
     }
