@@ -46,7 +46,11 @@ fn main() {
             preload: None,
             path: vec![],
         };
-        let session = Session::new(py, &spec).expect("session");
+        let writer = std::sync::Arc::new(pyport::writer::Writer::new(
+            std::fs::File::create("/dev/null").unwrap(),
+        ));
+        let link = pyport::erlang_module::Link::new(1, writer);
+        let session = Session::new(py, &spec, link).expect("session");
         time(
             py,
             &session,

@@ -8,6 +8,7 @@
 //! While it spins it also reads stdin itself through the shared [`Inbox`]: a request for
 //! an idle context is then read, served and answered by that one thread, with no hop.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 use mio::{Events, Poll, Token, Waker};
 use pyo3::prelude::*;
 
+use crate::erlang_module::{self, Link};
 use crate::error::{panic_message, Error};
 use crate::python::SubInterpreter;
 use crate::router::Inbox;
@@ -84,6 +86,8 @@ pub struct Mailbox {
     sleeping: AtomicBool,
     /// Why the context is dead, once it is.
     death: Mutex<String>,
+    /// The context's link to Erlang, once its session started.
+    link: std::sync::OnceLock<Arc<Link>>,
     /// Jobs queued, readable without the lock (for spinning).
     queued: AtomicUsize,
     state: AtomicU8,
@@ -132,25 +136,26 @@ impl Mailbox {
         self.state.load(Ordering::SeqCst) == DEAD
     }
 
-    /// Waits until the queue may hold something: spin (reading stdin when no other
-    /// thread is), then sleep in `poll`.
-    fn wait(&self, inbox: &Inbox, poll: &mut Poll, events: &mut Events) {
+    /// Waits until the queue may hold something or `ready()` holds: spin (reading stdin
+    /// when no other thread is), then sleep in `poll`.
+    fn wait(&self, inbox: &Inbox, poll: &mut Poll, events: &mut Events, ready: &dyn Fn() -> bool) {
         let until = Instant::now() + SPIN;
+        let idle = || self.is_empty() && !ready();
         inbox.spin_enter();
-        while self.is_empty() && Instant::now() < until {
+        while idle() && Instant::now() < until {
             inbox.try_pump();
-            if !self.is_empty() {
+            if !idle() {
                 break;
             }
             std::thread::yield_now();
         }
-        if !self.is_empty() {
+        if !idle() {
             inbox.spin_to_work();
             return;
         }
         inbox.spin_to_sleep();
         self.sleeping.store(true, Ordering::SeqCst);
-        if self.is_empty() {
+        if idle() {
             loop {
                 match poll.poll(events, None) {
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -159,6 +164,17 @@ impl Mailbox {
             }
         }
         self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Delivers the result of an `erlang.call` made in this context and wakes the thread
+    /// if it sleeps (it may be the one waiting).
+    pub fn deliver_callback(&self, id: u64, term: Vec<u8>) {
+        if let Some(link) = self.link.get() {
+            link.callbacks.deliver(id, term);
+            if self.sleeping.load(Ordering::SeqCst) {
+                let _ = self.waker.wake();
+            }
+        }
     }
 
     /// Marks the context dead and answers everything still queued.
@@ -192,6 +208,7 @@ pub fn spawn(mode: Mode, inbox: Arc<Inbox>, capacity: usize) -> std::io::Result<
         waker,
         sleeping: AtomicBool::new(false),
         death: Mutex::new(String::new()),
+        link: std::sync::OnceLock::new(),
         queued: AtomicUsize::new(0),
         state: AtomicU8::new(STARTING),
     });
@@ -218,6 +235,21 @@ fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
     }
 }
 
+/// Runs `f` with this thread detached from its interpreter (GIL released), like
+/// `Python::detach`, for closures that touch no Python object but are not `Send`.
+fn detached<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
+    struct Reattach(*mut pyo3::ffi::PyThreadState);
+    impl Drop for Reattach {
+        fn drop(&mut self) {
+            // SAFETY: restores the thread state saved below, on the same thread.
+            unsafe { pyo3::ffi::PyEval_RestoreThread(self.0) }
+        }
+    }
+    // SAFETY: the thread is attached (we hold `_py`); `f` uses no Python API.
+    let _reattach = Reattach(unsafe { pyo3::ffi::PyEval_SaveThread() });
+    f()
+}
+
 /// Waits for the next job (spinning, then sleeping with the GIL released).
 fn next_job(
     py: Python<'_>,
@@ -230,7 +262,7 @@ fn next_job(
         if let Some(job) = mailbox.pop() {
             return job;
         }
-        py.detach(|| mailbox.wait(inbox, poll, events));
+        py.detach(|| mailbox.wait(inbox, poll, events, &|| false));
     }
 }
 
@@ -244,33 +276,77 @@ fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
             mailbox.fail_all(writer, "not_started");
             return;
         };
-        let session = match Session::new(py, spec) {
+        let link = Link::new(spec.id, inbox.writer().clone());
+        erlang_module::register(&link);
+        let _ = mailbox.link.set(link.clone());
+        let session = match Session::new(py, spec, link.clone()) {
             Ok(s) => s,
             Err(e) => {
                 writer.reply(start.header(), |w| e.write_reply(w));
                 mailbox.fail_all(writer, "start_failed");
+                erlang_module::unregister(&link);
                 return;
             }
         };
         mailbox.state.store(RUNNING, Ordering::SeqCst);
         writer.reply(start.header(), |w| w.atom("ok"));
-        loop {
-            let job = next_job(py, mailbox, inbox, &mut poll, &mut events);
+        let lp = Loop {
+            mailbox,
+            inbox,
+            session: &session,
+            poll: RefCell::new(poll),
+            events: RefCell::new(events),
+            stop: RefCell::new(None),
+        };
+        let nested = |py: Python<'_>, done: &dyn Fn() -> bool| lp.serve_until(py, done);
+        let stop = erlang_module::with_nested_serve(&nested, || {
+            lp.serve_until(py, &|| lp.stop.borrow().is_some());
+            lp.stop.borrow_mut().take()
+        });
+        session.close(py);
+        erlang_module::unregister(&link);
+        mailbox.fail_all(writer, "stopped");
+        if let Some(job) = stop {
+            writer.reply(job.header(), |w| w.atom("ok"));
+        }
+    });
+}
+
+/// A running context's loop state, reachable again from inside Python (re-entrancy:
+/// while Python waits in `erlang.call`, the thread keeps serving its mailbox).
+struct Loop<'a> {
+    mailbox: &'a Mailbox,
+    inbox: &'a Inbox,
+    session: &'a Session,
+    poll: RefCell<Poll>,
+    events: RefCell<Events>,
+    /// A stop request, held until the outermost loop can act on it.
+    stop: RefCell<Option<Job>>,
+}
+
+impl Loop<'_> {
+    /// Serves jobs until `done()` holds.
+    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool) {
+        let writer = self.inbox.writer();
+        while !done() {
+            let Some(job) = self.mailbox.pop() else {
+                detached(py, || {
+                    let mut poll = self.poll.borrow_mut();
+                    let mut events = self.events.borrow_mut();
+                    self.mailbox.wait(self.inbox, &mut poll, &mut events, done)
+                });
+                continue;
+            };
             match job.kind {
-                Kind::Request => handle(py, &session, &job, writer),
-                Kind::Stop => {
-                    session.close(py);
-                    mailbox.fail_all(writer, "stopped");
-                    writer.reply(job.header(), |w| w.atom("ok"));
-                    return;
-                }
+                Kind::Request => handle(py, self.session, &job, writer),
+                Kind::Stop => *self.stop.borrow_mut() = Some(job),
                 Kind::Start(_) => {
                     let e = Error::BadRequest("context already started".into());
                     writer.reply(job.header(), |w| e.write_reply(w));
                 }
             }
         }
-    });
+    }
 }
 
 /// Serves one request; a panic becomes an error reply and the context lives on.

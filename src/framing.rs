@@ -183,6 +183,8 @@ impl FrameReader {
 /// Kinds of outbound frames (see docs/protocol.md).
 pub const KIND_REPLY: u8 = 0;
 pub const KIND_EVENT: u8 = 1;
+pub const KIND_CALLBACK: u8 = 2;
+pub const KIND_SEND: u8 = 3;
 
 /// Starts an outbound frame in `out`: room for the length, the kind, the header.
 /// The ETF payload is appended after it, then `finish_frame` fills in the length.

@@ -8,6 +8,7 @@
 //! - [`router`]: the router thread: stdin frames -> context mailboxes; control requests.
 //! - [`context`]: context threads, one interpreter each, and their bounded mailboxes.
 //! - [`session`]: what a context does with `call` / `eval` / `exec`.
+//! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
 //! - [`pyerr`]: Python exceptions as `{python, Type, Message, Traceback}`.
@@ -18,6 +19,7 @@
 
 pub mod context;
 pub mod convert;
+pub mod erlang_module;
 pub mod error;
 pub mod etf;
 pub mod framing;

@@ -214,6 +214,22 @@ impl Inbox {
     }
 }
 
+/// `{callback_result, Id, Result}`: the answer to an `erlang.call`, as the id and the
+/// whole ETF term of `Result`. Anything else is `None` (and goes to the context).
+fn callback_result(body: &[u8]) -> Option<(u64, Vec<u8>)> {
+    let mut r = crate::etf::Reader::new(body).ok()?;
+    if r.tuple_header().ok()? != 3 || r.atom().ok()? != "callback_result" {
+        return None;
+    }
+    let id = Term::read(&mut r, 0).ok()?.as_u64()?;
+    let result = r.term_slice().ok()?;
+    r.finish().ok()?;
+    let mut term = Vec::with_capacity(result.len() + 1);
+    term.push(crate::etf::VERSION);
+    term.extend_from_slice(result);
+    Some((id, term))
+}
+
 struct Routing {
     config: Config,
     python: PythonInfo,
@@ -293,6 +309,9 @@ impl Routing {
         let Some(mailbox) = self.contexts.get(&ctx) else {
             return self.fail(&job, Error::ContextDown("unknown_context".into()));
         };
+        if let Some((id, term)) = callback_result(job.body()) {
+            return mailbox.deliver_callback(id, term);
+        }
         if let Err((job, err)) = mailbox.push(job) {
             if mailbox.is_dead() {
                 self.contexts.remove(&ctx);
@@ -392,6 +411,9 @@ impl Routing {
     }
 
     fn parse_spec(&self, id: &Term, opts: &Term) -> Result<Spec, Error> {
+        if !matches!(opts, Term::Map(_)) {
+            return Err(Error::BadRequest("context options must be a map".into()));
+        }
         let id = id
             .as_u64()
             .filter(|&i| i > 0)
@@ -421,7 +443,13 @@ impl Routing {
     }
 
     fn stop_context(&mut self, id: &Term, job: Job) -> Result<(), (Job, Error)> {
-        let Some(mailbox) = id.as_u64().and_then(|id| self.contexts.remove(&id)) else {
+        let Some(id) = id.as_u64() else {
+            return Err((
+                job,
+                Error::BadRequest("context id must be a positive integer".into()),
+            ));
+        };
+        let Some(mailbox) = self.contexts.remove(&id) else {
             return Err((job, Error::NotFound));
         };
         let job = Job {

@@ -6,22 +6,50 @@
 //! the context thread and is dropped there, attached.
 
 use std::cell::RefCell;
-use std::ffi::CString;
+use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyModule, PyString};
+use pyo3::types::{PyDict, PyList, PyString};
 
 use crate::context::Spec;
 use crate::convert::{self, Types};
+use crate::erlang_module::{erlang_module, Link};
 use crate::error::Error;
 use crate::etf;
 use crate::framing::{begin_frame, finish_frame, KIND_REPLY};
 
-const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
+/// The options of a request that this side acts on (others are ignored).
+struct Opts<'a> {
+    /// ETF of the pid that made the request (for `erlang.self()`).
+    caller: Option<&'a [u8]>,
+}
+
+impl<'a> Opts<'a> {
+    fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
+        let mut r = etf::Reader::body(bytes);
+        if r.u8()? != etf::MAP {
+            return Err(Error::BadRequest("options must be a map".into()));
+        }
+        let n = r.u32()? as usize;
+        let mut opts = Opts { caller: None };
+        for _ in 0..n {
+            let key = r.peek_atom();
+            r.term_slice()?;
+            let value = r.term_slice()?;
+            if key.as_deref() == Some("caller")
+                && matches!(value.first(), Some(&etf::NEW_PID) | Some(&etf::PID))
+            {
+                opts.caller = Some(value);
+            }
+        }
+        Ok(opts)
+    }
+}
 
 pub struct Session {
     pub id: u64,
+    pub link: Arc<Link>,
     types: Types,
     modules: Py<PyDict>,
     import_module: Py<PyAny>,
@@ -29,16 +57,6 @@ pub struct Session {
     eval: Py<PyAny>,
     exec: Py<PyAny>,
     event_loop: RefCell<Option<Py<PyAny>>>,
-}
-
-/// The `erlang` module of the current interpreter, created on first use.
-pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
-    let modules = py.import("sys")?.getattr("modules")?;
-    if let Ok(m) = modules.get_item("erlang") {
-        return Ok(m.cast_into::<PyModule>()?);
-    }
-    let code = CString::new(ERLANG_PY).expect("erlang.py has no NUL bytes");
-    PyModule::from_code(py, &code, c"erlang.py", c"erlang")
 }
 
 /// Text of Python source from an Erlang binary (`str`) or charlist (list of ints).
@@ -63,17 +81,20 @@ fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
 }
 
 impl Session {
-    pub fn new(py: Python<'_>, spec: &Spec) -> Result<Self, Error> {
+    pub fn new(py: Python<'_>, spec: &Spec, link: Arc<Link>) -> Result<Self, Error> {
         let sys = py.import("sys")?;
         let path = sys.getattr("path")?;
         for (i, dir) in spec.path.iter().enumerate() {
             path.call_method1("insert", (i, dir))?;
         }
         let erlang = erlang_module(py)?;
+        erlang.call_method0("_install_output")?;
+        erlang.call_method0("_install_logging")?;
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let session = Session {
             id: spec.id,
+            link,
             types: Types::from_module(&erlang)?,
             modules: sys
                 .getattr("modules")?
@@ -114,6 +135,10 @@ impl Session {
         body: &[u8],
         out: &mut Vec<u8>,
     ) -> Result<(), Error> {
+        // Malformed ETF is `bad_term`; a well-formed term of the wrong shape `bad_request`.
+        let mut check = etf::Reader::new(body)?;
+        check.skip(0)?;
+        check.finish()?;
         let mut r = etf::Reader::new(body)?;
         let arity = r
             .tuple_header()
@@ -122,27 +147,17 @@ impl Session {
             .atom()
             .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
         let mut parts: [&[u8]; 5] = [&[]; 5];
-        if arity == 0 || arity > parts.len() + 1 {
+        if arity < 2 || arity > parts.len() + 1 {
             return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
         }
         for part in parts.iter_mut().take(arity - 1) {
             *part = r.term_slice()?;
         }
-        r.finish()?;
-        let result = match (op.as_ref(), arity) {
-            ("call", 6) => Some(self.call(py, parts[0], parts[1], parts[2], parts[3])?),
-            ("eval", 4) => {
-                let code = convert::decode_body(py, &self.types, parts[0])?;
-                let locals = convert::decode_body(py, &self.types, parts[1])?;
-                Some(self.eval(py, &code, &locals)?)
-            }
-            ("exec", 3) => {
-                let code = source_text(&convert::decode_body(py, &self.types, parts[0])?)?;
-                self.exec.bind(py).call1((code, self.main_dict.bind(py)))?;
-                None
-            }
-            _ => return Err(Error::BadRequest(format!("unknown request {op}/{arity}"))),
-        };
+        let opts = Opts::parse(parts[arity - 2])?;
+        let previous = self.link.swap_caller(opts.caller);
+        let result = self.dispatch(py, &op, arity, &parts);
+        self.link.swap_caller(previous.as_deref());
+        let result = result?;
         begin_frame(out, KIND_REPLY, header);
         let mut w = etf::Writer::new(out);
         match result {
@@ -156,6 +171,29 @@ impl Session {
         }
         finish_frame(out);
         Ok(())
+    }
+
+    fn dispatch<'py>(
+        &self,
+        py: Python<'py>,
+        op: &str,
+        arity: usize,
+        parts: &[&[u8]; 5],
+    ) -> Result<Option<Bound<'py, PyAny>>, Error> {
+        Ok(match (op, arity) {
+            ("call", 6) => Some(self.call(py, parts[0], parts[1], parts[2], parts[3])?),
+            ("eval", 4) => {
+                let code = convert::decode_body(py, &self.types, parts[0])?;
+                let locals = convert::decode_body(py, &self.types, parts[1])?;
+                Some(self.eval(py, &code, &locals)?)
+            }
+            ("exec", 3) => {
+                let code = source_text(&convert::decode_body(py, &self.types, parts[0])?)?;
+                self.exec.bind(py).call1((code, self.main_dict.bind(py)))?;
+                None
+            }
+            _ => return Err(Error::BadRequest(format!("unknown request {op}/{arity}"))),
+        })
     }
 
     fn call<'py>(

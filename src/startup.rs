@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use pyo3::prelude::*;
 
+use crate::erlang_module::erlang_module;
 use crate::python::{self, PythonInfo};
 use crate::router::{Config, Inbox};
-use crate::session::erlang_module;
 use crate::writer::Writer;
 
 pub const PROTOCOL_VERSION: i64 = 1;
@@ -62,6 +62,13 @@ fn take_protocol_fds() -> io::Result<(File, File)> {
     unsafe {
         if libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&null), 0) < 0 || libc::dup2(2, 1) < 0 {
             return Err(io::Error::last_os_error());
+        }
+        // 64 KiB pipes cap large transfers; 1 MiB (the default limit) triples a 16 MiB echo.
+        for fd in [
+            std::os::fd::AsRawFd::as_raw_fd(&input),
+            std::os::fd::AsRawFd::as_raw_fd(&output),
+        ] {
+            libc::fcntl(fd, libc::F_SETPIPE_SZ, 1 << 20);
         }
         let flags = libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&input), libc::F_GETFL);
         libc::fcntl(

@@ -97,6 +97,15 @@ impl Writer {
         self.send(&frame);
     }
 
+    /// Sends a frame of `kind` with an empty header and a ready ETF payload.
+    pub fn event_kind(&self, kind: u8, payload: &[u8]) {
+        let mut frame = Vec::with_capacity(payload.len() + 7);
+        begin_frame(&mut frame, kind, &[]);
+        frame.extend_from_slice(payload);
+        finish_frame(&mut frame);
+        self.send(&frame);
+    }
+
     /// Sends `{log, Level, Ctx, Message}`.
     pub fn log(&self, level: &str, ctx: u64, message: &str) {
         self.event(|w| {

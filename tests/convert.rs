@@ -10,7 +10,7 @@ use std::sync::Once;
 fn python() {
     static START: Once = Once::new();
     START.call_once(|| {
-        pyport::python::init_main(|py| pyport::session::erlang_module(py).map(drop))
+        pyport::python::init_main(|py| pyport::erlang_module::erlang_module(py).map(drop))
             .expect("python starts");
     });
 }
@@ -18,7 +18,7 @@ fn python() {
 fn with_types<R>(f: impl FnOnce(Python<'_>, &Types) -> R) -> R {
     python();
     Python::attach(|py| {
-        let types = Types::from_module(&pyport::session::erlang_module(py).unwrap()).unwrap();
+        let types = Types::from_module(&pyport::erlang_module::erlang_module(py).unwrap()).unwrap();
         let r = f(py, &types);
         types.clear();
         r

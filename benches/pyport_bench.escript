@@ -1,0 +1,198 @@
+#!/usr/bin/env escript
+%% -*- erlang -*-
+%%! -noinput
+%%
+%% pyport benchmarks, for `owngil' and `main' contexts side by side:
+%%   - sync call latency of operator.add(1, 2), one caller (median, p99)
+%%   - calls/s with 50 callers over 2 contexts (100k calls)
+%%   - CPU-bound speedup of 2 contexts over 1
+%%   - 16 MiB binary echo throughput
+%%   - runtime start to first reply
+%%   - new context creation time
+%%
+%% Run `rebar3 compile' (and `make build' for priv/pyport) first, then
+%%   escript benches/pyport_bench.escript
+%% The port program is priv/pyport unless PYPORT_EXECUTABLE says otherwise.
+-mode(compile).
+
+-define(LATENCY_CALLS, 10000).
+-define(WARMUP_CALLS, 2000).
+-define(CALLERS, 50).
+-define(THROUGHPUT_CALLS, 100000).
+-define(ECHO_BYTES, 16 * 1024 * 1024).
+-define(ECHO_ROUNDS, 5).
+-define(START_ROUNDS, 5).
+-define(NEW_CONTEXT_ROUNDS, 10).
+-define(CPU_CALL_MS, 200).
+
+-define(HELPERS, <<"
+def identity(x):
+    return x
+
+def work(n):
+    total = 0
+    for i in range(n):
+        total += i * i
+    return total
+">>).
+
+main(_Args) ->
+    setup(),
+    Results = [{Mode, bench(Mode)} || Mode <- [owngil, main]],
+    print(Results),
+    halt(0).
+
+setup() ->
+    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
+    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
+    filelib:is_dir(Ebin) orelse die("~s not found: run `rebar3 compile` first", [Ebin]),
+    true = code:add_patha(Ebin),
+    ok = application:load(pyport),
+    ok = application:set_env(pyport, default_runtime, false),
+    {ok, _} = application:ensure_all_started(pyport),
+    {ok, #{python_version := Version}} = start_and_info(),
+    io:format("pyport bench: OTP ~s, Python ~s, ~p schedulers, ~p logical processors~n~n",
+              [erlang:system_info(otp_release), Version,
+               erlang:system_info(schedulers_online),
+               erlang:system_info(logical_processors_available)]).
+
+start_and_info() ->
+    case pyport:start_runtime(#{}) of
+        {ok, Pid} ->
+            Info = pyport:info(Pid),
+            ok = pyport:stop_runtime(Pid),
+            Info;
+        {error, Reason} ->
+            die("cannot start the port program: ~p (run `make build`?)", [Reason])
+    end.
+
+die(Format, Args) ->
+    io:format(standard_error, "pyport_bench: " ++ Format ++ "~n", Args),
+    halt(1).
+
+bench(Mode) ->
+    io:format("~s: ", [Mode]),
+    Start = step(fun() -> start_to_first_reply(Mode) end),
+    {ok, Pid} = pyport:start_runtime(#{contexts => [#{name => a, mode => Mode, preload => ?HELPERS},
+                                                    #{name => b, mode => Mode, preload => ?HELPERS}]}),
+    {ok, A} = pyport:context(Pid, a),
+    {ok, B} = pyport:context(Pid, b),
+    Latency = step(fun() -> latency(A) end),
+    Throughput = step(fun() -> throughput([A, B]) end),
+    Speedup = step(fun() -> cpu_speedup(A, B) end),
+    Echo = step(fun() -> echo(A) end),
+    NewContext = step(fun() -> new_context(Pid, Mode) end),
+    ok = pyport:stop_runtime(Pid),
+    io:format("~n"),
+    #{start => Start, latency => Latency, throughput => Throughput, speedup => Speedup,
+      echo => Echo, new_context => NewContext}.
+
+step(Fun) ->
+    Result = Fun(),
+    io:format("."),
+    Result.
+
+%% Milliseconds from start_runtime to the first reply of a call (median of rounds).
+start_to_first_reply(Mode) ->
+    median([begin
+                T0 = erlang:monotonic_time(microsecond),
+                {ok, Pid} = pyport:start_runtime(#{contexts => [#{name => a, mode => Mode}]}),
+                {ok, Ctx} = pyport:context(Pid, a),
+                {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]),
+                T1 = erlang:monotonic_time(microsecond),
+                ok = pyport:stop_runtime(Pid),
+                (T1 - T0) / 1000
+            end || _ <- lists:seq(1, ?START_ROUNDS)]).
+
+%% Microseconds per sync call, one caller: {Median, P99}.
+latency(Ctx) ->
+    [{ok, 3} = pyport:call(Ctx, operator, add, [1, 2]) || _ <- lists:seq(1, ?WARMUP_CALLS)],
+    Times = [begin
+                 T0 = erlang:monotonic_time(nanosecond),
+                 {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]),
+                 erlang:monotonic_time(nanosecond) - T0
+             end || _ <- lists:seq(1, ?LATENCY_CALLS)],
+    Sorted = lists:sort(Times),
+    {percentile(Sorted, 50) / 1000, percentile(Sorted, 99) / 1000}.
+
+%% Calls per second, ?CALLERS processes spread over the contexts.
+throughput(Contexts) ->
+    PerCaller = ?THROUGHPUT_CALLS div ?CALLERS,
+    Self = self(),
+    N = length(Contexts),
+    T0 = erlang:monotonic_time(microsecond),
+    Callers = [spawn_link(fun() ->
+                              Ctx = lists:nth(I rem N + 1, Contexts),
+                              [{ok, 3} = pyport:call(Ctx, operator, add, [1, 2])
+                               || _ <- lists:seq(1, PerCaller)],
+                              Self ! {done, self()}
+                          end) || I <- lists:seq(1, ?CALLERS)],
+    [receive {done, C} -> ok end || C <- Callers],
+    Us = erlang:monotonic_time(microsecond) - T0,
+    PerCaller * ?CALLERS / (Us / 1.0e6).
+
+%% Time of 4 CPU-bound calls on one context over the time of 2 + 2 on two contexts.
+cpu_speedup(A, B) ->
+    Probe = 200000,
+    {ProbeUs, {ok, _}} = timer:tc(pyport, call, [A, '__main__', work, [Probe]]),
+    Size = max(Probe, Probe * (?CPU_CALL_MS * 1000) div max(ProbeUs, 1)),
+    {OneUs, _} = timer:tc(fun() -> run_work([A], Size, 4) end),
+    {TwoUs, _} = timer:tc(fun() -> run_work([A, B], Size, 4) end),
+    OneUs / TwoUs.
+
+run_work(Contexts, Size, Calls) ->
+    PerContext = Calls div length(Contexts),
+    Self = self(),
+    Workers = [spawn_link(fun() ->
+                              [{ok, _} = pyport:call(Ctx, '__main__', work, [Size])
+                               || _ <- lists:seq(1, PerContext)],
+                              Self ! {done, self()}
+                          end) || Ctx <- Contexts],
+    [receive {done, W} -> ok end || W <- Workers].
+
+%% MB/s (10^6 bytes of payload per second of round trip) of a 16 MiB binary echo.
+echo(Ctx) ->
+    Bin = rand:bytes(?ECHO_BYTES),
+    {ok, Bin} = pyport:call(Ctx, '__main__', identity, [Bin]),
+    Rates = [begin
+                 {Us, {ok, Back}} = timer:tc(pyport, call, [Ctx, '__main__', identity, [Bin]]),
+                 ?ECHO_BYTES = byte_size(Back),
+                 ?ECHO_BYTES / Us
+             end || _ <- lists:seq(1, ?ECHO_ROUNDS)],
+    median(Rates).
+
+%% Milliseconds to create a context (median of rounds).
+new_context(Pid, Mode) ->
+    Times = [begin
+                 {Us, {ok, Ctx}} = timer:tc(pyport, new_context, [Pid, #{mode => Mode}]),
+                 ok = pyport:stop_context(Ctx),
+                 Us / 1000
+             end || _ <- lists:seq(1, ?NEW_CONTEXT_ROUNDS)],
+    median(Times).
+
+median(List) ->
+    percentile(lists:sort(List), 50).
+
+percentile(Sorted, P) ->
+    Index = max(1, min(length(Sorted), round(P / 100 * length(Sorted)))),
+    lists:nth(Index, Sorted).
+
+print(Results) ->
+    Rows = [{"sync call latency, median (us)", fun(#{latency := {M, _}}) -> fmt(M) end},
+            {"sync call latency, p99 (us)", fun(#{latency := {_, P}}) -> fmt(P) end},
+            {"calls/s, 50 callers, 2 contexts", fun(#{throughput := T}) -> fmt_int(T) end},
+            {"CPU-bound speedup, 2 contexts vs 1", fun(#{speedup := S}) -> fmt(S) ++ "x" end},
+            {"16 MiB echo (MB/s)", fun(#{echo := E}) -> fmt_int(E) end},
+            {"runtime start to first reply (ms)", fun(#{start := S}) -> fmt(S) end},
+            {"new context (ms)", fun(#{new_context := N}) -> fmt(N) end}],
+    Modes = [Mode || {Mode, _} <- Results],
+    io:format("~n~-38s" ++ lists:append(["~14s" || _ <- Modes]) ++ "~n",
+              ["" | [atom_to_list(M) || M <- Modes]]),
+    lists:foreach(fun({Label, Fun}) ->
+                      io:format("~-38s" ++ lists:append(["~14s" || _ <- Modes]) ++ "~n",
+                                [Label | [Fun(R) || {_, R} <- Results]])
+                  end, Rows).
+
+fmt(X) -> float_to_list(float(X), [{decimals, 2}]).
+
+fmt_int(X) -> integer_to_list(round(X)).

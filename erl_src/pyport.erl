@@ -1,0 +1,329 @@
+%% @doc pyport: call Python from Erlang.
+%%
+%% A runtime is one `pyport' OS process with its own CPython (see `pyport_runtime');
+%% a context is one interpreter inside it. Calls go straight from the calling process
+%% to the port: the caller monitors the runtime with an alias, writes its request frame
+%% with `erlang:port_command/2', and decodes its own reply. The wire protocol is in
+%% docs/protocol.md.
+%%
+%% A context handle (`ctx()') is opaque. Handles of contexts given in a runtime's Opts
+%% stay valid across restarts of that runtime (when it was started under a supervisor,
+%% or with a name); handles of contexts made with new_context/2 do not.
+-module(pyport).
+
+-export([start_runtime/1]).
+-export([stop_runtime/1]).
+-export([info/1]).
+-export([new_context/2]).
+-export([context/2]).
+-export([stop_context/1]).
+-export([call/3]).
+-export([call/4]).
+-export([call/5]).
+-export([call/6]).
+-export([eval/1]).
+-export([eval/2]).
+-export([eval/3]).
+-export([eval/4]).
+-export([exec/1]).
+-export([exec/2]).
+-export([exec/3]).
+
+-export_type([runtime/0]).
+-export_type([ctx/0]).
+-export_type([error/0]).
+-export_type([call_opts/0]).
+
+-define(TABLE, pyport_runtimes).
+-define(SUP, pyport_sup).
+-define(DEFAULT_RUNTIME, pyport).
+%% Binary arguments larger than this are not copied into the request frame.
+-define(IOVEC_THRESHOLD, 65536).
+
+-record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
+
+-opaque ctx() :: #pyport_ctx{}.
+-type runtime() :: pid() | atom().
+-type name() :: atom() | binary() | string().
+-type code() :: unicode:chardata().
+-type call_opts() :: #{timeout => timeout(), atom() => term()}.
+-type error() :: {python, Type :: binary(), Message :: binary(), Traceback :: binary()}
+               | timeout
+               | {runtime_down, term()}
+               | {context_down, term()}
+               | {bad_term, term()}
+               | {bad_request, term()}
+               | {frame_too_large, non_neg_integer(), pos_integer()}
+               | overloaded
+               | not_found
+               | term().
+
+%%% Runtimes
+
+%% @doc Starts a runtime under pyport's supervisor. Opts are those of
+%% `pyport_runtime:start_link/1'.
+-spec start_runtime(pyport_runtime:opts()) -> {ok, pid()} | {error, term()}.
+start_runtime(Opts) when is_map(Opts) ->
+    case supervisor:start_child(?SUP, pyport_runtime:child_spec(Opts)) of
+        {ok, Pid} ->
+            {ok, Pid};
+        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
+            {error, Reason};  % the supervisor adds its child record to start errors
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc Stops a runtime started with start_runtime/1 (its port program exits).
+-spec stop_runtime(runtime()) -> ok | {error, not_found}.
+stop_runtime(Runtime) ->
+    case runtime_key(Runtime) of
+        {ok, Key} ->
+            Id = {pyport_runtime, Key},
+            case supervisor:terminate_child(?SUP, Id) of
+                ok -> _ = supervisor:delete_child(?SUP, Id), ok;
+                {error, not_found} -> {error, not_found}
+            end;
+        {error, _} ->
+            {error, not_found}
+    end.
+
+%% @doc Describes a runtime: `python_version', `owngil', `os_pid', and `contexts' as a
+%% list of `#{id, name, mode}' maps (name is `undefined' for unnamed contexts).
+-spec info(runtime()) -> {ok, #{python_version := binary(), owngil := boolean(),
+                                os_pid := integer(), contexts := [map()],
+                                atom() => term()}}
+                       | {error, error()}.
+info(Runtime) ->
+    with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_runtime:info(Pid, Timeout) end).
+
+%%% Contexts
+
+%% @doc Creates a context: Opts are `name' (atom), `mode' (`owngil', the default, or
+%% `main'), `preload' (code run at creation) and `path' (extra sys.path entries).
+-spec new_context(runtime(), pyport_runtime:context_spec()) -> {ok, ctx()} | {error, error()}.
+new_context(Runtime, Opts) when is_map(Opts) ->
+    with_runtime(Runtime,
+                 fun(Key, Pid, Timeout) ->
+                     case pyport_runtime:new_context(Pid, Opts, Timeout) of
+                         {ok, Id} -> {ok, #pyport_ctx{key = Key, id = Id}};
+                         {error, _} = Error -> Error
+                     end
+                 end).
+
+%% @doc The context of that runtime with that name.
+-spec context(runtime(), atom()) -> {ok, ctx()} | {error, not_found}.
+context(Runtime, Name) when is_atom(Name) ->
+    case runtime_key(Runtime) of
+        {ok, Key} ->
+            case lookup({ctx, Key, Name}) of
+                [{_, Id}] -> {ok, #pyport_ctx{key = Key, id = Id}};
+                [] -> {error, not_found}
+            end;
+        {error, _} ->
+            {error, not_found}
+    end.
+
+%% @doc Ends a context. Stopping an unknown (or already stopped) context is `ok'.
+-spec stop_context(ctx()) -> ok | {error, error()}.
+stop_context(#pyport_ctx{key = Key, id = Id}) ->
+    case lookup(Key) of
+        [{_, Pid, _Port, Timeout, _MaxFrame}] ->
+            case pyport_runtime:stop_context(Pid, Id, Timeout) of
+                {error, not_found} -> ok;
+                Reply -> Reply
+            end;
+        [] ->
+            {error, {runtime_down, noproc}}
+    end.
+
+%%% Calls
+
+%% @doc `Module.Function(*Args)' in a context of the default runtime (chosen by the
+%% caller's scheduler).
+-spec call(name(), name(), list()) -> {ok, term()} | {error, error()}.
+call(Module, Function, Args) ->
+    case default_context() of
+        {ok, Ctx} -> call(Ctx, Module, Function, Args, #{}, #{});
+        {error, _} = Error -> Error
+    end.
+
+%% @doc `Module.Function(*Args)' in that context.
+-spec call(ctx(), name(), name(), list()) -> {ok, term()} | {error, error()}.
+call(Ctx, Module, Function, Args) ->
+    call(Ctx, Module, Function, Args, #{}, #{}).
+
+%% @doc `Module.Function(*Args, **Kwargs)' in that context.
+-spec call(ctx(), name(), name(), list(), map()) -> {ok, term()} | {error, error()}.
+call(Ctx, Module, Function, Args, Kwargs) ->
+    call(Ctx, Module, Function, Args, Kwargs, #{}).
+
+%% @doc `Module.Function(*Args, **Kwargs)' with Opts (`timeout' in ms or `infinity';
+%% other keys go to the port program). A coroutine result is awaited.
+-spec call(ctx(), name(), name(), list(), map(), call_opts()) ->
+          {ok, term()} | {error, error()}.
+call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
+  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts).
+
+%% @doc Evaluates an expression in a context of the default runtime.
+-spec eval(code()) -> {ok, term()} | {error, error()}.
+eval(Code) ->
+    case default_context() of
+        {ok, Ctx} -> eval(Ctx, Code, #{}, #{});
+        {error, _} = Error -> Error
+    end.
+
+%% @doc Evaluates an expression in that context.
+-spec eval(ctx(), code()) -> {ok, term()} | {error, error()}.
+eval(Ctx, Code) ->
+    eval(Ctx, Code, #{}, #{}).
+
+%% @doc Evaluates an expression with local variables (a map of name => value).
+-spec eval(ctx(), code(), map()) -> {ok, term()} | {error, error()}.
+eval(Ctx, Code, Locals) ->
+    eval(Ctx, Code, Locals, #{}).
+
+%% @doc Evaluates an expression with local variables and Opts (see call/6).
+-spec eval(ctx(), code(), map(), call_opts()) -> {ok, term()} | {error, error()}.
+eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
+    request(Key, Id, {eval, code(Code), Locals}, Opts).
+
+%% @doc Runs statements in the `__main__' namespace of a context of the default runtime.
+-spec exec(code()) -> ok | {error, error()}.
+exec(Code) ->
+    case default_context() of
+        {ok, Ctx} -> exec(Ctx, Code, #{});
+        {error, _} = Error -> Error
+    end.
+
+%% @doc Runs statements in the `__main__' namespace of that context.
+-spec exec(ctx(), code()) -> ok | {error, error()}.
+exec(Ctx, Code) ->
+    exec(Ctx, Code, #{}).
+
+%% @doc Runs statements with Opts (see call/6).
+-spec exec(ctx(), code(), call_opts()) -> ok | {error, error()}.
+exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
+    request(Key, Id, {exec, code(Code)}, Opts).
+
+%%% The call path
+
+%% Req is the request body without its trailing Opts map. The effective timeout is
+%% sent along in Opts, so the port program can interrupt code that overran.
+request(Key, Id, Req, Opts) ->
+    case lookup(Key) of
+        [{_, Pid, Port, CallTimeout, MaxFrame}] ->
+            Timeout = maps:get(timeout, Opts, CallTimeout),
+            Body = encode(erlang:append_element(Req, Opts#{timeout => Timeout})),
+            send_request(Pid, Port, Id, Body, Timeout, MaxFrame);
+        [] ->
+            {error, {runtime_down, noproc}}
+    end.
+
+%% The monitor (with an alias) and the receive stay in one function, so the receive
+%% skips the messages queued before the monitor was made. After a timeout the
+%% demonitor deactivates the alias: a late reply is dropped and can never reach a later
+%% call; one that arrived just before is taken out of the mailbox here.
+send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
+    Mref = erlang:monitor(process, Pid, [{alias, reply_demonitor}]),
+    H = term_to_binary(Mref),
+    Size = 10 + byte_size(H) + iolist_size(Body),
+    if
+        Size > MaxFrame ->
+            erlang:demonitor(Mref, [flush]),
+            {error, {frame_too_large, Size, MaxFrame}};
+        true ->
+            try erlang:port_command(Port, [<<Id:64, (byte_size(H)):16>>, H, Body]) of
+                true ->
+                    receive
+                        {Mref, Reply} ->
+                            decode(Reply);
+                        {'DOWN', Mref, _, _, Reason} ->
+                            {error, {runtime_down, Reason}}
+                    after Timeout ->
+                        erlang:demonitor(Mref, [flush]),
+                        receive
+                            {Mref, Reply} -> decode(Reply)
+                        after 0 ->
+                            {error, timeout}
+                        end
+                    end
+            catch
+                error:badarg ->
+                    erlang:demonitor(Mref, [flush]),
+                    {error, {runtime_down, port_closed}}
+            end
+    end.
+
+%% A request whose arguments hold a large binary is encoded with term_to_iovec/1, which
+%% refers to the binary instead of copying it; term_to_binary/1 is faster for the rest.
+encode({call, _, _, Args, _, _} = Req) ->
+    case has_large_binary(Args, 8) of
+        true -> erlang:term_to_iovec(Req);
+        false -> term_to_binary(Req)
+    end;
+encode(Req) ->
+    term_to_binary(Req).
+
+has_large_binary([Arg | Args], Budget) when Budget > 0 ->
+    (is_binary(Arg) andalso byte_size(Arg) > ?IOVEC_THRESHOLD)
+        orelse has_large_binary(Args, Budget - 1);
+has_large_binary(_, _) ->
+    false.
+
+%% A reply that is exactly {ok, Binary} yields a sub-binary of the reply instead of a
+%% copy (binary_to_term/1 copies), which matters for large binaries.
+decode(<<131, 104, 2, 119, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bin) =:= Len ->
+    {ok, Bin};
+decode(<<131, 104, 2, 100, 0, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bin) =:= Len ->
+    {ok, Bin};
+decode(Reply) ->
+    binary_to_term(Reply).
+
+%%% Helpers
+
+default_context() ->
+    case lookup({contexts, ?DEFAULT_RUNTIME}) of
+        [{_, Ids}] when tuple_size(Ids) > 0 ->
+            N = (erlang:system_info(scheduler_id) - 1) rem tuple_size(Ids) + 1,
+            {ok, #pyport_ctx{key = ?DEFAULT_RUNTIME, id = element(N, Ids)}};
+        [{_, {}}] ->
+            {error, {context_down, no_context}};
+        [] ->
+            {error, {runtime_down, noproc}}
+    end.
+
+%% Runs Fun(Key, Pid, CallTimeout) for a running runtime.
+with_runtime(Runtime, Fun) ->
+    case runtime_key(Runtime) of
+        {ok, Key} ->
+            case lookup(Key) of
+                [{_, Pid, _Port, Timeout, _MaxFrame}] -> Fun(Key, Pid, Timeout);
+                [] -> {error, {runtime_down, noproc}}
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% A registered name is the runtime's key; a pid is looked up.
+runtime_key(Name) when is_atom(Name) ->
+    {ok, Name};
+runtime_key(Pid) when is_pid(Pid) ->
+    case lookup({pid, Pid}) of
+        [{_, Key}] -> {ok, Key};
+        [] -> {error, {runtime_down, noproc}}
+    end.
+
+lookup(Key) ->
+    try
+        ets:lookup(?TABLE, Key)
+    catch
+        error:badarg -> []  % pyport is not started
+    end.
+
+name(Name) when is_atom(Name) -> atom_to_binary(Name, utf8);
+name(Name) when is_binary(Name) -> Name;
+name(Name) when is_list(Name) -> unicode:characters_to_binary(Name).
+
+code(Code) when is_binary(Code) -> Code;
+code(Code) -> unicode:characters_to_binary(Code).

@@ -1,0 +1,539 @@
+%% @doc One pyport runtime: the gen_server that owns the port of one `pyport' OS process.
+%%
+%% The wire protocol is described in docs/protocol.md. This process
+%% - starts the port program and waits for its `hello' event (no sleeping),
+%% - creates the contexts given in Opts (ids 1..N, again after every restart),
+%% - publishes `{Key, Pid, Port, CallTimeout, MaxFrame}' in the ETS table
+%%   `pyport_runtimes', so callers write their requests to the port themselves,
+%% - routes each reply to the alias found in its header without decoding the payload,
+%% - turns `log' events into `logger' calls (domain `[pyport, python]'),
+%% - serves control requests (new_context, stop_context, info) asynchronously, so a
+%%   slow interpreter creation never delays the routing of replies.
+%%
+%% It keeps no table of pending calls: every caller monitors this process (with an
+%% alias), so a crash of the port program fails them through their monitors.
+%%
+%% ETS rows written here (all removed in terminate/2, and any stale ones in init/1):
+%%   {Key, Pid, Port, CallTimeout, MaxFrame}   the runtime itself
+%%   {{pid, Pid}, Key}                           pid -> key
+%%   {{ctx, Key, Name}, Id}                      named contexts
+%%   {{contexts, Key}, {Id1, ..., IdN}}          the contexts from Opts, in order
+-module(pyport_runtime).
+-behaviour(gen_server).
+
+-export([start_link/1]).
+-export([child_spec/1]).
+-export([new_context/3]).
+-export([stop_context/3]).
+-export([info/2]).
+-export([init/1]).
+-export([handle_call/3]).
+-export([handle_cast/2]).
+-export([handle_info/2]).
+-export([terminate/2]).
+
+-export_type([opts/0]).
+-export_type([key/0]).
+-export_type([context_spec/0]).
+
+-define(TABLE, pyport_runtimes).
+-define(DEFAULT_CALL_TIMEOUT, 30000).
+-define(DEFAULT_START_TIMEOUT, 10000).
+-define(DEFAULT_MAX_FRAME, 1073741824).
+-define(PROTOCOL_VERSION, 1).
+%% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
+-define(DYNAMIC_ID_BASE, 1000000).
+
+-type key() :: atom() | reference().
+-type context_spec() :: #{name => atom(),
+                          mode => owngil | main,
+                          preload => iodata(),
+                          path => [file:filename_all()]}.
+-type opts() :: #{name => atom(),
+                  key => key(),
+                  executable => file:filename_all(),
+                  path => [file:filename_all()],
+                  venv => file:filename_all(),
+                  env => [{string(), string() | false}],
+                  contexts => [context_spec()],
+                  call_timeout => timeout(),
+                  start_timeout => non_neg_integer(),
+                  max_frame => pos_integer()}.
+-type ctx_id() :: pos_integer().
+-type ctx_info() :: #{id := ctx_id(), name := atom(), mode := owngil | main}.
+-type action() :: {new_context, ctx_id(), ctx_info()}
+                | {stop_context, ctx_id()}
+                | info.
+
+-record(state, {
+    key :: key(),
+    port :: port(),
+    hello :: map(),
+    contexts = #{} :: #{ctx_id() => ctx_info()},
+    %% names taken by ready contexts and by contexts being created
+    names = #{} :: #{atom() => ctx_id()},
+    %% control requests sent by this process, by the alias in their header
+    pending = #{} :: #{reference() => {gen_server:from(), action()}}
+}).
+
+%%% API
+
+%% @doc Starts a runtime linked to the caller. Returns `{error, Reason}' when the port
+%% program cannot start, does not say hello within `start_timeout', or a context from
+%% Opts cannot be created.
+-spec start_link(opts()) -> {ok, pid()} | {error, term()}.
+start_link(#{name := Name} = Opts) when is_atom(Name) ->
+    gen_server:start_link({local, Name}, ?MODULE, Opts, []);
+start_link(Opts) when is_map(Opts) ->
+    gen_server:start_link(?MODULE, Opts, []).
+
+%% @doc A child spec for the user's own supervision tree. The runtime key (its
+%% registered name, else a reference made here) is fixed in the spec, so handles of
+%% contexts from Opts stay valid across restarts of that child.
+-spec child_spec(opts()) -> supervisor:child_spec().
+child_spec(Opts) when is_map(Opts) ->
+    Key = runtime_key(Opts),
+    #{id => {?MODULE, Key},
+      start => {?MODULE, start_link, [Opts#{key => Key}]},
+      restart => permanent,
+      shutdown => 5000,
+      type => worker,
+      modules => [?MODULE]}.
+
+%% @doc Creates a context; replies `{ok, Id}' once its interpreter is ready.
+-spec new_context(pid(), context_spec(), timeout()) -> {ok, ctx_id()} | {error, term()}.
+new_context(Pid, Spec, Timeout) ->
+    gen_call(Pid, {new_context, Spec}, Timeout).
+
+%% @doc Ends a context; `{error, not_found}' when the runtime does not know it.
+-spec stop_context(pid(), ctx_id(), timeout()) -> ok | {error, term()}.
+stop_context(Pid, Id, Timeout) ->
+    gen_call(Pid, {stop_context, Id}, Timeout).
+
+%% @doc What the port program reports, plus the contexts with their names and modes.
+-spec info(pid(), timeout()) -> {ok, map()} | {error, term()}.
+info(Pid, Timeout) ->
+    gen_call(Pid, info, Timeout).
+
+gen_call(Pid, Request, Timeout) ->
+    try
+        gen_server:call(Pid, Request, Timeout)
+    catch
+        exit:{timeout, _} -> {error, timeout};
+        exit:{Reason, _} -> {error, {runtime_down, Reason}}
+    end.
+
+%%% gen_server callbacks
+
+-spec init(opts()) -> {ok, #state{}} | {stop, term()}.
+init(Opts) ->
+    process_flag(trap_exit, true),
+    %% A router: replies must not wait behind busy callers, and a long queue of port
+    %% data must not make its garbage collections expensive.
+    process_flag(priority, high),
+    process_flag(message_queue_data, off_heap),
+    case ets:whereis(?TABLE) of
+        undefined -> {stop, pyport_not_started};
+        _ -> init_runtime(runtime_key(Opts), Opts)
+    end.
+
+init_runtime(Key, Opts) ->
+    Deadline = erlang:monotonic_time(millisecond)
+        + maps:get(start_timeout, Opts, ?DEFAULT_START_TIMEOUT),
+    case opts_contexts(maps:get(contexts, Opts, [])) of
+        {error, Reason} ->
+            {stop, Reason};
+        {ok, Contexts} ->
+            case open(Opts) of
+                {error, Reason} ->
+                    {stop, Reason};
+                {ok, Port} ->
+                    case start_port(Key, Port, Contexts, Deadline) of
+                        {ok, Hello} ->
+                            S = #state{key = Key, port = Port, hello = Hello},
+                            {ok, publish(Opts, Contexts, Hello, S)};
+                        {error, Reason} ->
+                            close(Port),
+                            {stop, Reason}
+                    end
+            end
+    end.
+
+-spec handle_call(term(), gen_server:from(), #state{}) -> {noreply, #state{}}
+                                                         | {reply, term(), #state{}}.
+handle_call({new_context, Spec}, From, S) ->
+    case context_body(Spec) of
+        {ok, Body} -> start_context(Body, From, S);
+        {error, _} = Error -> {reply, Error, S}
+    end;
+handle_call({stop_context, Id}, From, S) when is_integer(Id) ->
+    {noreply, control({stop_context, Id}, {stop_context, Id}, From, S)};
+handle_call(info, From, S) ->
+    {noreply, control(info, info, From, S)};
+handle_call(_Request, _From, S) ->
+    {reply, {error, {bad_request, unknown_call}}, S}.
+
+-spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
+handle_cast(_Msg, S) ->
+    {noreply, S}.
+
+-spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
+handle_info({Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}},
+            #state{port = Port} = S) ->
+    route(H, Payload, S),
+    {noreply, S};
+handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
+            #state{port = Port, key = Key} = S) ->
+    event(Key, Payload),
+    {noreply, S};
+handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
+    logger:warning("pyport runtime ~p: unexpected frame from the port: ~P",
+                   [Key, Frame, 20], #{domain => [pyport]}),
+    {noreply, S};
+handle_info({Port, {exit_status, Status}}, #state{port = Port} = S) ->
+    {stop, {port_exit, Status}, S};
+handle_info({'EXIT', Port, Reason}, #state{port = Port} = S) ->
+    {stop, {port_closed, Reason}, S};
+handle_info({Alias, Payload}, #state{pending = Pending} = S)
+  when is_map_key(Alias, Pending) ->
+    {{From, Action}, Rest} = maps:take(Alias, Pending),
+    _ = unalias(Alias),
+    {noreply, complete(Action, From, binary_to_term(Payload), S#state{pending = Rest})};
+handle_info(_Msg, S) ->
+    {noreply, S}.
+
+-spec terminate(term(), #state{}) -> ok.
+terminate(_Reason, #state{key = Key, port = Port}) ->
+    close(Port),
+    unpublish(Key, self()),
+    ok.
+
+%%% Start-up
+
+runtime_key(#{key := Key}) -> Key;
+runtime_key(#{name := Name}) when is_atom(Name) -> Name;
+runtime_key(_) -> make_ref().
+
+%% The contexts from Opts, with ids 1..N in order.
+opts_contexts(Specs) when is_list(Specs) ->
+    Numbered = lists:zip(lists:seq(1, length(Specs)), Specs),
+    Bodies = [{Id, context_body(Spec)} || {Id, Spec} <- Numbered],
+    case [Spec || {_, {error, _}} = Spec <- Bodies] of
+        [{_, Error} | _] ->
+            Error;
+        [] ->
+            Contexts = [{Id, Body} || {Id, {ok, Body}} <- Bodies],
+            Names = [Name || {_, #{name := Name}} <- Contexts],
+            case Names -- lists:usort(Names) of
+                [] -> {ok, Contexts};
+                [Dup | _] -> {error, {duplicate_context_name, Dup}}
+            end
+    end;
+opts_contexts(Other) ->
+    {error, {bad_context_spec, Other}}.
+
+open(Opts) ->
+    Exe = executable(Opts),
+    Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))],
+    PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
+                {args, Args}, {env, maps:get(env, Opts, [])}],
+    try
+        {ok, open_port({spawn_executable, Exe}, PortOpts)}
+    catch
+        error:Reason -> {error, {open_port, Reason, Exe}}
+    end.
+
+executable(#{executable := Exe}) ->
+    Exe;
+executable(_) ->
+    case os:getenv("PYPORT_EXECUTABLE") of
+        Exe when is_list(Exe), Exe =/= "" -> Exe;
+        _ -> filename:join(priv_dir(), "pyport")
+    end.
+
+priv_dir() ->
+    case code:priv_dir(pyport) of
+        {error, bad_name} -> filename:join(filename:dirname(filename:dirname(
+                                           code:which(?MODULE))), "priv");
+        Dir -> Dir
+    end.
+
+max_frame(Opts) ->
+    maps:get(max_frame, Opts, ?DEFAULT_MAX_FRAME).
+
+%% `--path' for each entry of `path', then the site-packages of `venv'.
+path_args(Opts) ->
+    Venv = case maps:find(venv, Opts) of
+               {ok, Dir} -> filelib:wildcard(filename:join([to_list(Dir), "lib", "python*",
+                                                            "site-packages"]));
+               error -> []
+           end,
+    lists:append([["--path", to_list(P)] || P <- maps:get(path, Opts, []) ++ Venv]).
+
+to_list(P) when is_binary(P) -> unicode:characters_to_list(P);
+to_list(P) -> P.
+
+%% Waits for hello, then creates the Opts contexts (all requested at once).
+start_port(Key, Port, Contexts, Deadline) ->
+    case await_hello(Key, Port, Deadline) of
+        {ok, Hello} ->
+            lists:foreach(fun({Id, Body}) ->
+                              send_control(Port, {pyport_init, Id}, {new_context, Id, Body})
+                          end, Contexts),
+            case await_contexts(Key, Port, Contexts, Deadline) of
+                ok -> {ok, Hello};
+                {error, _} = Error -> Error
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+await_hello(Key, Port, Deadline) ->
+    receive
+        {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+            case decode(Payload) of
+                {hello, #{protocol := ?PROTOCOL_VERSION} = Hello} -> {ok, Hello};
+                {hello, Hello} -> {error, {protocol_mismatch, Hello}};
+                {start_error, Reason} -> {error, {start_error, Reason}};
+                {log, _, _, _} = Log -> log(Key, Log), await_hello(Key, Port, Deadline);
+                Other -> {error, {bad_hello, Other}}
+            end;
+        {Port, {data, Frame}} ->
+            {error, {bad_hello, Frame}};
+        {Port, {exit_status, Status}} ->
+            {error, {port_exit, Status}};
+        {'EXIT', Port, Reason} ->
+            {error, {port_closed, Reason}}
+    after remaining(Deadline) ->
+        {error, start_timeout}
+    end.
+
+await_contexts(_Key, _Port, [], _Deadline) ->
+    ok;
+await_contexts(Key, Port, Waiting, Deadline) ->
+    receive
+        {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
+            {pyport_init, Id} = binary_to_term(H),
+            {value, {Id, Body}, Rest} = lists:keytake(Id, 1, Waiting),
+            case decode(Payload) of
+                ok -> await_contexts(Key, Port, Rest, Deadline);
+                Error -> {error, {context_error, Body, Error}}
+            end;
+        {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+            event(Key, Payload),
+            await_contexts(Key, Port, Waiting, Deadline);
+        {Port, {exit_status, Status}} ->
+            {error, {port_exit, Status}};
+        {'EXIT', Port, Reason} ->
+            {error, {port_closed, Reason}}
+    after remaining(Deadline) ->
+        {error, {start_timeout, {contexts, [Body || {_, Body} <- Waiting]}}}
+    end.
+
+remaining(Deadline) ->
+    max(0, Deadline - erlang:monotonic_time(millisecond)).
+
+%% Makes the runtime visible to callers, replacing whatever a killed predecessor left.
+publish(Opts, Contexts, Hello, #state{key = Key, port = Port} = S) ->
+    unpublish(Key, '_'),
+    Infos = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
+    Names = maps:from_list([{Name, Id} || {Id, #{name := Name}} <- Contexts]),
+    true = ets:insert(?TABLE, [{{ctx, Key, Name}, Id} || {Name, Id} <- maps:to_list(Names)]),
+    true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple([Id || {Id, _} <- Contexts])}),
+    true = ets:insert(?TABLE, {{pid, self()}, Key}),
+    MaxFrame = maps:get(max_frame, Hello, max_frame(Opts)),
+    CallTimeout = maps:get(call_timeout, Opts, ?DEFAULT_CALL_TIMEOUT),
+    true = ets:insert(?TABLE, {Key, self(), Port, CallTimeout, MaxFrame}),
+    S#state{contexts = Infos, names = Names}.
+
+unpublish(Key, Pid) ->
+    try
+        true = ets:delete(?TABLE, Key),
+        true = ets:match_delete(?TABLE, {{pid, Pid}, Key}),
+        true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
+        true = ets:delete(?TABLE, {contexts, Key})
+    catch
+        error:badarg -> true  % the table is gone: the application is stopping
+    end.
+
+close(Port) ->
+    try
+        port_close(Port)
+    catch
+        error:badarg -> true
+    end.
+
+%%% Contexts and control requests
+
+%% Validates a context spec and turns it into the body map of `new_context'.
+context_body(Spec) when is_map(Spec) ->
+    try
+        Mode = maps:get(mode, Spec, owngil),
+        true = Mode =:= owngil orelse Mode =:= main,
+        Body0 = #{mode => Mode},
+        Body1 = case maps:find(name, Spec) of
+                    {ok, undefined} -> Body0;
+                    {ok, Name} when is_atom(Name) -> Body0#{name => Name};
+                    error -> Body0
+                end,
+        Body2 = case maps:find(preload, Spec) of
+                    {ok, Code} -> Body1#{preload => text(Code)};
+                    error -> Body1
+                end,
+        Body = case maps:find(path, Spec) of
+                   {ok, Path} when is_list(Path) -> Body2#{path => [text(P) || P <- Path]};
+                   error -> Body2
+               end,
+        {ok, Body}
+    catch
+        error:_ -> {error, {bad_context_spec, Spec}}
+    end;
+context_body(Spec) ->
+    {error, {bad_context_spec, Spec}}.
+
+text(Text) ->
+    case unicode:characters_to_binary(Text) of
+        Bin when is_binary(Bin) -> Bin;
+        _ -> error(badarg)
+    end.
+
+ctx_info(Id, Body) ->
+    #{id => Id, name => maps:get(name, Body, undefined), mode => maps:get(mode, Body)}.
+
+start_context(Body, From, #state{names = Names} = S) ->
+    Id = erlang:unique_integer([positive]) + ?DYNAMIC_ID_BASE,
+    case maps:find(name, Body) of
+        {ok, Name} when is_map_key(Name, Names) ->
+            {reply, {error, {already_exists, Name}}, S};
+        {ok, Name} ->
+            S1 = S#state{names = Names#{Name => Id}},
+            {noreply, control({new_context, Id, Body}, {new_context, Id, ctx_info(Id, Body)},
+                              From, S1)};
+        error ->
+            {noreply, control({new_context, Id, Body}, {new_context, Id, ctx_info(Id, Body)},
+                              From, S)}
+    end.
+
+%% Sends a control request whose reply comes back to this process through an alias.
+control(Request, Action, From, #state{port = Port, pending = Pending} = S) ->
+    Alias = alias(),
+    case send_control(Port, Alias, Request) of
+        ok ->
+            S#state{pending = Pending#{Alias => {From, Action}}};
+        {error, _} = Error ->
+            _ = unalias(Alias),
+            complete(Action, From, Error, S)
+    end.
+
+send_control(Port, Dest, Request) ->
+    H = term_to_binary(Dest),
+    try
+        true = erlang:port_command(Port, [<<0:64, (byte_size(H)):16>>, H,
+                                          term_to_binary(Request)]),
+        ok
+    catch
+        error:badarg -> {error, {runtime_down, port_closed}}
+    end.
+
+complete({new_context, Id, Info}, From, ok, #state{key = Key, contexts = Contexts} = S) ->
+    case Info of
+        #{name := undefined} -> ok;
+        #{name := Name} -> true = ets:insert(?TABLE, {{ctx, Key, Name}, Id})
+    end,
+    gen_server:reply(From, {ok, Id}),
+    S#state{contexts = Contexts#{Id => Info}};
+complete({new_context, Id, _Info}, From, Error, S) ->
+    gen_server:reply(From, normalize_error(Error)),
+    forget_context(Id, S);
+complete({stop_context, Id}, From, Reply, S) ->
+    gen_server:reply(From, normalize_error(Reply)),
+    case Reply of
+        ok -> forget_context(Id, S);
+        {error, not_found} -> forget_context(Id, S);
+        _ -> S
+    end;
+complete(info, From, {ok, Info}, S) when is_map(Info) ->
+    gen_server:reply(From, {ok, info_map(Info, S)}),
+    S;
+complete(info, From, Reply, S) ->
+    gen_server:reply(From, normalize_error(Reply)),
+    S.
+
+normalize_error(ok) -> ok;
+normalize_error({error, _} = Error) -> Error;
+normalize_error(Other) -> {error, {bad_reply, Other}}.
+
+%% A stopped context of the Opts ones also leaves the set the default calls pick from
+%% (until the next restart creates it again).
+forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
+    Named = [Name || {Name, NameId} <- maps:to_list(Names), NameId =:= Id],
+    lists:foreach(fun(Name) -> ets:delete_object(?TABLE, {{ctx, Key, Name}, Id}) end, Named),
+    case ets:lookup(?TABLE, {contexts, Key}) of
+        [{_, Ids}] when Id < ?DYNAMIC_ID_BASE ->
+            Left = [Other || Other <- tuple_to_list(Ids), Other =/= Id],
+            true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple(Left)});
+        _ ->
+            true
+    end,
+    S#state{contexts = maps:remove(Id, Contexts), names = maps:without(Named, Names)}.
+
+%% The port program's info, with each context described by what this process knows.
+info_map(Info, #state{hello = Hello, contexts = Contexts}) ->
+    Ids = case maps:find(contexts, Info) of
+              {ok, List} when is_list(List) -> List;
+              _ -> lists:sort(maps:keys(Contexts))
+          end,
+    Described = [maps:get(Id, Contexts, #{id => Id, name => undefined, mode => unknown})
+                 || Id <- Ids],
+    Base = maps:with([protocol, max_frame, capabilities], Hello),
+    (maps:merge(Base, Info))#{contexts => Described, runtime => self()}.
+
+%%% Routing
+
+%% A reply goes to the alias (or pid) in its header; the payload is not decoded here.
+route(H, Payload, #state{key = Key}) ->
+    try binary_to_term(H, [safe]) of
+        Dest when is_reference(Dest); is_pid(Dest) ->
+            Dest ! {Dest, Payload},
+            ok;
+        Other ->
+            logger:warning("pyport runtime ~p: reply with a header that is no alias: ~P",
+                           [Key, Other, 20], #{domain => [pyport]})
+    catch
+        error:badarg ->
+            logger:warning("pyport runtime ~p: reply with an undecodable header: ~P",
+                           [Key, H, 20], #{domain => [pyport]})
+    end.
+
+event(Key, Payload) ->
+    case decode(Payload) of
+        {log, _, _, _} = Log ->
+            log(Key, Log);
+        Other ->
+            logger:notice("pyport runtime ~p: unexpected event: ~P", [Key, Other, 20],
+                          #{domain => [pyport]})
+    end.
+
+%% Events come from the port program itself, which creates atoms only for the keys of
+%% hello and info and for `erlang.Atom' values, so they are decoded without `safe'.
+decode(Payload) ->
+    try
+        binary_to_term(Payload)
+    catch
+        error:badarg -> {undecodable, Payload}
+    end.
+
+log(Key, {log, Level, Ctx, Message}) ->
+    Meta = #{domain => [pyport, python], pyport_runtime => Key, pyport_context => Ctx},
+    Format = case is_binary(Message) andalso unicode:characters_to_binary(Message) of
+                 Message -> "python (context ~p): ~ts";
+                 _ -> "python (context ~p): ~p"
+             end,
+    logger:log(log_level(Level), Format, [Ctx, Message], Meta).
+
+log_level(Level) ->
+    case lists:member(Level, [emergency, alert, critical, error, warning, notice, info,
+                              debug]) of
+        true -> Level;
+        false -> notice
+    end.

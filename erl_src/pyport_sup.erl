@@ -1,0 +1,48 @@
+%% @doc Top supervisor of pyport.
+%%
+%% It owns the public ETS table `pyport_runtimes' (so the table lives exactly as long as
+%% the application), starts the default runtime registered as `pyport' unless the
+%% application env says `{default_runtime, false}', and hosts the runtimes started with
+%% `pyport:start_runtime/1'.
+-module(pyport_sup).
+-behaviour(supervisor).
+
+-export([start_link/0]).
+-export([init/1]).
+
+-define(TABLE, pyport_runtimes).
+
+-spec start_link() -> {ok, pid()} | {error, term()}.
+start_link() ->
+    supervisor:start_link({local, ?MODULE}, ?MODULE, []).
+
+-spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
+init([]) ->
+    ?TABLE = ets:new(?TABLE, [named_table, public, set, {read_concurrency, true}]),
+    Flags = #{strategy => one_for_one, intensity => 5, period => 10},
+    {ok, {Flags, default_runtime()}}.
+
+%% The default runtime: `{default_runtime, true | false | Opts}' in the application env.
+default_runtime() ->
+    case application:get_env(pyport, default_runtime, true) of
+        false ->
+            [];
+        true ->
+            [pyport_runtime:child_spec(#{name => pyport, contexts => default_contexts()})];
+        Opts when is_map(Opts) ->
+            Contexts = maps:get(contexts, Opts, default_contexts()),
+            [pyport_runtime:child_spec(Opts#{name => pyport, contexts => Contexts})]
+    end.
+
+%% `auto' is one owngil context per online scheduler; an integer asks for that many;
+%% a list gives the context specs themselves.
+default_contexts() ->
+    case application:get_env(pyport, default_contexts, auto) of
+        auto -> default_contexts(erlang:system_info(schedulers_online));
+        N when is_integer(N), N > 0 -> default_contexts(N);
+        Specs when is_list(Specs) -> Specs
+    end.
+
+default_contexts(N) ->
+    [#{name => list_to_atom("default_" ++ integer_to_list(I)), mode => owngil}
+     || I <- lists:seq(1, N)].

@@ -1,0 +1,344 @@
+//! The `erlang` module of every interpreter: Python code reaching Erlang.
+//!
+//! A native module `_pyport` (built per interpreter with `PyModule::new` and
+//! `wrap_pyfunction!`, never `#[pymodule]`) holds the functions; `erlang.py`, compiled
+//! into the binary, wraps them and defines the Python-level types. Each context has a
+//! [`Link`]: its id, the writer, its pending callbacks and the pid that made the current
+//! request. The functions find the link of the calling thread's context: the context
+//! thread through a thread-local, other Python threads through their interpreter.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::thread::ThreadId;
+
+use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyModule, PyString, PyTuple};
+use pyo3::{ffi, wrap_pyfunction};
+
+use crate::convert::{self, Types};
+use crate::error::Error;
+use crate::etf;
+use crate::framing::{KIND_CALLBACK, KIND_SEND};
+use crate::writer::Writer;
+
+const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
+
+/// What Python code in one context needs to reach Erlang.
+pub struct Link {
+    pub ctx: u64,
+    pub writer: Arc<Writer>,
+    pub callbacks: Callbacks,
+    /// ETF (without version byte) of the pid that made the current request.
+    caller: Mutex<Option<Vec<u8>>>,
+    thread: ThreadId,
+}
+
+impl Link {
+    /// A link for the context served by the calling thread.
+    pub fn new(ctx: u64, writer: Arc<Writer>) -> Arc<Self> {
+        Arc::new(Link {
+            ctx,
+            writer,
+            callbacks: Callbacks::default(),
+            caller: Mutex::new(None),
+            thread: std::thread::current().id(),
+        })
+    }
+
+    /// Sets the pid of the request being served; returns the one it replaces
+    /// (requests nest while Python waits in `erlang.call`).
+    pub fn swap_caller(&self, pid: Option<&[u8]>) -> Option<Vec<u8>> {
+        let mut slot = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        std::mem::replace(&mut *slot, pid.map(<[u8]>::to_vec))
+    }
+
+    fn caller(&self) -> Option<Vec<u8>> {
+        self.caller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// Results of `erlang.call` that came back from Erlang, by callback id.
+#[derive(Default)]
+pub struct Callbacks {
+    next: AtomicU64,
+    results: Mutex<HashMap<u64, Vec<u8>>>,
+    arrived: Condvar,
+}
+
+impl Callbacks {
+    fn next_id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Stores a result (a whole ETF term) and wakes the threads waiting for results.
+    pub fn deliver(&self, id: u64, term: Vec<u8>) {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, term);
+        self.arrived.notify_all();
+    }
+
+    pub fn is_ready(&self, id: u64) -> bool {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(&id)
+    }
+
+    fn take(&self, id: u64) -> Option<Vec<u8>> {
+        self.results
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+    }
+
+    /// Blocks until the result of `id` is there (used by threads other than the context's).
+    fn wait(&self, id: u64) -> Vec<u8> {
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(r) = results.remove(&id) {
+                return r;
+            }
+            results = self
+                .arrived
+                .wait(results)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+thread_local! {
+    /// The link of the context this thread serves, if it is a context thread.
+    static THREAD_LINK: RefCell<Option<Arc<Link>>> = const { RefCell::new(None) };
+}
+
+/// Links by interpreter id, for Python threads that are not context threads.
+static INTERP_LINKS: RwLock<Option<HashMap<i64, Arc<Link>>>> = RwLock::new(None);
+
+fn interpreter_id() -> i64 {
+    // SAFETY: called attached, so the current interpreter exists.
+    unsafe { ffi::PyInterpreterState_GetID(ffi::PyInterpreterState_Get()) }
+}
+
+/// Makes `link` the one this thread and (for other threads) this interpreter use.
+/// For the shared main interpreter, the latest `main` context wins for non-context threads.
+pub fn register(link: &Arc<Link>) {
+    THREAD_LINK.with(|l| *l.borrow_mut() = Some(link.clone()));
+    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    map.get_or_insert_with(HashMap::new)
+        .insert(interpreter_id(), link.clone());
+}
+
+pub fn unregister(link: &Arc<Link>) {
+    THREAD_LINK.with(|l| *l.borrow_mut() = None);
+    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    if let Some(m) = map.as_mut() {
+        let id = interpreter_id();
+        if m.get(&id).is_some_and(|l| Arc::ptr_eq(l, link)) {
+            m.remove(&id);
+        }
+    }
+}
+
+fn current_link() -> PyResult<Arc<Link>> {
+    if let Some(link) = THREAD_LINK.with(|l| l.borrow().clone()) {
+        return Ok(link);
+    }
+    let map = INTERP_LINKS.read().unwrap_or_else(|e| e.into_inner());
+    map.as_ref()
+        .and_then(|m| m.get(&interpreter_id()).cloned())
+        .ok_or_else(|| PyRuntimeError::new_err("this interpreter is not a pyport context"))
+}
+
+/// The context thread's way to wait for a callback result while serving its mailbox
+/// (re-entrancy); set by the context loop.
+pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool);
+
+thread_local! {
+    static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
+}
+
+/// Installs the nested-serve function for this thread while `f` runs.
+pub fn with_nested_serve<'a, R>(
+    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) + 'a),
+    f: impl FnOnce() -> R,
+) -> R {
+    // SAFETY: the pointer is only used while `f` runs (it is cleared right after), and
+    // `serve` outlives that call.
+    let ptr: *const NestedServe = unsafe {
+        std::mem::transmute::<&'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) + 'a), &'static NestedServe>(
+            serve,
+        )
+    };
+    NESTED.with(|n| *n.borrow_mut() = Some(ptr));
+    let r = f();
+    NESTED.with(|n| *n.borrow_mut() = None);
+    r
+}
+
+fn types(py: Python<'_>) -> PyResult<Types> {
+    Types::from_module(&erlang_module(py)?)
+}
+
+/// A conversion failure inside `erlang.*` as a Python exception.
+fn to_pyerr(e: Error) -> PyErr {
+    match e {
+        Error::Python { kind, message, .. } => {
+            PyRuntimeError::new_err(format!("{kind}: {message}"))
+        }
+        other => PyTypeError::new_err(other.to_string()),
+    }
+}
+
+/// `_pyport.call(name, args)`: runs the registered Erlang function `name`.
+#[pyfunction]
+fn call<'py>(
+    py: Python<'py>,
+    name: &Bound<'py, PyString>,
+    args: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let link = current_link()?;
+    let types = types(py)?;
+    let id = link.callbacks.next_id();
+    let mut payload = Vec::with_capacity(64);
+    {
+        let mut w = etf::Writer::new(&mut payload);
+        w.tuple_header(5);
+        w.int(id as i64);
+        w.int(link.ctx as i64);
+        w.binary(name.to_str()?.as_bytes());
+        let n = args.len();
+        if n > 0 {
+            w.list_header(n);
+            for a in args.iter() {
+                convert::encode_term(&types, &a, &mut w, 1).map_err(to_pyerr)?;
+            }
+        }
+        w.nil();
+        match link.caller() {
+            Some(pid) => w.raw(&pid),
+            None => w.atom("undefined"),
+        }
+    }
+    link.writer.event_kind(KIND_CALLBACK, &payload);
+    let result = if std::thread::current().id() == link.thread {
+        let nested = NESTED.with(|n| *n.borrow());
+        match nested {
+            // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
+            Some(serve) => unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) },
+            None => py.detach(|| link.callbacks.wait_ready(id)),
+        }
+        link.callbacks.take(id).expect("callback result is ready")
+    } else {
+        py.detach(|| link.callbacks.wait(id))
+    };
+    callback_result(py, &types, &result)
+}
+
+impl Callbacks {
+    fn wait_ready(&self, id: u64) {
+        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        while !results.contains_key(&id) {
+            results = self
+                .arrived
+                .wait(results)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// `{ok, Term}` -> the value; `{error, Reason}` -> raises `erlang.Error(Reason)`.
+fn callback_result<'py>(
+    py: Python<'py>,
+    types: &Types,
+    term: &[u8],
+) -> PyResult<Bound<'py, PyAny>> {
+    let value = convert::decode(py, types, term).map_err(to_pyerr)?;
+    let tuple = value.cast_into::<PyTuple>().map_err(PyErr::from)?;
+    let tag: String = tuple.get_item(0)?.extract()?;
+    let payload = tuple.get_item(1)?;
+    if tag == "ok" {
+        Ok(payload)
+    } else {
+        let class = erlang_module(py)?.getattr("Error")?;
+        Err(PyErr::from_value(class.call1((payload,))?))
+    }
+}
+
+/// `_pyport.send(dest, term)`: fire and forget; never blocks.
+#[pyfunction]
+fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyResult<()> {
+    let link = current_link()?;
+    let types = types(py)?;
+    let mut payload = Vec::with_capacity(64);
+    {
+        let mut w = etf::Writer::new(&mut payload);
+        w.tuple_header(2);
+        if dest.is_instance(types.pid.bind(py))? || dest.is_instance(types.atom.bind(py))? {
+            convert::encode_term(&types, dest, &mut w, 1).map_err(to_pyerr)?;
+        } else if let Ok(name) = dest.cast::<PyString>() {
+            w.binary(name.to_str()?.as_bytes());
+        } else {
+            return Err(PyTypeError::new_err(
+                "send: dest must be an erlang.Pid or a registered name",
+            ));
+        }
+        convert::encode_term(&types, term, &mut w, 1).map_err(to_pyerr)?;
+    }
+    link.writer.event_kind(KIND_SEND, &payload);
+    Ok(())
+}
+
+/// `_pyport.caller()`: the pid that made the current request, or None.
+#[pyfunction]
+fn caller(py: Python<'_>) -> PyResult<Py<PyAny>> {
+    let link = current_link()?;
+    match link.caller() {
+        Some(pid) => Ok(types(py)?
+            .pid
+            .bind(py)
+            .call1((PyBytes::new(py, &pid),))?
+            .unbind()),
+        None => Ok(py.None()),
+    }
+}
+
+/// `_pyport.log(level, text)`: Python output and log records to Erlang's logger.
+#[pyfunction]
+fn log(level: &str, text: &str) -> PyResult<()> {
+    let level = match level {
+        "debug" | "info" | "notice" | "warning" | "error" | "critical" | "alert" | "emergency" => {
+            level
+        }
+        _ => "info",
+    };
+    match current_link() {
+        Ok(link) => link.writer.log(level, link.ctx, text),
+        Err(_) => eprintln!("{text}"),
+    }
+    Ok(())
+}
+
+/// The `erlang` module of the current interpreter, created on first use (with `_pyport`).
+pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
+    let modules = py.import("sys")?.getattr("modules")?;
+    if let Ok(m) = modules.get_item("erlang") {
+        return Ok(m.cast_into::<PyModule>()?);
+    }
+    let native = PyModule::new(py, "_pyport")?;
+    native.add_function(wrap_pyfunction!(call, &native)?)?;
+    native.add_function(wrap_pyfunction!(send, &native)?)?;
+    native.add_function(wrap_pyfunction!(caller, &native)?)?;
+    native.add_function(wrap_pyfunction!(log, &native)?)?;
+    modules.set_item("_pyport", &native)?;
+    let code = CString::new(ERLANG_PY).expect("erlang.py has no NUL bytes");
+    PyModule::from_code(py, &code, c"erlang.py", c"erlang")
+}

@@ -1,0 +1,87 @@
+%% @doc Helpers shared by the pyport Common Test suites.
+-module(pyport_ct).
+
+-export([start_app/0]).
+-export([stop_app/0]).
+-export([wait_for/2]).
+-export([assert_no_messages/0]).
+-export([os_pid/1]).
+-export([runtime_port/1]).
+-export([forward_logs/0]).
+-export([stop_forwarding_logs/0]).
+-export([log/2]).
+
+-define(LOG_HANDLER, pyport_ct_logs).
+
+%% Starts pyport with its default runtime; fails loudly when the port program is missing.
+-spec start_app() -> ok.
+start_app() ->
+    Exe = case os:getenv("PYPORT_EXECUTABLE") of
+              false -> filename:join(code:priv_dir(pyport), "pyport");
+              "" -> filename:join(code:priv_dir(pyport), "pyport");
+              Path -> Path
+          end,
+    filelib:is_regular(Exe) orelse ct:fail({port_program_missing, Exe, "run `make build`"}),
+    {ok, _} = application:ensure_all_started(pyport),
+    ok.
+
+-spec stop_app() -> ok.
+stop_app() ->
+    _ = application:stop(pyport),
+    ok.
+
+%% Calls Fun until it returns {ok, Value}, at most Tries times; the `receive after' is
+%% only the back-off between tries, never the thing waited for.
+-spec wait_for(fun(() -> {ok, T} | term()), non_neg_integer()) -> T.
+wait_for(Fun, 0) ->
+    ct:fail({gave_up_waiting, Fun()});
+wait_for(Fun, Tries) ->
+    case Fun() of
+        {ok, Value} -> Value;
+        _ -> receive after 10 -> wait_for(Fun, Tries - 1) end
+    end.
+
+-spec assert_no_messages() -> ok.
+assert_no_messages() ->
+    receive
+        Msg -> ct:fail({unexpected_message, Msg})
+    after 0 ->
+        ok
+    end.
+
+-spec os_pid(pyport:runtime()) -> integer().
+os_pid(Runtime) ->
+    {ok, #{os_pid := OsPid}} = pyport:info(Runtime),
+    OsPid.
+
+%% The port of a runtime, from the table the callers read.
+-spec runtime_port(atom()) -> port().
+runtime_port(Name) ->
+    [{Name, _Pid, Port, _CallTimeout, _MaxFrame}] = ets:lookup(pyport_runtimes, Name),
+    Port.
+
+%% Sends every logger event of domain [pyport | _] to the calling process as
+%% {pyport_log, Level, Message}.
+-spec forward_logs() -> ok.
+forward_logs() ->
+    ok = logger:add_handler(?LOG_HANDLER, ?MODULE,
+                            #{config => #{pid => self()},
+                              filter_default => stop,
+                              filters => [{pyport, {fun logger_filters:domain/2,
+                                                    {log, sub, [pyport]}}}]}).
+
+-spec stop_forwarding_logs() -> ok.
+stop_forwarding_logs() ->
+    _ = logger:remove_handler(?LOG_HANDLER),
+    ok.
+
+%% logger handler callback
+-spec log(logger:log_event(), logger:handler_config()) -> ok.
+log(#{level := Level, msg := Msg}, #{config := #{pid := Pid}}) ->
+    Text = case Msg of
+               {string, S} -> S;
+               {report, R} -> io_lib:format("~p", [R]);
+               {Format, Args} -> io_lib:format(Format, Args)
+           end,
+    Pid ! {pyport_log, Level, unicode:characters_to_binary(Text)},
+    ok.
