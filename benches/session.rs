@@ -24,11 +24,11 @@ fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
     let mut out = Vec::new();
     let n = 200_000;
     for _ in 0..1000 {
-        session.serve(py, b"h", body, &mut out).unwrap();
+        session.serve(py, b"h", body, &mut out, &|_| true).unwrap();
     }
     let t0 = Instant::now();
     for _ in 0..n {
-        session.serve(py, b"h", body, &mut out).unwrap();
+        session.serve(py, b"h", body, &mut out, &|_| true).unwrap();
     }
     println!(
         "session {name}: {:.0} ns/request",

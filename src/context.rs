@@ -23,6 +23,7 @@ use crate::error::{panic_message, Error};
 use crate::python::SubInterpreter;
 use crate::router::Inbox;
 use crate::session::Session;
+use crate::watchdog::Deadline;
 use crate::writer::Writer;
 
 const WAKE: Token = Token(0);
@@ -63,6 +64,8 @@ pub struct Job {
     /// Where the ETF body starts inside `frame`.
     pub body: usize,
     pub kind: Kind,
+    /// When the router read it (request deadlines count from here).
+    pub arrived: Instant,
 }
 
 impl Job {
@@ -86,6 +89,8 @@ pub struct Mailbox {
     sleeping: AtomicBool,
     /// Why the context is dead, once it is.
     death: Mutex<String>,
+    /// The running request's deadline, for the watchdog.
+    deadline: Arc<Deadline>,
     /// The context's link to Erlang, once its session started.
     link: std::sync::OnceLock<Arc<Link>>,
     /// Jobs queued, readable without the lock (for spinning).
@@ -209,6 +214,7 @@ pub fn spawn(mode: Mode, inbox: Arc<Inbox>, capacity: usize) -> std::io::Result<
         sleeping: AtomicBool::new(false),
         death: Mutex::new(String::new()),
         link: std::sync::OnceLock::new(),
+        deadline: Arc::new(Deadline::default()),
         queued: AtomicUsize::new(0),
         state: AtomicU8::new(STARTING),
     });
@@ -288,6 +294,7 @@ fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
                 return;
             }
         };
+        mailbox.deadline.bind_thread();
         mailbox.state.store(RUNNING, Ordering::SeqCst);
         writer.reply(start.header(), |w| w.atom("ok"));
         let lp = Loop {
@@ -338,7 +345,7 @@ impl Loop<'_> {
                 continue;
             };
             match job.kind {
-                Kind::Request => handle(py, self.session, &job, writer),
+                Kind::Request => handle(py, self.session, &job, writer, &self.mailbox.deadline),
                 Kind::Stop => *self.stop.borrow_mut() = Some(job),
                 Kind::Start(_) => {
                     let e = Error::BadRequest("context already started".into());
@@ -350,11 +357,17 @@ impl Loop<'_> {
 }
 
 /// Serves one request; a panic becomes an error reply and the context lives on.
-fn handle(py: Python<'_>, session: &Session, job: &Job, writer: &Writer) {
+fn handle(py: Python<'_>, session: &Session, job: &Job, writer: &Writer, deadline: &Deadline) {
     let mut out = Vec::with_capacity(256);
+    let (outer, outer_at) = deadline.current();
+    let start = |timeout_ms: Option<u64>| {
+        let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
+        deadline.begin(at).is_some()
+    };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        session.serve(py, job.header(), job.body(), &mut out)
+        session.serve(py, job.header(), job.body(), &mut out, &start)
     }));
+    deadline.end(outer, outer_at);
     let header = job.header();
     match result {
         Ok(Ok(())) if !header.is_empty() => writer.send(&out),

@@ -26,6 +26,10 @@ pub struct Types {
     pub opaque: Py<PyAny>,
     pub term: Py<PyAny>,
     atoms: RefCell<HashMap<Box<str>, Py<PyAny>>>,
+    /// The context these types serve (0 outside a context), for object handles.
+    pub ctx: u64,
+    /// Objects kept for Erlang (`return => ref`), by handle id.
+    pub refs: RefCell<HashMap<u64, Py<PyAny>>>,
 }
 
 const ATOM_CACHE_MAX: usize = 4096;
@@ -41,12 +45,37 @@ impl Types {
             opaque: get("Opaque")?,
             term: get("_Term")?,
             atoms: RefCell::new(HashMap::new()),
+            ctx: 0,
+            refs: RefCell::new(HashMap::new()),
         })
+    }
+
+    pub fn for_context(self, ctx: u64) -> Self {
+        Types { ctx, ..self }
     }
 
     /// Drops every cached object; must run while attached to this interpreter.
     pub fn clear(&self) {
         self.atoms.borrow_mut().clear();
+        let refs = std::mem::take(&mut *self.refs.borrow_mut());
+        drop(refs);
+    }
+
+    /// The object behind `{pyport_ref, Key, Ctx, Id}`.
+    fn resolve_ref<'py>(
+        &self,
+        py: Python<'py>,
+        ctx: u64,
+        id: u64,
+    ) -> Result<Bound<'py, PyAny>, Error> {
+        if ctx != self.ctx {
+            return Err(BadTerm::RefWrongContext(ctx).into());
+        }
+        self.refs
+            .borrow()
+            .get(&id)
+            .map(|o| o.bind(py).clone())
+            .ok_or_else(|| BadTerm::RefNotFound(id).into())
     }
 
     fn atom<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyAny>> {
@@ -204,6 +233,17 @@ pub fn decode_term<'py>(
                 r.u32()? as usize
             };
             let n = r.count(n, 1)?;
+            if n == 4 && r.peek_atom().as_deref() == Some("pyport_ref") {
+                let mut probe = r.clone();
+                probe.atom()?;
+                probe.skip(depth + 1)?;
+                let ctx = etf::Term::read(&mut probe, depth + 1)?.as_u64();
+                let id = etf::Term::read(&mut probe, depth + 1)?.as_u64();
+                if let (Some(ctx), Some(id)) = (ctx, id) {
+                    *r = probe;
+                    return types.resolve_ref(py, ctx, id);
+                }
+            }
             if n == 2 && r.peek_atom().as_deref() == Some("bytes") {
                 let mut probe = r.clone();
                 probe.atom()?;

@@ -27,6 +27,8 @@ pub enum Error {
     Panic(String),
     /// `not_found`
     NotFound,
+    /// `timeout`: the deadline passed before the request ran.
+    Timeout,
 }
 
 /// Why a value could not cross between Erlang and Python.
@@ -38,6 +40,10 @@ pub enum BadTerm {
     Unsupported(String),
     /// `{invalid, Message}`: malformed ETF.
     Invalid(String),
+    /// `{ref_wrong_context, Ctx}`: an object handle of another context.
+    RefWrongContext(u64),
+    /// `{ref_not_found, Id}`: a released or unknown object handle.
+    RefNotFound(u64),
 }
 
 impl From<DecodeError> for Error {
@@ -62,6 +68,10 @@ impl fmt::Display for Error {
             Error::BadTerm(BadTerm::TooDeep) => write!(f, "term nested too deep"),
             Error::BadTerm(BadTerm::Unsupported(t)) => write!(f, "cannot convert a Python {t}"),
             Error::BadTerm(BadTerm::Invalid(m)) => write!(f, "invalid term: {m}"),
+            Error::BadTerm(BadTerm::RefWrongContext(c)) => {
+                write!(f, "object handle of context {c}")
+            }
+            Error::BadTerm(BadTerm::RefNotFound(i)) => write!(f, "no object handle {i}"),
             Error::BadRequest(m) => write!(f, "bad request: {m}"),
             Error::Overloaded => write!(f, "overloaded"),
             Error::ContextDown(r) => write!(f, "context down: {r}"),
@@ -70,6 +80,7 @@ impl fmt::Display for Error {
             }
             Error::Panic(m) => write!(f, "panic: {m}"),
             Error::NotFound => write!(f, "not found"),
+            Error::Timeout => write!(f, "timeout"),
         }
     }
 }
@@ -104,6 +115,16 @@ impl Error {
                     BadTerm::TooDeep => w.atom("too_deep"),
                     BadTerm::Unsupported(t) => tagged(w, "unsupported", t),
                     BadTerm::Invalid(m) => tagged(w, "invalid", m),
+                    BadTerm::RefWrongContext(c) => {
+                        w.tuple_header(2);
+                        w.atom("ref_wrong_context");
+                        w.int(*c as i64);
+                    }
+                    BadTerm::RefNotFound(i) => {
+                        w.tuple_header(2);
+                        w.atom("ref_not_found");
+                        w.int(*i as i64);
+                    }
                 }
             }
             Error::BadRequest(m) => tagged(w, "bad_request", m),
@@ -121,6 +142,7 @@ impl Error {
             }
             Error::Panic(m) => tagged(w, "panic", m),
             Error::NotFound => w.atom("not_found"),
+            Error::Timeout => w.atom("timeout"),
         }
     }
 }

@@ -12,6 +12,7 @@
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
 //! - [`pyerr`]: Python exceptions as `{python, Type, Message, Traceback}`.
+//! - [`watchdog`]: request deadlines; interrupts Python code that runs past them.
 //! - [`writer`]: the shared, batching writer of outbound frames.
 //! - [`error`]: errors as the Erlang caller sees them.
 //!
@@ -28,4 +29,5 @@ pub mod python;
 pub mod router;
 pub mod session;
 pub mod startup;
+pub mod watchdog;
 pub mod writer;

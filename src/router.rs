@@ -302,6 +302,7 @@ impl Routing {
             header,
             frame,
             kind: Kind::Request,
+            arrived: Instant::now(),
         };
         if ctx == 0 {
             return self.control(job);

@@ -1,11 +1,13 @@
-//! What a context does with a request: `call`, `eval` and `exec` against its
-//! interpreter, with arguments decoded from ETF and the result encoded back.
+//! What a context does with a request: `call`, `eval`, `exec`, process-local envs and
+//! object handles, with arguments decoded from ETF and the result encoded back.
 //!
 //! A `Session` holds the interpreter's objects that every request needs (the `erlang`
-//! module's types, `sys.modules`, `__main__`'s namespace, the event loop). It lives on
-//! the context thread and is dropped there, attached.
+//! module's types, `sys.modules`, `__main__`'s namespace, envs, handles, the event loop).
+//! It lives on the context thread and is dropped there, attached. Requests nest (while
+//! Python waits in `erlang.call`), so no `RefCell` borrow is held across Python code.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use pyo3::ffi;
@@ -20,30 +22,77 @@ use crate::etf;
 use crate::framing::{begin_frame, finish_frame, KIND_REPLY};
 
 /// The options of a request that this side acts on (others are ignored).
-struct Opts<'a> {
+#[derive(Default)]
+pub struct Opts<'a> {
     /// ETF of the pid that made the request (for `erlang.self()`).
-    caller: Option<&'a [u8]>,
+    pub caller: Option<&'a [u8]>,
+    /// The env whose globals to use.
+    pub env: Option<u64>,
+    /// Keep the result in the context and answer a handle.
+    pub return_ref: bool,
+    /// Milliseconds from arrival; `None` for infinity or absent.
+    pub timeout_ms: Option<u64>,
 }
 
 impl<'a> Opts<'a> {
-    fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
         let mut r = etf::Reader::body(bytes);
         if r.u8()? != etf::MAP {
             return Err(Error::BadRequest("options must be a map".into()));
         }
         let n = r.u32()? as usize;
-        let mut opts = Opts { caller: None };
+        let mut opts = Opts::default();
         for _ in 0..n {
             let key = r.peek_atom();
             r.term_slice()?;
             let value = r.term_slice()?;
-            if key.as_deref() == Some("caller")
-                && matches!(value.first(), Some(&etf::NEW_PID) | Some(&etf::PID))
-            {
-                opts.caller = Some(value);
+            match key.as_deref() {
+                Some("caller")
+                    if matches!(value.first(), Some(&etf::NEW_PID) | Some(&etf::PID)) =>
+                {
+                    opts.caller = Some(value)
+                }
+                Some("env") => {
+                    opts.env = Some(
+                        small_uint(value)
+                            .ok_or_else(|| Error::BadRequest("env must be an env id".into()))?,
+                    )
+                }
+                Some("return") => {
+                    opts.return_ref = etf::Reader::body(value).atom().ok().as_deref() == Some("ref")
+                }
+                Some("timeout") => opts.timeout_ms = small_uint(value),
+                _ => {}
             }
         }
         Ok(opts)
+    }
+}
+
+/// A non-negative integer term that fits in u64, from its encoded body.
+fn small_uint(body: &[u8]) -> Option<u64> {
+    let mut r = etf::Reader::body(body);
+    etf::Term::read(&mut r, 0).ok()?.as_u64()
+}
+
+/// The part of a request after its op atom: the encoded elements, the last being Opts.
+struct Parts<'a> {
+    items: [&'a [u8]; 5],
+    len: usize,
+}
+
+impl<'a> Parts<'a> {
+    fn get(&self, i: usize) -> &'a [u8] {
+        self.items[i]
+    }
+    fn text(&self, i: usize, what: &str) -> Result<std::borrow::Cow<'a, str>, Error> {
+        etf::Reader::body(self.items[i])
+            .text()
+            .map_err(|_| Error::BadRequest(format!("{what} must be an atom or a binary")))
+    }
+    fn id(&self, i: usize, what: &str) -> Result<u64, Error> {
+        small_uint(self.items[i])
+            .ok_or_else(|| Error::BadRequest(format!("{what} must be a non-negative integer")))
     }
 }
 
@@ -57,6 +106,34 @@ pub struct Session {
     eval: Py<PyAny>,
     exec: Py<PyAny>,
     event_loop: RefCell<Option<Py<PyAny>>>,
+    envs: RefCell<HashMap<u64, Py<PyDict>>>,
+    next_id: Cell<u64>,
+}
+
+/// What a request answers before it is encoded.
+enum Reply<'py> {
+    Value(Bound<'py, PyAny>),
+    Id(u64),
+    Ok,
+}
+
+/// Resolves a dotted name: the first part with `first`, the rest as attributes.
+fn lookup<'py>(
+    base: &Bound<'py, PyAny>,
+    dotted: &str,
+    first: impl Fn(&Bound<'py, PyAny>, &str) -> PyResult<Option<Bound<'py, PyAny>>>,
+) -> Result<Bound<'py, PyAny>, Error> {
+    let mut parts = dotted.split('.');
+    let head = parts.next().unwrap_or_default();
+    let mut target = first(base, head)?.ok_or_else(|| {
+        Error::from(pyo3::exceptions::PyNameError::new_err(format!(
+            "name '{head}' is not defined"
+        )))
+    })?;
+    for part in parts {
+        target = target.getattr(part)?;
+    }
+    Ok(target)
 }
 
 /// Text of Python source from an Erlang binary (`str`) or charlist (list of ints).
@@ -95,7 +172,7 @@ impl Session {
         let session = Session {
             id: spec.id,
             link,
-            types: Types::from_module(&erlang)?,
+            types: Types::from_module(&erlang)?.for_context(spec.id),
             modules: sys
                 .getattr("modules")?
                 .cast_into::<PyDict>()
@@ -106,6 +183,8 @@ impl Session {
             eval: builtins.getattr("eval")?.unbind(),
             exec: builtins.getattr("exec")?.unbind(),
             event_loop: RefCell::new(None),
+            envs: RefCell::new(HashMap::new()),
+            next_id: Cell::new(0),
         };
         if let Some(code) = &spec.preload {
             session
@@ -122,18 +201,22 @@ impl Session {
             let _ = lp.bind(py).call_method0("close");
         }
         self.types.clear();
+        self.envs.borrow_mut().clear();
     }
 
     /// Serves one request body; on success `out` holds the complete reply frame.
     ///
     /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is taken apart in
     /// Rust; only the values Python needs become Python objects.
+    /// `start(timeout_ms)` is called once the options are known, before any Python runs;
+    /// it returns false if the request's deadline has already passed (it is then dropped).
     pub fn serve(
         &self,
         py: Python<'_>,
         header: &[u8],
         body: &[u8],
         out: &mut Vec<u8>,
+        start: &dyn Fn(Option<u64>) -> bool,
     ) -> Result<(), Error> {
         // Malformed ETF is `bad_term`; a well-formed term of the wrong shape `bad_request`.
         let mut check = etf::Reader::new(body)?;
@@ -146,75 +229,158 @@ impl Session {
         let op = r
             .atom()
             .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
-        let mut parts: [&[u8]; 5] = [&[]; 5];
-        if arity < 2 || arity > parts.len() + 1 {
+        let mut parts = Parts {
+            items: [&[]; 5],
+            len: arity.saturating_sub(1),
+        };
+        if arity < 2 || parts.len > parts.items.len() {
             return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
         }
-        for part in parts.iter_mut().take(arity - 1) {
-            *part = r.term_slice()?;
+        for item in parts.items.iter_mut().take(parts.len) {
+            *item = r.term_slice()?;
         }
-        let opts = Opts::parse(parts[arity - 2])?;
+        let opts = Opts::parse(parts.get(parts.len - 1))?;
+        if !start(opts.timeout_ms) {
+            return Err(Error::Timeout);
+        }
         let previous = self.link.swap_caller(opts.caller);
-        let result = self.dispatch(py, &op, arity, &parts);
+        let result = self.dispatch(py, &op, &parts, &opts);
         self.link.swap_caller(previous.as_deref());
         let result = result?;
         begin_frame(out, KIND_REPLY, header);
         let mut w = etf::Writer::new(out);
         match result {
-            Some(value) => {
+            Reply::Value(value) => {
                 let value = self.await_if_coroutine(py, value)?;
                 w.tuple_header(2);
                 w.atom("ok");
-                convert::encode_term(&self.types, &value, &mut w, 0)?;
+                if opts.return_ref {
+                    let id = self.new_id();
+                    self.types.refs.borrow_mut().insert(id, value.unbind());
+                    w.tuple_header(2);
+                    w.atom("pyport_ref");
+                    w.int(id as i64);
+                } else {
+                    convert::encode_term(&self.types, &value, &mut w, 0)?;
+                }
             }
-            None => w.atom("ok"),
+            Reply::Id(id) => {
+                w.tuple_header(2);
+                w.atom("ok");
+                w.int(id as i64);
+            }
+            Reply::Ok => w.atom("ok"),
         }
         finish_frame(out);
         Ok(())
+    }
+
+    fn new_id(&self) -> u64 {
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        id
     }
 
     fn dispatch<'py>(
         &self,
         py: Python<'py>,
         op: &str,
-        arity: usize,
-        parts: &[&[u8]; 5],
-    ) -> Result<Option<Bound<'py, PyAny>>, Error> {
-        Ok(match (op, arity) {
-            ("call", 6) => Some(self.call(py, parts[0], parts[1], parts[2], parts[3])?),
-            ("eval", 4) => {
-                let code = convert::decode_body(py, &self.types, parts[0])?;
-                let locals = convert::decode_body(py, &self.types, parts[1])?;
-                Some(self.eval(py, &code, &locals)?)
+        parts: &Parts<'_>,
+        opts: &Opts<'_>,
+    ) -> Result<Reply<'py>, Error> {
+        let globals = self.globals(py, opts.env)?;
+        Ok(match (op, parts.len) {
+            ("call", 5) => {
+                let module = parts.text(0, "module")?;
+                let function = parts.text(1, "function")?;
+                let target = if module == "__main__" {
+                    lookup(globals.as_any(), &function, |g, name| {
+                        Ok(g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)?)
+                    })?
+                } else {
+                    let module = self.module(py, &PyString::new(py, &module))?;
+                    lookup(&module, &function, |m, name| Ok(Some(m.getattr(name)?)))?
+                };
+                Reply::Value(self.invoke(py, &target, parts.get(2), parts.get(3))?)
             }
-            ("exec", 3) => {
-                let code = source_text(&convert::decode_body(py, &self.types, parts[0])?)?;
-                self.exec.bind(py).call1((code, self.main_dict.bind(py)))?;
-                None
+            ("eval", 3) => {
+                let code = convert::decode_body(py, &self.types, parts.get(0))?;
+                let locals = convert::decode_body(py, &self.types, parts.get(1))?;
+                Reply::Value(self.eval(py, &code, &locals, &globals)?)
             }
-            _ => return Err(Error::BadRequest(format!("unknown request {op}/{arity}"))),
+            ("exec", 2) => {
+                let code = source_text(&convert::decode_body(py, &self.types, parts.get(0))?)?;
+                self.exec.bind(py).call1((code, globals))?;
+                Reply::Ok
+            }
+            ("new_env", 1) => {
+                let env = PyDict::new(py);
+                env.set_item("__builtins__", py.import("builtins")?)?;
+                env.set_item("__name__", "__main__")?;
+                let id = self.new_id();
+                self.envs.borrow_mut().insert(id, env.unbind());
+                Reply::Id(id)
+            }
+            ("drop_env", 2) => {
+                let env = self.envs.borrow_mut().remove(&parts.id(0, "env id")?);
+                drop(env);
+                Reply::Ok
+            }
+            ("getattr", 3) => Reply::Value(
+                self.handle(py, parts.id(0, "ref id")?)?
+                    .getattr(parts.text(1, "name")?.as_ref())?,
+            ),
+            ("call_method", 5) => {
+                let method = self
+                    .handle(py, parts.id(0, "ref id")?)?
+                    .getattr(parts.text(1, "method")?.as_ref())?;
+                Reply::Value(self.invoke(py, &method, parts.get(2), parts.get(3))?)
+            }
+            ("to_term", 2) => Reply::Value(self.handle(py, parts.id(0, "ref id")?)?),
+            ("release", 2) => {
+                let obj = self.types.refs.borrow_mut().remove(&parts.id(0, "ref id")?);
+                drop(obj);
+                Reply::Ok
+            }
+            _ => {
+                return Err(Error::BadRequest(format!(
+                    "unknown request {op}/{}",
+                    parts.len + 1
+                )))
+            }
         })
     }
 
-    fn call<'py>(
+    /// The globals for a request: an env's, or `__main__`'s.
+    fn globals<'py>(&self, py: Python<'py>, env: Option<u64>) -> Result<Bound<'py, PyDict>, Error> {
+        match env {
+            None => Ok(self.main_dict.bind(py).clone()),
+            Some(id) => self
+                .envs
+                .borrow()
+                .get(&id)
+                .map(|e| e.bind(py).clone())
+                .ok_or(Error::NotFound),
+        }
+    }
+
+    fn handle<'py>(&self, py: Python<'py>, id: u64) -> Result<Bound<'py, PyAny>, Error> {
+        self.types
+            .refs
+            .borrow()
+            .get(&id)
+            .map(|o| o.bind(py).clone())
+            .ok_or(Error::NotFound)
+    }
+
+    /// Calls `target(*args, **kwargs)` with both decoded from ETF.
+    fn invoke<'py>(
         &self,
         py: Python<'py>,
-        module: &[u8],
-        function: &[u8],
+        target: &Bound<'py, PyAny>,
         args: &[u8],
         kwargs: &[u8],
     ) -> Result<Bound<'py, PyAny>, Error> {
-        let bad = |what: &str| Error::BadRequest(format!("{what} must be an atom or a binary"));
-        let module = etf::Reader::body(module)
-            .text()
-            .map_err(|_| bad("module"))?;
-        let function = etf::Reader::body(function)
-            .text()
-            .map_err(|_| bad("function"))?;
-        let mut target = self.module(py, &PyString::new(py, &module))?;
-        for part in function.split('.') {
-            target = target.getattr(part)?;
-        }
         let args = convert::decode_args(py, &self.types, args)?;
         let kwargs = match kwargs {
             [etf::MAP, 0, 0, 0, 0] => None,
@@ -250,9 +416,9 @@ impl Session {
         py: Python<'py>,
         code: &Bound<'py, PyAny>,
         locals: &Bound<'py, PyAny>,
+        globals: &Bound<'py, PyDict>,
     ) -> Result<Bound<'py, PyAny>, Error> {
         let code = source_text(code)?;
-        let globals = self.main_dict.bind(py);
         let locals = match locals.cast::<PyDict>() {
             Ok(d) => d.clone(),
             Err(_) if locals.is_none() => PyDict::new(py),

@@ -9,7 +9,7 @@ import io
 import _pyport
 
 __all__ = [
-    "Atom", "Pid", "Ref", "Opaque", "Error",
+    "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout",
     "atom", "call", "async_call", "send", "self", "whereis",
 ]
 
@@ -96,6 +96,12 @@ class Opaque(_Term):
 
 class Error(Exception):
     """Raised when a call into Erlang fails; ``args[0]`` carries the Erlang reason."""
+
+
+class CallTimeout(BaseException):
+    """Raised in Python code that runs past its request's timeout (the Erlang caller
+    already got ``{error, timeout}``). A ``BaseException``, so ``except Exception``
+    does not swallow it."""
 
 
 def call(name, *args):

@@ -1,0 +1,255 @@
+//! Deadlines: interrupts Python code that runs past its request's `timeout`.
+//!
+//! Each context publishes the deadline of the request it runs (atomics in its
+//! [`Deadline`]). One watchdog thread sleeps until the earliest deadline; it is poked only
+//! when a new deadline is earlier than the one it sleeps for, so the usual 30 s deadlines
+//! cost two atomic stores per request. At a deadline it asks the interpreter to run
+//! [`interrupt`] at its next bytecode boundary (`_PyEval_AddPendingCall`, CPython's
+//! own mechanism for signals, reaching the target in well under a millisecond), which
+//! raises `erlang.CallTimeout` in the overrunning code if that request is still running.
+//! Code blocked in C (`time.sleep`, a blocking socket) is not interrupted until it returns.
+
+use std::os::raw::{c_int, c_void};
+use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use pyo3::ffi;
+
+/// The running request of one context, as the watchdog sees it.
+pub struct Deadline {
+    /// Sequence number of the running request; 0 when idle.
+    running: AtomicU64,
+    next_seq: AtomicU64,
+    /// Nanoseconds since the watchdog's epoch; 0 for none.
+    at: AtomicU64,
+    /// The context's interpreter and thread, set when its loop starts.
+    interp: AtomicPtr<ffi::PyInterpreterState>,
+    thread_ident: AtomicU64,
+    /// Set when an interrupt went to another thread of the interpreter with
+    /// `PyThreadState_SetAsyncExc`, so the context thread must clear a stray one.
+    async_sent: AtomicU64,
+}
+
+impl Default for Deadline {
+    fn default() -> Self {
+        Deadline {
+            running: AtomicU64::new(0),
+            next_seq: AtomicU64::new(0),
+            at: AtomicU64::new(0),
+            interp: AtomicPtr::new(std::ptr::null_mut()),
+            thread_ident: AtomicU64::new(0),
+            async_sent: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Deadline {
+    /// Called on the context thread, attached, when its loop starts.
+    pub fn bind_thread(self: &Arc<Self>) {
+        // SAFETY: attached, so there is a current interpreter and thread.
+        unsafe {
+            self.interp
+                .store(ffi::PyInterpreterState_Get(), Ordering::SeqCst);
+            self.thread_ident
+                .store(ffi::PyThread_get_thread_ident() as u64, Ordering::SeqCst);
+        }
+        watchdog().watch(Arc::downgrade(self));
+    }
+
+    /// A request starts; `deadline` is when it must be done. Returns its sequence
+    /// number, or `None` if the deadline has already passed (the caller gave up).
+    pub fn begin(&self, deadline: Option<Instant>) -> Option<u64> {
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let wd = watchdog();
+        let at = match deadline {
+            None => 0,
+            Some(d) if d <= Instant::now() => return None,
+            Some(d) => wd.nanos(d).max(1),
+        };
+        // Nested requests (re-entrancy) keep the outermost deadline running too: the
+        // watchdog checks only the innermost, which is the code that runs now.
+        self.running.store(seq, Ordering::SeqCst);
+        self.at.store(at, Ordering::SeqCst);
+        if at != 0 {
+            wd.poke_if_earlier(at);
+        }
+        Some(seq)
+    }
+
+    /// The request `seq` is done; `outer` is the request it was nested in (0 if none),
+    /// which runs again with its own deadline `outer_at`.
+    pub fn end(&self, outer: u64, outer_at: u64) {
+        self.running.store(outer, Ordering::SeqCst);
+        self.at.store(outer_at, Ordering::SeqCst);
+        if self.async_sent.swap(0, Ordering::SeqCst) != 0 {
+            // SAFETY: clears a pending async exception of this very thread (we are the
+            // context thread, attached); NULL means "clear".
+            unsafe {
+                ffi::PyThreadState_SetAsyncExc(
+                    ffi::PyThread_get_thread_ident() as _,
+                    std::ptr::null_mut(),
+                );
+            }
+        }
+    }
+
+    /// The running request and its deadline, to restore after a nested one.
+    pub fn current(&self) -> (u64, u64) {
+        (
+            self.running.load(Ordering::SeqCst),
+            self.at.load(Ordering::SeqCst),
+        )
+    }
+}
+
+struct Watchdog {
+    epoch: Instant,
+    watched: Mutex<Vec<Weak<Deadline>>>,
+    poke: Condvar,
+    /// When the watchdog will wake next (nanos since epoch; u64::MAX for never).
+    next_wake: AtomicU64,
+}
+
+fn watchdog() -> &'static Watchdog {
+    static WATCHDOG: OnceLock<&'static Watchdog> = OnceLock::new();
+    WATCHDOG.get_or_init(|| {
+        let wd: &'static Watchdog = Box::leak(Box::new(Watchdog {
+            epoch: Instant::now(),
+            watched: Mutex::new(Vec::new()),
+            poke: Condvar::new(),
+            next_wake: AtomicU64::new(u64::MAX),
+        }));
+        std::thread::Builder::new()
+            .name("pyport-watchdog".into())
+            .spawn(move || wd.run())
+            .expect("watchdog thread starts");
+        wd
+    })
+}
+
+impl Watchdog {
+    fn nanos(&self, t: Instant) -> u64 {
+        t.saturating_duration_since(self.epoch).as_nanos() as u64
+    }
+
+    fn watch(&self, d: Weak<Deadline>) {
+        self.watched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(d);
+    }
+
+    fn poke_if_earlier(&self, at: u64) {
+        if at < self.next_wake.load(Ordering::SeqCst) {
+            let _guard = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            self.next_wake.store(at, Ordering::SeqCst);
+            self.poke.notify_one();
+        }
+    }
+
+    fn run(&self) {
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let now = self.nanos(Instant::now());
+            let mut earliest = u64::MAX;
+            watched.retain(|w| {
+                let Some(d) = w.upgrade() else { return false };
+                let at = d.at.load(Ordering::SeqCst);
+                if at != 0 && at <= now {
+                    d.at.store(0, Ordering::SeqCst);
+                    request_interrupt(&d, Arc::downgrade(&d));
+                } else if at != 0 {
+                    earliest = earliest.min(at);
+                }
+                true
+            });
+            self.next_wake.store(earliest, Ordering::SeqCst);
+            watched = if earliest == u64::MAX {
+                self.poke.wait(watched).unwrap_or_else(|e| e.into_inner())
+            } else {
+                let wait = Duration::from_nanos(earliest - now);
+                self.poke
+                    .wait_timeout(watched, wait)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0
+            };
+        }
+    }
+}
+
+struct Interrupt {
+    target: Weak<Deadline>,
+    seq: u64,
+}
+
+fn request_interrupt(d: &Deadline, target: Weak<Deadline>) {
+    let interp = d.interp.load(Ordering::SeqCst);
+    let seq = d.running.load(Ordering::SeqCst);
+    if interp.is_null() || seq == 0 {
+        return;
+    }
+    let arg = Box::into_raw(Box::new(Interrupt { target, seq })) as *mut c_void;
+    // SAFETY: `interp` stays alive while its context's Deadline does (the interpreter
+    // ends after the loop that owns the Deadline); the callback frees `arg`. If the
+    // queue of pending calls is full, free it here.
+    unsafe {
+        if _PyEval_AddPendingCall(interp, interrupt, arg, 0) != 0 {
+            drop(Box::from_raw(arg as *mut Interrupt));
+        }
+    }
+}
+
+extern "C" {
+    /// CPython's (exported, internal) per-interpreter pending call queue.
+    fn _PyEval_AddPendingCall(
+        interp: *mut ffi::PyInterpreterState,
+        func: extern "C" fn(*mut c_void) -> c_int,
+        arg: *mut c_void,
+        flags: c_int,
+    ) -> c_int;
+}
+
+/// Runs in the target interpreter, attached, at a bytecode boundary.
+extern "C" fn interrupt(arg: *mut c_void) -> c_int {
+    // SAFETY: `arg` was made by `Box::into_raw` in `request_interrupt`, used once.
+    let Interrupt { target, seq } = *unsafe { Box::from_raw(arg as *mut Interrupt) };
+    let Some(d) = target.upgrade() else { return 0 };
+    if d.running.load(Ordering::SeqCst) != seq {
+        return 0; // that request is over: do not hit the next one
+    }
+    // SAFETY: attached to the target interpreter (pending calls run attached).
+    unsafe {
+        let class = timeout_class();
+        if class.is_null() {
+            ffi::PyErr_Clear();
+            return 0;
+        }
+        let ident = d.thread_ident.load(Ordering::SeqCst);
+        let result = if ffi::PyThread_get_thread_ident() as u64 == ident {
+            ffi::PyErr_SetString(class, c"the call ran past its timeout".as_ptr());
+            -1
+        } else {
+            // Another Python thread of that interpreter runs: aim at the context thread.
+            d.async_sent.store(1, Ordering::SeqCst);
+            ffi::PyThreadState_SetAsyncExc(ident as _, class);
+            0
+        };
+        ffi::Py_DECREF(class);
+        result
+    }
+}
+
+/// `erlang.CallTimeout` of the current interpreter (a new reference, or NULL).
+unsafe fn timeout_class() -> *mut ffi::PyObject {
+    // SAFETY: attached; plain C API calls with checked results.
+    unsafe {
+        let module = ffi::PyImport_ImportModule(c"erlang".as_ptr());
+        if module.is_null() {
+            return std::ptr::null_mut();
+        }
+        let class = ffi::PyObject_GetAttrString(module, c"CallTimeout".as_ptr());
+        ffi::Py_DECREF(module);
+        class
+    }
+}
