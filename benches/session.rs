@@ -22,8 +22,8 @@ fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {
 
 fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
     let mut out = Vec::new();
-    let n = 200_000;
-    for _ in 0..1000 {
+    let n = (200_000_000 / body.len().max(1000)).clamp(10, 200_000);
+    for _ in 0..(n / 100).max(2) {
         session.serve(py, b"h", body, &mut out, &|_| true).unwrap();
     }
     let t0 = Instant::now();
@@ -63,6 +63,16 @@ fn main() {
             &session,
             "builtins.len(1000 ints)",
             &call_body("builtins", "len", vec![Term::List(list)]),
+        );
+        session.exec_for_bench(py, "def identity(x): return x");
+        let big: Vec<u8> = (0..16u32 << 20)
+            .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+            .collect();
+        time(
+            py,
+            &session,
+            "identity(16 MiB binary)",
+            &call_body("__main__", "identity", vec![Term::Binary(big)]),
         );
         session.close(py);
     });

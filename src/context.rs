@@ -304,6 +304,7 @@ fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
             poll: RefCell::new(poll),
             events: RefCell::new(events),
             stop: RefCell::new(None),
+            out: std::cell::Cell::new(Vec::new()),
         };
         let nested = |py: Python<'_>, done: &dyn Fn() -> bool| lp.serve_until(py, done);
         let stop = erlang_module::with_nested_serve(&nested, || {
@@ -329,7 +330,12 @@ struct Loop<'a> {
     events: RefCell<Events>,
     /// A stop request, held until the outermost loop can act on it.
     stop: RefCell<Option<Job>>,
+    /// The reply buffer, kept between requests.
+    out: std::cell::Cell<Vec<u8>>,
 }
+
+/// Reply buffers up to this size are kept for the next request.
+const MAX_KEPT_BUFFER: usize = 64 << 20;
 
 impl Loop<'_> {
     /// Serves jobs until `done()` holds.
@@ -345,7 +351,23 @@ impl Loop<'_> {
                 continue;
             };
             match job.kind {
-                Kind::Request => handle(py, self.session, &job, writer, &self.mailbox.deadline),
+                Kind::Request => {
+                    // Reuse the reply buffer (a large reply would otherwise fault in fresh
+                    // pages every time); a nested request takes an empty one meanwhile.
+                    let mut out = self.out.take();
+                    handle(
+                        py,
+                        self.session,
+                        &job,
+                        writer,
+                        &self.mailbox.deadline,
+                        &mut out,
+                    );
+                    if out.capacity() <= MAX_KEPT_BUFFER {
+                        out.clear();
+                        self.out.replace(out);
+                    }
+                }
                 Kind::Stop => *self.stop.borrow_mut() = Some(job),
                 Kind::Start(_) => {
                     let e = Error::BadRequest("context already started".into());
@@ -357,20 +379,26 @@ impl Loop<'_> {
 }
 
 /// Serves one request; a panic becomes an error reply and the context lives on.
-fn handle(py: Python<'_>, session: &Session, job: &Job, writer: &Writer, deadline: &Deadline) {
-    let mut out = Vec::with_capacity(256);
+fn handle(
+    py: Python<'_>,
+    session: &Session,
+    job: &Job,
+    writer: &Writer,
+    deadline: &Deadline,
+    out: &mut Vec<u8>,
+) {
     let (outer, outer_at) = deadline.current();
     let start = |timeout_ms: Option<u64>| {
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
         deadline.begin(at).is_some()
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
-        session.serve(py, job.header(), job.body(), &mut out, &start)
+        session.serve(py, job.header(), job.body(), out, &start)
     }));
     deadline.end(outer, outer_at);
     let header = job.header();
     match result {
-        Ok(Ok(())) if !header.is_empty() => writer.send(&out),
+        Ok(Ok(())) if !header.is_empty() => writer.send(out),
         Ok(Ok(())) => {}
         Ok(Err(e)) if header.is_empty() => {
             writer.log("warning", session.id, &format!("cast failed: {e}"))

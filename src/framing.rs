@@ -161,8 +161,9 @@ impl FrameReader {
                 out.push(Inbound::Frame(self.buf[s + 4..s + 4 + len].to_vec()));
                 self.start += 4 + len;
             } else if len + 4 > self.buf.len() {
-                let mut frame = vec![0u8; len];
-                frame[..avail].copy_from_slice(&self.buf[s + 4..self.end]);
+                let mut frame = Vec::with_capacity(len);
+                frame.extend_from_slice(&self.buf[s + 4..self.end]);
+                frame.resize(len, 0);
                 self.start = 0;
                 self.end = 0;
                 self.big = Some(Big::Filling {

@@ -195,6 +195,14 @@ impl Session {
         Ok(session)
     }
 
+    /// Runs `code` in `__main__` (for benchmarks and tests).
+    pub fn exec_for_bench(&self, py: Python<'_>, code: &str) {
+        self.exec
+            .bind(py)
+            .call1((code, self.main_dict.bind(py)))
+            .expect("code runs");
+    }
+
     /// Releases what the session holds; runs attached, before the interpreter ends.
     pub fn close(&self, py: Python<'_>) {
         if let Some(lp) = self.event_loop.borrow_mut().take() {

@@ -40,25 +40,36 @@ impl Writer {
     }
 
     /// Queues one complete frame (length prefix included) and flushes if nobody is.
+    /// With nothing queued, the frame is written straight from `frame`, uncopied.
     pub fn send(&self, frame: &[u8]) {
         let mut q = self.lock();
         if q.broken {
             return;
         }
-        q.pending.extend_from_slice(frame);
         if q.flushing {
+            q.pending.extend_from_slice(frame);
             return;
         }
         q.flushing = true;
+        let mut direct = q.pending.is_empty().then_some(frame);
+        if direct.is_none() {
+            q.pending.extend_from_slice(frame);
+        }
         let mut batch = Vec::new();
         loop {
-            std::mem::swap(&mut batch, &mut q.pending);
+            let bytes: &[u8] = match direct.take() {
+                Some(frame) => frame,
+                None => {
+                    std::mem::swap(&mut batch, &mut q.pending);
+                    &batch
+                }
+            };
             drop(q);
             let result = self
                 .out
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .write_all(&batch);
+                .write_all(bytes);
             batch.clear();
             q = self.lock();
             if let Err(e) = result {
