@@ -4,6 +4,8 @@
 %%
 %% pyport benchmarks, for `owngil' and `main' contexts side by side:
 %%   - sync call latency of operator.add(1, 2), one caller (median, p99)
+%%   - Python -> Erlang -> Python round trip: erlang.call of a registered fun that
+%%     returns its argument, timed in Python (median, p99)
 %%   - calls/s with 50 callers over 2 contexts (100k calls)
 %%   - CPU-bound speedup of 2 contexts over 1
 %%   - 16 MiB binary echo throughput
@@ -12,7 +14,9 @@
 %%
 %% Run `rebar3 compile' (and `make build' for priv/pyport) first, then
 %%   escript benches/pyport_bench.escript
-%% The port program is priv/pyport unless PYPORT_EXECUTABLE says otherwise.
+%% The port program is priv/pyport unless PYPORT_EXECUTABLE says otherwise. What the
+%% port programs write to stderr goes to a file (named at the end if there was any),
+%% and only errors of pyport's logger events are printed, so the output is the table.
 -mode(compile).
 
 -define(LATENCY_CALLS, 10000).
@@ -24,6 +28,8 @@
 -define(START_ROUNDS, 5).
 -define(NEW_CONTEXT_ROUNDS, 10).
 -define(CPU_CALL_MS, 200).
+-define(CALLBACK_CALLS, 5000).
+-define(CALLBACK_WARMUP, 500).
 
 -define(HELPERS, <<"
 def identity(x):
@@ -34,12 +40,26 @@ def work(n):
     for i in range(n):
         total += i * i
     return total
+
+def roundtrips(n):
+    import erlang
+    import time
+    call = erlang.call
+    clock = time.perf_counter_ns
+    times = []
+    for i in range(n):
+        t0 = clock()
+        if call('pyport_bench_echo', i) != i:
+            raise ValueError(i)
+        times.append(clock() - t0)
+    return times
 ">>).
 
 main(_Args) ->
-    setup(),
+    Stderr = setup(),
     Results = [{Mode, bench(Mode)} || Mode <- [owngil, main]],
     print(Results),
+    report_stderr(Stderr),
     halt(0).
 
 setup() ->
@@ -50,11 +70,44 @@ setup() ->
     ok = application:load(pyport),
     ok = application:set_env(pyport, default_runtime, false),
     {ok, _} = application:ensure_all_started(pyport),
+    ok = logger:set_primary_config(level, error),
+    Stderr = quiet_executable(Root),
+    ok = pyport:register_function(pyport_bench_echo, fun(X) -> X end),
     {ok, #{python_version := Version}} = start_and_info(),
     io:format("pyport bench: OTP ~s, Python ~s, ~p schedulers, ~p logical processors~n~n",
               [erlang:system_info(otp_release), Version,
                erlang:system_info(schedulers_online),
-               erlang:system_info(logical_processors_available)]).
+               erlang:system_info(logical_processors_available)]),
+    Stderr.
+
+%% A wrapper that runs the port program with its stderr sent to a file, made the
+%% executable of every runtime through PYPORT_EXECUTABLE. Returns the file's name.
+quiet_executable(Root) ->
+    Exe = case os:getenv("PYPORT_EXECUTABLE") of
+              Path when is_list(Path), Path =/= "" -> filename:absname(Path);
+              _ -> filename:join([Root, "priv", "pyport"])
+          end,
+    filelib:is_regular(Exe) orelse die("~s not found: run `make build` first", [Exe]),
+    Dir = filename:join(os_tmp(), "pyport_bench_" ++ os:getpid()),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    Stderr = filename:join(Dir, "stderr.log"),
+    Wrapper = filename:join(Dir, "pyport"),
+    ok = file:write_file(Wrapper, ["#!/bin/sh\nexec '", Exe, "' \"$@\" 2>>'", Stderr, "'\n"]),
+    ok = file:change_mode(Wrapper, 8#755),
+    true = os:putenv("PYPORT_EXECUTABLE", Wrapper),
+    Stderr.
+
+os_tmp() ->
+    case os:getenv("TMPDIR") of
+        Dir when is_list(Dir), Dir =/= "" -> Dir;
+        _ -> "/tmp"
+    end.
+
+report_stderr(Stderr) ->
+    case filelib:file_size(Stderr) of
+        0 -> _ = file:delete(Stderr), _ = file:del_dir(filename:dirname(Stderr)), ok;
+        Size -> io:format("~nthe port programs wrote ~p bytes to stderr: ~s~n", [Size, Stderr])
+    end.
 
 start_and_info() ->
     case pyport:start_runtime(#{}) of
@@ -78,14 +131,15 @@ bench(Mode) ->
     {ok, A} = pyport:context(Pid, a),
     {ok, B} = pyport:context(Pid, b),
     Latency = step(fun() -> latency(A) end),
+    Callback = step(fun() -> callback_latency(A) end),
     Throughput = step(fun() -> throughput([A, B]) end),
     Speedup = step(fun() -> cpu_speedup(A, B) end),
     Echo = step(fun() -> echo(A) end),
     NewContext = step(fun() -> new_context(Pid, Mode) end),
     ok = pyport:stop_runtime(Pid),
     io:format("~n"),
-    #{start => Start, latency => Latency, throughput => Throughput, speedup => Speedup,
-      echo => Echo, new_context => NewContext}.
+    #{start => Start, latency => Latency, callback => Callback, throughput => Throughput,
+      speedup => Speedup, echo => Echo, new_context => NewContext}.
 
 step(Fun) ->
     Result = Fun(),
@@ -112,6 +166,14 @@ latency(Ctx) ->
                  {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]),
                  erlang:monotonic_time(nanosecond) - T0
              end || _ <- lists:seq(1, ?LATENCY_CALLS)],
+    Sorted = lists:sort(Times),
+    {percentile(Sorted, 50) / 1000, percentile(Sorted, 99) / 1000}.
+
+%% Microseconds per Python -> Erlang -> Python round trip, as Python measures each
+%% erlang.call: {Median, P99}.
+callback_latency(Ctx) ->
+    {ok, _} = pyport:call(Ctx, '__main__', roundtrips, [?CALLBACK_WARMUP]),
+    {ok, Times} = pyport:call(Ctx, '__main__', roundtrips, [?CALLBACK_CALLS]),
     Sorted = lists:sort(Times),
     {percentile(Sorted, 50) / 1000, percentile(Sorted, 99) / 1000}.
 
@@ -180,6 +242,8 @@ percentile(Sorted, P) ->
 print(Results) ->
     Rows = [{"sync call latency, median (us)", fun(#{latency := {M, _}}) -> fmt(M) end},
             {"sync call latency, p99 (us)", fun(#{latency := {_, P}}) -> fmt(P) end},
+            {"Python->Erlang->Python, median (us)", fun(#{callback := {M, _}}) -> fmt(M) end},
+            {"Python->Erlang->Python, p99 (us)", fun(#{callback := {_, P}}) -> fmt(P) end},
             {"calls/s, 50 callers, 2 contexts", fun(#{throughput := T}) -> fmt_int(T) end},
             {"CPU-bound speedup, 2 contexts vs 1", fun(#{speedup := S}) -> fmt(S) ++ "x" end},
             {"16 MiB echo (MB/s)", fun(#{echo := E}) -> fmt_int(E) end},

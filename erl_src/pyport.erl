@@ -9,6 +9,11 @@
 %% A context handle (`ctx()') is opaque. Handles of contexts given in a runtime's Opts
 %% stay valid across restarts of that runtime (when it was started under a supervisor,
 %% or with a name); handles of contexts made with new_context/2 do not.
+%%
+%% Every request carries `caller => self()' in its Opts (`erlang.self()' in Python) and
+%% its effective `timeout'. Envs (new_env/1) and object handles (`return => ref') belong
+%% to the process that made them: the runtime frees them when that process exits.
+%% Python calls the functions registered with register_function/2 by `erlang.call'.
 -module(pyport).
 
 -export([start_runtime/1]).
@@ -28,25 +33,56 @@
 -export([exec/1]).
 -export([exec/2]).
 -export([exec/3]).
+-export([new_env/1]).
+-export([drop_env/1]).
+-export([getattr/2]).
+-export([getattr/3]).
+-export([call_method/3]).
+-export([call_method/4]).
+-export([call_method/5]).
+-export([to_term/1]).
+-export([release/1]).
+-export([register_function/2]).
+-export([unregister_function/1]).
 
 -export_type([runtime/0]).
 -export_type([ctx/0]).
 -export_type([error/0]).
 -export_type([call_opts/0]).
+-export_type([env/0]).
+-export_type([pyref/0]).
 
 -define(TABLE, pyport_runtimes).
+-define(FUNCTIONS, pyport_functions).
 -define(SUP, pyport_sup).
 -define(DEFAULT_RUNTIME, pyport).
 %% Binary arguments larger than this are not copied into the request frame.
 -define(IOVEC_THRESHOLD, 65536).
 
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
+%% `runtime' is the owner process that made the env: an env does not outlive the OS
+%% process it lives in, even when a restarted runtime reuses the key and context id.
+-record(pyport_env, {key :: pyport_runtime:key(),
+                     ctx :: pos_integer(),
+                     id :: non_neg_integer(),
+                     runtime :: pid()}).
+%% This exact shape, `{pyport_ref, Key, CtxId, RefId}', is what the port program
+%% recognizes in arguments and replaces with the live object.
+-record(pyport_ref, {key :: pyport_runtime:key(),
+                     ctx :: pos_integer(),
+                     id :: non_neg_integer()}).
 
 -opaque ctx() :: #pyport_ctx{}.
+-opaque env() :: #pyport_env{}.
+-opaque pyref() :: #pyport_ref{}.
 -type runtime() :: pid() | atom().
 -type name() :: atom() | binary() | string().
 -type code() :: unicode:chardata().
--type call_opts() :: #{timeout => timeout(), atom() => term()}.
+-type call_opts() :: #{timeout => timeout(),
+                       env => env(),
+                       return => ref | term,
+                       atom() => term()}.
+-type function_name() :: atom() | binary() | string().
 -type error() :: {python, Type :: binary(), Message :: binary(), Traceback :: binary()}
                | timeout
                | {runtime_down, term()}
@@ -56,6 +92,7 @@
                | {frame_too_large, non_neg_integer(), pos_integer()}
                | overloaded
                | not_found
+               | {env_wrong_context, term()}
                | term().
 
 %%% Runtimes
@@ -206,19 +243,154 @@ exec(Ctx, Code) ->
 exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
     request(Key, Id, {exec, code(Code)}, Opts).
 
-%%% The call path
+%%% Process-local environments
 
-%% Req is the request body without its trailing Opts map. The effective timeout is
-%% sent along in Opts, so the port program can interrupt code that overran.
-request(Key, Id, Req, Opts) ->
+%% @doc A fresh globals namespace in that context, for `#{env => Env}' in the Opts of
+%% call, eval and exec. It is freed by drop_env/1 or when the calling process exits.
+-spec new_env(ctx()) -> {ok, env()} | {error, error()}.
+new_env(#pyport_ctx{key = Key, id = Id}) ->
     case lookup(Key) of
-        [{_, Pid, Port, CallTimeout, MaxFrame}] ->
-            Timeout = maps:get(timeout, Opts, CallTimeout),
-            Body = encode(erlang:append_element(Req, Opts#{timeout => Timeout})),
-            send_request(Pid, Port, Id, Body, Timeout, MaxFrame);
+        [{_, Pid, _, _, _} = Runtime] ->
+            case runtime_request(Runtime, Id, {new_env}, #{}) of
+                {ok, EnvId} when is_integer(EnvId) ->
+                    gen_server:cast(Pid, {own, self(), Id, {env, EnvId}}),
+                    {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}};
+                {ok, Other} ->
+                    {error, {bad_reply, Other}};
+                {error, _} = Error ->
+                    Error
+            end;
         [] ->
             {error, {runtime_down, noproc}}
     end.
+
+%% @doc Frees an env (from any process). Dropping it again, or after its runtime or
+%% context is gone, is `ok' too.
+-spec drop_env(env()) -> ok.
+drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
+    case lookup(Key) of
+        [{_, Pid, _, _, _} = Runtime] ->
+            _ = runtime_request(Runtime, Id, {drop_env, EnvId}, #{}),
+            gen_server:cast(Pid, {disown, Id, {env, EnvId}});
+        _ ->
+            ok  % the runtime (and the env with it) is gone
+    end.
+
+%%% Object handles
+
+%% @doc The attribute `Name' of the object. See getattr/3.
+-spec getattr(pyref(), name()) -> {ok, term()} | {error, error()}.
+getattr(Ref, Name) ->
+    getattr(Ref, Name, #{}).
+
+%% @doc The attribute `Name' of the object, with Opts (`timeout', `return => ref').
+-spec getattr(pyref(), name(), call_opts()) -> {ok, term()} | {error, error()}.
+getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts) when is_map(Opts) ->
+    request(Key, Id, {getattr, RefId, name(Name)}, Opts).
+
+%% @doc `Object.Name(*Args)'.
+-spec call_method(pyref(), name(), list()) -> {ok, term()} | {error, error()}.
+call_method(Ref, Name, Args) ->
+    call_method(Ref, Name, Args, #{}, #{}).
+
+%% @doc `Object.Name(*Args, **Kwargs)'.
+-spec call_method(pyref(), name(), list(), map()) -> {ok, term()} | {error, error()}.
+call_method(Ref, Name, Args, Kwargs) ->
+    call_method(Ref, Name, Args, Kwargs, #{}).
+
+%% @doc `Object.Name(*Args, **Kwargs)' with Opts (`timeout', `return => ref').
+-spec call_method(pyref(), name(), list(), map(), call_opts()) ->
+          {ok, term()} | {error, error()}.
+call_method(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Args, Kwargs, Opts)
+  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts).
+
+%% @doc The object converted to a term (`{error, {bad_term, _}}' if it has no Erlang form).
+-spec to_term(pyref()) -> {ok, term()} | {error, error()}.
+to_term(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
+    request(Key, Id, {to_term, RefId}, #{}).
+
+%% @doc Lets go of the object (from any process). Later uses of the handle give
+%% `{error, not_found}'; releasing it again is `ok'.
+-spec release(pyref()) -> ok.
+release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
+    case lookup(Key) of
+        [{_, Pid, _, _, _} = Runtime] ->
+            _ = runtime_request(Runtime, Id, {release, RefId}, #{}),
+            gen_server:cast(Pid, {disown, Id, {ref, RefId}});
+        [] ->
+            ok
+    end.
+
+%%% Python calling Erlang
+
+%% @doc Makes `Fun' (or `Module:Function') callable from Python as
+%% `erlang.call(Name, *Args)', node-wide: it is applied to the Python arguments, in a
+%% process of its own, and its result goes back to Python. An exception in it raises
+%% `erlang.Error((Class, Reason))' in Python. Registering a name again replaces it.
+-spec register_function(function_name(), fun() | {module(), atom()}) ->
+          ok | {error, not_started}.
+register_function(Name, Fun) when is_function(Fun);
+                                  is_tuple(Fun), tuple_size(Fun) =:= 2,
+                                  is_atom(element(1, Fun)), is_atom(element(2, Fun)) ->
+    try ets:insert(?FUNCTIONS, {name(Name), Fun}) of
+        true -> ok
+    catch
+        error:badarg -> {error, not_started}
+    end.
+
+%% @doc Removes a function registered with register_function/2 (`ok' if there is none).
+-spec unregister_function(function_name()) -> ok.
+unregister_function(Name) ->
+    try ets:delete(?FUNCTIONS, name(Name)) of
+        true -> ok
+    catch
+        error:badarg -> ok
+    end.
+
+%%% The call path
+
+%% Req is the request body without its trailing Opts map. The effective timeout and the
+%% caller are sent along in Opts (the port program interrupts code that overran, and
+%% `erlang.self()' is the caller); an env goes as its id.
+request(Key, Id, Req, Opts) ->
+    case lookup(Key) of
+        [Runtime] -> runtime_request(Runtime, Id, Req, Opts);
+        [] -> {error, {runtime_down, noproc}}
+    end.
+
+runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
+    Timeout = maps:get(timeout, Opts, CallTimeout),
+    case wire_opts(Key, Id, Pid, Opts#{timeout => Timeout, caller => self()}) of
+        {ok, WireOpts} ->
+            Body = encode(erlang:append_element(Req, WireOpts)),
+            Reply = send_request(Pid, Port, Id, Body, Timeout, MaxFrame),
+            returned(Reply, Key, Id, Pid, Opts);
+        {error, _} = Error ->
+            Error
+    end.
+
+%% An env is checked here, so it never reaches another context: it must come from this
+%% runtime (and from this run of it) and this context.
+wire_opts(Key, Id, Pid, #{env := Env} = Opts) ->
+    case Env of
+        #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid} ->
+            {ok, Opts#{env => EnvId}};
+        #pyport_env{key = Key, ctx = Id} ->
+            {error, not_found};  % made before the runtime restarted
+        _ ->
+            {error, {env_wrong_context, Env}}
+    end;
+wire_opts(_Key, _Id, _Pid, Opts) ->
+    {ok, Opts}.
+
+%% With `return => ref' the reply names an object kept in the context: it becomes a
+%% handle owned by the calling process.
+returned({ok, {pyport_ref, RefId}}, Key, Id, Pid, #{return := ref}) when is_integer(RefId) ->
+    gen_server:cast(Pid, {own, self(), Id, {ref, RefId}}),
+    {ok, #pyport_ref{key = Key, ctx = Id, id = RefId}};
+returned(Reply, _Key, _Id, _Pid, _Opts) ->
+    Reply.
 
 %% The monitor (with an alias) and the receive stay in one function, so the receive
 %% skips the messages queued before the monitor was made. After a timeout the
@@ -257,7 +429,7 @@ send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
 
 %% A request whose arguments hold a large binary is encoded with term_to_iovec/1, which
 %% refers to the binary instead of copying it; term_to_binary/1 is faster for the rest.
-encode({call, _, _, Args, _, _} = Req) ->
+encode({Op, _, _, Args, _, _} = Req) when Op =:= call; Op =:= call_method ->
     case has_large_binary(Args, 8) of
         true -> erlang:term_to_iovec(Req);
         false -> term_to_binary(Req)

@@ -7,6 +7,15 @@
 %%   `pyport_runtimes', so callers write their requests to the port themselves,
 %% - routes each reply to the alias found in its header without decoding the payload,
 %% - turns `log' events into `logger' calls (domain `[pyport, python]'),
+%% - hands each `erlang.call' from Python (kind 2) to a new process, which runs the
+%%   registered function and writes the `callback_result' to the port itself, so this
+%%   process never waits for a callback,
+%% - delivers each `erlang.send' (kind 3) itself, so messages from one Python sender
+%%   arrive in the order they were sent,
+%% - frees the envs and object handles of processes that exit: the facade casts
+%%   `{own, Pid, CtxId, Item}' after creating one, this process monitors each owning
+%%   process once and, when it goes down, writes a fire-and-forget `drop_env' or
+%%   `release' for each of its items,
 %% - serves control requests (new_context, stop_context, info) asynchronously, so a
 %%   slow interpreter creation never delays the routing of replies.
 %%
@@ -37,6 +46,7 @@
 -export_type([context_spec/0]).
 
 -define(TABLE, pyport_runtimes).
+-define(FUNCTIONS, pyport_functions).
 -define(DEFAULT_CALL_TIMEOUT, 30000).
 -define(DEFAULT_START_TIMEOUT, 10000).
 -define(DEFAULT_MAX_FRAME, 1073741824).
@@ -64,6 +74,9 @@
 -type action() :: {new_context, ctx_id(), ctx_info()}
                 | {stop_context, ctx_id()}
                 | info.
+%% An env or an object handle in a context, freed when the process owning it exits.
+-type item() :: {env | ref, non_neg_integer()}.
+-type owned() :: {ctx_id(), item()}.
 
 -record(state, {
     key :: key(),
@@ -73,7 +86,12 @@
     %% names taken by ready contexts and by contexts being created
     names = #{} :: #{atom() => ctx_id()},
     %% control requests sent by this process, by the alias in their header
-    pending = #{} :: #{reference() => {gen_server:from(), action()}}
+    pending = #{} :: #{reference() => {gen_server:from(), action()}},
+    max_frame = ?DEFAULT_MAX_FRAME :: pos_integer(),
+    %% processes owning envs and handles: their monitor and their items
+    owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
+    %% each item's owner
+    owned = #{} :: #{owned() => pid()}
 }).
 
 %%% API
@@ -150,7 +168,9 @@ init_runtime(Key, Opts) ->
                 {ok, Port} ->
                     case start_port(Key, Port, Contexts, Deadline) of
                         {ok, Hello} ->
-                            S = #state{key = Key, port = Port, hello = Hello},
+                            S = #state{key = Key, port = Port, hello = Hello,
+                                       max_frame = maps:get(max_frame, Hello,
+                                                            max_frame(Opts))},
                             {ok, publish(Opts, Contexts, Hello, S)};
                         {error, Reason} ->
                             close(Port),
@@ -174,6 +194,10 @@ handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
+handle_cast({own, Pid, CtxId, Item}, S) when is_pid(Pid) ->
+    {noreply, own(Pid, {CtxId, Item}, S)};
+handle_cast({disown, CtxId, Item}, S) ->
+    {noreply, disown({CtxId, Item}, S)};
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
@@ -183,8 +207,16 @@ handle_info({Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}},
     route(H, Payload, S),
     {noreply, S};
 handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
+            #state{port = Port, key = Key, contexts = Contexts} = S) ->
+    event(Key, Contexts, Payload),
+    {noreply, S};
+handle_info({Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}},
+            #state{port = Port, key = Key, max_frame = MaxFrame} = S) ->
+    callback(Key, Port, MaxFrame, Payload),
+    {noreply, S};
+handle_info({Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}},
             #state{port = Port, key = Key} = S) ->
-    event(Key, Payload),
+    deliver(Key, Payload),
     {noreply, S};
 handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
     logger:warning("pyport runtime ~p: unexpected frame from the port: ~P",
@@ -199,6 +231,9 @@ handle_info({Alias, Payload}, #state{pending = Pending} = S)
     {{From, Action}, Rest} = maps:take(Alias, Pending),
     _ = unalias(Alias),
     {noreply, complete(Action, From, binary_to_term(Payload), S#state{pending = Rest})};
+handle_info({'DOWN', _Mref, process, Pid, _Reason}, #state{owners = Owners} = S)
+  when is_map_key(Pid, Owners) ->
+    {noreply, owner_down(Pid, S)};
 handle_info(_Msg, S) ->
     {noreply, S}.
 
@@ -273,14 +308,17 @@ path_args(Opts) ->
 to_list(P) when is_binary(P) -> unicode:characters_to_list(P);
 to_list(P) -> P.
 
-%% Waits for hello, then creates the Opts contexts (all requested at once).
+%% Waits for hello, then creates the Opts contexts (all requested at once). Their
+%% preload code may already call Erlang (kind 2) or send messages (kind 3).
 start_port(Key, Port, Contexts, Deadline) ->
     case await_hello(Key, Port, Deadline) of
         {ok, Hello} ->
             lists:foreach(fun({Id, Body}) ->
                               send_control(Port, {pyport_init, Id}, {new_context, Id, Body})
                           end, Contexts),
-            case await_contexts(Key, Port, Contexts, Deadline) of
+            Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
+            MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
+            case await_contexts({Key, Names, MaxFrame}, Port, Contexts, Deadline) of
                 ok -> {ok, Hello};
                 {error, _} = Error -> Error
             end;
@@ -295,7 +333,7 @@ await_hello(Key, Port, Deadline) ->
                 {hello, #{protocol := ?PROTOCOL_VERSION} = Hello} -> {ok, Hello};
                 {hello, Hello} -> {error, {protocol_mismatch, Hello}};
                 {start_error, Reason} -> {error, {start_error, Reason}};
-                {log, _, _, _} = Log -> log(Key, Log), await_hello(Key, Port, Deadline);
+                {log, _, _, _} = Log -> log(Key, #{}, Log), await_hello(Key, Port, Deadline);
                 Other -> {error, {bad_hello, Other}}
             end;
         {Port, {data, Frame}} ->
@@ -308,20 +346,26 @@ await_hello(Key, Port, Deadline) ->
         {error, start_timeout}
     end.
 
-await_contexts(_Key, _Port, [], _Deadline) ->
+await_contexts(_Known, _Port, [], _Deadline) ->
     ok;
-await_contexts(Key, Port, Waiting, Deadline) ->
+await_contexts({Key, Names, MaxFrame} = Known, Port, Waiting, Deadline) ->
     receive
         {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
             {pyport_init, Id} = binary_to_term(H),
             {value, {Id, Body}, Rest} = lists:keytake(Id, 1, Waiting),
             case decode(Payload) of
-                ok -> await_contexts(Key, Port, Rest, Deadline);
+                ok -> await_contexts(Known, Port, Rest, Deadline);
                 Error -> {error, {context_error, Body, Error}}
             end;
         {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            event(Key, Payload),
-            await_contexts(Key, Port, Waiting, Deadline);
+            event(Key, Names, Payload),
+            await_contexts(Known, Port, Waiting, Deadline);
+        {Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+            callback(Key, Port, MaxFrame, Payload),
+            await_contexts(Known, Port, Waiting, Deadline);
+        {Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+            deliver(Key, Payload),
+            await_contexts(Known, Port, Waiting, Deadline);
         {Port, {exit_status, Status}} ->
             {error, {port_exit, Status}};
         {'EXIT', Port, Reason} ->
@@ -475,10 +519,11 @@ forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
         _ ->
             true
     end,
-    S#state{contexts = maps:remove(Id, Contexts), names = maps:without(Named, Names)}.
+    forget_owned(Id, S#state{contexts = maps:remove(Id, Contexts),
+                             names = maps:without(Named, Names)}).
 
 %% The port program's info, with each context described by what this process knows.
-info_map(Info, #state{hello = Hello, contexts = Contexts}) ->
+info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
     Ids = case maps:find(contexts, Info) of
               {ok, List} when is_list(List) -> List;
               _ -> lists:sort(maps:keys(Contexts))
@@ -486,7 +531,15 @@ info_map(Info, #state{hello = Hello, contexts = Contexts}) ->
     Described = [maps:get(Id, Contexts, #{id => Id, name => undefined, mode => unknown})
                  || Id <- Ids],
     Base = maps:with([protocol, max_frame, capabilities], Hello),
-    (maps:merge(Base, Info))#{contexts => Described, runtime => self()}.
+    (maps:merge(Base, Info))#{contexts => Described, runtime => self(),
+                              owned => owned_counts(S)}.
+
+%% How many processes own envs and handles, and how many of each this process tracks.
+owned_counts(#state{owners = Owners, owned = Owned}) ->
+    Items = maps:keys(Owned),
+    #{processes => map_size(Owners),
+      envs => length([E || {_, {env, _}} = E <- Items]),
+      refs => length([R || {_, {ref, _}} = R <- Items])}.
 
 %%% Routing
 
@@ -505,10 +558,10 @@ route(H, Payload, #state{key = Key}) ->
                            [Key, H, 20], #{domain => [pyport]})
     end.
 
-event(Key, Payload) ->
+event(Key, Contexts, Payload) ->
     case decode(Payload) of
         {log, _, _, _} = Log ->
-            log(Key, Log);
+            log(Key, Contexts, Log);
         Other ->
             logger:notice("pyport runtime ~p: unexpected event: ~P", [Key, Other, 20],
                           #{domain => [pyport]})
@@ -523,13 +576,24 @@ decode(Payload) ->
         error:badarg -> {undecodable, Payload}
     end.
 
-log(Key, {log, Level, Ctx, Message}) ->
-    Meta = #{domain => [pyport, python], pyport_runtime => Key, pyport_context => Ctx},
+%% Python output and the port program's own reports. The metadata names the runtime and
+%% the context (its id, and its name when it has one).
+log(Key, Contexts, {log, Level, Ctx, Message}) ->
+    Name = case Contexts of
+               #{Ctx := #{name := CtxName}} -> CtxName;
+               #{} -> undefined
+           end,
+    Meta = #{domain => [pyport, python], pyport_runtime => Key, pyport_context => Ctx,
+             pyport_context_name => Name},
+    Label = case Name of
+                undefined -> Ctx;
+                _ -> Name
+            end,
     Format = case is_binary(Message) andalso unicode:characters_to_binary(Message) of
                  Message -> "python (context ~p): ~ts";
                  _ -> "python (context ~p): ~p"
              end,
-    logger:log(log_level(Level), Format, [Ctx, Message], Meta).
+    logger:log(log_level(Level), Format, [Label, Message], Meta).
 
 log_level(Level) ->
     case lists:member(Level, [emergency, alert, critical, error, warning, notice, info,
@@ -537,3 +601,167 @@ log_level(Level) ->
         true -> Level;
         false -> notice
     end.
+
+%%% Python calling Erlang
+
+%% Kind 2: `erlang.call(Name, *Args)'. A new process (not linked: a crashing callback
+%% must not take the runtime down) decodes it, runs the function and answers the
+%% context itself, so this process never waits for a callback.
+callback(Key, Port, MaxFrame, Payload) ->
+    _ = spawn(fun() -> run_callback(Key, Port, MaxFrame, Payload) end),
+    ok.
+
+run_callback(Key, Port, MaxFrame, Payload) ->
+    case decode(Payload) of
+        {CbId, Ctx, Name, Args, _Caller} when is_integer(CbId), is_integer(Ctx),
+                                              is_list(Args) ->
+            Result = invoke(Name, Args),
+            answer_callback(Port, MaxFrame, Ctx, CbId, Result);
+        Other ->
+            logger:warning("pyport runtime ~p: malformed callback from the port: ~P",
+                           [Key, Other, 20], #{domain => [pyport]})
+    end.
+
+%% `$whereis' is reserved: `erlang.whereis(Name)' in Python.
+invoke(<<"$whereis">>, [Name]) ->
+    {ok, whereis_name(Name)};
+invoke(Name, Args) ->
+    case registered_function(Name) of
+        {ok, Fun} ->
+            try
+                {ok, apply_function(Fun, Args)}
+            catch
+                Class:Reason -> {error, {Class, Reason}}
+            end;
+        error ->
+            {error, {not_registered, Name}}
+    end.
+
+registered_function(Name) when is_binary(Name) ->
+    try ets:lookup(?FUNCTIONS, Name) of
+        [{_, Fun}] -> {ok, Fun};
+        [] -> error
+    catch
+        error:badarg -> error  % the application is stopping
+    end;
+registered_function(_) ->
+    error.
+
+apply_function({Module, Function}, Args) -> apply(Module, Function, Args);
+apply_function(Fun, Args) -> apply(Fun, Args).
+
+%% A name Python gives never creates an atom.
+whereis_name(Name) when is_atom(Name) ->
+    whereis_or_none(Name);
+whereis_name(Name) when is_binary(Name) ->
+    try binary_to_existing_atom(Name, utf8) of
+        Atom -> whereis_or_none(Atom)
+    catch
+        error:badarg -> none
+    end;
+whereis_name(_) ->
+    none.
+
+whereis_or_none(Atom) ->
+    case whereis(Atom) of
+        undefined -> none;
+        Pid -> Pid
+    end.
+
+%% A result too large for one frame would be discarded by the port program and leave
+%% the Python caller waiting forever, so it is answered with an error instead.
+answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
+    Body = case term_to_binary({callback_result, CbId, Result}) of
+               Small when 10 + byte_size(Small) =< MaxFrame ->
+                   Small;
+               Large ->
+                   TooLarge = {frame_too_large, 10 + byte_size(Large), MaxFrame},
+                   term_to_binary({callback_result, CbId, {error, TooLarge}})
+           end,
+    try
+        erlang:port_command(Port, [<<Ctx:64, 0:16>>, Body])
+    catch
+        error:badarg -> false  % the port is gone, and the Python caller with it
+    end.
+
+%% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
+%% one sender keep their order. A name that is not registered (or not even an atom)
+%% drops the message, as `!' to a dead pid would.
+deliver(Key, Payload) ->
+    case decode(Payload) of
+        {Dest, Msg} when is_pid(Dest); is_atom(Dest) ->
+            send_message(Dest, Msg);
+        {Dest, Msg} when is_binary(Dest) ->
+            try binary_to_existing_atom(Dest, utf8) of
+                Name -> send_message(Name, Msg)
+            catch
+                error:badarg -> ok
+            end;
+        Other ->
+            logger:warning("pyport runtime ~p: malformed send from the port: ~P",
+                           [Key, Other, 20], #{domain => [pyport]})
+    end.
+
+send_message(Dest, Msg) ->
+    try
+        _ = erlang:send(Dest, Msg, [noconnect]),
+        ok
+    catch
+        error:badarg -> ok
+    end.
+
+%%% Envs and object handles owned by processes
+
+own(Pid, Item, #state{owners = Owners, owned = Owned} = S) ->
+    {Mref, Items} = case Owners of
+                        #{Pid := Known} -> Known;
+                        #{} -> {erlang:monitor(process, Pid), #{}}
+                    end,
+    %% an item that changes hands (it cannot in practice: ids are not reused)
+    S1 = case Owned of
+             #{Item := Pid} -> S;
+             #{Item := _Other} -> disown(Item, S);
+             #{} -> S
+         end,
+    S1#state{owners = (S1#state.owners)#{Pid => {Mref, Items#{Item => true}}},
+             owned = (S1#state.owned)#{Item => Pid}}.
+
+%% The item was dropped or released by a user (or its context is gone).
+disown(Item, #state{owners = Owners, owned = Owned} = S) ->
+    case maps:take(Item, Owned) of
+        {Pid, Rest} ->
+            Owners1 = case maps:get(Pid, Owners) of
+                          {Mref, #{Item := _} = Items} when map_size(Items) =:= 1 ->
+                              erlang:demonitor(Mref, [flush]),
+                              maps:remove(Pid, Owners);
+                          {Mref, Items} ->
+                              Owners#{Pid => {Mref, maps:remove(Item, Items)}}
+                      end,
+            S#state{owners = Owners1, owned = Rest};
+        error ->
+            S
+    end.
+
+%% Frees everything the process owned, with frames that want no reply.
+owner_down(Pid, #state{owners = Owners, owned = Owned, port = Port} = S) ->
+    {{_Mref, Items}, Rest} = maps:take(Pid, Owners),
+    lists:foreach(fun(Item) -> free(Port, Item) end, maps:keys(Items)),
+    S#state{owners = Rest, owned = maps:without(maps:keys(Items), Owned)}.
+
+free(Port, {Ctx, {env, EnvId}}) ->
+    cast_request(Port, Ctx, {drop_env, EnvId, #{}});
+free(Port, {Ctx, {ref, RefId}}) ->
+    cast_request(Port, Ctx, {release, RefId, #{}}).
+
+cast_request(Port, Ctx, Request) ->
+    try
+        true = erlang:port_command(Port, [<<Ctx:64, 0:16>>, term_to_binary(Request)]),
+        ok
+    catch
+        error:badarg -> ok
+    end.
+
+%% A stopped context took its envs and handles with it.
+forget_owned(Ctx, #state{owned = Owned} = S) ->
+    lists:foldl(fun disown/2, S, [Item || {ItemCtx, _} = Item <- maps:keys(Owned),
+                                          ItemCtx =:= Ctx]).

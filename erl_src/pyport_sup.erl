@@ -1,7 +1,8 @@
 %% @doc Top supervisor of pyport.
 %%
-%% It owns the public ETS table `pyport_runtimes' (so the table lives exactly as long as
-%% the application), starts the default runtime registered as `pyport' unless the
+%% It owns the public ETS tables `pyport_runtimes' and `pyport_functions' (the functions
+%% Python may call with `erlang.call', by name as a binary), so they live exactly as long
+%% as the application. It starts the default runtime registered as `pyport' unless the
 %% application env says `{default_runtime, false}', and hosts the runtimes started with
 %% `pyport:start_runtime/1'.
 -module(pyport_sup).
@@ -11,6 +12,7 @@
 -export([init/1]).
 
 -define(TABLE, pyport_runtimes).
+-define(FUNCTIONS, pyport_functions).
 
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
@@ -19,6 +21,7 @@ start_link() ->
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     ?TABLE = ets:new(?TABLE, [named_table, public, set, {read_concurrency, true}]),
+    ?FUNCTIONS = ets:new(?FUNCTIONS, [named_table, public, set, {read_concurrency, true}]),
     Flags = #{strategy => one_for_one, intensity => 5, period => 10},
     {ok, {Flags, default_runtime()}}.
 

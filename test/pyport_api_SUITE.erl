@@ -13,7 +13,9 @@ all() ->
      start_runtime_bad_preload, info, contexts, duplicate_context_name, preload_and_path,
      venv_and_env, start_link_directly, child_spec_in_own_tree, call_kwargs, names_as_binaries, dotted_module, builtins, exec_then_call_main,
      eval_locals, exec_returns_ok, timeout_then_next_call, timeout_late_reply_dropped,
-     timeout_interrupts_python, python_output_logged,
+     timeout_interrupts_python, python_output_logged, python_output_unterminated_line,
+     python_output_metadata,
+     fd1_writes_do_not_corrupt_frames,
      frame_too_large, several_runtimes, restart_after_kill, main_mode_context,
      python_exceptions, coroutine_awaited, owngil_parallelism, unknown_runtime].
 
@@ -306,7 +308,9 @@ timeout_interrupts_python(Config) ->
     pyport_ct:assert_no_messages().
 
 python_output_logged() ->
-    [{doc, "print() and Python logging reach Erlang's logger (domain [pyport, python])."}].
+    [{doc, "print(), sys.stdout, sys.stderr and Python logging reach Erlang's logger "
+           "(domain [pyport, python]): stdout at info, stderr at warning, log records "
+           "at their level."}].
 python_output_logged(Config) ->
     Ctx = ?config(ctx, Config),
     #{level := Level} = logger:get_primary_config(),
@@ -314,15 +318,99 @@ python_output_logged(Config) ->
     pyport_ct:forward_logs(),
     try
         ok = pyport:exec(Ctx, <<"print('hello from print')">>),
-        ?assertMatch({_, _}, await_log_containing(<<"hello from print">>)),
+        ?assertMatch({info, _}, await_log_containing(<<"hello from print">>)),
+        ok = pyport:exec(Ctx, <<"import sys\nsys.stdout.write('hello from stdout\\n')">>),
+        ?assertMatch({info, _}, await_log_containing(<<"hello from stdout">>)),
+        ok = pyport:exec(Ctx, <<"import sys\nsys.stderr.write('hello from stderr\\n')">>),
+        ?assertMatch({warning, _}, await_log_containing(<<"hello from stderr">>)),
+        ok = pyport:exec(Ctx, <<"print('to stderr by print', file=__import__('sys').stderr)">>),
+        ?assertMatch({warning, _}, await_log_containing(<<"to stderr by print">>)),
         ok = pyport:exec(Ctx, <<"import logging\n"
                                 "logging.getLogger('pyport_ct').warning('hello from logging')">>),
-        ?assertMatch({warning, _}, await_log_containing(<<"hello from logging">>))
+        ?assertMatch({warning, _}, await_log_containing(<<"hello from logging">>)),
+        ok = pyport:exec(Ctx, <<"import logging\n"
+                                "logging.getLogger('pyport_ct').error('an error record')">>),
+        ?assertMatch({error, _}, await_log_containing(<<"an error record">>)),
+        %% an unterminated line arrives when flushed
+        ok = pyport:exec(Ctx, <<"import sys\nsys.stdout.write('flushed part')\n"
+                                "sys.stdout.flush()">>),
+        ?assertMatch({info, _}, await_log_containing(<<"flushed part">>))
     after
         pyport_ct:stop_forwarding_logs(),
         ok = logger:set_primary_config(level, Level),
         flush_logs()
     end.
+
+python_output_unterminated_line() ->
+    [{doc, "Output without a final newline (print(..., end='')) is not lost: it is "
+           "logged at the latest when the request ends."}].
+python_output_unterminated_line(Config) ->
+    Ctx = ?config(ctx, Config),
+    #{level := Level} = logger:get_primary_config(),
+    ok = logger:set_primary_config(level, all),
+    pyport_ct:forward_logs(),
+    try
+        ok = pyport:exec(Ctx, <<"print('no newline', end='')">>),
+        ?assertMatch({info, _}, await_log_containing(<<"no newline">>))
+    after
+        pyport_ct:stop_forwarding_logs(),
+        ok = logger:set_primary_config(level, Level),
+        flush_logs()
+    end.
+
+python_output_metadata() ->
+    [{doc, "Python output is logged with domain [pyport, python], the runtime key and "
+           "the context's id and name."}].
+python_output_metadata(_Config) ->
+    {ok, Ctx} = pyport:new_context(pyport, #{name => api_output_ctx}),
+    #{level := Level} = logger:get_primary_config(),
+    ok = logger:set_primary_config(level, all),
+    pyport_ct:forward_logs_with_meta(),
+    try
+        ok = pyport:exec(Ctx, <<"print('where am I')">>),
+        Meta = await_log_meta(<<"where am I">>),
+        ?assertMatch(#{domain := [pyport, python], pyport_runtime := pyport,
+                       pyport_context := Id, pyport_context_name := api_output_ctx}
+                       when is_integer(Id), Meta)
+    after
+        pyport_ct:stop_forwarding_logs(),
+        ok = logger:set_primary_config(level, Level),
+        flush_logs(),
+        ok = pyport:stop_context(Ctx)
+    end.
+
+await_log_meta(Text) ->
+    receive
+        {pyport_log, _Level, Message, Meta} ->
+            case binary:match(Message, Text) of
+                nomatch -> await_log_meta(Text);
+                _ -> Meta
+            end
+    after 5000 ->
+        ct:fail({no_log_containing, Text})
+    end.
+
+fd1_writes_do_not_corrupt_frames() ->
+    [{doc, "Whatever Python code (or a child process) writes to fd 1 cannot corrupt the "
+           "protocol: the next calls get their own answers from the same OS process."}].
+fd1_writes_do_not_corrupt_frames(Config) ->
+    Ctx = ?config(ctx, Config),
+    OsPid = pyport_ct:os_pid(pyport),
+    ok = pyport:exec(Ctx, <<"import os\nos.write(1, b'junk')">>),
+    ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
+    %% something that looks like a frame header, and a lot of it
+    ok = pyport:exec(Ctx, <<"import os\n"
+                            "os.write(1, b'\\x00\\x00\\x00\\x05hello')\n"
+                            "os.write(1, b'x' * 1000 + b'\\n')">>),
+    ?assertEqual({ok, 7}, pyport:call(Ctx, operator, add, [3, 4])),
+    ok = pyport:exec(Ctx, <<"import sys\nsys.__stdout__.write('junk\\n')\n"
+                            "sys.__stdout__.flush()">>),
+    ?assertEqual({ok, 11}, pyport:call(Ctx, operator, add, [5, 6])),
+    ok = pyport:exec(Ctx, <<"import subprocess\n"
+                            "subprocess.run(['echo', 'junk from a child'])">>),
+    ?assertEqual({ok, 15}, pyport:call(Ctx, operator, add, [7, 8])),
+    ?assertEqual(OsPid, pyport_ct:os_pid(pyport)),
+    pyport_ct:assert_no_messages().
 
 await_log_containing(Text) ->
     receive
@@ -336,7 +424,12 @@ await_log_containing(Text) ->
     end.
 
 flush_logs() ->
-    receive {pyport_log, _, _} -> flush_logs() after 0 -> ok end.
+    receive
+        {pyport_log, _, _} -> flush_logs();
+        {pyport_log, _, _, _} -> flush_logs()
+    after 0 ->
+        ok
+    end.
 
 timeout_late_reply_dropped() ->
     [{doc, "A late reply is dropped even while calls on other contexts are answered."}].

@@ -8,6 +8,8 @@
 -export([os_pid/1]).
 -export([runtime_port/1]).
 -export([forward_logs/0]).
+-export([forward_logs_with_meta/0]).
+-export([rss_kib/1]).
 -export([stop_forwarding_logs/0]).
 -export([log/2]).
 
@@ -70,6 +72,15 @@ forward_logs() ->
                               filters => [{pyport, {fun logger_filters:domain/2,
                                                     {log, sub, [pyport]}}}]}).
 
+%% Like forward_logs/0, but sends {pyport_log, Level, Message, Metadata}.
+-spec forward_logs_with_meta() -> ok.
+forward_logs_with_meta() ->
+    ok = logger:add_handler(?LOG_HANDLER, ?MODULE,
+                            #{config => #{pid => self(), meta => true},
+                              filter_default => stop,
+                              filters => [{pyport, {fun logger_filters:domain/2,
+                                                    {log, sub, [pyport]}}}]}).
+
 -spec stop_forwarding_logs() -> ok.
 stop_forwarding_logs() ->
     _ = logger:remove_handler(?LOG_HANDLER),
@@ -77,11 +88,21 @@ stop_forwarding_logs() ->
 
 %% logger handler callback
 -spec log(logger:log_event(), logger:handler_config()) -> ok.
-log(#{level := Level, msg := Msg}, #{config := #{pid := Pid}}) ->
+log(#{level := Level, msg := Msg} = Event, #{config := #{pid := Pid} = Config}) ->
     Text = case Msg of
                {string, S} -> S;
                {report, R} -> io_lib:format("~p", [R]);
                {Format, Args} -> io_lib:format(Format, Args)
            end,
-    Pid ! {pyport_log, Level, unicode:characters_to_binary(Text)},
+    Message = unicode:characters_to_binary(Text),
+    case Config of
+        #{meta := true} -> Pid ! {pyport_log, Level, Message, maps:get(meta, Event, #{})};
+        #{} -> Pid ! {pyport_log, Level, Message}
+    end,
     ok.
+
+%% The resident set size of an OS process, in KiB.
+-spec rss_kib(integer()) -> non_neg_integer().
+rss_kib(OsPid) ->
+    Out = os:cmd("ps -o rss= -p " ++ integer_to_list(OsPid)),
+    list_to_integer(string:trim(Out)).
