@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Prints the path of a CPython >= 3.12 with a shared libpython, for pyport to embed.
-# Order: $PYPORT_PYTHON; the cached build; else build CPython 3.13 once from Debian's
+# Order: $PYPORT_PYTHON; the cached build; else build CPython $series once from Debian's
 # source package into the cache (outside the repo). All progress goes to stderr.
 set -euo pipefail
 
+series="${PYPORT_PYTHON_SERIES:-3.13}"
 cache="${PYPORT_CACHE:-$HOME/.cache/pyport}"
-prefix="$cache/python3.13"
+prefix="$cache/python$series"
 
 log() { echo "ensure-python: $*" >&2; }
 
@@ -27,9 +28,10 @@ if [ -x "$prefix/bin/python3" ] && usable "$prefix/bin/python3"; then
     echo "$prefix/bin/python3"; exit 0
 fi
 
-# Build from Debian's source package. The suite that carries python3.13 is added as a
-# deb-src source only, with the mirror taken from the machine's own apt sources.
-log "building CPython 3.13 into $prefix (once; about 3-5 minutes)"
+# Build from Debian's source package. The suites that carry python$series are added as
+# deb-src sources only (no binary package changes), with the mirror taken from the
+# machine's own apt sources; apt picks the newest version among them.
+log "building CPython $series into $prefix (once; about 3-5 minutes)"
 export DEBIAN_FRONTEND=noninteractive
 apt_uris() {
     { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'
@@ -40,7 +42,7 @@ security=$(apt_uris | grep security | head -n 1 || true)
 [ -n "$mirror" ] || { log "no apt mirror found in /etc/apt"; exit 1; }
 src_list=/etc/apt/sources.list.d/pyport-python-src.sources
 {
-    printf 'Types: deb-src\nURIs: %s\nSuites: trixie trixie-updates\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror"
+    printf 'Types: deb-src\nURIs: %s\nSuites: trixie trixie-updates forky sid\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$mirror"
     if [ -n "$security" ]; then
         printf '\nTypes: deb-src\nURIs: %s\nSuites: trixie-security\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' "$security"
     fi
@@ -48,12 +50,21 @@ src_list=/etc/apt/sources.list.d/pyport-python-src.sources
 apt-get update -qq >&2
 apt-get install -y -qq dpkg-dev build-essential pkg-config libssl-dev libffi-dev zlib1g-dev \
     libbz2-dev liblzma-dev libsqlite3-dev libncurses-dev libreadline-dev uuid-dev libgdbm-dev \
-    libexpat1-dev libmpdec-dev >&2 || true
+    libexpat1-dev >&2
 
 work="$cache/build"
 rm -rf "$work"; mkdir -p "$work"
-( cd "$work" && apt-get source --download-only python3.13 >&2 )
-orig=$(ls "$work"/python3.13_*.orig.tar.* | head -n 1)
+# The newest version listed may not be downloadable from the mirror: try newest first.
+got=""
+for v in $(apt-cache showsrc "python$series" | awk '/^Version:/ {print $2}' | sort -rV | uniq); do
+    if ( cd "$work" && apt-get source --download-only "python$series=$v" >"$work/fetch.log" 2>&1 ); then
+        got=$v; break
+    fi
+    rm -f "$work"/python"$series"_*
+done
+[ -n "$got" ] || { log "no python$series source package could be downloaded"; exit 1; }
+log "building python$series $got"
+orig=$(ls "$work"/python"$series"_*.orig.tar.* | head -n 1)
 mkdir -p "$work/src"
 tar -xf "$orig" -C "$work/src" --strip-components=1
 cd "$work/src"
@@ -62,7 +73,7 @@ cd "$work/src"
     || { tail -n 30 "$work/configure.log" >&2; exit 1; }
 make -j"$(nproc)" >"$work/make.log" 2>&1 || { tail -n 40 "$work/make.log" >&2; exit 1; }
 make install >"$work/install.log" 2>&1 || { tail -n 40 "$work/install.log" >&2; exit 1; }
-ln -sf python3.13 "$prefix/bin/python3"
+ln -sf "python$series" "$prefix/bin/python3"
 rm -rf "$work"
 usable "$prefix/bin/python3" || { log "the build in $prefix is not usable"; exit 1; }
 log "built $("$prefix/bin/python3" -V)"

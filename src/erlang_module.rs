@@ -35,6 +35,8 @@ pub struct Link {
     /// ETF (without version byte) of the pid that made the current request.
     caller: Mutex<Option<Vec<u8>>>,
     thread: ThreadId,
+    /// Set when Python wrote output without a final newline.
+    unflushed: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
@@ -46,7 +48,13 @@ impl Link {
             callbacks: Callbacks::default(),
             caller: Mutex::new(None),
             thread: std::thread::current().id(),
+            unflushed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Whether output is waiting for its newline (and forget it).
+    pub fn take_unflushed_output(&self) -> bool {
+        self.unflushed.swap(false, Ordering::Relaxed)
     }
 
     /// Sets the pid of the request being served; returns the one it replaces
@@ -327,6 +335,15 @@ fn log(level: &str, text: &str) -> PyResult<()> {
     Ok(())
 }
 
+/// `_pyport.unflushed()`: output is waiting for its newline; flushed after the request.
+#[pyfunction]
+fn unflushed() -> PyResult<()> {
+    if let Ok(link) = current_link() {
+        link.unflushed.store(true, Ordering::Relaxed);
+    }
+    Ok(())
+}
+
 /// The `erlang` module of the current interpreter, created on first use (with `_pyport`).
 pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     let modules = py.import("sys")?.getattr("modules")?;
@@ -338,6 +355,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(send, &native)?)?;
     native.add_function(wrap_pyfunction!(caller, &native)?)?;
     native.add_function(wrap_pyfunction!(log, &native)?)?;
+    native.add_function(wrap_pyfunction!(unflushed, &native)?)?;
     modules.set_item("_pyport", &native)?;
     let code = CString::new(ERLANG_PY).expect("erlang.py has no NUL bytes");
     PyModule::from_code(py, &code, c"erlang.py", c"erlang")

@@ -54,6 +54,12 @@ fn status_message(status: &ffi::PyStatus) -> String {
 /// Starts the main interpreter on the calling thread, runs `setup` in it, then releases
 /// its GIL for good (context threads attach as they need).
 pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<PythonInfo, String> {
+    // CPython keeps every obmalloc arena of an ended sub-interpreter if a single object
+    // leaked, which 3.13 always does: ~1.7 MiB per context lifetime. With mimalloc only
+    // the leaked blocks stay (~0.16 MiB). PYTHONMALLOC set by the user wins.
+    if std::env::var_os("PYTHONMALLOC").is_none() {
+        std::env::set_var("PYTHONMALLOC", "mimalloc");
+    }
     // SAFETY: called once, before any other Python API, on the main thread. The config
     // is initialised by CPython before use and cleared after.
     unsafe {

@@ -110,6 +110,22 @@ pub struct Session {
     next_id: Cell<u64>,
 }
 
+/// A random start for env and handle ids, so a handle from another runtime, or from
+/// before a restart, cannot name a live object here (ids stay below 2^62).
+fn random_id_base() -> u64 {
+    let mut bytes = [0u8; 8];
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        bytes = (t.as_nanos() as u64 ^ u64::from(std::process::id()).rotate_left(32)).to_le_bytes();
+    }
+    (u64::from_le_bytes(bytes) & ((1 << 62) - 1)) | (1 << 40)
+}
+
 /// What a request answers before it is encoded.
 enum Reply<'py> {
     Value(Bound<'py, PyAny>),
@@ -184,7 +200,7 @@ impl Session {
             exec: builtins.getattr("exec")?.unbind(),
             event_loop: RefCell::new(None),
             envs: RefCell::new(HashMap::new()),
-            next_id: Cell::new(0),
+            next_id: Cell::new(random_id_base()),
         };
         if let Some(code) = &spec.preload {
             session
@@ -205,6 +221,7 @@ impl Session {
 
     /// Releases what the session holds; runs attached, before the interpreter ends.
     pub fn close(&self, py: Python<'_>) {
+        let _ = erlang_module(py).and_then(|m| m.call_method0("_before_end"));
         if let Some(lp) = self.event_loop.borrow_mut().take() {
             let _ = lp.bind(py).call_method0("close");
         }
@@ -253,6 +270,10 @@ impl Session {
         }
         let previous = self.link.swap_caller(opts.caller);
         let result = self.dispatch(py, &op, &parts, &opts);
+        if self.link.take_unflushed_output() {
+            // `print(..., end="")`: the line would otherwise wait for its newline.
+            let _ = erlang_module(py).and_then(|m| m.call_method0("_flush_output"));
+        }
         self.link.swap_caller(previous.as_deref());
         let result = result?;
         begin_frame(out, KIND_REPLY, header);

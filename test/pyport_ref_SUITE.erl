@@ -212,9 +212,9 @@ handle_to_other_runtime(Config) ->
     {ok, Ref} = box(A, 5),
     {ok, Pid} = pyport:start_runtime(#{contexts => [#{name => a, preload => ?HELPERS}]}),
     {ok, OtherA} = pyport:context(Pid, a),
-    %% make sure that runtime has live objects under ids up to Ref's own
-    {pyport_ref, _, _, RefId} = Ref,
-    Theirs = [begin {ok, T} = box(OtherA, I), T end || I <- lists:seq(0, RefId + 1)],
+    %% that runtime has live objects of its own (ids start at a random base per
+    %% context, so they cannot be Ref's)
+    Theirs = [begin {ok, T} = box(OtherA, I), T end || I <- lists:seq(1, 10)],
     Result = pyport:call(OtherA, '__main__', is_box, [Ref]),
     ct:log("handle ~p of another runtime: ~p", [Ref, Result]),
     ok = pyport:stop_runtime(Pid),
@@ -317,9 +317,9 @@ handle_after_runtime_restart(_Config) ->
     {ok, _} = pyport:start_runtime(#{name => Name, contexts => [#{name => a, preload => ?HELPERS}]}),
     {ok, Ctx} = pyport:context(Name, a),
     {ok, Ref} = box(Ctx, 5),
-    {pyport_ref, _, _, RefId} = Ref,
     restart(Name),
-    Theirs = [begin {ok, T} = box(Ctx, 100 + I), T end || I <- lists:seq(0, RefId + 1)],
+    %% the new runtime has live objects of its own (ids start at a random base)
+    Theirs = [begin {ok, T} = box(Ctx, 100 + I), T end || I <- lists:seq(1, 10)],
     Results = [pyport:getattr(Ref, v), pyport:call(Ctx, '__main__', is_box, [Ref])],
     ct:log("handle ~p after a restart: ~p", [Ref, Results]),
     [ok = pyport:release(T) || T <- Theirs],

@@ -162,12 +162,33 @@ class _Output(io.TextIOBase):
         self._pending = lines.pop()
         for line in lines:
             _pyport.log(self._level, line)
+        if self._pending:
+            _pyport.unflushed()
         return len(text)
 
     def flush(self):
         if self._pending:
             _pyport.log(self._level, self._pending)
             self._pending = ""
+
+
+def _flush_output():
+    import sys
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, _Output):
+            stream.flush()
+
+
+def _before_end():
+    """Runs before the interpreter ends: flush output, and drop the threading module's
+    record of this thread (not a ``threading`` thread), whose clean-up would otherwise
+    run after the module is torn down and print an ignored exception."""
+    import sys
+    _flush_output()
+    threading = sys.modules.get("threading")
+    info = getattr(threading, "_thread_local_info", None)
+    if info is not None and hasattr(info, "_track_dummy_thread_ref"):
+        del info._track_dummy_thread_ref
 
 
 def _install_output():
