@@ -9,7 +9,7 @@ main(_) ->
     true = code:add_patha(filename:join([Root, "_build", "default", "lib", "pyport", "ebin"])),
     {ok, _} = application:ensure_all_started(pyport),
     {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => left}, #{name => right}]}),
-    #{python_version := Version, owngil := OwnGil, os_pid := OsPid} = pyport:info(Rt),
+    {ok, #{python_version := Version, owngil := OwnGil, os_pid := OsPid}} = pyport:info(Rt),
     io:format("pyport runtime: Python ~s, owngil ~p, OS pid ~p~n", [Version, OwnGil, OsPid]),
     {ok, Left} = pyport:context(Rt, left),
     {ok, Right} = pyport:context(Rt, right),
