@@ -104,6 +104,8 @@ impl Mailbox {
     }
 
     /// Queues a job; gives it back if the queue is full or the context is dead.
+    // The job is handed back (not boxed) so the caller can answer it; this is cold.
+    #[allow(clippy::result_large_err)]
     pub fn push(&self, job: Job) -> Result<(), (Job, Error)> {
         if self.is_dead() {
             let reason = self.death.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -723,10 +723,7 @@ mod tests {
         for _ in 0..(MAX_DEPTH + 5) {
             bytes.extend_from_slice(&[LIST, 0, 0, 0, 1]);
         }
-        bytes.push(NIL);
-        for _ in 0..(MAX_DEPTH + 5) {
-            bytes.push(NIL);
-        }
+        bytes.extend(std::iter::repeat_n(NIL, MAX_DEPTH + 6));
         assert_eq!(Term::decode(&bytes), Err(DecodeError::TooDeep));
     }
 

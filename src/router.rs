@@ -353,6 +353,7 @@ impl Routing {
         }
     }
 
+    #[allow(clippy::result_large_err)] // see Mailbox::push
     fn new_context(&mut self, id: &Term, opts: &Term, job: Job) -> Result<(), (Job, Error)> {
         let spec = match self.parse_spec(id, opts) {
             Ok(spec) => spec,
@@ -443,6 +444,7 @@ impl Routing {
         })
     }
 
+    #[allow(clippy::result_large_err)] // see Mailbox::push
     fn stop_context(&mut self, id: &Term, job: Job) -> Result<(), (Job, Error)> {
         let Some(id) = id.as_u64() else {
             return Err((

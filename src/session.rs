@@ -324,7 +324,7 @@ impl Session {
                 let function = parts.text(1, "function")?;
                 let target = if module == "__main__" {
                     lookup(globals.as_any(), &function, |g, name| {
-                        Ok(g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)?)
+                        g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)
                     })?
                 } else {
                     let module = self.module(py, &PyString::new(py, &module))?;
