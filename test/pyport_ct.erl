@@ -6,6 +6,7 @@
 -export([wait_for/2]).
 -export([assert_no_messages/0]).
 -export([os_pid/1]).
+-export([kill_and_await_restart/1]).
 -export([runtime_port/1]).
 -export([forward_logs/0]).
 -export([forward_logs_with_meta/0]).
@@ -52,6 +53,18 @@ assert_no_messages() ->
     end.
 
 -spec os_pid(pyport:runtime()) -> integer().
+%% Kills the named runtime's OS process and waits (bounded retries on pyport:info)
+%% until its supervisor has started a new one; returns the new OS pid.
+kill_and_await_restart(Name) ->
+    OsPid = os_pid(Name),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    wait_for(fun() ->
+                 case pyport:info(Name) of
+                     {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
+                     Other -> Other
+                 end
+             end, 1000).
+
 os_pid(Runtime) ->
     {ok, #{os_pid := OsPid}} = pyport:info(Runtime),
     OsPid.

@@ -236,14 +236,7 @@ env_after_runtime_restart(_Config) ->
     {ok, Ctx} = pyport:context(Name, a),
     {ok, Env} = pyport:new_env(Ctx),
     ok = pyport:exec(Ctx, <<"mine = 1">>, #{env => Env}),
-    OsPid = pyport_ct:os_pid(Name),
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    pyport_ct:wait_for(fun() ->
-                           case pyport:info(Name) of
-                               {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> Other
-                           end
-                       end, 1000),
+    _ = pyport_ct:kill_and_await_restart(Name),
     Theirs = [begin {ok, E} = pyport:new_env(Ctx), E end || _ <- lists:seq(1, 5)],
     [ok = pyport:exec(Ctx, <<"theirs = 1">>, #{env => E}) || E <- Theirs],
     ?assertEqual({error, not_found}, pyport:eval(Ctx, <<"1">>, #{}, #{env => Env})),

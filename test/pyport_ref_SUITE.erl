@@ -317,7 +317,7 @@ handle_after_runtime_restart(_Config) ->
     {ok, _} = pyport:start_runtime(#{name => Name, contexts => [#{name => a, preload => ?HELPERS}]}),
     {ok, Ctx} = pyport:context(Name, a),
     {ok, Ref} = box(Ctx, 5),
-    restart(Name),
+    _ = pyport_ct:kill_and_await_restart(Name),
     %% the new runtime has live objects of its own (ids start at a random base)
     Theirs = [begin {ok, T} = box(Ctx, 100 + I), T end || I <- lists:seq(1, 10)],
     Results = [pyport:getattr(Ref, v), pyport:call(Ctx, '__main__', is_box, [Ref])],
@@ -327,17 +327,6 @@ handle_after_runtime_restart(_Config) ->
     ?assertMatch([{error, not_found}, {error, {bad_term, _}}], Results).
 
 %%% Helpers
-
-%% Kills the runtime's OS process and waits for the supervisor's restart.
-restart(Name) ->
-    OsPid = pyport_ct:os_pid(Name),
-    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    pyport_ct:wait_for(fun() ->
-                           case pyport:info(Name) of
-                               {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> Other
-                           end
-                       end, 1000).
 
 box(Ctx, V) ->
     pyport:call(Ctx, '__main__', 'Box', [V], #{}, #{return => ref}).
