@@ -68,7 +68,8 @@
                   contexts => [context_spec()],
                   call_timeout => timeout(),
                   start_timeout => non_neg_integer(),
-                  max_frame => pos_integer()}.
+                  max_frame => pos_integer(),
+                  queue_capacity => pos_integer()}.
 -type ctx_id() :: pos_integer().
 -type ctx_info() :: #{id := ctx_id(), name := atom(), mode := owngil | main}.
 -type action() :: {new_context, ctx_id(), ctx_info()}
@@ -269,7 +270,8 @@ opts_contexts(Other) ->
 
 open(Opts) ->
     Exe = executable(Opts),
-    Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))],
+    Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
+        ++ queue_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -295,6 +297,10 @@ priv_dir() ->
 
 max_frame(Opts) ->
     maps:get(max_frame, Opts, ?DEFAULT_MAX_FRAME).
+
+%% Requests a context queues beyond the one it runs; more get {error, overloaded}.
+queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
+queue_args(_) -> [].
 
 %% `--path' for each entry of `path', then the site-packages of `venv'.
 path_args(Opts) ->

@@ -17,7 +17,8 @@ all() ->
      python_output_metadata,
      fd1_writes_do_not_corrupt_frames,
      frame_too_large, several_runtimes, restart_after_kill, main_mode_context,
-     python_exceptions, coroutine_awaited, owngil_parallelism, unknown_runtime].
+     python_exceptions, coroutine_awaited, owngil_parallelism, unknown_runtime,
+     overloaded_queue].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -623,3 +624,27 @@ unknown_runtime(_Config) ->
     ?assertEqual({error, not_found}, pyport:context(no_such_runtime, a)),
     ?assertEqual({error, not_found}, pyport:stop_runtime(no_such_runtime)),
     ?assertEqual({error, {runtime_down, noproc}}, pyport:info(self())).
+
+overloaded_queue() ->
+    [{doc, "A context's queue is bounded (queue_capacity): requests beyond it get "
+           "{error, overloaded} at once, the queued ones are served, nothing is lost."}].
+overloaded_queue(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{queue_capacity => 2, contexts => [#{name => a}]}),
+    {ok, Ctx} = pyport:context(Rt, a),
+    ok = pyport:exec(Ctx, <<"import erlang, time\n"
+                            "def busy(pid):\n"
+                            "    erlang.send(pid, erlang.atom('started'))\n"
+                            "    time.sleep(0.5)\n"
+                            "    return 'done'\n">>),
+    Self = self(),
+    Run = fun(Tag, F) -> spawn_link(fun() -> Self ! {Tag, F()} end) end,
+    Run(busy, fun() -> pyport:call(Ctx, '__main__', busy, [Self]) end),
+    receive started -> ok end,
+    %% the context is busy: two requests fit in its queue, three do not
+    [Run({n, I}, fun() -> pyport:call(Ctx, operator, add, [I, 1]) end) || I <- lists:seq(1, 5)],
+    Results = [receive {{n, I}, R} -> R end || I <- lists:seq(1, 5)],
+    ?assertEqual({ok, <<"done">>}, receive {busy, R} -> R end),
+    ?assertEqual(3, length([R || {error, overloaded} = R <- Results])),
+    ?assertEqual(2, length([R || {ok, _} = R <- Results])),
+    ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
