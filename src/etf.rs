@@ -254,6 +254,22 @@ impl<'a> Reader<'a> {
     }
 
     /// Skips one whole term, returning nothing; used to keep opaque terms verbatim.
+    /// Skips one element of a container: numbers inline, the rest through `skip`.
+    #[inline]
+    fn skip_elem(&mut self, depth: usize) -> Result<()> {
+        let step = match self.buf.get(self.pos) {
+            Some(&SMALL_INTEGER) => 2,
+            Some(&INTEGER) => 5,
+            Some(&NEW_FLOAT) => 9,
+            _ => return self.skip(depth),
+        };
+        if step > self.remaining() {
+            return Err(DecodeError::Truncated);
+        }
+        self.pos += step;
+        Ok(())
+    }
+
     pub fn skip(&mut self, depth: usize) -> Result<()> {
         if depth > MAX_DEPTH {
             return Err(DecodeError::TooDeep);
@@ -272,7 +288,7 @@ impl<'a> Reader<'a> {
                     self.u32()? as usize
                 };
                 for _ in 0..self.count(n, 1)? {
-                    self.skip(depth + 1)?;
+                    self.skip_elem(depth + 1)?;
                 }
             }
             NIL => {}
@@ -283,9 +299,9 @@ impl<'a> Reader<'a> {
             LIST => {
                 let n = self.u32()? as usize;
                 for _ in 0..self.count(n, 1)? {
-                    self.skip(depth + 1)?;
+                    self.skip_elem(depth + 1)?;
                 }
-                self.skip(depth + 1)?;
+                self.skip_elem(depth + 1)?;
             }
             BINARY => {
                 let n = self.u32()? as usize;
@@ -306,8 +322,8 @@ impl<'a> Reader<'a> {
             MAP => {
                 let n = self.u32()? as usize;
                 for _ in 0..self.count(n, 2)? {
-                    self.skip(depth + 1)?;
-                    self.skip(depth + 1)?;
+                    self.skip_elem(depth + 1)?;
+                    self.skip_elem(depth + 1)?;
                 }
             }
             PID | NEW_PID => {
@@ -338,9 +354,9 @@ impl<'a> Reader<'a> {
                 self.skip_bytes(size.checked_sub(4).ok_or(DecodeError::Truncated)?)?
             }
             EXPORT => {
-                self.skip(depth + 1)?;
-                self.skip(depth + 1)?;
-                self.skip(depth + 1)?;
+                self.skip_elem(depth + 1)?;
+                self.skip_elem(depth + 1)?;
+                self.skip_elem(depth + 1)?;
             }
             t => return Err(DecodeError::UnknownTag(t)),
         }

@@ -110,6 +110,40 @@ pub struct Session {
     next_id: Cell<u64>,
 }
 
+/// `{Op, Part1, ..., Opts}` split into the op and the encoded parts (each skipped once,
+/// which also checks that the whole body is well-formed ETF).
+fn split_request(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Error> {
+    let mut r = etf::Reader::new(body)?;
+    let arity = r
+        .tuple_header()
+        .map_err(|_| Error::BadRequest("a request is a tuple".into()))?;
+    let op = r
+        .atom()
+        .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
+    let mut parts = Parts {
+        items: [&[]; 5],
+        len: arity.saturating_sub(1),
+    };
+    if arity < 2 || parts.len > parts.items.len() {
+        return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
+    }
+    for item in parts.items.iter_mut().take(parts.len) {
+        *item = r.term_slice()?;
+    }
+    r.finish()?;
+    Ok((op, parts))
+}
+
+/// The error to report for a body `split_request` refused: what is wrong with the ETF
+/// if anything, else `shape`.
+fn classify(body: &[u8], shape: Error) -> Error {
+    let check = etf::Reader::new(body).and_then(|mut r| r.skip(0).and_then(|()| r.finish()));
+    match check {
+        Err(e) => e.into(),
+        Ok(()) => shape,
+    }
+}
+
 /// A random start for env and handle ids, so a handle from another runtime, or from
 /// before a restart, cannot name a live object here (ids stay below 2^62).
 fn random_id_base() -> u64 {
@@ -243,27 +277,12 @@ impl Session {
         out: &mut Vec<u8>,
         start: &dyn Fn(Option<u64>) -> bool,
     ) -> Result<(), Error> {
-        // Malformed ETF is `bad_term`; a well-formed term of the wrong shape `bad_request`.
-        let mut check = etf::Reader::new(body)?;
-        check.skip(0)?;
-        check.finish()?;
-        let mut r = etf::Reader::new(body)?;
-        let arity = r
-            .tuple_header()
-            .map_err(|_| Error::BadRequest("a request is a tuple".into()))?;
-        let op = r
-            .atom()
-            .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
-        let mut parts = Parts {
-            items: [&[]; 5],
-            len: arity.saturating_sub(1),
+        let (op, parts) = match split_request(body) {
+            Ok(split) => split,
+            // Malformed ETF is `bad_term`; a well-formed term of the wrong shape
+            // `bad_request`. Only a failed request pays for telling them apart.
+            Err(e) => return Err(classify(body, e)),
         };
-        if arity < 2 || parts.len > parts.items.len() {
-            return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
-        }
-        for item in parts.items.iter_mut().take(parts.len) {
-            *item = r.term_slice()?;
-        }
         let opts = Opts::parse(parts.get(parts.len - 1))?;
         if !start(opts.timeout_ms) {
             return Err(Error::Timeout);
