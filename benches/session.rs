@@ -21,6 +21,12 @@ fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {
 }
 
 fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
+    // `cargo bench --bench session -- WORD` runs only the cases whose name has WORD.
+    if let Some(filter) = std::env::args().skip(1).find(|a| !a.starts_with('-')) {
+        if !name.contains(&filter) {
+            return;
+        }
+    }
     let mut out = Vec::new();
     let n = (200_000_000 / body.len().max(1000)).clamp(10, 200_000);
     for _ in 0..(n / 100).max(2) {
