@@ -237,30 +237,20 @@ fn call<'py>(
         }
     }
     link.writer.event_kind(KIND_CALLBACK, &payload);
-    let result = if std::thread::current().id() == link.thread {
-        let nested = NESTED.with(|n| *n.borrow());
-        match nested {
+    let nested = NESTED
+        .with(|n| *n.borrow())
+        .filter(|_| std::thread::current().id() == link.thread);
+    let result = match nested {
+        // The context thread keeps serving its mailbox while it waits (re-entrancy).
+        Some(serve) => {
             // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
-            Some(serve) => unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) },
-            None => py.detach(|| link.callbacks.wait_ready(id)),
+            unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) };
+            link.callbacks.take(id).expect("callback result is ready")
         }
-        link.callbacks.take(id).expect("callback result is ready")
-    } else {
-        py.detach(|| link.callbacks.wait(id))
+        // Any other thread of the interpreter just waits, detached.
+        None => py.detach(|| link.callbacks.wait(id)),
     };
     callback_result(py, &types, &result)
-}
-
-impl Callbacks {
-    fn wait_ready(&self, id: u64) {
-        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
-        while !results.contains_key(&id) {
-            results = self
-                .arrived
-                .wait(results)
-                .unwrap_or_else(|e| e.into_inner());
-        }
-    }
 }
 
 /// `{ok, Term}` -> the value; `{error, Reason}` -> raises `erlang.Error(Reason)`.
