@@ -410,6 +410,14 @@ fn handle(
         session.serve(py, job.header(), job.body(), out, &start)
     }));
     deadline.end(outer, outer_at);
+    // Interrupted at its deadline: the caller sees `timeout`, whichever of its own timer
+    // and this reply comes first.
+    let result = result.map(|r| {
+        r.map_err(|e| match e {
+            Error::Python { ref kind, .. } if kind == "erlang.CallTimeout" => Error::Timeout,
+            other => other,
+        })
+    });
     let header = job.header();
     match result {
         Ok(Ok(())) if !header.is_empty() => writer.send(out),
