@@ -195,6 +195,12 @@ impl Mailbox {
         }
     }
 
+    pub fn wake_if_sleeping(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            let _ = self.waker.wake();
+        }
+    }
+
     /// Marks the context dead and answers everything still queued.
     fn fail_all(&self, writer: &Writer, reason: &str) {
         *self.death.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
@@ -287,7 +293,7 @@ fn next_job(
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
+fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, mut poll: Poll) {
     let writer: &Writer = inbox.writer();
     Python::attach(|py| {
         let mut events = Events::with_capacity(16);
@@ -308,7 +314,12 @@ fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
                 return;
             }
         };
-        mailbox.deadline.bind_thread();
+        let me = Arc::downgrade(mailbox);
+        mailbox.deadline.bind_thread(Box::new(move || {
+            if let Some(m) = me.upgrade() {
+                m.wake_if_sleeping();
+            }
+        }));
         mailbox.state.store(RUNNING, Ordering::SeqCst);
         writer.reply(start.header(), |w| w.atom("ok"));
         let lp = Loop {
@@ -322,7 +333,7 @@ fn serve(mailbox: &Mailbox, inbox: &Inbox, mut poll: Poll) {
         };
         let nested = |py: Python<'_>, done: &dyn Fn() -> bool| lp.serve_until(py, done);
         let stop = erlang_module::with_nested_serve(&nested, || {
-            lp.serve_until(py, &|| lp.stop.borrow().is_some());
+            let _ = lp.serve_until(py, &|| lp.stop.borrow().is_some());
             lp.stop.borrow_mut().take()
         });
         session.close(py);
@@ -352,9 +363,14 @@ struct Loop<'a> {
 const MAX_KEPT_BUFFER: usize = 64 << 20;
 
 impl Loop<'_> {
-    /// Serves jobs until `done()` holds.
-    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool) {
+    /// Serves jobs until `done()` holds (true), or, when nested in a request, until that
+    /// request's deadline passes (false).
+    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool) -> bool {
         let writer = self.inbox.writer();
+        let (request, _) = self.mailbox.deadline.current();
+        let given_up = || self.mailbox.deadline.fired(request);
+        let stop = || done() || given_up();
+        let done = &stop;
         while !done() {
             let Some(job) = self.mailbox.pop() else {
                 detached(py, || {
@@ -389,6 +405,7 @@ impl Loop<'_> {
                 }
             }
         }
+        !given_up()
     }
 }
 

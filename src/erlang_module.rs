@@ -78,6 +78,8 @@ pub struct Callbacks {
     next: AtomicU64,
     results: Mutex<HashMap<u64, Vec<u8>>>,
     arrived: Condvar,
+    /// Callbacks whose waiter gave up (its request timed out).
+    abandoned: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Callbacks {
@@ -86,12 +88,29 @@ impl Callbacks {
     }
 
     /// Stores a result (a whole ETF term) and wakes the threads waiting for results.
+    /// The result of a callback whose waiter gave up is dropped.
     pub fn deliver(&self, id: u64, term: Vec<u8>) {
+        if self
+            .abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+        {
+            return;
+        }
         self.results
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, term);
         self.arrived.notify_all();
+    }
+
+    /// The waiter of `id` gave up (its request timed out).
+    fn abandon(&self, id: u64) {
+        self.abandoned
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
     }
 
     pub fn is_ready(&self, id: u64) -> bool {
@@ -168,7 +187,8 @@ fn current_link() -> PyResult<Arc<Link>> {
 
 /// The context thread's way to wait for a callback result while serving its mailbox
 /// (re-entrancy); set by the context loop.
-pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool);
+/// It returns false if it gave up because the running request's deadline passed.
+pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool;
 
 thread_local! {
     static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
@@ -176,15 +196,16 @@ thread_local! {
 
 /// Installs the nested-serve function for this thread while `f` runs.
 pub fn with_nested_serve<'a, R>(
-    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) + 'a),
+    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool + 'a),
     f: impl FnOnce() -> R,
 ) -> R {
     // SAFETY: the pointer is only used while `f` runs (it is cleared right after), and
     // `serve` outlives that call.
     let ptr: *const NestedServe = unsafe {
-        std::mem::transmute::<&'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) + 'a), &'static NestedServe>(
-            serve,
-        )
+        std::mem::transmute::<
+            &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool + 'a),
+            &'static NestedServe,
+        >(serve)
     };
     NESTED.with(|n| *n.borrow_mut() = Some(ptr));
     let r = f();
@@ -244,13 +265,29 @@ fn call<'py>(
         // The context thread keeps serving its mailbox while it waits (re-entrancy).
         Some(serve) => {
             // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
-            unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) };
+            if !unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) } {
+                // The request's deadline passed while Erlang kept the callback: stop
+                // waiting, so the context serves others again.
+                link.callbacks.abandon(id);
+                return Err(timeout_error(py));
+            }
             link.callbacks.take(id).expect("callback result is ready")
         }
         // Any other thread of the interpreter just waits, detached.
         None => py.detach(|| link.callbacks.wait(id)),
     };
     callback_result(py, &types, &result)
+}
+
+/// `erlang.CallTimeout` of this interpreter, as an error to raise.
+fn timeout_error(py: Python<'_>) -> PyErr {
+    match erlang_module(py)
+        .and_then(|m| m.getattr("CallTimeout"))
+        .and_then(|c| c.call1(("the call ran past its timeout",)))
+    {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
 }
 
 /// `{ok, Term}` -> the value; `{error, Reason}` -> raises `erlang.Error(Reason)`.

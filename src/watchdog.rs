@@ -29,6 +29,10 @@ pub struct Deadline {
     /// Set when an interrupt went to another thread of the interpreter with
     /// `PyThreadState_SetAsyncExc`, so the context thread must clear a stray one.
     async_sent: AtomicU64,
+    /// The sequence number of the last request whose deadline fired.
+    fired: AtomicU64,
+    /// Wakes the context thread if it sleeps (it may wait for a callback that hangs).
+    wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Default for Deadline {
@@ -40,13 +44,22 @@ impl Default for Deadline {
             interp: AtomicPtr::new(std::ptr::null_mut()),
             thread_ident: AtomicU64::new(0),
             async_sent: AtomicU64::new(0),
+            fired: AtomicU64::new(0),
+            wake: OnceLock::new(),
         }
     }
 }
 
 impl Deadline {
-    /// Called on the context thread, attached, when its loop starts.
-    pub fn bind_thread(self: &Arc<Self>) {
+    /// Whether the deadline of request `seq` has passed.
+    pub fn fired(&self, seq: u64) -> bool {
+        seq != 0 && self.fired.load(Ordering::SeqCst) == seq
+    }
+
+    /// Called on the context thread, attached, when its loop starts; `wake` wakes it
+    /// from its sleep.
+    pub fn bind_thread(self: &Arc<Self>, wake: Box<dyn Fn() + Send + Sync>) {
+        let _ = self.wake.set(wake);
         // SAFETY: attached, so there is a current interpreter and thread.
         unsafe {
             self.interp
@@ -158,7 +171,12 @@ impl Watchdog {
                 let at = d.at.load(Ordering::SeqCst);
                 if at != 0 && at <= now {
                     d.at.store(0, Ordering::SeqCst);
+                    d.fired
+                        .store(d.running.load(Ordering::SeqCst), Ordering::SeqCst);
                     request_interrupt(&d, Arc::downgrade(&d));
+                    if let Some(wake) = d.wake.get() {
+                        wake();
+                    }
                 } else if at != 0 {
                     earliest = earliest.min(at);
                 }
