@@ -7,6 +7,8 @@
 -export([assert_no_messages/0]).
 -export([os_pid/1]).
 -export([kill_and_await_restart/1]).
+-export([start_runtime_ab/2]).
+-export([contexts_ab/2]).
 -export([runtime_port/1]).
 -export([forward_logs/0]).
 -export([forward_logs_with_meta/0]).
@@ -53,6 +55,19 @@ assert_no_messages() ->
     end.
 
 -spec os_pid(pyport:runtime()) -> integer().
+%% Starts the app and a runtime `Name' with contexts `a' and `b' made from `Spec'.
+start_runtime_ab(Name, Spec) ->
+    ok = start_app(),
+    {ok, _} = pyport:start_runtime(#{name => Name,
+                                     contexts => [Spec#{name => a}, Spec#{name => b}]}),
+    ok.
+
+%% Adds the handles of contexts `a' and `b' of runtime `Name' to a CT Config.
+contexts_ab(Name, Config) ->
+    {ok, A} = pyport:context(Name, a),
+    {ok, B} = pyport:context(Name, b),
+    [{a, A}, {b, B} | Config].
+
 %% Kills the named runtime's OS process and waits (bounded retries on pyport:info)
 %% until its supervisor has started a new one; returns the new OS pid.
 kill_and_await_restart(Name) ->

@@ -21,8 +21,7 @@ all() ->
      env_after_context_stopped, env_after_runtime_restart].
 
 init_per_suite(Config) ->
-    ok = pyport_ct:start_app(),
-    {ok, _} = pyport:start_runtime(#{name => ?RUNTIME, contexts => [#{name => a}, #{name => b}]}),
+    ok = pyport_ct:start_runtime_ab(?RUNTIME, #{}),
     Config.
 
 end_per_suite(_Config) ->
@@ -30,9 +29,7 @@ end_per_suite(_Config) ->
     pyport_ct:stop_app().
 
 init_per_testcase(_Case, Config) ->
-    {ok, A} = pyport:context(?RUNTIME, a),
-    {ok, B} = pyport:context(?RUNTIME, b),
-    [{a, A}, {b, B} | Config].
+    pyport_ct:contexts_ab(?RUNTIME, Config).
 
 end_per_testcase(_Case, _Config) ->
     pyport_ct:assert_no_messages().

@@ -59,10 +59,7 @@ all() ->
      handle_after_runtime_restart].
 
 init_per_suite(Config) ->
-    ok = pyport_ct:start_app(),
-    {ok, _} = pyport:start_runtime(#{name => ?RUNTIME,
-                                     contexts => [#{name => a, preload => ?HELPERS},
-                                                  #{name => b, preload => ?HELPERS}]}),
+    ok = pyport_ct:start_runtime_ab(?RUNTIME, #{preload => ?HELPERS}),
     Config.
 
 end_per_suite(_Config) ->
@@ -70,9 +67,7 @@ end_per_suite(_Config) ->
     pyport_ct:stop_app().
 
 init_per_testcase(_Case, Config) ->
-    {ok, A} = pyport:context(?RUNTIME, a),
-    {ok, B} = pyport:context(?RUNTIME, b),
-    [{a, A}, {b, B} | Config].
+    pyport_ct:contexts_ab(?RUNTIME, Config).
 
 %% Every case releases what it made: no Box is left alive in either context.
 end_per_testcase(_Case, Config) ->
