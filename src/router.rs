@@ -488,3 +488,29 @@ impl Routing {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn callback_results_are_recognised_and_kept_whole() {
+        let result = Term::Tuple(vec![
+            Term::atom("ok"),
+            Term::List(vec![Term::Int(-1), Term::Int(2)]),
+        ]);
+        let body = Term::Tuple(vec![
+            Term::atom("callback_result"),
+            Term::Int(42),
+            result.clone(),
+        ])
+        .encode();
+        let (id, term) = callback_result(&body).unwrap();
+        assert_eq!(id, 42);
+        assert_eq!(Term::decode(&term).unwrap(), result);
+        // anything else goes to the context
+        let call = Term::Tuple(vec![Term::atom("call"), Term::Int(1), Term::Int(2)]).encode();
+        assert!(callback_result(&call).is_none());
+        assert!(callback_result(&[131, 104]).is_none());
+    }
+}

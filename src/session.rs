@@ -501,3 +501,90 @@ impl Session {
         Ok(lp.bind(py).call_method1("run_until_complete", (value,))?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::BadTerm;
+    use crate::etf::Term;
+
+    fn call(opts: Term) -> Vec<u8> {
+        Term::Tuple(vec![
+            Term::atom("call"),
+            Term::Binary(b"operator".to_vec()),
+            Term::Binary(b"add".to_vec()),
+            Term::List(vec![Term::Int(1), Term::Int(2)]),
+            Term::Map(vec![]),
+            opts,
+        ])
+        .encode()
+    }
+
+    #[test]
+    fn options_are_read_and_unknown_ones_ignored() {
+        let opts = Term::Map(vec![
+            (Term::atom("env"), Term::Int(7)),
+            (Term::atom("return"), Term::atom("ref")),
+            (Term::atom("timeout"), Term::Int(250)),
+            (Term::atom("whatever"), Term::List(vec![Term::Int(1)])),
+        ]);
+        let body = call(opts);
+        let (op, parts) = split_request(&body).unwrap();
+        assert_eq!(op, "call");
+        assert_eq!(parts.len, 5);
+        let opts = Opts::parse(parts.get(4)).unwrap();
+        assert_eq!(
+            (opts.env, opts.return_ref, opts.timeout_ms, opts.caller),
+            (Some(7), true, Some(250), None)
+        );
+        let infinity = Term::Map(vec![(Term::atom("timeout"), Term::atom("infinity"))]).encode();
+        let infinity = Opts::parse(&infinity[1..]).unwrap();
+        assert_eq!(infinity.timeout_ms, None);
+    }
+
+    #[test]
+    fn options_must_be_a_map() {
+        let body = call(Term::atom("x"));
+        let (_, parts) = split_request(&body).unwrap();
+        assert!(matches!(
+            Opts::parse(parts.get(4)),
+            Err(Error::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn malformed_etf_is_bad_term_and_wrong_shape_is_bad_request() {
+        let shape = |body: &[u8]| {
+            split_request(body)
+                .map(|_| ())
+                .map_err(|e| classify(body, e))
+        };
+        // truncated in the tuple header: bad_term, not bad_request
+        assert!(matches!(
+            shape(&[131, 104]),
+            Err(Error::BadTerm(BadTerm::Invalid(_)))
+        ));
+        // a list header claiming 2^32 elements
+        assert!(matches!(
+            shape(&[131, 108, 255, 255, 255, 255]),
+            Err(Error::BadTerm(_))
+        ));
+        // trailing bytes after a valid request
+        let mut body = call(Term::Map(vec![]));
+        body.push(0);
+        assert!(matches!(
+            shape(&body),
+            Err(Error::BadTerm(BadTerm::Invalid(_)))
+        ));
+        // valid ETF, wrong shape
+        assert!(matches!(
+            shape(&Term::Int(1).encode()),
+            Err(Error::BadRequest(_))
+        ));
+        assert!(matches!(
+            shape(&Term::Tuple(vec![Term::Int(1), Term::Int(2)]).encode()),
+            Err(Error::BadRequest(_))
+        ));
+        assert!(shape(&call(Term::Map(vec![]))).is_ok());
+    }
+}
