@@ -146,14 +146,14 @@ impl Inbox {
     /// A spinning context found work; it keeps stdin (see [`Watch`]).
     pub fn spin_to_work(&self) {
         if let Some(w) = self.watch().as_mut() {
-            w.spinners -= 1;
+            w.spinners = w.spinners.saturating_sub(1);
         }
     }
 
     /// A spinning context goes to sleep; the last one hands stdin back.
     pub fn spin_to_sleep(&self) {
         if let Some(w) = self.watch().as_mut() {
-            w.spinners -= 1;
+            w.spinners = w.spinners.saturating_sub(1);
             if w.spinners == 0 && !w.router_watches {
                 w.watch_again();
             }
