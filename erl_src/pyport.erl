@@ -33,6 +33,12 @@
 -export([exec/1]).
 -export([exec/2]).
 -export([exec/3]).
+-export([async_call/4]).
+-export([async_call/5]).
+-export([async_call/6]).
+-export([await/1]).
+-export([await/2]).
+-export([cast/4]).
 -export([new_env/1]).
 -export([drop_env/1]).
 -export([getattr/2]).
@@ -348,6 +354,71 @@ unregister_function(Name) ->
         error:badarg -> ok
     end.
 
+%%% Asynchronous calls
+
+%% @doc Starts `Module.Function(*Args)' and returns at once. The result arrives as the
+%% message `{pyport, Ref, Result}', `Result' being what call/6 would have returned; see
+%% await/1,2. `erlang.self()' in Python is the calling process, and a handle returned
+%% with `return => ref' is owned by it.
+-spec async_call(ctx(), name(), name(), list()) -> reference().
+async_call(Ctx, Module, Function, Args) ->
+    async_call(Ctx, Module, Function, Args, #{}, #{}).
+
+-spec async_call(ctx(), name(), name(), list(), map()) -> reference().
+async_call(Ctx, Module, Function, Args, Kwargs) ->
+    async_call(Ctx, Module, Function, Args, Kwargs, #{}).
+
+-spec async_call(ctx(), name(), name(), list(), map(), call_opts()) -> reference().
+async_call(Ctx, Module, Function, Args, Kwargs, Opts) when is_map(Opts) ->
+    Caller = self(),
+    Ref = make_ref(),
+    %% A short-lived process waits for the reply, so the caller's mailbox only ever
+    %% gets the one result message.
+    _ = spawn(fun() ->
+                  Result = call(Ctx, Module, Function, Args, Kwargs, Opts#{caller => Caller}),
+                  Caller ! {pyport, Ref, Result}
+              end),
+    Ref.
+
+%% @doc Waits for the result of async_call/4,5,6.
+-spec await(reference()) -> {ok, term()} | {error, error()}.
+await(Ref) ->
+    await(Ref, infinity).
+
+%% @doc Waits at most Timeout ms; `{error, timeout}' leaves the call running (its result
+%% message still arrives later).
+-spec await(reference(), timeout()) -> {ok, term()} | {error, error()}.
+await(Ref, Timeout) ->
+    receive
+        {pyport, Ref, Result} -> Result
+    after Timeout ->
+        {error, timeout}
+    end.
+
+%% @doc Runs `Module.Function(*Args)' without waiting for it; failures are logged by
+%% the runtime (domain `[pyport, python]').
+-spec cast(ctx(), name(), name(), list()) -> ok.
+cast(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) when is_list(Args) ->
+    case lookup(Key) of
+        [{_, _Pid, Port, _CallTimeout, MaxFrame}] ->
+            Body = encode({call, name(Module), name(Function), Args, #{},
+                           #{caller => self()}}),
+            Frame = [<<Id:64, 0:16>>, Body],
+            case iolist_size(Frame) =< MaxFrame of
+                true ->
+                    try erlang:port_command(Port, Frame) of
+                        true -> ok
+                    catch
+                        error:badarg -> ok
+                    end;
+                false ->
+                    logger:warning("pyport:cast of ~p bytes is over max_frame ~p",
+                                   [iolist_size(Frame), MaxFrame], #{domain => [pyport]})
+            end;
+        [] ->
+            ok
+    end.
+
 %%% The call path
 
 %% Req is the request body without its trailing Opts map. The effective timeout and the
@@ -361,11 +432,12 @@ request(Key, Id, Req, Opts) ->
 
 runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
     Timeout = maps:get(timeout, Opts, CallTimeout),
-    case wire_opts(Key, Id, Pid, Opts#{timeout => Timeout, caller => self()}) of
+    Owner = maps:get(caller, Opts, self()),
+    case wire_opts(Key, Id, Pid, Opts#{timeout => Timeout, caller => Owner}) of
         {ok, WireOpts} ->
             Body = encode(erlang:append_element(Req, WireOpts)),
             Reply = send_request(Pid, Port, Id, Body, Timeout, MaxFrame),
-            returned(Reply, Key, Id, Pid, Opts);
+            returned(Reply, Key, Id, Pid, Owner, Opts);
         {error, _} = Error ->
             Error
     end.
@@ -386,10 +458,11 @@ wire_opts(_Key, _Id, _Pid, Opts) ->
 
 %% With `return => ref' the reply names an object kept in the context: it becomes a
 %% handle owned by the calling process.
-returned({ok, {pyport_ref, RefId}}, Key, Id, Pid, #{return := ref}) when is_integer(RefId) ->
-    gen_server:cast(Pid, {own, self(), Id, {ref, RefId}}),
+returned({ok, {pyport_ref, RefId}}, Key, Id, Pid, Owner, #{return := ref})
+  when is_integer(RefId) ->
+    gen_server:cast(Pid, {own, Owner, Id, {ref, RefId}}),
     {ok, #pyport_ref{key = Key, ctx = Id, id = RefId}};
-returned(Reply, _Key, _Id, _Pid, _Opts) ->
+returned(Reply, _Key, _Id, _Pid, _Owner, _Opts) ->
     Reply.
 
 %% The monitor (with an alias) and the receive stay in one function, so the receive
