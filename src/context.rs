@@ -439,17 +439,12 @@ fn handle(
     match result {
         Ok(Ok(())) if !header.is_empty() => writer.send(out),
         Ok(Ok(())) => {}
-        Ok(Err(e)) if header.is_empty() => {
-            writer.log("warning", session.id, &format!("cast failed: {e}"))
-        }
-        Ok(Err(e)) => writer.reply(header, |w| e.write_reply(w)),
-        Err(panic) => {
-            let e = Error::Panic(panic_message(&*panic));
-            if header.is_empty() {
-                writer.log("error", session.id, &e.to_string());
-            } else {
-                writer.reply(header, |w| e.write_reply(w));
-            }
-        }
+        Ok(Err(e)) => writer.fail(header, session.id, "warning", &e),
+        Err(panic) => writer.fail(
+            header,
+            session.id,
+            "error",
+            &Error::Panic(panic_message(&*panic)),
+        ),
     }
 }

@@ -137,14 +137,7 @@ pub fn decode_args<'py>(
         etf::LIST => {
             let n = r.u32()? as usize;
             let n = r.count(n, 1)?;
-            let tuple = new_tuple(py, n)?;
-            for i in 0..n {
-                let item = decode_term(py, types, &mut r, 1)?;
-                // SAFETY: fresh tuple of length n, slot i empty; SET_ITEM steals.
-                unsafe {
-                    ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr())
-                };
-            }
+            let tuple = decode_tuple_items(py, types, &mut r, n, 1)?;
             if r.u8()? != etf::NIL {
                 return Err(Error::BadRequest("args must be a proper list".into()));
             }
@@ -255,14 +248,7 @@ pub fn decode_term<'py>(
                     return Ok(bytes);
                 }
             }
-            let tuple = new_tuple(py, n)?;
-            for i in 0..n {
-                let item = decode_term(py, types, r, depth + 1)?;
-                // SAFETY: as for lists; tuples with empty slots are safe to free too.
-                unsafe {
-                    ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr())
-                };
-            }
+            let tuple = decode_tuple_items(py, types, r, n, depth + 1)?;
             tuple.into_any()
         }
         etf::MAP => {
@@ -304,6 +290,24 @@ pub fn decode_term<'py>(
             raw_term(py, &types.opaque, r.slice(start, r.pos()))?
         }
     })
+}
+
+/// A tuple of the next `n` terms of `r` (at nesting `depth`).
+fn decode_tuple_items<'py>(
+    py: Python<'py>,
+    types: &Types,
+    r: &mut Reader<'_>,
+    n: usize,
+    depth: usize,
+) -> Result<Bound<'py, PyTuple>, Error> {
+    let tuple = new_tuple(py, n)?;
+    for i in 0..n {
+        let item = decode_term(py, types, r, depth)?;
+        // SAFETY: `tuple` is fresh, of length n, and slot i is empty; SET_ITEM steals the
+        // reference. A tuple with empty slots left by an error is safe to free.
+        unsafe { ffi::PyTuple_SET_ITEM(tuple.as_ptr(), i as ffi::Py_ssize_t, item.into_ptr()) };
+    }
+    Ok(tuple)
 }
 
 fn new_list(py: Python<'_>, n: usize) -> PyResult<Bound<'_, PyList>> {

@@ -322,11 +322,7 @@ impl Routing {
     }
 
     fn fail(&self, job: &Job, err: Error) {
-        if job.header().is_empty() {
-            self.writer.log("warning", 0, &err.to_string());
-        } else {
-            self.writer.reply(job.header(), |w| err.write_reply(w));
-        }
+        self.writer.fail(job.header(), 0, "warning", &err);
     }
 
     fn control(&mut self, job: Job) {

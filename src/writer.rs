@@ -9,6 +9,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::error::Error;
 use crate::etf;
 use crate::framing::{begin_frame, finish_frame, KIND_EVENT, KIND_REPLY};
 
@@ -92,17 +93,27 @@ impl Writer {
 
     /// Sends a reply whose ETF payload is written by `payload`.
     pub fn reply(&self, header: &[u8], payload: impl FnOnce(&mut etf::Writer<'_>)) {
-        let mut frame = Vec::with_capacity(64);
-        begin_frame(&mut frame, KIND_REPLY, header);
-        payload(&mut etf::Writer::new(&mut frame));
-        finish_frame(&mut frame);
-        self.send(&frame);
+        self.frame(KIND_REPLY, header, payload);
     }
 
     /// Sends an event for the port owner.
     pub fn event(&self, payload: impl FnOnce(&mut etf::Writer<'_>)) {
+        self.frame(KIND_EVENT, &[], payload);
+    }
+
+    /// Answers a failed request with `{error, Error}`, or, for a cast (empty header),
+    /// logs it at `level` for context `ctx`.
+    pub fn fail(&self, header: &[u8], ctx: u64, level: &str, err: &Error) {
+        if header.is_empty() {
+            self.log(level, ctx, &format!("cast failed: {err}"));
+        } else {
+            self.reply(header, |w| err.write_reply(w));
+        }
+    }
+
+    fn frame(&self, kind: u8, header: &[u8], payload: impl FnOnce(&mut etf::Writer<'_>)) {
         let mut frame = Vec::with_capacity(64);
-        begin_frame(&mut frame, KIND_EVENT, &[]);
+        begin_frame(&mut frame, kind, header);
         payload(&mut etf::Writer::new(&mut frame));
         finish_frame(&mut frame);
         self.send(&frame);
