@@ -39,6 +39,13 @@
 -export([await/1]).
 -export([await/2]).
 -export([cast/4]).
+-export([stream/4]).
+-export([stream/5]).
+-export([stream/6]).
+-export([stream_next/1]).
+-export([stream_next/2]).
+-export([stream_ack/1]).
+-export([stream_cancel/1]).
 -export([new_env/1]).
 -export([drop_env/1]).
 -export([getattr/2]).
@@ -57,6 +64,7 @@
 -export_type([call_opts/0]).
 -export_type([env/0]).
 -export_type([pyref/0]).
+-export_type([stream/0]).
 
 -define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
@@ -64,6 +72,7 @@
 -define(DEFAULT_RUNTIME, pyport).
 %% Binary arguments larger than this are not copied into the request frame.
 -define(IOVEC_THRESHOLD, 65536).
+-define(DEFAULT_WINDOW, 64).
 
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
 %% `runtime' is the owner process that made the env: an env does not outlive the OS
@@ -81,6 +90,16 @@
 -opaque ctx() :: #pyport_ctx{}.
 -opaque env() :: #pyport_env{}.
 -opaque pyref() :: #pyport_ref{}.
+%% A stream is the alias its messages carry: `{pyport_stream, Stream, Msg}'.
+-type stream() :: reference().
+-type stream_msg() :: {data, term()} | done | {error, error()}.
+%% What the consuming process knows of each of its streams (in its dictionary).
+-record(stream_state, {port :: port(),
+                       ctx :: pos_integer(),
+                       id :: binary(),
+                       owner :: pid(),
+                       batch :: pos_integer(),
+                       unacked = 0 :: non_neg_integer()}).
 -type runtime() :: pid() | atom().
 -type name() :: atom() | binary() | string().
 -type code() :: unicode:chardata().
@@ -419,6 +438,159 @@ cast(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) when is_list(Args)
             ok
     end.
 
+%%% Streams
+
+%% @doc Streams the items of `Module.Function(*Args)' (a generator, an async generator
+%% or any iterable). See stream/6.
+-spec stream(ctx(), name(), name(), list()) -> {ok, stream()} | {error, error()}.
+stream(Ctx, Module, Function, Args) ->
+    stream(Ctx, Module, Function, Args, #{}, #{}).
+
+-spec stream(ctx(), name(), name(), list(), map()) -> {ok, stream()} | {error, error()}.
+stream(Ctx, Module, Function, Args, Kwargs) ->
+    stream(Ctx, Module, Function, Args, Kwargs, #{}).
+
+%% @doc Starts a stream and returns at once. The calling process then receives
+%% `{pyport_stream, Stream, {data, Item}}' for each item and one final
+%% `{pyport_stream, Stream, done}' or `{pyport_stream, Stream, {error, Error}}' (an
+%% exception in the function itself, before any item, is that final message too). At
+%% most `window' items (Opts, default 64) are ever ahead of what the caller took:
+%% stream_next/1,2 takes one and grants credit; a process that receives the messages
+%% itself calls stream_ack/1 for each item. If the runtime goes down, the monitor behind
+%% the stream delivers `{'DOWN', Stream, process, _, Reason}' (stream_next/1,2 turns it
+%% into `{error, {runtime_down, Reason}}'). The stream belongs to the calling process:
+%% it is cancelled when that process exits.
+-spec stream(ctx(), name(), name(), list(), map(), call_opts()) ->
+          {ok, stream()} | {error, error()}.
+stream(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
+  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    Window = maps:get(window, Opts, ?DEFAULT_WINDOW),
+    case lookup(Key) of
+        [_] when not (is_integer(Window) andalso Window > 0) ->
+            {error, {bad_request, {window, Window}}};
+        [{_, Pid, Port, CallTimeout, MaxFrame}] ->
+            Timeout = maps:get(timeout, Opts, CallTimeout),
+            WireOpts0 = Opts#{timeout => Timeout, caller => self(), window => Window},
+            case wire_opts(Key, Id, Pid, WireOpts0) of
+                {ok, WireOpts} ->
+                    Req = {stream, name(Module), name(Function), Args, Kwargs, WireOpts},
+                    start_stream(Pid, Port, Id, encode(Req), Window, MaxFrame);
+                {error, _} = Error ->
+                    Error
+            end;
+        [] ->
+            {error, {runtime_down, noproc}}
+    end.
+
+%% The stream's messages come to an alias of a monitor of the runtime, so a crash ends
+%% the stream at once; the frame header `{pyport_stream, Alias}' tells the runtime to
+%% deliver them in the stream's shape.
+start_stream(Pid, Port, Id, Body, Window, MaxFrame) ->
+    Stream = erlang:monitor(process, Pid, [{alias, demonitor}]),
+    H = term_to_binary({pyport_stream, Stream}),
+    Size = 10 + byte_size(H) + iolist_size(Body),
+    if
+        Size > MaxFrame ->
+            erlang:demonitor(Stream, [flush]),
+            {error, {frame_too_large, Size, MaxFrame}};
+        true ->
+            try erlang:port_command(Port, [<<Id:64, (byte_size(H)):16>>, H, Body]) of
+                true ->
+                    gen_server:cast(Pid, {own, self(), Id, {stream, H}}),
+                    put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H,
+                                                         owner = Pid,
+                                                         batch = max(1, Window div 2)}),
+                    {ok, Stream}
+            catch
+                error:badarg ->
+                    erlang:demonitor(Stream, [flush]),
+                    {error, {runtime_down, port_closed}}
+            end
+    end.
+
+%% @doc Takes the next message of the stream (waiting as long as it takes).
+-spec stream_next(stream()) -> stream_msg().
+stream_next(Stream) ->
+    stream_next(Stream, infinity).
+
+%% @doc Takes the next message of the stream: `{data, Item}', `done' or
+%% `{error, Error}'; `{error, timeout}' if none came within Timeout ms (the stream goes
+%% on). Taking an item grants the producer credit for another.
+-spec stream_next(stream(), timeout()) -> stream_msg().
+stream_next(Stream, Timeout) ->
+    case get({?MODULE, Stream}) of
+        undefined ->
+            {error, not_found};
+        State ->
+            receive
+                {pyport_stream, Stream, {data, _} = Data} ->
+                    ack(Stream, State),
+                    Data;
+                {pyport_stream, Stream, Final} ->
+                    end_stream(Stream, State),
+                    Final;
+                {'DOWN', Stream, process, _, Reason} ->
+                    erase({?MODULE, Stream}),
+                    {error, {runtime_down, Reason}}
+            after Timeout ->
+                {error, timeout}
+            end
+    end.
+
+%% @doc Grants credit for one item, for a process that receives the stream's messages
+%% itself (call it once per `{data, _}' taken).
+-spec stream_ack(stream()) -> ok.
+stream_ack(Stream) ->
+    case get({?MODULE, Stream}) of
+        undefined -> ok;
+        State -> ack(Stream, State)
+    end.
+
+%% @doc Stops the stream: the Python generator is closed (its `finally' runs), and no
+%% message of the stream arrives from now on (those already here are dropped).
+-spec stream_cancel(stream()) -> ok.
+stream_cancel(Stream) ->
+    case erase({?MODULE, Stream}) of
+        undefined ->
+            ok;
+        #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid} ->
+            _ = port_cast(Port, Ctx, {stream_cancel, H, #{}}),
+            gen_server:cast(Pid, {disown, Ctx, {stream, H}}),
+            erlang:demonitor(Stream, [flush]),
+            flush_stream(Stream)
+    end.
+
+flush_stream(Stream) ->
+    receive
+        {pyport_stream, Stream, _} -> flush_stream(Stream)
+    after 0 ->
+        ok
+    end.
+
+%% Credit goes back in batches of half the window, so the producer never has more than
+%% `window' items out and the port sees one credit frame per batch.
+ack(Stream, #stream_state{unacked = N, batch = Batch} = State) when N + 1 < Batch ->
+    put({?MODULE, Stream}, State#stream_state{unacked = N + 1}),
+    ok;
+ack(Stream, #stream_state{port = Port, ctx = Ctx, id = H, unacked = N} = State) ->
+    _ = port_cast(Port, Ctx, {stream_credit, H, N + 1, #{}}),
+    put({?MODULE, Stream}, State#stream_state{unacked = 0}),
+    ok.
+
+end_stream(Stream, #stream_state{ctx = Ctx, id = H, owner = Pid}) ->
+    erase({?MODULE, Stream}),
+    gen_server:cast(Pid, {disown, Ctx, {stream, H}}),
+    erlang:demonitor(Stream, [flush]),
+    ok.
+
+%% A request that wants no reply (empty header).
+port_cast(Port, Ctx, Request) ->
+    try
+        erlang:port_command(Port, [<<Ctx:64, 0:16>>, term_to_binary(Request)])
+    catch
+        error:badarg -> false
+    end.
+
 %%% The call path
 
 %% Req is the request body without its trailing Opts map. The effective timeout and the
@@ -502,7 +674,7 @@ send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
 
 %% A request whose arguments hold a large binary is encoded with term_to_iovec/1, which
 %% refers to the binary instead of copying it; term_to_binary/1 is faster for the rest.
-encode({Op, _, _, Args, _, _} = Req) when Op =:= call; Op =:= call_method ->
+encode({Op, _, _, Args, _, _} = Req) when Op =:= call; Op =:= call_method; Op =:= stream ->
     case has_large_binary(Args, 8) of
         true -> erlang:term_to_iovec(Req);
         false -> term_to_binary(Req)

@@ -76,7 +76,7 @@
                 | {stop_context, ctx_id()}
                 | info.
 %% An env or an object handle in a context, freed when the process owning it exits.
--type item() :: {env | ref, non_neg_integer()}.
+-type item() :: {env | ref, non_neg_integer()} | {stream, binary()}.
 -type owned() :: {ctx_id(), item()}.
 
 -record(state, {
@@ -203,8 +203,8 @@ handle_cast(_Msg, S) ->
     {noreply, S}.
 
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
-handle_info({Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}},
-            #state{port = Port} = S) ->
+handle_info({Port, {data, <<Kind, HLen:16, H:HLen/binary, Payload/binary>>}},
+            #state{port = Port} = S) when Kind =:= 0; Kind =:= 4 ->
     route(H, Payload, S),
     {noreply, S};
 handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
@@ -540,20 +540,27 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
     (maps:merge(Base, Info))#{contexts => Described, runtime => self(),
                               owned => owned_counts(S)}.
 
-%% How many processes own envs and handles, and how many of each this process tracks.
+%% How many processes own envs, handles and streams, and how many of each are tracked.
 owned_counts(#state{owners = Owners, owned = Owned}) ->
     Items = maps:keys(Owned),
     #{processes => map_size(Owners),
       envs => length([E || {_, {env, _}} = E <- Items]),
-      refs => length([R || {_, {ref, _}} = R <- Items])}.
+      refs => length([R || {_, {ref, _}} = R <- Items]),
+      streams => length([T || {_, {stream, _}} = T <- Items])}.
 
 %%% Routing
 
 %% A reply goes to the alias (or pid) in its header; the payload is not decoded here.
+%% Frames of a stream (header `{pyport_stream, Alias}': its items, kind 4, and its
+%% final reply, kind 0) are delivered as `{pyport_stream, Alias, Msg}', the shape the
+%% consumer receives, so they are decoded.
 route(H, Payload, #state{key = Key}) ->
     try binary_to_term(H, [safe]) of
         Dest when is_reference(Dest); is_pid(Dest) ->
             Dest ! {Dest, Payload},
+            ok;
+        {pyport_stream, Dest} when is_reference(Dest) ->
+            Dest ! {pyport_stream, Dest, decode(Payload)},
             ok;
         Other ->
             logger:warning("pyport runtime ~p: reply with a header that is no alias: ~P",
@@ -757,7 +764,9 @@ owner_down(Pid, #state{owners = Owners, owned = Owned, port = Port} = S) ->
 free(Port, {Ctx, {env, EnvId}}) ->
     cast_request(Port, Ctx, {drop_env, EnvId, #{}});
 free(Port, {Ctx, {ref, RefId}}) ->
-    cast_request(Port, Ctx, {release, RefId, #{}}).
+    cast_request(Port, Ctx, {release, RefId, #{}});
+free(Port, {Ctx, {stream, H}}) ->
+    cast_request(Port, Ctx, {stream_cancel, H, #{}}).
 
 cast_request(Port, Ctx, Request) ->
     try

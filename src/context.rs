@@ -11,75 +11,30 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::{Events, Poll, Token, Waker};
+use mio::{Poll, Waker};
 use pyo3::prelude::*;
 
 use crate::erlang_module::{self, Link};
 use crate::error::{panic_message, Error};
-use crate::python::SubInterpreter;
+use crate::event_loop::{Reactor, WAKE};
+use crate::python::{detached, SubInterpreter};
+use crate::request::{Job, Kind, Mode};
 use crate::router::Inbox;
-use crate::session::Session;
+use crate::session::{Served, Session};
 use crate::watchdog::Deadline;
 use crate::writer::Writer;
 
-const WAKE: Token = Token(0);
 /// How long an idle context spins before it sleeps: adaptive between these bounds. It
 /// doubles when work came while spinning and shrinks by 1/8 when the spin was in vain,
 /// so a steady stream of requests (even a jittery one) meets a spinning thread, while
 /// sparse traffic soon costs a few microseconds of CPU per request instead of 200.
 const SPIN_MAX_US: u32 = 200;
 const SPIN_MIN_US: u32 = 5;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    OwnGil,
-    Main,
-}
-
-/// How to create a context (from a `new_context` request).
-#[derive(Clone, Debug)]
-pub struct Spec {
-    pub id: u64,
-    pub mode: Mode,
-    pub name: Option<String>,
-    pub preload: Option<String>,
-    pub path: Vec<String>,
-}
-
-/// What a job asks of a context.
-pub enum Kind {
-    /// Serve the request in the frame.
-    Request,
-    /// Become the context described (always the first job of a thread).
-    Start(Box<Spec>),
-    /// End the interpreter and the thread.
-    Stop,
-}
-
-/// One unit of work for a context, with the frame it came in (for the reply header).
-pub struct Job {
-    pub frame: Vec<u8>,
-    /// Byte range of the reply header inside `frame`.
-    pub header: (usize, usize),
-    /// Where the ETF body starts inside `frame`.
-    pub body: usize,
-    pub kind: Kind,
-    /// When the router read it (request deadlines count from here).
-    pub arrived: Instant,
-}
-
-impl Job {
-    pub fn header(&self) -> &[u8] {
-        &self.frame[self.header.0..self.header.1]
-    }
-    pub fn body(&self) -> &[u8] {
-        &self.frame[self.body..]
-    }
-}
 
 const STARTING: u8 = 0;
 const RUNNING: u8 = 1;
@@ -149,15 +104,37 @@ impl Mailbox {
         self.state.load(Ordering::SeqCst) == DEAD
     }
 
-    /// Waits until the queue may hold something or `ready()` holds: spin (reading stdin
-    /// when no other thread is), then sleep in `poll`.
-    fn wait(&self, inbox: &Inbox, poll: &mut Poll, events: &mut Events, ready: &dyn Fn() -> bool) {
+    /// Waits until the queue may hold something, `ready()` holds, or (when `lp` is
+    /// given: the loop may step here) the event loop is due at `lp.1` or has fd events:
+    /// spin (reading stdin when no other thread is, and polling the loop's fds if it
+    /// has any), then sleep in the reactor's poll.
+    fn wait(
+        &self,
+        inbox: &Inbox,
+        reactor: &Reactor,
+        ready: &dyn Fn() -> bool,
+        lp: Option<Option<Instant>>,
+    ) {
         let budget = self.spin_us.load(Ordering::Relaxed);
-        let until = Instant::now() + Duration::from_micros(budget.into());
-        let idle = || self.is_empty() && !ready();
+        let mut until = Instant::now() + Duration::from_micros(budget.into());
+        let due = lp.flatten();
+        if let Some(d) = due {
+            until = until.min(d);
+        }
+        let loop_ready = || lp.is_some() && reactor.has_ready();
+        let async_results = || {
+            self.link
+                .get()
+                .is_some_and(|l| l.callbacks.has_async_results())
+        };
+        let idle = || self.is_empty() && !ready() && !loop_ready() && !async_results();
+        let poll_fds = lp.is_some() && reactor.has_fds();
         inbox.spin_enter();
         while idle() && Instant::now() < until {
             inbox.try_pump();
+            if poll_fds {
+                reactor.wait(Some(Duration::ZERO));
+            }
             if !idle() {
                 break;
             }
@@ -174,12 +151,7 @@ impl Mailbox {
             .store((budget - budget / 8).max(SPIN_MIN_US), Ordering::Relaxed);
         self.sleeping.store(true, Ordering::SeqCst);
         if idle() {
-            loop {
-                match poll.poll(events, None) {
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    _ => break,
-                }
-            }
+            reactor.wait(due.map(|d| d.saturating_duration_since(Instant::now())));
         }
         self.sleeping.store(false, Ordering::SeqCst);
     }
@@ -189,9 +161,7 @@ impl Mailbox {
     pub fn deliver_callback(&self, id: u64, term: Vec<u8>) {
         if let Some(link) = self.link.get() {
             link.callbacks.deliver(id, term);
-            if self.sleeping.load(Ordering::SeqCst) {
-                let _ = self.waker.wake();
-            }
+            self.wake_if_sleeping();
         }
     }
 
@@ -261,43 +231,25 @@ fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
     }
 }
 
-/// Runs `f` with this thread detached from its interpreter (GIL released), like
-/// `Python::detach`, for closures that touch no Python object but are not `Send`.
-fn detached<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
-    struct Reattach(*mut pyo3::ffi::PyThreadState);
-    impl Drop for Reattach {
-        fn drop(&mut self) {
-            // SAFETY: restores the thread state saved below, on the same thread.
-            unsafe { pyo3::ffi::PyEval_RestoreThread(self.0) }
-        }
-    }
-    // SAFETY: the thread is attached (we hold `_py`); `f` uses no Python API.
-    let _reattach = Reattach(unsafe { pyo3::ffi::PyEval_SaveThread() });
-    f()
-}
-
 /// Waits for the next job (spinning, then sleeping with the GIL released).
-fn next_job(
-    py: Python<'_>,
-    mailbox: &Mailbox,
-    inbox: &Inbox,
-    poll: &mut Poll,
-    events: &mut Events,
-) -> Job {
+fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &Inbox, reactor: &Reactor) -> Job {
     loop {
         if let Some(job) = mailbox.pop() {
             return job;
         }
-        py.detach(|| mailbox.wait(inbox, poll, events, &|| false));
+        detached(py, || mailbox.wait(inbox, reactor, &|| false, None));
     }
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, mut poll: Poll) {
+fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, poll: Poll) {
     let writer: &Writer = inbox.writer();
+    let reactor = match Reactor::new(poll) {
+        Ok(r) => Rc::new(r),
+        Err(e) => return mailbox.fail_all(writer, &format!("poll set-up failed: {e}")),
+    };
     Python::attach(|py| {
-        let mut events = Events::with_capacity(16);
-        let start = next_job(py, mailbox, inbox, &mut poll, &mut events);
+        let start = next_job(py, mailbox, inbox, &reactor);
         let Kind::Start(spec) = &start.kind else {
             mailbox.fail_all(writer, "not_started");
             return;
@@ -305,7 +257,7 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, mut poll: Poll) {
         let link = Link::new(spec.id, inbox.writer().clone());
         erlang_module::register(&link);
         let _ = mailbox.link.set(link.clone());
-        let session = match Session::new(py, spec, link.clone()) {
+        let session = match Session::new(py, spec, link.clone(), reactor.clone()) {
             Ok(s) => s,
             Err(e) => {
                 writer.reply(start.header(), |w| e.write_reply(w));
@@ -314,6 +266,11 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, mut poll: Poll) {
                 return;
             }
         };
+        let probe = (Arc::downgrade(mailbox), link.clone());
+        reactor.set_busy_probe(Box::new(move || {
+            probe.0.upgrade().is_some_and(|m| !m.is_empty())
+                || probe.1.callbacks.has_async_results()
+        }));
         let me = Arc::downgrade(mailbox);
         mailbox.deadline.bind_thread(Box::new(move || {
             if let Some(m) = me.upgrade() {
@@ -326,8 +283,6 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, mut poll: Poll) {
             mailbox,
             inbox,
             session: &session,
-            poll: RefCell::new(poll),
-            events: RefCell::new(events),
             stop: RefCell::new(None),
             out: std::cell::Cell::new(Vec::new()),
         };
@@ -351,8 +306,6 @@ struct Loop<'a> {
     mailbox: &'a Mailbox,
     inbox: &'a Inbox,
     session: &'a Session,
-    poll: RefCell<Poll>,
-    events: RefCell<Events>,
     /// A stop request, held until the outermost loop can act on it.
     stop: RefCell<Option<Job>>,
     /// The reply buffer, kept between requests.
@@ -371,12 +324,22 @@ impl Loop<'_> {
         let given_up = || self.mailbox.deadline.fired(request);
         let stop = || done() || given_up();
         let done = &stop;
+        let lp = &self.session.event_loop;
         while !done() {
             let Some(job) = self.mailbox.pop() else {
+                if self.session.link.callbacks.has_async_results() {
+                    self.session.resolve_async_calls(py);
+                }
+                // The loop steps between requests, never inside one of its own steps
+                // (a task waiting in `erlang.call` serves requests, not the loop).
+                let may_step = lp.exists() && !lp.is_stepping();
+                if may_step && lp.wants_step() {
+                    lp.step(py);
+                    continue;
+                }
+                let loop_due = may_step.then(|| lp.due());
                 detached(py, || {
-                    let mut poll = self.poll.borrow_mut();
-                    let mut events = self.events.borrow_mut();
-                    self.mailbox.wait(self.inbox, &mut poll, &mut events, done)
+                    self.mailbox.wait(self.inbox, &lp.reactor, done, loop_due)
                 });
                 continue;
             };
@@ -397,6 +360,8 @@ impl Loop<'_> {
                         out.clear();
                         self.out.replace(out);
                     }
+                    // The request may have scheduled callbacks or started tasks.
+                    lp.refresh(py);
                 }
                 Kind::Stop => *self.stop.borrow_mut() = Some(job),
                 Kind::Start(_) => {
@@ -437,8 +402,8 @@ fn handle(
     });
     let header = job.header();
     match result {
-        Ok(Ok(())) if !header.is_empty() => writer.send(out),
-        Ok(Ok(())) => {}
+        Ok(Ok(Served::Now)) if !header.is_empty() => writer.send(out),
+        Ok(Ok(_)) => {}
         Ok(Err(e)) => writer.fail(header, session.id, "warning", &e),
         Err(panic) => writer.fail(
             header,

@@ -30,6 +30,8 @@ pub struct Types {
     pub ctx: u64,
     /// Objects kept for Erlang (`return => ref`), by handle id.
     pub refs: RefCell<HashMap<u64, Py<PyAny>>>,
+    /// The last id given to an env or an object handle.
+    next_id: std::cell::Cell<u64>,
 }
 
 const ATOM_CACHE_MAX: usize = 4096;
@@ -47,11 +49,24 @@ impl Types {
             atoms: RefCell::new(HashMap::new()),
             ctx: 0,
             refs: RefCell::new(HashMap::new()),
+            next_id: std::cell::Cell::new(0),
         })
     }
 
-    pub fn for_context(self, ctx: u64) -> Self {
-        Types { ctx, ..self }
+    /// These types for context `ctx`, whose env and handle ids start at `id_base`.
+    pub fn for_context(self, ctx: u64, id_base: u64) -> Self {
+        Types {
+            ctx,
+            next_id: std::cell::Cell::new(id_base),
+            ..self
+        }
+    }
+
+    /// A fresh id for an env or an object handle.
+    pub fn new_id(&self) -> u64 {
+        let id = self.next_id.get() + 1;
+        self.next_id.set(id);
+        id
     }
 
     /// Drops every cached object; must run while attached to this interpreter.

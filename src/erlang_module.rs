@@ -22,6 +22,7 @@ use pyo3::{ffi, wrap_pyfunction};
 use crate::convert::{self, Types};
 use crate::error::Error;
 use crate::etf;
+use crate::event_loop;
 use crate::framing::{KIND_CALLBACK, KIND_SEND};
 use crate::writer::Writer;
 
@@ -80,6 +81,10 @@ pub struct Callbacks {
     arrived: Condvar,
     /// Callbacks whose waiter gave up (its request timed out).
     abandoned: Mutex<std::collections::HashSet<u64>>,
+    /// `erlang.async_call`s in flight: their results go to the event loop.
+    async_ids: Mutex<std::collections::HashSet<u64>>,
+    async_results: Mutex<Vec<(u64, Vec<u8>)>>,
+    has_async: std::sync::atomic::AtomicBool,
 }
 
 impl Callbacks {
@@ -90,6 +95,19 @@ impl Callbacks {
     /// Stores a result (a whole ETF term) and wakes the threads waiting for results.
     /// The result of a callback whose waiter gave up is dropped.
     pub fn deliver(&self, id: u64, term: Vec<u8>) {
+        if self
+            .async_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id)
+        {
+            self.async_results
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((id, term));
+            self.has_async.store(true, Ordering::SeqCst);
+            return;
+        }
         if self
             .abandoned
             .lock()
@@ -103,6 +121,18 @@ impl Callbacks {
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, term);
         self.arrived.notify_all();
+    }
+
+    /// Whether results of `erlang.async_call` wait for the event loop.
+    pub fn has_async_results(&self) -> bool {
+        self.has_async.load(Ordering::SeqCst)
+    }
+
+    /// The results of `erlang.async_call` that came back.
+    pub fn take_async_results(&self) -> Vec<(u64, Vec<u8>)> {
+        let mut results = self.async_results.lock().unwrap_or_else(|e| e.into_inner());
+        self.has_async.store(false, Ordering::SeqCst);
+        std::mem::take(&mut *results)
     }
 
     /// The waiter of `id` gave up (its request timed out).
@@ -227,14 +257,14 @@ fn to_pyerr(e: Error) -> PyErr {
     }
 }
 
-/// `_pyport.call(name, args)`: runs the registered Erlang function `name`.
-#[pyfunction]
-fn call<'py>(
-    py: Python<'py>,
-    name: &Bound<'py, PyString>,
-    args: &Bound<'py, PyTuple>,
-) -> PyResult<Bound<'py, PyAny>> {
-    let link = current_link()?;
+/// Sends the kind-2 frame of `erlang.call(name, *args)`; returns the callback id.
+fn send_callback(
+    py: Python<'_>,
+    link: &Link,
+    name: &Bound<'_, PyString>,
+    args: &Bound<'_, PyTuple>,
+    on_result: impl FnOnce(u64),
+) -> PyResult<u64> {
     let types = types(py)?;
     let id = link.callbacks.next_id();
     let mut payload = Vec::with_capacity(64);
@@ -257,7 +287,20 @@ fn call<'py>(
             None => w.atom("undefined"),
         }
     }
+    on_result(id);
     link.writer.event_kind(KIND_CALLBACK, &payload);
+    Ok(id)
+}
+
+/// `_pyport.call(name, args)`: runs the registered Erlang function `name`.
+#[pyfunction]
+fn call<'py>(
+    py: Python<'py>,
+    name: &Bound<'py, PyString>,
+    args: &Bound<'py, PyTuple>,
+) -> PyResult<Bound<'py, PyAny>> {
+    let link = current_link()?;
+    let id = send_callback(py, &link, name, args, |_| {})?;
     let nested = NESTED
         .with(|n| *n.borrow())
         .filter(|_| std::thread::current().id() == link.thread);
@@ -276,7 +319,65 @@ fn call<'py>(
         // Any other thread of the interpreter just waits, detached.
         None => py.detach(|| link.callbacks.wait(id)),
     };
-    callback_result(py, &types, &result)
+    callback_result(py, &types(py)?, &result)
+}
+
+/// `_pyport.call_async(name, args)`: sends `erlang.call(name, *args)` and returns its
+/// id at once; the result is handed to the context's event loop when it comes back
+/// (`_Loop._pyport_resolve`), with no thread waiting for it.
+#[pyfunction]
+fn call_async(
+    py: Python<'_>,
+    name: &Bound<'_, PyString>,
+    args: &Bound<'_, PyTuple>,
+) -> PyResult<u64> {
+    let link = current_link()?;
+    if std::thread::current().id() != link.thread {
+        return Err(PyRuntimeError::new_err(
+            "erlang.async_call runs on the context's own event loop",
+        ));
+    }
+    send_callback(py, &link, name, args, |id| {
+        link.callbacks
+            .async_ids
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id);
+    })
+}
+
+/// `_pyport.watch(fd, events)`: the context's poll watches `fd` for the loop.
+#[pyfunction]
+fn watch(fd: i32, events: u8) -> PyResult<()> {
+    let reactor = event_loop::reactor()
+        .ok_or_else(|| PyRuntimeError::new_err("no pyport event loop on this thread"))?;
+    reactor
+        .watch(fd, events)
+        .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))
+}
+
+/// `_pyport.unwatch(fd)`.
+#[pyfunction]
+fn unwatch(fd: i32) {
+    if let Some(reactor) = event_loop::reactor() {
+        reactor.unwatch(fd);
+    }
+}
+
+/// `_pyport.select(timeout)`: `[(fd, events)]` for the loop's selector.
+#[pyfunction]
+#[pyo3(signature = (timeout=None))]
+fn select(py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(i32, u8)>> {
+    let reactor = event_loop::reactor()
+        .ok_or_else(|| PyRuntimeError::new_err("no pyport event loop on this thread"))?;
+    let timeout = timeout.map(|t| std::time::Duration::from_secs_f64(t.clamp(0.0, 1e6)));
+    Ok(reactor.select(py, timeout))
+}
+
+/// `_pyport.busy()`: other work waits for this context (a stream pump yields then).
+#[pyfunction]
+fn busy() -> bool {
+    event_loop::reactor().is_some_and(|r| r.busy())
 }
 
 /// `erlang.CallTimeout` of this interpreter, as an error to raise.
@@ -379,6 +480,11 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     }
     let native = PyModule::new(py, "_pyport")?;
     native.add_function(wrap_pyfunction!(call, &native)?)?;
+    native.add_function(wrap_pyfunction!(call_async, &native)?)?;
+    native.add_function(wrap_pyfunction!(watch, &native)?)?;
+    native.add_function(wrap_pyfunction!(unwatch, &native)?)?;
+    native.add_function(wrap_pyfunction!(select, &native)?)?;
+    native.add_function(wrap_pyfunction!(busy, &native)?)?;
     native.add_function(wrap_pyfunction!(send, &native)?)?;
     native.add_function(wrap_pyfunction!(caller, &native)?)?;
     native.add_function(wrap_pyfunction!(log, &native)?)?;

@@ -117,6 +117,17 @@ impl<'a> Reader<'a> {
         Ok(&self.buf[start..self.pos])
     }
 
+    /// The bytes of a binary.
+    pub fn binary(&mut self) -> Result<&'a [u8]> {
+        match self.u8()? {
+            BINARY => {
+                let n = self.u32()? as usize;
+                self.bytes(n)
+            }
+            t => Err(DecodeError::UnknownTag(t)),
+        }
+    }
+
     /// Text of a binary or an atom.
     pub fn text(&mut self) -> Result<std::borrow::Cow<'a, str>> {
         match self.peek()? {

@@ -186,6 +186,8 @@ pub const KIND_REPLY: u8 = 0;
 pub const KIND_EVENT: u8 = 1;
 pub const KIND_CALLBACK: u8 = 2;
 pub const KIND_SEND: u8 = 3;
+/// A non-final frame of a request (a stream item), routed like a reply.
+pub const KIND_STREAM: u8 = 4;
 
 /// Starts an outbound frame in `out`: room for the length, the kind, the header.
 /// The ETF payload is appended after it, then `finish_frame` fills in the length.

@@ -6,8 +6,12 @@
 //! - [`framing`]: `{packet,4}` frames in (incremental, non-blocking) and out.
 //! - [`etf`]: External Term Format reader/writer and a small `Term` tree for control.
 //! - [`router`]: the router thread: stdin frames -> context mailboxes; control requests.
+//! - [`request`]: a request decoded once (op, parts, options), jobs, context specs.
 //! - [`context`]: context threads, one interpreter each, and their bounded mailboxes.
-//! - [`session`]: what a context does with `call` / `eval` / `exec`.
+//! - [`session`]: what a context does with a request: call, eval, exec, envs, handles,
+//!   streams; coroutine results become tasks.
+//! - [`event_loop`]: the one wait of a context thread (mio poll) and the asyncio loop
+//!   it drives between requests: fds, timers, tasks, streams, async callbacks.
 //! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
@@ -23,9 +27,11 @@ pub mod convert;
 pub mod erlang_module;
 pub mod error;
 pub mod etf;
+pub mod event_loop;
 pub mod framing;
 pub mod pyerr;
 pub mod python;
+pub mod request;
 pub mod router;
 pub mod session;
 pub mod startup;

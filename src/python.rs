@@ -156,3 +156,18 @@ impl SubInterpreter {
         }
     }
 }
+
+/// Runs `f` with this thread detached from its interpreter (GIL released), like
+/// `Python::detach`, for closures that touch no Python object but are not `Send`.
+pub fn detached<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {
+    struct Reattach(*mut pyo3::ffi::PyThreadState);
+    impl Drop for Reattach {
+        fn drop(&mut self) {
+            // SAFETY: restores the thread state saved below, on the same thread.
+            unsafe { pyo3::ffi::PyEval_RestoreThread(self.0) }
+        }
+    }
+    // SAFETY: the thread is attached (we hold `_py`); `f` uses no Python API.
+    let _reattach = Reattach(unsafe { pyo3::ffi::PyEval_SaveThread() });
+    f()
+}

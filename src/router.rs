@@ -20,11 +20,12 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::context::{self, Job, Kind, Mailbox, Mode, Spec};
+use crate::context::{self, Mailbox};
 use crate::error::Error;
 use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
 use crate::python::PythonInfo;
+use crate::request::{Job, Kind, Mode, Spec};
 use crate::writer::Writer;
 
 const STDIN: Token = Token(0);

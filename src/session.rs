@@ -6,142 +6,43 @@
 //! It lives on the context thread and is dropped there, attached. Requests nest (while
 //! Python waits in `erlang.call`), so no `RefCell` borrow is held across Python code.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyList, PyString};
+use pyo3::types::{PyBytes, PyDict, PyList, PyString};
 
-use crate::context::Spec;
 use crate::convert::{self, Types};
 use crate::erlang_module::{erlang_module, Link};
 use crate::error::Error;
 use crate::etf;
+use crate::event_loop::{EventLoop, Outlet, Reactor};
 use crate::framing::{begin_frame, finish_frame, KIND_REPLY};
-
-/// The options of a request that this side acts on (others are ignored).
-#[derive(Default)]
-pub struct Opts<'a> {
-    /// ETF of the pid that made the request (for `erlang.self()`).
-    pub caller: Option<&'a [u8]>,
-    /// The env whose globals to use.
-    pub env: Option<u64>,
-    /// Keep the result in the context and answer a handle.
-    pub return_ref: bool,
-    /// Milliseconds from arrival; `None` for infinity or absent.
-    pub timeout_ms: Option<u64>,
-}
-
-impl<'a> Opts<'a> {
-    pub fn parse(bytes: &'a [u8]) -> Result<Self, Error> {
-        let mut r = etf::Reader::body(bytes);
-        if r.u8()? != etf::MAP {
-            return Err(Error::BadRequest("options must be a map".into()));
-        }
-        let n = r.u32()? as usize;
-        let mut opts = Opts::default();
-        for _ in 0..n {
-            let key = r.peek_atom();
-            r.term_slice()?;
-            let value = r.term_slice()?;
-            match key.as_deref() {
-                Some("caller")
-                    if matches!(value.first(), Some(&etf::NEW_PID) | Some(&etf::PID)) =>
-                {
-                    opts.caller = Some(value)
-                }
-                Some("env") => {
-                    opts.env = Some(
-                        small_uint(value)
-                            .ok_or_else(|| Error::BadRequest("env must be an env id".into()))?,
-                    )
-                }
-                Some("return") => {
-                    opts.return_ref = etf::Reader::body(value).atom().ok().as_deref() == Some("ref")
-                }
-                Some("timeout") => opts.timeout_ms = small_uint(value),
-                _ => {}
-            }
-        }
-        Ok(opts)
-    }
-}
-
-/// A non-negative integer term that fits in u64, from its encoded body.
-fn small_uint(body: &[u8]) -> Option<u64> {
-    let mut r = etf::Reader::body(body);
-    etf::Term::read(&mut r, 0).ok()?.as_u64()
-}
-
-/// The part of a request after its op atom: the encoded elements, the last being Opts.
-struct Parts<'a> {
-    items: [&'a [u8]; 5],
-    len: usize,
-}
-
-impl<'a> Parts<'a> {
-    fn get(&self, i: usize) -> &'a [u8] {
-        self.items[i]
-    }
-    fn text(&self, i: usize, what: &str) -> Result<std::borrow::Cow<'a, str>, Error> {
-        etf::Reader::body(self.items[i])
-            .text()
-            .map_err(|_| Error::BadRequest(format!("{what} must be an atom or a binary")))
-    }
-    fn id(&self, i: usize, what: &str) -> Result<u64, Error> {
-        small_uint(self.items[i])
-            .ok_or_else(|| Error::BadRequest(format!("{what} must be a non-negative integer")))
-    }
-}
+use crate::request::{Parts, Request, Spec};
 
 pub struct Session {
     pub id: u64,
     pub link: Arc<Link>,
-    types: Types,
+    types: Rc<Types>,
     modules: Py<PyDict>,
     import_module: Py<PyAny>,
     main_dict: Py<PyDict>,
     eval: Py<PyAny>,
     exec: Py<PyAny>,
-    event_loop: RefCell<Option<Py<PyAny>>>,
+    /// The context's asyncio loop and the poll it shares with the requests.
+    pub event_loop: EventLoop,
     envs: RefCell<HashMap<u64, Py<PyDict>>>,
-    next_id: Cell<u64>,
 }
 
-/// `{Op, Part1, ..., Opts}` split into the op and the encoded parts (each skipped once,
-/// which also checks that the whole body is well-formed ETF).
-fn split_request(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Error> {
-    let mut r = etf::Reader::new(body)?;
-    let arity = r
-        .tuple_header()
-        .map_err(|_| Error::BadRequest("a request is a tuple".into()))?;
-    let op = r
-        .atom()
-        .map_err(|_| Error::BadRequest("a request starts with an atom".into()))?;
-    let mut parts = Parts {
-        items: [&[]; 5],
-        len: arity.saturating_sub(1),
-    };
-    if arity < 2 || parts.len > parts.items.len() {
-        return Err(Error::BadRequest(format!("unknown request {op}/{arity}")));
-    }
-    for item in parts.items.iter_mut().take(parts.len) {
-        *item = r.term_slice()?;
-    }
-    r.finish()?;
-    Ok((op, parts))
-}
-
-/// The error to report for a body `split_request` refused: what is wrong with the ETF
-/// if anything, else `shape`.
-fn classify(body: &[u8], shape: Error) -> Error {
-    let check = etf::Reader::new(body).and_then(|mut r| r.skip(0).and_then(|()| r.finish()));
-    match check {
-        Err(e) => e.into(),
-        Ok(()) => shape,
-    }
+/// How a request was answered.
+pub enum Served {
+    /// The reply frame is in `out`.
+    Now,
+    /// A task or a stream answers it later (through the event loop's outlet).
+    Later,
 }
 
 /// A random start for env and handle ids, so a handle from another runtime, or from
@@ -165,6 +66,16 @@ enum Reply<'py> {
     Value(Bound<'py, PyAny>),
     Id(u64),
     Ok,
+    /// Answered later by the event loop (a stream was started).
+    Later,
+}
+
+/// Stream items ahead of the consumer when the request names no `window`.
+const DEFAULT_WINDOW: u64 = 64;
+
+fn is_coroutine(value: &Bound<'_, PyAny>) -> bool {
+    // SAFETY: a type check on a live object, attached.
+    unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) != 0 }
 }
 
 /// Resolves a dotted name: the first part with `first`, the rest as attributes.
@@ -208,7 +119,12 @@ fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
 }
 
 impl Session {
-    pub fn new(py: Python<'_>, spec: &Spec, link: Arc<Link>) -> Result<Self, Error> {
+    pub fn new(
+        py: Python<'_>,
+        spec: &Spec,
+        link: Arc<Link>,
+        reactor: Rc<Reactor>,
+    ) -> Result<Self, Error> {
         let sys = py.import("sys")?;
         let path = sys.getattr("path")?;
         for (i, dir) in spec.path.iter().enumerate() {
@@ -219,10 +135,12 @@ impl Session {
         erlang.call_method0("_install_logging")?;
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
+        let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));
+        let outlet = Rc::new(Outlet::new(link.writer.clone(), types.clone()));
         let session = Session {
             id: spec.id,
             link,
-            types: Types::from_module(&erlang)?.for_context(spec.id),
+            types,
             modules: sys
                 .getattr("modules")?
                 .cast_into::<PyDict>()
@@ -232,9 +150,8 @@ impl Session {
             main_dict: main.dict().unbind(),
             eval: builtins.getattr("eval")?.unbind(),
             exec: builtins.getattr("exec")?.unbind(),
-            event_loop: RefCell::new(None),
+            event_loop: EventLoop::new(reactor, outlet),
             envs: RefCell::new(HashMap::new()),
-            next_id: Cell::new(random_id_base()),
         };
         if let Some(code) = &spec.preload {
             session
@@ -256,19 +173,19 @@ impl Session {
     /// Releases what the session holds; runs attached, before the interpreter ends.
     pub fn close(&self, py: Python<'_>) {
         let _ = erlang_module(py).and_then(|m| m.call_method0("_before_end"));
-        if let Some(lp) = self.event_loop.borrow_mut().take() {
-            let _ = lp.bind(py).call_method0("close");
-        }
+        self.event_loop
+            .close(py, &Error::ContextDown("stopped".into()));
         self.types.clear();
         self.envs.borrow_mut().clear();
     }
 
-    /// Serves one request body; on success `out` holds the complete reply frame.
+    /// Serves one request body: on `Served::Now`, `out` holds the complete reply frame.
     ///
-    /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is taken apart in
-    /// Rust; only the values Python needs become Python objects.
-    /// `start(timeout_ms)` is called once the options are known, before any Python runs;
-    /// it returns false if the request's deadline has already passed (it is then dropped).
+    /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is decoded once in
+    /// Rust; only the values Python needs become Python objects. `start(timeout_ms)` is
+    /// called once the options are known, before any Python runs; it returns false if
+    /// the request's deadline has already passed (it is then dropped). A coroutine
+    /// result becomes a task on the context's loop and answers later, as do streams.
     pub fn serve(
         &self,
         py: Python<'_>,
@@ -276,34 +193,35 @@ impl Session {
         body: &[u8],
         out: &mut Vec<u8>,
         start: &dyn Fn(Option<u64>) -> bool,
-    ) -> Result<(), Error> {
-        let (op, parts) = match split_request(body) {
-            Ok(split) => split,
-            // Malformed ETF is `bad_term`; a well-formed term of the wrong shape
-            // `bad_request`. Only a failed request pays for telling them apart.
-            Err(e) => return Err(classify(body, e)),
-        };
-        let opts = Opts::parse(parts.get(parts.len - 1))?;
-        if !start(opts.timeout_ms) {
+    ) -> Result<Served, Error> {
+        let req = Request::decode(body)?;
+        if !start(req.opts.timeout_ms) {
             return Err(Error::Timeout);
         }
-        let previous = self.link.swap_caller(opts.caller);
-        let result = self.dispatch(py, &op, &parts, &opts);
+        let previous = self.link.swap_caller(req.opts.caller);
+        let result = self.dispatch(py, header, &req);
         if self.link.take_unflushed_output() {
             // `print(..., end="")`: the line would otherwise wait for its newline.
             let _ = erlang_module(py).and_then(|m| m.call_method0("_flush_output"));
         }
         self.link.swap_caller(previous.as_deref());
         let result = result?;
+        let value = match result {
+            Reply::Value(value) if is_coroutine(&value) => {
+                self.start_task(py, header, value, &req)?;
+                return Ok(Served::Later);
+            }
+            Reply::Later => return Ok(Served::Later),
+            other => other,
+        };
         begin_frame(out, KIND_REPLY, header);
         let mut w = etf::Writer::new(out);
-        match result {
+        match value {
             Reply::Value(value) => {
-                let value = self.await_if_coroutine(py, value)?;
                 w.tuple_header(2);
                 w.atom("ok");
-                if opts.return_ref {
-                    let id = self.new_id();
+                if req.opts.return_ref {
+                    let id = self.types.new_id();
                     self.types.refs.borrow_mut().insert(id, value.unbind());
                     w.tuple_header(2);
                     w.atom("pyport_ref");
@@ -318,38 +236,134 @@ impl Session {
                 w.int(id as i64);
             }
             Reply::Ok => w.atom("ok"),
+            Reply::Later => unreachable!("handled above"),
         }
         finish_frame(out);
+        Ok(Served::Now)
+    }
+
+    /// Resolves the futures of `erlang.async_call`s whose results came back.
+    pub fn resolve_async_calls(&self, py: Python<'_>) {
+        for (id, term) in self.link.callbacks.take_async_results() {
+            let result = match convert::decode(py, &self.types, &term) {
+                Ok(v) => v,
+                Err(e) => {
+                    let err = ("error", e.to_string());
+                    match err.into_pyobject(py) {
+                        Ok(t) => t.into_any(),
+                        Err(_) => continue,
+                    }
+                }
+            };
+            if let Err(e) = self.event_loop.call(py, "_pyport_resolve", (id, result)) {
+                let err = crate::pyerr::to_error(py, &e);
+                self.link.writer.log(
+                    "warning",
+                    self.id,
+                    &format!("erlang.async_call result: {err}"),
+                );
+            }
+        }
+    }
+
+    /// The caller's pid as an `erlang.Pid`, or None.
+    fn caller_pid<'py>(&self, py: Python<'py>, req: &Request<'_>) -> PyResult<Bound<'py, PyAny>> {
+        match req.opts.caller {
+            Some(pid) => self.types.pid.bind(py).call1((PyBytes::new(py, pid),)),
+            None => Ok(py.None().into_bound(py)),
+        }
+    }
+
+    /// Runs a coroutine as a task on the loop; its result is the reply.
+    fn start_task(
+        &self,
+        py: Python<'_>,
+        header: &[u8],
+        coro: Bound<'_, PyAny>,
+        req: &Request<'_>,
+    ) -> Result<(), Error> {
+        let timeout = req.opts.timeout_ms.map(|ms| ms as f64 / 1000.0);
+        let caller = self.caller_pid(py, req)?;
+        self.event_loop.outlet.open(header);
+        let started = self.event_loop.call(
+            py,
+            "_pyport_start_task",
+            (
+                PyBytes::new(py, header),
+                coro,
+                timeout,
+                caller,
+                req.opts.return_ref,
+            ),
+        );
+        if let Err(e) = started {
+            self.event_loop.outlet.forget(header);
+            return Err(e.into());
+        }
         Ok(())
     }
 
-    fn new_id(&self) -> u64 {
-        let id = self.next_id.get() + 1;
-        self.next_id.set(id);
-        id
+    /// Starts streaming the items of `source` (a generator, an async generator or any
+    /// iterable) to the request's caller.
+    fn start_stream(
+        &self,
+        py: Python<'_>,
+        header: &[u8],
+        source: Bound<'_, PyAny>,
+        req: &Request<'_>,
+    ) -> Result<(), Error> {
+        let window = req.opts.window.unwrap_or(DEFAULT_WINDOW);
+        let caller = self.caller_pid(py, req)?;
+        self.event_loop.outlet.open(header);
+        let started = self.event_loop.call(
+            py,
+            "_pyport_start_stream",
+            (PyBytes::new(py, header), source, window, caller),
+        );
+        if let Err(e) = started {
+            self.event_loop.outlet.forget(header);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     fn dispatch<'py>(
         &self,
         py: Python<'py>,
-        op: &str,
-        parts: &Parts<'_>,
-        opts: &Opts<'_>,
+        header: &[u8],
+        req: &Request<'_>,
     ) -> Result<Reply<'py>, Error> {
-        let globals = self.globals(py, opts.env)?;
-        Ok(match (op, parts.len) {
+        let parts = &req.parts;
+        let globals = self.globals(py, req.opts.env)?;
+        Ok(match (req.op.as_ref(), parts.len) {
             ("call", 5) => {
-                let module = parts.text(0, "module")?;
-                let function = parts.text(1, "function")?;
-                let target = if module == "__main__" {
-                    lookup(globals.as_any(), &function, |g, name| {
-                        g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)
-                    })?
-                } else {
-                    let module = self.module(py, &PyString::new(py, &module))?;
-                    lookup(&module, &function, |m, name| Ok(Some(m.getattr(name)?)))?
-                };
+                let target = self.function(py, &globals, parts)?;
                 Reply::Value(self.invoke(py, &target, parts.get(2), parts.get(3))?)
+            }
+            ("stream", 5) => {
+                let target = self.function(py, &globals, parts)?;
+                let source = self.invoke(py, &target, parts.get(2), parts.get(3))?;
+                self.start_stream(py, header, source, req)?;
+                Reply::Later
+            }
+            ("stream_credit", 3) => {
+                let stream = etf::Reader::body(parts.get(0))
+                    .binary()
+                    .map_err(|_| Error::BadRequest("stream id must be a binary".into()))?;
+                let n = parts.id(1, "credit")?;
+                self.event_loop
+                    .call(py, "_pyport_credit", (PyBytes::new(py, stream), n))?;
+                Reply::Ok
+            }
+            ("stream_cancel", 2) => {
+                let stream = etf::Reader::body(parts.get(0))
+                    .binary()
+                    .map_err(|_| Error::BadRequest("stream id must be a binary".into()))?;
+                if self.event_loop.exists() {
+                    self.event_loop
+                        .call(py, "_pyport_cancel", (PyBytes::new(py, stream),))?;
+                }
+                Reply::Ok
             }
             ("eval", 3) => {
                 let code = convert::decode_body(py, &self.types, parts.get(0))?;
@@ -365,7 +379,7 @@ impl Session {
                 let env = PyDict::new(py);
                 env.set_item("__builtins__", py.import("builtins")?)?;
                 env.set_item("__name__", "__main__")?;
-                let id = self.new_id();
+                let id = self.types.new_id();
                 self.envs.borrow_mut().insert(id, env.unbind());
                 Reply::Id(id)
             }
@@ -390,12 +404,7 @@ impl Session {
                 drop(obj);
                 Reply::Ok
             }
-            _ => {
-                return Err(Error::BadRequest(format!(
-                    "unknown request {op}/{}",
-                    parts.len + 1
-                )))
-            }
+            (op, n) => return Err(Error::BadRequest(format!("unknown request {op}/{}", n + 1))),
         })
     }
 
@@ -475,116 +484,23 @@ impl Session {
         Ok(self.eval.bind(py).call1((code, globals, locals))?)
     }
 
-    /// Runs a coroutine to completion on this context's event loop.
-    fn await_if_coroutine<'py>(
+    /// The function a `call` or `stream` names: `Module.Function`, dotted names
+    /// walking attributes; `__main__` is the request's globals.
+    fn function<'py>(
         &self,
         py: Python<'py>,
-        value: Bound<'py, PyAny>,
+        globals: &Bound<'py, PyDict>,
+        parts: &Parts<'_>,
     ) -> Result<Bound<'py, PyAny>, Error> {
-        // SAFETY: a type check on a live object, attached.
-        if unsafe { ffi::PyCoro_CheckExact(value.as_ptr()) } == 0 {
-            return Ok(value);
+        let module = parts.text(0, "module")?;
+        let function = parts.text(1, "function")?;
+        if module == "__main__" {
+            lookup(globals.as_any(), &function, |g, name| {
+                g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)
+            })
+        } else {
+            let module = self.module(py, &PyString::new(py, &module))?;
+            lookup(&module, &function, |m, name| Ok(Some(m.getattr(name)?)))
         }
-        let mut slot = self.event_loop.borrow_mut();
-        if slot.is_none() {
-            *slot = Some(
-                py.import("asyncio")?
-                    .call_method0("new_event_loop")?
-                    .unbind(),
-            );
-        }
-        let lp = slot
-            .as_ref()
-            .map(|l| l.clone_ref(py))
-            .expect("event loop was just set");
-        drop(slot);
-        Ok(lp.bind(py).call_method1("run_until_complete", (value,))?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::error::BadTerm;
-    use crate::etf::Term;
-
-    fn call(opts: Term) -> Vec<u8> {
-        Term::Tuple(vec![
-            Term::atom("call"),
-            Term::Binary(b"operator".to_vec()),
-            Term::Binary(b"add".to_vec()),
-            Term::List(vec![Term::Int(1), Term::Int(2)]),
-            Term::Map(vec![]),
-            opts,
-        ])
-        .encode()
-    }
-
-    #[test]
-    fn options_are_read_and_unknown_ones_ignored() {
-        let opts = Term::Map(vec![
-            (Term::atom("env"), Term::Int(7)),
-            (Term::atom("return"), Term::atom("ref")),
-            (Term::atom("timeout"), Term::Int(250)),
-            (Term::atom("whatever"), Term::List(vec![Term::Int(1)])),
-        ]);
-        let body = call(opts);
-        let (op, parts) = split_request(&body).unwrap();
-        assert_eq!(op, "call");
-        assert_eq!(parts.len, 5);
-        let opts = Opts::parse(parts.get(4)).unwrap();
-        assert_eq!(
-            (opts.env, opts.return_ref, opts.timeout_ms, opts.caller),
-            (Some(7), true, Some(250), None)
-        );
-        let infinity = Term::Map(vec![(Term::atom("timeout"), Term::atom("infinity"))]).encode();
-        let infinity = Opts::parse(&infinity[1..]).unwrap();
-        assert_eq!(infinity.timeout_ms, None);
-    }
-
-    #[test]
-    fn options_must_be_a_map() {
-        let body = call(Term::atom("x"));
-        let (_, parts) = split_request(&body).unwrap();
-        assert!(matches!(
-            Opts::parse(parts.get(4)),
-            Err(Error::BadRequest(_))
-        ));
-    }
-
-    #[test]
-    fn malformed_etf_is_bad_term_and_wrong_shape_is_bad_request() {
-        let shape = |body: &[u8]| {
-            split_request(body)
-                .map(|_| ())
-                .map_err(|e| classify(body, e))
-        };
-        // truncated in the tuple header: bad_term, not bad_request
-        assert!(matches!(
-            shape(&[131, 104]),
-            Err(Error::BadTerm(BadTerm::Invalid(_)))
-        ));
-        // a list header claiming 2^32 elements
-        assert!(matches!(
-            shape(&[131, 108, 255, 255, 255, 255]),
-            Err(Error::BadTerm(_))
-        ));
-        // trailing bytes after a valid request
-        let mut body = call(Term::Map(vec![]));
-        body.push(0);
-        assert!(matches!(
-            shape(&body),
-            Err(Error::BadTerm(BadTerm::Invalid(_)))
-        ));
-        // valid ETF, wrong shape
-        assert!(matches!(
-            shape(&Term::Int(1).encode()),
-            Err(Error::BadRequest(_))
-        ));
-        assert!(matches!(
-            shape(&Term::Tuple(vec![Term::Int(1), Term::Int(2)]).encode()),
-            Err(Error::BadRequest(_))
-        ));
-        assert!(shape(&call(Term::Map(vec![]))).is_ok());
     }
 }

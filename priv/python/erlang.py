@@ -4,6 +4,7 @@ pyport creates this module in every interpreter it starts (it is compiled into t
 port program), so ``import erlang`` works in every context.
 """
 
+import contextvars
 import io
 
 import _pyport
@@ -12,6 +13,9 @@ __all__ = [
     "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout",
     "atom", "call", "async_call", "send", "self", "whereis",
 ]
+
+# The pid that made the request a task or a stream serves (``erlang.self()`` there).
+_caller = contextvars.ContextVar("erlang_caller", default=None)
 
 
 class Atom(str):
@@ -112,9 +116,16 @@ def call(name, *args):
 
 
 async def async_call(name, *args):
-    """``call`` for asyncio code: the event loop keeps running while Erlang works."""
+    """``call`` for asyncio code: the event loop keeps running while Erlang works. On
+    the context's own loop no thread waits: the result comes back through the loop's
+    poll. On any other loop (``asyncio.run`` inside a request) it runs in a thread."""
     import asyncio
-    return await asyncio.get_running_loop().run_in_executor(None, _pyport.call, name, args)
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, _loop_class or ()):
+        return await loop.run_in_executor(None, _pyport.call, name, args)
+    future = loop.create_future()
+    loop._pyport_pending[_pyport.call_async(name, args)] = future
+    return await future
 
 
 def send(dest, term):
@@ -124,8 +135,10 @@ def send(dest, term):
 
 
 def self():
-    """The pid of the Erlang process that made the current request, or None."""
-    return _pyport.caller()
+    """The pid of the Erlang process that made the current request (or the request
+    the running task or stream serves), or None."""
+    pid = _pyport.caller()
+    return pid if pid is not None else _caller.get()
 
 
 def whereis(name):
@@ -243,3 +256,243 @@ def _install_logging():
         _add_log_handler(sys.modules["logging"])
     elif not any(isinstance(f, _LoggingHook) for f in sys.meta_path):
         sys.meta_path.insert(0, _LoggingHook())
+
+
+# The event loop of a context ------------------------------------------------------
+#
+# pyport (Rust) owns the wait: the context thread's poll watches the fds registered
+# here, and steps the loop (``_pyport_step``) when they are ready or a timer is due.
+# Between steps no loop is running, so sync requests may call ``asyncio.run()``. The
+# classes are made on first use: a context that never uses asyncio never imports it.
+
+_loop_class = None
+
+# Outbox tags: what a step produced for Erlang (see src/event_loop.rs).
+_OUT_RESULT, _OUT_RESULT_REF, _OUT_ITEM, _OUT_DONE, _OUT_ERROR = range(5)
+
+# A sync generator gives the context back after this many items, or sooner when
+# other work waits.
+_STREAM_BATCH = 32
+
+
+def _new_loop():
+    """The context's loop (called by pyport once per context, on its thread)."""
+    global _loop_class
+    if _loop_class is None:
+        _loop_class = _define_loop()
+    loop = _loop_class()
+    import asyncio
+    asyncio.set_event_loop(loop)
+    return loop
+
+
+def _define_loop():
+    import asyncio
+    import selectors
+    import sys
+    import threading
+    from asyncio import events
+
+    class Selector(selectors._BaseSelectorImpl):
+        """A selector over the context's poll: ``select()`` hands over what pyport
+        collected (or, when the loop is run from inside a request, waits for real)."""
+
+        def register(self, fileobj, events, data=None):
+            key = super().register(fileobj, events, data)
+            try:
+                _pyport.watch(key.fd, events)
+            except BaseException:
+                super().unregister(fileobj)
+                raise
+            return key
+
+        def unregister(self, fileobj):
+            key = super().unregister(fileobj)
+            _pyport.unwatch(key.fd)
+            return key
+
+        def select(self, timeout=None):
+            keys = self._fd_to_key
+            ready = []
+            for fd, mask in _pyport.select(timeout):
+                key = keys.get(fd)
+                if key is not None and mask & key.events:
+                    ready.append((key, mask & key.events))
+            return ready
+
+        def close(self):
+            for fd in list(self._fd_to_key):
+                _pyport.unwatch(fd)
+            super().close()
+
+    class Stream:
+        __slots__ = ("credit", "waiter", "task", "cancelled")
+
+        def __init__(self, credit):
+            self.credit = credit
+            self.waiter = None
+            self.task = None
+            self.cancelled = False
+
+    class Loop(asyncio.SelectorEventLoop):
+        """asyncio's selector loop over the context's poll, stepped by pyport."""
+
+        def __init__(self):
+            super().__init__(Selector())
+            self._pyport_ident = threading.get_ident()
+            self._pyport_pending = {}   # erlang.async_call id -> future
+            self._pyport_streams = {}   # request header -> Stream
+            self._pyport_outbox = []    # (tag, header, value) for Erlang
+            sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
+                                   finalizer=self._asyncgen_finalizer_hook)
+
+        # Called by pyport ------------------------------------------------------
+
+        def _pyport_step(self):
+            """One iteration: ready fds and due timers, then ready callbacks."""
+            events._set_running_loop(self)
+            self._thread_id = self._pyport_ident
+            try:
+                self._run_once()
+            finally:
+                self._thread_id = None
+                events._set_running_loop(None)
+            return self._pyport_due()
+
+        def _pyport_due(self):
+            """Seconds until the loop wants a step: 0 now, -1 never."""
+            if self._ready:
+                return 0.0
+            if self._scheduled:
+                return max(0.0, self._scheduled[0]._when - self.time())
+            return -1.0
+
+        def _pyport_take(self):
+            out = self._pyport_outbox
+            if not out:
+                return None
+            self._pyport_outbox = []
+            return out
+
+        def _pyport_start_task(self, header, coro, timeout, caller, want_ref):
+            context = contextvars.copy_context()
+            if caller is not None:
+                context.run(_caller.set, caller)
+            task = self.create_task(coro, context=context)
+            if timeout is not None:
+                timer = self.call_later(timeout, task.cancel)
+                task.add_done_callback(lambda _t: timer.cancel())
+            tag = _OUT_RESULT_REF if want_ref else _OUT_RESULT
+            outbox = self._pyport_outbox_append
+            task.add_done_callback(lambda t: outbox((tag, header, t)))
+
+        def _pyport_outbox_append(self, entry):
+            self._pyport_outbox.append(entry)
+
+        def _pyport_start_stream(self, header, source, window, caller):
+            if hasattr(type(source), "__aiter__"):
+                pump = self._pyport_pump_async(header, source.__aiter__())
+            else:
+                pump = self._pyport_pump_sync(header, iter(source))
+            stream = Stream(window)
+            self._pyport_streams[header] = stream
+            context = contextvars.copy_context()
+            if caller is not None:
+                context.run(_caller.set, caller)
+            stream.task = self.create_task(pump, context=context)
+
+        def _pyport_credit(self, header, n):
+            stream = self._pyport_streams.get(header)
+            if stream is not None:
+                stream.credit += n
+                waiter = stream.waiter
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(None)
+
+        def _pyport_cancel(self, header):
+            stream = self._pyport_streams.pop(header, None)
+            if stream is not None:
+                stream.cancelled = True
+                stream.task.cancel()
+
+        def _pyport_resolve(self, cb_id, result):
+            future = self._pyport_pending.pop(cb_id, None)
+            if future is None or future.done():
+                return
+            tag, value = result
+            if tag == "ok":
+                future.set_result(value)
+            else:
+                future.set_exception(Error(value))
+
+        def _pyport_shutdown(self):
+            """The context ends: cancel what runs, let it unwind briefly, close."""
+            for future in self._pyport_pending.values():
+                future.cancel()
+            tasks = asyncio.all_tasks(self)
+            for task in tasks:
+                task.cancel()
+            for _ in range(100):
+                if not any(not t.done() for t in tasks) or self._pyport_due() != 0.0:
+                    break
+                self._pyport_step()
+            self.close()
+
+        # Streams ----------------------------------------------------------------
+
+        async def _pyport_credit_wait(self, stream):
+            while stream.credit <= 0:
+                stream.waiter = self.create_future()
+                try:
+                    await stream.waiter
+                finally:
+                    stream.waiter = None
+
+        async def _pyport_pump_sync(self, header, it):
+            stream = self._pyport_streams[header]
+            try:
+                n = 0
+                for item in it:
+                    self._pyport_outbox.append((_OUT_ITEM, header, item))
+                    stream.credit -= 1
+                    n += 1
+                    if n >= _STREAM_BATCH or stream.credit <= 0 or _pyport.busy():
+                        n = 0
+                        await asyncio.sleep(0)
+                        await self._pyport_credit_wait(stream)
+                self._pyport_outbox.append((_OUT_DONE, header, None))
+            except asyncio.CancelledError:
+                if not stream.cancelled:
+                    raise
+            except BaseException as e:
+                self._pyport_outbox.append((_OUT_ERROR, header, e))
+            finally:
+                self._pyport_streams.pop(header, None)
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
+
+        async def _pyport_pump_async(self, header, it):
+            stream = self._pyport_streams[header]
+            try:
+                while True:
+                    await self._pyport_credit_wait(stream)
+                    try:
+                        item = await it.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    self._pyport_outbox.append((_OUT_ITEM, header, item))
+                    stream.credit -= 1
+                self._pyport_outbox.append((_OUT_DONE, header, None))
+            except asyncio.CancelledError:
+                if not stream.cancelled:
+                    raise
+            except BaseException as e:
+                self._pyport_outbox.append((_OUT_ERROR, header, e))
+            finally:
+                self._pyport_streams.pop(header, None)
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+    return Loop

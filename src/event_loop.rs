@@ -1,0 +1,529 @@
+//! The event loop of a context: one wait per context thread, shared by the requests
+//! and by that interpreter's asyncio loop.
+//!
+//! The [`Reactor`] owns the context thread's mio `Poll`: its waker (new requests, results
+//! of `erlang.async_call`, credit for streams) and the fds Python registers through the
+//! loop's selector. Rust owns the wait. When the poll reports fds, or the loop's next
+//! timer is due, the context thread *steps* the asyncio loop once ([`EventLoop::step`]):
+//! the selector's `select()` hands over the events already collected and returns at
+//! once. Between steps no loop is marked running, so sync requests (which run between
+//! steps) can call `asyncio.run()` like any other code.
+//!
+//! mio is edge-triggered and asyncio expects level-triggered readiness, so every fd
+//! handed to Python is re-armed (`EPOLL_CTL_MOD`) as it is handed over: if Python leaves
+//! data unread, the next poll reports the fd again.
+//!
+//! The asyncio side (selector, loop subclass, task and stream pumps) is in
+//! `priv/python/erlang.py`; what it sends to Erlang goes through [`Outlet`].
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Registry, Token};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyTuple};
+
+use crate::convert::{self, Types};
+use crate::error::Error;
+use crate::etf;
+use crate::framing::KIND_STREAM;
+use crate::writer::Writer;
+
+/// The poll token of the context's waker; fd `n` uses token `n + 1`.
+pub const WAKE: Token = Token(0);
+/// `selectors.EVENT_READ` and `selectors.EVENT_WRITE`.
+pub const READ: u8 = 1;
+pub const WRITE: u8 = 2;
+
+/// The context thread's poll and the fds Python watches with it.
+pub struct Reactor {
+    poll: RefCell<Poll>,
+    events: RefCell<Events>,
+    registry: Registry,
+    fds: RefCell<HashMap<RawFd, u8>>,
+    /// Readiness the poll reported and Python has not taken yet.
+    ready: RefCell<Vec<(RawFd, u8)>>,
+    /// True while the asyncio loop steps (its `select()` must not wait).
+    stepping: Cell<bool>,
+    /// Whether requests or callback results wait for the context (set by the context).
+    busy: RefCell<Option<Box<dyn Fn() -> bool>>>,
+}
+
+fn interest(mask: u8) -> Option<Interest> {
+    match (mask & READ != 0, mask & WRITE != 0) {
+        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
+        (true, false) => Some(Interest::READABLE),
+        (false, true) => Some(Interest::WRITABLE),
+        (false, false) => None,
+    }
+}
+
+impl Reactor {
+    pub fn new(poll: Poll) -> io::Result<Self> {
+        Ok(Reactor {
+            registry: poll.registry().try_clone()?,
+            poll: RefCell::new(poll),
+            events: RefCell::new(Events::with_capacity(64)),
+            fds: RefCell::new(HashMap::new()),
+            ready: RefCell::new(Vec::new()),
+            stepping: Cell::new(false),
+            busy: RefCell::new(None),
+        })
+    }
+
+    /// Tells the reactor how to see that other work waits for its thread.
+    pub fn set_busy_probe(&self, probe: Box<dyn Fn() -> bool>) {
+        *self.busy.borrow_mut() = Some(probe);
+    }
+
+    /// Whether other work waits (a long stream pump yields to it).
+    pub fn busy(&self) -> bool {
+        self.has_ready() || self.busy.borrow().as_ref().is_some_and(|p| p())
+    }
+
+    /// Whether Python watches any fd (then a spinning thread polls them too).
+    pub fn has_fds(&self) -> bool {
+        !self.fds.borrow().is_empty()
+    }
+
+    /// Whether the poll reported fds that Python has not taken yet.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.borrow().is_empty()
+    }
+
+    /// Waits at most `timeout` (`None`: until woken) and collects fd readiness.
+    /// Call it detached: it touches no Python object.
+    pub fn wait(&self, timeout: Option<Duration>) {
+        let mut poll = self.poll.borrow_mut();
+        let mut events = self.events.borrow_mut();
+        loop {
+            match poll.poll(&mut events, timeout) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                _ => break,
+            }
+        }
+        let mut ready = self.ready.borrow_mut();
+        for ev in events.iter() {
+            if ev.token() == WAKE {
+                continue;
+            }
+            let mut mask = 0;
+            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                mask |= READ;
+            }
+            if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+                mask |= WRITE;
+            }
+            ready.push((ev.token().0 as RawFd - 1, mask));
+        }
+    }
+
+    /// Watches `fd` for `mask` (replacing an earlier registration).
+    pub fn watch(&self, fd: RawFd, mask: u8) -> io::Result<()> {
+        let interest = interest(mask).ok_or_else(|| io::Error::other("no events to watch for"))?;
+        let token = Token(fd as usize + 1);
+        let mut fds = self.fds.borrow_mut();
+        if fds.contains_key(&fd) {
+            self.registry
+                .reregister(&mut SourceFd(&fd), token, interest)?;
+        } else {
+            self.registry
+                .register(&mut SourceFd(&fd), token, interest)?;
+        }
+        fds.insert(fd, mask);
+        Ok(())
+    }
+
+    /// Stops watching `fd`. A closed fd has left the poll already: that is no error.
+    pub fn unwatch(&self, fd: RawFd) {
+        if self.fds.borrow_mut().remove(&fd).is_some() {
+            let _ = self.registry.deregister(&mut SourceFd(&fd));
+        }
+        self.ready.borrow_mut().retain(|&(f, _)| f != fd);
+    }
+
+    /// Hands the collected readiness to Python, re-arming each fd (level-triggered).
+    pub fn take_ready(&self) -> Vec<(RawFd, u8)> {
+        let ready = std::mem::take(&mut *self.ready.borrow_mut());
+        let fds = self.fds.borrow();
+        let mut out = Vec::with_capacity(ready.len());
+        for (fd, mask) in ready {
+            let Some(&watched) = fds.get(&fd) else {
+                continue;
+            };
+            if let Some(i) = interest(watched) {
+                let _ = self
+                    .registry
+                    .reregister(&mut SourceFd(&fd), Token(fd as usize + 1), i);
+            }
+            match out.iter_mut().find(|(f, _)| *f == fd) {
+                Some((_, m)) => *m |= mask,
+                None => out.push((fd, mask)),
+            }
+        }
+        out
+    }
+
+    /// What the loop's selector returns: during a step, what was collected; otherwise
+    /// (a loop run from inside a request, like `run_until_complete`) a real wait.
+    pub fn select(&self, py: Python<'_>, timeout: Option<Duration>) -> Vec<(RawFd, u8)> {
+        if !self.stepping.get() && !self.has_ready() {
+            crate::python::detached(py, || self.wait(timeout));
+        }
+        self.take_ready()
+    }
+}
+
+thread_local! {
+    /// The reactor of the context this thread serves.
+    static REACTOR: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
+    /// How this thread's loop answers Erlang.
+    static OUTLET: RefCell<Option<Rc<Outlet>>> = const { RefCell::new(None) };
+}
+
+/// The reactor of the calling thread's context.
+pub fn reactor() -> Option<Rc<Reactor>> {
+    REACTOR.with(|r| r.borrow().clone())
+}
+
+/// The outlet of the calling thread's context.
+pub fn outlet() -> Option<Rc<Outlet>> {
+    OUTLET.with(|o| o.borrow().clone())
+}
+
+/// How the loop's tasks and streams answer Erlang: requests answered later than their
+/// own turn (coroutine results, streams) are "open" until their final frame is sent.
+pub struct Outlet {
+    pub writer: Arc<Writer>,
+    pub types: Rc<Types>,
+    open: RefCell<HashSet<Vec<u8>>>,
+}
+
+/// Outbox entries (`_OUT_*` in erlang.py).
+const OUT_RESULT: u8 = 0;
+const OUT_RESULT_REF: u8 = 1;
+const OUT_ITEM: u8 = 2;
+const OUT_DONE: u8 = 3;
+const OUT_ERROR: u8 = 4;
+
+impl Outlet {
+    pub fn new(writer: Arc<Writer>, types: Rc<Types>) -> Self {
+        Outlet {
+            writer,
+            types,
+            open: RefCell::new(HashSet::new()),
+        }
+    }
+
+    /// A request will be answered later (a cast, with an empty header, never is).
+    pub fn open(&self, header: &[u8]) {
+        if !header.is_empty() {
+            self.open.borrow_mut().insert(header.to_vec());
+        }
+    }
+
+    /// The request failed before it was handed to the loop: its caller is answered
+    /// by the usual path.
+    pub fn forget(&self, header: &[u8]) {
+        self.open.borrow_mut().remove(header);
+    }
+
+    fn close(&self, header: &[u8]) -> bool {
+        self.open.borrow_mut().remove(header)
+    }
+
+    /// Answers every open request with `err` (the context is ending).
+    pub fn fail_open(&self, err: &Error) {
+        let open = std::mem::take(&mut *self.open.borrow_mut());
+        for header in open {
+            self.writer.reply(&header, |w| err.write_reply(w));
+        }
+    }
+
+    /// A stream item: `{data, Item}` as a non-final frame. An item that cannot be
+    /// converted ends the stream with that error instead (returned as `Err`).
+    pub fn item(&self, header: &[u8], item: &Bound<'_, PyAny>) -> Result<(), Error> {
+        let mut frame = Vec::with_capacity(64);
+        crate::framing::begin_frame(&mut frame, KIND_STREAM, header);
+        {
+            let mut w = etf::Writer::new(&mut frame);
+            w.tuple_header(2);
+            w.atom("data");
+            convert::encode_term(&self.types, item, &mut w, 1)?;
+        }
+        crate::framing::finish_frame(&mut frame);
+        self.writer.send(&frame);
+        Ok(())
+    }
+
+    /// The final reply of an open request.
+    fn finish(&self, header: &[u8], result: Result<Reply<'_, '_>, Error>) {
+        if header.is_empty() {
+            if let Err(e) = result {
+                self.writer.fail(header, self.types.ctx, "warning", &e);
+            }
+            return;
+        }
+        if !self.close(header) {
+            return; // answered already (the context failed it, or a duplicate)
+        }
+        let mut out = Vec::with_capacity(64);
+        let encoded = match result {
+            Ok(reply) => self.encode_reply(header, reply, &mut out),
+            Err(e) => Err(e),
+        };
+        match encoded {
+            Ok(()) => self.writer.send(&out),
+            Err(e) => self.writer.reply(header, |w| e.write_reply(w)),
+        }
+    }
+
+    fn encode_reply(
+        &self,
+        header: &[u8],
+        reply: Reply<'_, '_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(), Error> {
+        crate::framing::begin_frame(out, crate::framing::KIND_REPLY, header);
+        let mut w = etf::Writer::new(out);
+        match reply {
+            Reply::Done => w.atom("done"),
+            Reply::Value(v) => {
+                w.tuple_header(2);
+                w.atom("ok");
+                convert::encode_term(&self.types, v, &mut w, 1)?;
+            }
+            Reply::Ref(v) => {
+                let id = self.types.new_id();
+                self.types.refs.borrow_mut().insert(id, v.clone().unbind());
+                w.tuple_header(2);
+                w.atom("ok");
+                w.tuple_header(2);
+                w.atom("pyport_ref");
+                w.int(id as i64);
+            }
+        }
+        crate::framing::finish_frame(out);
+        Ok(())
+    }
+
+    /// Sends what the loop's last step produced (`loop._pyport_outbox`).
+    fn drain(&self, py: Python<'_>, outbox: &Bound<'_, PyAny>) -> PyResult<()> {
+        let entries = outbox.call_method0("_pyport_take")?;
+        if entries.is_none() {
+            return Ok(());
+        }
+        for entry in entries.try_iter()? {
+            let entry = entry?;
+            let entry = entry.cast::<PyTuple>()?;
+            let tag: u8 = entry.get_item(0)?.extract()?;
+            let header = entry.get_item(1)?;
+            let header = header.cast::<PyBytes>()?.as_bytes();
+            let value = entry.get_item(2)?;
+            match tag {
+                OUT_ITEM if self.is_open(header) => {
+                    if let Err(e) = self.item(header, &value) {
+                        // An item with no Erlang form ends the stream with that error.
+                        self.finish(header, Err(e));
+                        outbox.call_method1("_pyport_cancel", (PyBytes::new(py, header),))?;
+                    }
+                }
+                OUT_ITEM => {}
+                OUT_DONE => self.finish(header, Ok(Reply::Done)),
+                OUT_ERROR => self.finish(header, Err(exception_error(py, &value))),
+                OUT_RESULT | OUT_RESULT_REF => {
+                    let result = task_result(py, &value);
+                    let reply = match &result {
+                        Ok(v) if tag == OUT_RESULT_REF => Ok(Reply::Ref(v)),
+                        Ok(v) => Ok(Reply::Value(v)),
+                        Err(e) => Err(e.clone()),
+                    };
+                    self.finish(header, reply);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the request is still open (its stream was not closed by an error).
+    pub fn is_open(&self, header: &[u8]) -> bool {
+        self.open.borrow().contains(header)
+    }
+}
+
+enum Reply<'a, 'py> {
+    Value(&'a Bound<'py, PyAny>),
+    Ref(&'a Bound<'py, PyAny>),
+    Done,
+}
+
+/// An exception object as the error an Erlang caller sees.
+fn exception_error(py: Python<'_>, exc: &Bound<'_, PyAny>) -> Error {
+    let err = PyErr::from_value(exc.clone());
+    if err.get_type(py).name().is_ok_and(|n| n == "CallTimeout") {
+        return Error::Timeout;
+    }
+    crate::pyerr::to_error(py, &err)
+}
+
+/// The outcome of a finished task: its result, or its exception as an error. A task
+/// cancelled by its deadline answers `timeout`.
+fn task_result<'py>(py: Python<'py>, task: &Bound<'py, PyAny>) -> Result<Bound<'py, PyAny>, Error> {
+    if task
+        .call_method0("cancelled")
+        .is_ok_and(|c| c.is_truthy().unwrap_or(false))
+    {
+        return Err(Error::Timeout);
+    }
+    match task.call_method0("exception") {
+        Ok(exc) if exc.is_none() => task
+            .call_method0("result")
+            .map_err(|e| crate::pyerr::to_error(py, &e)),
+        Ok(exc) => Err(exception_error(py, &exc)),
+        Err(e) => Err(crate::pyerr::to_error(py, &e)),
+    }
+}
+
+/// The asyncio loop of one context, created on first use, and when it wants a step.
+pub struct EventLoop {
+    pub reactor: Rc<Reactor>,
+    pub outlet: Rc<Outlet>,
+    /// The `erlang._Loop` instance.
+    py_loop: RefCell<Option<Py<PyAny>>>,
+    /// When the loop wants its next step (ready callbacks: now; else its next timer).
+    due: Cell<Option<Instant>>,
+}
+
+impl EventLoop {
+    /// Makes `reactor` and `outlet` this thread's (for the `_pyport` functions).
+    pub fn new(reactor: Rc<Reactor>, outlet: Rc<Outlet>) -> Self {
+        REACTOR.with(|r| *r.borrow_mut() = Some(reactor.clone()));
+        OUTLET.with(|o| *o.borrow_mut() = Some(outlet.clone()));
+        EventLoop {
+            reactor,
+            outlet,
+            py_loop: RefCell::new(None),
+            due: Cell::new(None),
+        }
+    }
+
+    /// Whether the loop exists (a context that never used asyncio pays nothing).
+    pub fn exists(&self) -> bool {
+        self.py_loop.borrow().is_some()
+    }
+
+    /// The loop object, created (and made this thread's current loop) on first use.
+    pub fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(lp) = self.py_loop.borrow().as_ref() {
+            return Ok(lp.bind(py).clone());
+        }
+        let lp = crate::erlang_module::erlang_module(py)?.call_method0("_new_loop")?;
+        *self.py_loop.borrow_mut() = Some(lp.clone().unbind());
+        Ok(lp)
+    }
+
+    /// Whether the loop is running one of its steps now (the caller is inside it).
+    pub fn is_stepping(&self) -> bool {
+        self.reactor.stepping.get()
+    }
+
+    /// When the loop needs a step, if ever.
+    pub fn due(&self) -> Option<Instant> {
+        self.due.get()
+    }
+
+    /// Whether a step is wanted now.
+    pub fn wants_step(&self) -> bool {
+        self.reactor.has_ready() || self.due.get().is_some_and(|d| d <= Instant::now())
+    }
+
+    /// Re-reads when the loop wants its next step (after Python code ran outside a step:
+    /// a request may have scheduled callbacks or started tasks).
+    pub fn refresh(&self, py: Python<'_>) {
+        let Some(lp) = self.py_loop.borrow().as_ref().map(|l| l.clone_ref(py)) else {
+            return;
+        };
+        let due = lp.bind(py).call_method0("_pyport_due");
+        self.set_due(due.ok().and_then(|d| d.extract::<f64>().ok()));
+    }
+
+    fn set_due(&self, seconds: Option<f64>) {
+        self.due.set(match seconds {
+            Some(s) if s >= 0.0 => Some(Instant::now() + Duration::from_secs_f64(s.min(1e6))),
+            _ => None,
+        });
+    }
+
+    /// Runs one iteration of the loop, then sends what it produced. Not re-entrant:
+    /// returns false without stepping when called from inside a step.
+    pub fn step(&self, py: Python<'_>) -> bool {
+        if self.reactor.stepping.get() {
+            return false;
+        }
+        let Some(lp) = self.py_loop.borrow().as_ref().map(|l| l.clone_ref(py)) else {
+            return false;
+        };
+        let lp = lp.bind(py);
+        self.reactor.stepping.set(true);
+        let due = lp.call_method0("_pyport_step");
+        self.reactor.stepping.set(false);
+        match due {
+            Ok(d) => self.set_due(d.extract::<f64>().ok()),
+            Err(e) => {
+                // `_run_once` let an exception through (SystemExit from a callback, an
+                // interrupt): report it and keep the loop; step again at once.
+                let err = crate::pyerr::to_error(py, &e);
+                self.outlet
+                    .writer
+                    .log("error", 0, &format!("event loop step raised: {err}"));
+                self.due.set(Some(Instant::now()));
+            }
+        }
+        if let Err(e) = self.outlet.drain(py, lp) {
+            let err = crate::pyerr::to_error(py, &e);
+            self.outlet
+                .writer
+                .log("error", 0, &format!("event loop outbox: {err}"));
+        }
+        true
+    }
+
+    /// Calls `method(*args)` on the loop (a pyport helper of `erlang._Loop`), then sends
+    /// what it produced and re-reads when the loop is due.
+    pub fn call<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        args: impl pyo3::call::PyCallArgs<'py>,
+    ) -> PyResult<Bound<'py, PyAny>> {
+        let lp = self.get(py)?;
+        let result = lp.call_method1(method, args);
+        let _ = self.outlet.drain(py, &lp);
+        self.refresh(py);
+        result
+    }
+
+    /// Ends the loop: every open request is answered with `err`, tasks are cancelled
+    /// and given a few steps to run their `finally` blocks, then the loop is closed.
+    pub fn close(&self, py: Python<'_>, err: &Error) {
+        self.outlet.fail_open(err);
+        if let Some(lp) = self.py_loop.borrow_mut().take() {
+            let lp = lp.bind(py);
+            if let Err(e) = lp.call_method0("_pyport_shutdown") {
+                let err = crate::pyerr::to_error(py, &e);
+                self.outlet
+                    .writer
+                    .log("warning", 0, &format!("event loop shutdown: {err}"));
+            }
+        }
+        REACTOR.with(|r| *r.borrow_mut() = None);
+        OUTLET.with(|o| *o.borrow_mut() = None);
+    }
+}
