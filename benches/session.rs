@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use pyo3::prelude::*;
-use pyport::context::{Mode, Spec};
+use pyport::request::{Mode, Spec};
 use pyport::etf::Term;
 use pyport::session::Session;
 
@@ -56,7 +56,9 @@ fn main() {
             std::fs::File::create("/dev/null").unwrap(),
         ));
         let link = pyport::erlang_module::Link::new(1, writer);
-        let session = Session::new(py, &spec, link).expect("session");
+        let poll = mio::Poll::new().expect("poll");
+        let reactor = std::rc::Rc::new(pyport::event_loop::Reactor::new(poll).expect("reactor"));
+        let session = Session::new(py, &spec, link, reactor).expect("session");
         time(
             py,
             &session,

@@ -46,6 +46,9 @@
 -export([stream_next/2]).
 -export([stream_ack/1]).
 -export([stream_cancel/1]).
+-export([channel_open/3]).
+-export([channel_send/2]).
+-export([channel_close/1]).
 -export([new_env/1]).
 -export([drop_env/1]).
 -export([getattr/2]).
@@ -65,6 +68,7 @@
 -export_type([env/0]).
 -export_type([pyref/0]).
 -export_type([stream/0]).
+-export_type([channel/0]).
 
 -define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
@@ -73,6 +77,7 @@
 %% Binary arguments larger than this are not copied into the request frame.
 -define(IOVEC_THRESHOLD, 65536).
 -define(DEFAULT_WINDOW, 64).
+-define(DEFAULT_CAPACITY, 1000).
 
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
 %% `runtime' is the owner process that made the env: an env does not outlive the OS
@@ -90,6 +95,16 @@
 -opaque ctx() :: #pyport_ctx{}.
 -opaque env() :: #pyport_env{}.
 -opaque pyref() :: #pyport_ref{}.
+%% `counters' holds the items Python has not taken yet (1) and a closed flag (2).
+-record(pyport_channel, {key :: pyport_runtime:key(),
+                         ctx :: pos_integer(),
+                         id :: pos_integer(),
+                         port :: port(),
+                         runtime :: pid(),
+                         max_frame :: pos_integer(),
+                         capacity :: pos_integer(),
+                         counters :: counters:counters_ref()}).
+-opaque channel() :: #pyport_channel{}.
 %% A stream is the alias its messages carry: `{pyport_stream, Stream, Msg}'.
 -type stream() :: reference().
 -type stream_msg() :: {data, term()} | done | {error, error()}.
@@ -583,12 +598,88 @@ end_stream(Stream, #stream_state{ctx = Ctx, id = H, owner = Pid}) ->
     erlang:demonitor(Stream, [flush]),
     ok.
 
-%% A request that wants no reply (empty header).
-port_cast(Port, Ctx, Request) ->
+%% A request that wants no reply (empty header); Request is a term or its encoding.
+port_cast(Port, Ctx, Body) when is_binary(Body) ->
     try
-        erlang:port_command(Port, [<<Ctx:64, 0:16>>, term_to_binary(Request)])
+        erlang:port_command(Port, [<<Ctx:64, 0:16>>, Body])
     catch
         error:badarg -> false
+    end;
+port_cast(Port, Ctx, Request) ->
+    port_cast(Port, Ctx, term_to_binary(Request)).
+
+%%% Channels
+
+%% @doc Opens a channel named `Name' in that context, for a long-running Python
+%% consumer: `erlang.channel(Name)' in Python (`receive()', `try_receive()',
+%% `async for'). Opts: `capacity' (default 1000), the items Python may leave untaken
+%% before channel_send/2 answers `busy'. Opening a name again replaces the channel.
+-spec channel_open(ctx(), name(), #{capacity => pos_integer()}) ->
+          {ok, channel()} | {error, error()}.
+channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
+    Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
+    case lookup(Key) of
+        [_] when not (is_integer(Capacity) andalso Capacity > 0) ->
+            {error, {bad_request, {capacity, Capacity}}};
+        [{_, Pid, Port, _, MaxFrame} = Runtime] ->
+            case runtime_request(Runtime, Id, {channel_open, name(Name), Capacity}, #{}) of
+                {ok, ChanId} when is_integer(ChanId) ->
+                    Counters = counters:new(2, [atomics]),
+                    gen_server:cast(Pid, {channel, Id, ChanId, Counters}),
+                    {ok, #pyport_channel{key = Key, ctx = Id, id = ChanId, port = Port,
+                                         runtime = Pid, max_frame = MaxFrame,
+                                         capacity = Capacity, counters = Counters}};
+                {ok, Other} ->
+                    {error, {bad_reply, Other}};
+                {error, _} = Error ->
+                    Error
+            end;
+        [] ->
+            {error, {runtime_down, noproc}}
+    end.
+
+%% @doc Sends a term to the channel without ever blocking: `busy' while `capacity'
+%% items are in it that Python has not taken, `{error, closed}' once it is closed (or
+%% its context or runtime is gone).
+-spec channel_send(channel(), term()) -> ok | busy | {error, closed | error()}.
+channel_send(#pyport_channel{counters = Counters, capacity = Capacity} = Chan, Term) ->
+    case counters:get(Counters, 2) of
+        0 ->
+            case counters:get(Counters, 1) >= Capacity of
+                true -> busy;
+                false -> channel_write(Chan, Term)
+            end;
+        _ ->
+            {error, closed}
+    end.
+
+channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counters,
+                              max_frame = MaxFrame}, Term) ->
+    Body = term_to_binary({channel_send, Id, Term}),
+    Size = 10 + byte_size(Body),
+    if
+        Size > MaxFrame ->
+            {error, {frame_too_large, Size, MaxFrame}};
+        true ->
+            counters:add(Counters, 1, 1),
+            case port_cast(Port, Ctx, Body) of
+                true -> ok;
+                false -> counters:put(Counters, 2, 1), {error, closed}
+            end
+    end.
+
+%% @doc Closes the channel: Python takes what is left, then `receive()' raises
+%% `erlang.ChannelClosed' and `async for' ends. Closing again is `ok'.
+-spec channel_close(channel()) -> ok.
+channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
+                              counters = Counters}) ->
+    case counters:get(Counters, 2) of
+        0 ->
+            counters:put(Counters, 2, 1),
+            _ = port_cast(Port, Ctx, term_to_binary({channel_close, Id})),
+            gen_server:cast(Pid, {channel_closed, Ctx, Id});
+        _ ->
+            ok
     end.
 
 %%% The call path

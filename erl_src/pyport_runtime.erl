@@ -92,7 +92,9 @@
     %% processes owning envs and handles: their monitor and their items
     owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
     %% each item's owner
-    owned = #{} :: #{owned() => pid()}
+    owned = #{} :: #{owned() => pid()},
+    %% open channels: the counters their handles share (items untaken, closed flag)
+    channels = #{} :: #{{ctx_id(), pos_integer()} => counters:counters_ref()}
 }).
 
 %%% API
@@ -199,6 +201,10 @@ handle_cast({own, Pid, CtxId, Item}, S) when is_pid(Pid) ->
     {noreply, own(Pid, {CtxId, Item}, S)};
 handle_cast({disown, CtxId, Item}, S) ->
     {noreply, disown({CtxId, Item}, S)};
+handle_cast({channel, CtxId, ChanId, Counters}, #state{channels = Channels} = S) ->
+    {noreply, S#state{channels = Channels#{{CtxId, ChanId} => Counters}}};
+handle_cast({channel_closed, CtxId, ChanId}, #state{channels = Channels} = S) ->
+    {noreply, S#state{channels = maps:remove({CtxId, ChanId}, Channels)}};
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
@@ -208,8 +214,8 @@ handle_info({Port, {data, <<Kind, HLen:16, H:HLen/binary, Payload/binary>>}},
     route(H, Payload, S),
     {noreply, S};
 handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key, contexts = Contexts} = S) ->
-    event(Key, Contexts, Payload),
+            #state{port = Port, key = Key, contexts = Contexts, channels = Channels} = S) ->
+    event(Payload, Key, Contexts, Channels),
     {noreply, S};
 handle_info({Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}},
             #state{port = Port, key = Key, max_frame = MaxFrame} = S) ->
@@ -239,8 +245,9 @@ handle_info(_Msg, S) ->
     {noreply, S}.
 
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{key = Key, port = Port}) ->
+terminate(_Reason, #state{key = Key, port = Port, channels = Channels}) ->
     close(Port),
+    maps:foreach(fun(_, Counters) -> counters:put(Counters, 2, 1) end, Channels),
     unpublish(Key, self()),
     ok.
 
@@ -364,7 +371,7 @@ await_contexts({Key, Names, MaxFrame} = Known, Port, Waiting, Deadline) ->
                 Error -> {error, {context_error, Body, Error}}
             end;
         {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            event(Key, Names, Payload),
+            event(Payload, Key, Names, #{}),
             await_contexts(Known, Port, Waiting, Deadline);
         {Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}} ->
             callback(Key, Port, MaxFrame, Payload),
@@ -525,8 +532,16 @@ forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
         _ ->
             true
     end,
-    forget_owned(Id, S#state{contexts = maps:remove(Id, Contexts),
-                             names = maps:without(Named, Names)}).
+    forget_owned(Id, forget_channels(Id, S#state{contexts = maps:remove(Id, Contexts),
+                                                 names = maps:without(Named, Names)})).
+
+%% A stopped context closed its channels: their handles answer `{error, closed}'.
+forget_channels(Id, #state{channels = Channels} = S) ->
+    {Gone, Left} = maps:fold(fun({Ctx, _}, C, {G, L}) when Ctx =:= Id -> {[C | G], L};
+                                (K, C, {G, L}) -> {G, L#{K => C}}
+                             end, {[], #{}}, Channels),
+    lists:foreach(fun(C) -> counters:put(C, 2, 1) end, Gone),
+    S#state{channels = Left}.
 
 %% The port program's info, with each context described by what this process knows.
 info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
@@ -571,10 +586,15 @@ route(H, Payload, #state{key = Key}) ->
                            [Key, H, 20], #{domain => [pyport]})
     end.
 
-event(Key, Contexts, Payload) ->
+event(Payload, Key, Contexts, Channels) ->
     case decode(Payload) of
         {log, _, _, _} = Log ->
             log(Key, Contexts, Log);
+        {channel_ack, Ctx, ChanId, N} ->
+            case Channels of
+                #{{Ctx, ChanId} := Counters} -> counters:sub(Counters, 1, N);
+                #{} -> ok
+            end;
         Other ->
             logger:notice("pyport runtime ~p: unexpected event: ~P", [Key, Other, 20],
                           #{domain => [pyport]})

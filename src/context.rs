@@ -104,31 +104,31 @@ impl Mailbox {
         self.state.load(Ordering::SeqCst) == DEAD
     }
 
-    /// Waits until the queue may hold something, `ready()` holds, or (when `lp` is
-    /// given: the loop may step here) the event loop is due at `lp.1` or has fd events:
-    /// spin (reading stdin when no other thread is, and polling the loop's fds if it
-    /// has any), then sleep in the reactor's poll.
+    /// Waits until the queue may hold something, `ready()` holds, `due` passes, or
+    /// (`with_loop`: the event loop may step here) the loop has work: fd events or
+    /// channel news. Spins first (reading stdin when no other thread is, and polling
+    /// the loop's fds if it has any), then sleeps in the reactor's poll.
     fn wait(
         &self,
         inbox: &Inbox,
         reactor: &Reactor,
         ready: &dyn Fn() -> bool,
-        lp: Option<Option<Instant>>,
+        with_loop: bool,
+        due: Option<Instant>,
     ) {
         let budget = self.spin_us.load(Ordering::Relaxed);
         let mut until = Instant::now() + Duration::from_micros(budget.into());
-        let due = lp.flatten();
         if let Some(d) = due {
             until = until.min(d);
         }
-        let loop_ready = || lp.is_some() && reactor.has_ready();
-        let async_results = || {
-            self.link
-                .get()
-                .is_some_and(|l| l.callbacks.has_async_results())
+        let link = self.link.get();
+        let loop_work = || {
+            with_loop
+                && (reactor.has_ready() || link.is_some_and(|l| l.channels.changed()))
         };
-        let idle = || self.is_empty() && !ready() && !loop_ready() && !async_results();
-        let poll_fds = lp.is_some() && reactor.has_fds();
+        let async_results = || link.is_some_and(|l| l.callbacks.has_async_results());
+        let idle = || self.is_empty() && !ready() && !loop_work() && !async_results();
+        let poll_fds = with_loop && reactor.has_fds();
         inbox.spin_enter();
         while idle() && Instant::now() < until {
             inbox.try_pump();
@@ -161,6 +161,17 @@ impl Mailbox {
     pub fn deliver_callback(&self, id: u64, term: Vec<u8>) {
         if let Some(link) = self.link.get() {
             link.callbacks.deliver(id, term);
+            self.wake_if_sleeping();
+        }
+    }
+
+    /// Delivers an item (`Some`) or the close (`None`) of channel `id` of this context.
+    pub fn deliver_channel(&self, id: u64, item: Option<Vec<u8>>) {
+        if let Some(link) = self.link.get() {
+            match item {
+                Some(term) => link.channels.push(id, term),
+                None => link.channels.close(id),
+            }
             self.wake_if_sleeping();
         }
     }
@@ -237,7 +248,7 @@ fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &Inbox, reactor: &Reactor)
         if let Some(job) = mailbox.pop() {
             return job;
         }
-        detached(py, || mailbox.wait(inbox, reactor, &|| false, None));
+        detached(py, || mailbox.wait(inbox, reactor, &|| false, false, None));
     }
 }
 
@@ -286,9 +297,11 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, poll: Poll) {
             stop: RefCell::new(None),
             out: std::cell::Cell::new(Vec::new()),
         };
-        let nested = |py: Python<'_>, done: &dyn Fn() -> bool| lp.serve_until(py, done);
+        let nested = |py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>| {
+            lp.serve_until(py, done, until)
+        };
         let stop = erlang_module::with_nested_serve(&nested, || {
-            let _ = lp.serve_until(py, &|| lp.stop.borrow().is_some());
+            let _ = lp.serve_until(py, &|| lp.stop.borrow().is_some(), None);
             lp.stop.borrow_mut().take()
         });
         session.close(py);
@@ -317,8 +330,9 @@ const MAX_KEPT_BUFFER: usize = 64 << 20;
 
 impl Loop<'_> {
     /// Serves jobs until `done()` holds (true), or, when nested in a request, until that
-    /// request's deadline passes (false).
-    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool) -> bool {
+    /// request's deadline passes (false). `until` is a time at which `done()` may turn
+    /// true by itself (a wait with a timeout), so the thread wakes up for it.
+    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>) -> bool {
         let writer = self.inbox.writer();
         let (request, _) = self.mailbox.deadline.current();
         let given_up = || self.mailbox.deadline.fired(request);
@@ -327,19 +341,30 @@ impl Loop<'_> {
         let lp = &self.session.event_loop;
         while !done() {
             let Some(job) = self.mailbox.pop() else {
-                if self.session.link.callbacks.has_async_results() {
+                let link = &self.session.link;
+                if link.callbacks.has_async_results() {
                     self.session.resolve_async_calls(py);
                 }
                 // The loop steps between requests, never inside one of its own steps
                 // (a task waiting in `erlang.call` serves requests, not the loop).
                 let may_step = lp.exists() && !lp.is_stepping();
+                if may_step && link.channels.take_changed() {
+                    self.session.channels_changed(py);
+                }
                 if may_step && lp.wants_step() {
                     lp.step(py);
                     continue;
                 }
-                let loop_due = may_step.then(|| lp.due());
+                if until.is_some_and(|u| u <= Instant::now()) {
+                    break;
+                }
+                let due = match (may_step.then(|| lp.due()).flatten(), until) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
                 detached(py, || {
-                    self.mailbox.wait(self.inbox, &lp.reactor, done, loop_due)
+                    self.mailbox
+                        .wait(self.inbox, &lp.reactor, done, may_step, due)
                 });
                 continue;
             };

@@ -13,12 +13,14 @@ use std::ffi::CString;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::ThreadId;
+use std::time::Instant;
 
 use pyo3::exceptions::{PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyModule, PyString, PyTuple};
 use pyo3::{ffi, wrap_pyfunction};
 
+use crate::channel::{Channels, Take};
 use crate::convert::{self, Types};
 use crate::error::Error;
 use crate::etf;
@@ -33,6 +35,7 @@ pub struct Link {
     pub ctx: u64,
     pub writer: Arc<Writer>,
     pub callbacks: Callbacks,
+    pub channels: Channels,
     /// ETF (without version byte) of the pid that made the current request.
     caller: Mutex<Option<Vec<u8>>>,
     thread: ThreadId,
@@ -47,6 +50,7 @@ impl Link {
             ctx,
             writer,
             callbacks: Callbacks::default(),
+            channels: Channels::default(),
             caller: Mutex::new(None),
             thread: std::thread::current().id(),
             unflushed: std::sync::atomic::AtomicBool::new(false),
@@ -218,7 +222,7 @@ fn current_link() -> PyResult<Arc<Link>> {
 /// The context thread's way to wait for a callback result while serving its mailbox
 /// (re-entrancy); set by the context loop.
 /// It returns false if it gave up because the running request's deadline passed.
-pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool;
+pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool;
 
 thread_local! {
     static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
@@ -226,14 +230,14 @@ thread_local! {
 
 /// Installs the nested-serve function for this thread while `f` runs.
 pub fn with_nested_serve<'a, R>(
-    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool + 'a),
+    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a),
     f: impl FnOnce() -> R,
 ) -> R {
     // SAFETY: the pointer is only used while `f` runs (it is cleared right after), and
     // `serve` outlives that call.
     let ptr: *const NestedServe = unsafe {
         std::mem::transmute::<
-            &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool) -> bool + 'a),
+            &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a),
             &'static NestedServe,
         >(serve)
     };
@@ -308,7 +312,7 @@ fn call<'py>(
         // The context thread keeps serving its mailbox while it waits (re-entrancy).
         Some(serve) => {
             // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
-            if !unsafe { (*serve)(py, &|| link.callbacks.is_ready(id)) } {
+            if !unsafe { (*serve)(py, &|| link.callbacks.is_ready(id), None) } {
                 // The request's deadline passed while Erlang kept the callback: stop
                 // waiting, so the context serves others again.
                 link.callbacks.abandon(id);
@@ -372,6 +376,65 @@ fn select(py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(i32, u8)>> {
         .ok_or_else(|| PyRuntimeError::new_err("no pyport event loop on this thread"))?;
     let timeout = timeout.map(|t| std::time::Duration::from_secs_f64(t.clamp(0.0, 1e6)));
     Ok(reactor.select(py, timeout))
+}
+
+/// `_pyport.channel_lookup(name)`: the id of the channel `name` of this context.
+#[pyfunction]
+fn channel_lookup(name: &str) -> PyResult<u64> {
+    current_link()?
+        .channels
+        .lookup(name)
+        .ok_or_else(|| pyo3::exceptions::PyLookupError::new_err(format!("no channel {name:?}")))
+}
+
+/// A take from channel `id`: `(1, item)`, `(0, None)` when empty, `(2, None)` closed.
+fn channel_take<'py>(py: Python<'py>, link: &Link, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
+    match link.channels.take(link.ctx, id, &link.writer) {
+        Take::Item(term) => {
+            let item = convert::decode_body(py, &types(py)?, &term).map_err(to_pyerr)?;
+            Ok((1, item))
+        }
+        Take::Empty => Ok((0, py.None().into_bound(py))),
+        Take::Closed | Take::Unknown => Ok((2, py.None().into_bound(py))),
+    }
+}
+
+/// `_pyport.channel_try(id)`: see [`channel_take`].
+#[pyfunction]
+fn channel_try<'py>(py: Python<'py>, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
+    let link = current_link()?;
+    channel_take(py, &link, id)
+}
+
+/// `_pyport.channel_receive(id, timeout)`: waits for an item (the context thread keeps
+/// serving its requests meanwhile); `(0, None)` when the timeout passed.
+#[pyfunction]
+#[pyo3(signature = (id, timeout=None))]
+fn channel_receive<'py>(
+    py: Python<'py>,
+    id: u64,
+    timeout: Option<f64>,
+) -> PyResult<(u8, Bound<'py, PyAny>)> {
+    let link = current_link()?;
+    let until = timeout.map(|t| Instant::now() + std::time::Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+    loop {
+        let taken = channel_take(py, &link, id)?;
+        if taken.0 != 0 || until.is_some_and(|u| u <= Instant::now()) {
+            return Ok(taken);
+        }
+        let nested = NESTED
+            .with(|n| *n.borrow())
+            .filter(|_| std::thread::current().id() == link.thread);
+        match nested {
+            // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
+            Some(serve) => {
+                if !unsafe { (*serve)(py, &|| link.channels.ready(id), until) } {
+                    return Err(timeout_error(py));
+                }
+            }
+            None => py.detach(|| link.channels.wait(id, until)),
+        }
+    }
 }
 
 /// `_pyport.busy()`: other work waits for this context (a stream pump yields then).
@@ -485,6 +548,9 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(unwatch, &native)?)?;
     native.add_function(wrap_pyfunction!(select, &native)?)?;
     native.add_function(wrap_pyfunction!(busy, &native)?)?;
+    native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
+    native.add_function(wrap_pyfunction!(channel_try, &native)?)?;
+    native.add_function(wrap_pyfunction!(channel_receive, &native)?)?;
     native.add_function(wrap_pyfunction!(send, &native)?)?;
     native.add_function(wrap_pyfunction!(caller, &native)?)?;
     native.add_function(wrap_pyfunction!(log, &native)?)?;

@@ -12,6 +12,7 @@
 //!   streams; coroutine results become tasks.
 //! - [`event_loop`]: the one wait of a context thread (mio poll) and the asyncio loop
 //!   it drives between requests: fds, timers, tasks, streams, async callbacks.
+//! - [`channel`]: channels Erlang feeds and Python reads, per context.
 //! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
@@ -22,6 +23,7 @@
 //!
 //! The wire grammar is in `docs/protocol.md`; the architecture in `docs/architecture.md`.
 
+pub mod channel;
 pub mod context;
 pub mod convert;
 pub mod erlang_module;

@@ -215,20 +215,40 @@ impl Inbox {
     }
 }
 
-/// `{callback_result, Id, Result}`: the answer to an `erlang.call`, as the id and the
-/// whole ETF term of `Result`. Anything else is `None` (and goes to the context).
-fn callback_result(body: &[u8]) -> Option<(u64, Vec<u8>)> {
+/// A frame the router hands to a context's shared state rather than its queue, so it
+/// reaches a thread waiting for it even while the context thread is busy.
+#[derive(Debug, PartialEq)]
+enum Direct {
+    /// `{callback_result, Id, Result}`: the answer to an `erlang.call` (the id and the
+    /// whole ETF term of `Result`).
+    CallbackResult(u64, Vec<u8>),
+    /// `{channel_send, ChanId, Term}`: an item for a channel (the term's ETF body).
+    ChannelSend(u64, Vec<u8>),
+    /// `{channel_close, ChanId}`.
+    ChannelClose(u64),
+}
+
+/// The [`Direct`] frame in `body`, if it is one; anything else goes to the context.
+fn direct(body: &[u8]) -> Option<Direct> {
     let mut r = crate::etf::Reader::new(body).ok()?;
-    if r.tuple_header().ok()? != 3 || r.atom().ok()? != "callback_result" {
-        return None;
-    }
-    let id = Term::read(&mut r, 0).ok()?.as_u64()?;
-    let result = r.term_slice().ok()?;
+    let arity = r.tuple_header().ok()?;
+    let op = r.atom().ok()?;
+    let id = |r: &mut crate::etf::Reader<'_>| Term::read(r, 0).ok()?.as_u64();
+    let found = match (op.as_ref(), arity) {
+        ("callback_result", 3) => {
+            let id = id(&mut r)?;
+            let result = r.term_slice().ok()?;
+            let mut term = Vec::with_capacity(result.len() + 1);
+            term.push(crate::etf::VERSION);
+            term.extend_from_slice(result);
+            Direct::CallbackResult(id, term)
+        }
+        ("channel_send", 3) => Direct::ChannelSend(id(&mut r)?, r.term_slice().ok()?.to_vec()),
+        ("channel_close", 2) => Direct::ChannelClose(id(&mut r)?),
+        _ => return None,
+    };
     r.finish().ok()?;
-    let mut term = Vec::with_capacity(result.len() + 1);
-    term.push(crate::etf::VERSION);
-    term.extend_from_slice(result);
-    Some((id, term))
+    Some(found)
 }
 
 struct Routing {
@@ -311,8 +331,11 @@ impl Routing {
         let Some(mailbox) = self.contexts.get(&ctx) else {
             return self.fail(&job, Error::ContextDown("unknown_context".into()));
         };
-        if let Some((id, term)) = callback_result(job.body()) {
-            return mailbox.deliver_callback(id, term);
+        match direct(job.body()) {
+            Some(Direct::CallbackResult(id, term)) => return mailbox.deliver_callback(id, term),
+            Some(Direct::ChannelSend(id, term)) => return mailbox.deliver_channel(id, Some(term)),
+            Some(Direct::ChannelClose(id)) => return mailbox.deliver_channel(id, None),
+            None => {}
         }
         if let Err((job, err)) = mailbox.push(job) {
             if mailbox.is_dead() {
@@ -502,12 +525,21 @@ mod tests {
             result.clone(),
         ])
         .encode();
-        let (id, term) = callback_result(&body).unwrap();
+        let Some(Direct::CallbackResult(id, term)) = direct(&body) else {
+            panic!("not a callback result");
+        };
         assert_eq!(id, 42);
         assert_eq!(Term::decode(&term).unwrap(), result);
+        let send = Term::Tuple(vec![Term::atom("channel_send"), Term::Int(7), Term::Int(-1)]);
+        assert_eq!(
+            direct(&send.encode()),
+            Some(Direct::ChannelSend(7, Term::Int(-1).encode()[1..].to_vec()))
+        );
+        let close = Term::Tuple(vec![Term::atom("channel_close"), Term::Int(7)]);
+        assert_eq!(direct(&close.encode()), Some(Direct::ChannelClose(7)));
         // anything else goes to the context
         let call = Term::Tuple(vec![Term::atom("call"), Term::Int(1), Term::Int(2)]).encode();
-        assert!(callback_result(&call).is_none());
-        assert!(callback_result(&[131, 104]).is_none());
+        assert!(direct(&call).is_none());
+        assert!(direct(&[131, 104]).is_none());
     }
 }

@@ -173,6 +173,7 @@ impl Session {
     /// Releases what the session holds; runs attached, before the interpreter ends.
     pub fn close(&self, py: Python<'_>) {
         let _ = erlang_module(py).and_then(|m| m.call_method0("_before_end"));
+        self.link.channels.close_all();
         self.event_loop
             .close(py, &Error::ContextDown("stopped".into()));
         self.types.clear();
@@ -266,6 +267,16 @@ impl Session {
         }
     }
 
+    /// Items or closes arrived on channels: coroutines waiting in `async for` look again.
+    pub fn channels_changed(&self, py: Python<'_>) {
+        if let Err(e) = self.event_loop.call(py, "_pyport_channels_changed", ()) {
+            let err = crate::pyerr::to_error(py, &e);
+            self.link
+                .writer
+                .log("warning", self.id, &format!("channel wake-up: {err}"));
+        }
+    }
+
     /// The caller's pid as an `erlang.Pid`, or None.
     fn caller_pid<'py>(&self, py: Python<'py>, req: &Request<'_>) -> PyResult<Bound<'py, PyAny>> {
         match req.opts.caller {
@@ -345,6 +356,11 @@ impl Session {
                 let source = self.invoke(py, &target, parts.get(2), parts.get(3))?;
                 self.start_stream(py, header, source, req)?;
                 Reply::Later
+            }
+            ("channel_open", 3) => {
+                let name = parts.text(0, "channel name")?;
+                let capacity = parts.id(1, "capacity")?;
+                Reply::Id(self.link.channels.open(&name, capacity as usize))
             }
             ("stream_credit", 3) => {
                 let stream = etf::Reader::body(parts.get(0))

@@ -10,8 +10,8 @@ import io
 import _pyport
 
 __all__ = [
-    "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout",
-    "atom", "call", "async_call", "send", "self", "whereis",
+    "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout", "ChannelClosed",
+    "atom", "call", "async_call", "send", "self", "whereis", "channel",
 ]
 
 # The pid that made the request a task or a stream serves (``erlang.self()`` there).
@@ -106,6 +106,63 @@ class CallTimeout(BaseException):
     """Raised in Python code that runs past its request's timeout (the Erlang caller
     already got ``{error, timeout}``). A ``BaseException``, so ``except Exception``
     does not swallow it."""
+
+
+class ChannelClosed(Exception):
+    """Raised by ``Channel.receive`` once the channel is closed and drained."""
+
+
+class Channel:
+    """The Python end of a channel Erlang opened in this context
+    (``pyport:channel_open/3``) and feeds with ``pyport:channel_send/2``."""
+
+    __slots__ = ("name", "_id")
+
+    def __init__(self, name):
+        self.name = name
+        self._id = _pyport.channel_lookup(name)
+
+    def receive(self, timeout=None):
+        """The next item, waiting for it (the context keeps serving other requests
+        meanwhile). Raises ``TimeoutError`` after ``timeout`` seconds, and
+        ``ChannelClosed`` once the channel is closed and drained."""
+        status, item = _pyport.channel_receive(self._id, timeout)
+        if status == 1:
+            return item
+        if status == 2:
+            raise ChannelClosed(self.name)
+        raise TimeoutError("no item on channel %r within %s s" % (self.name, timeout))
+
+    def try_receive(self):
+        """The next item, or None when there is none now (or the channel is closed)."""
+        return _pyport.channel_try(self._id)[1]
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        import asyncio
+        loop = asyncio.get_running_loop()
+        while True:
+            status, item = _pyport.channel_try(self._id)
+            if status == 1:
+                return item
+            if status == 2:
+                raise StopAsyncIteration
+            if not isinstance(loop, _loop_class or ()):
+                await asyncio.sleep(0.001)  # another loop: pyport cannot wake it
+                continue
+            waiter = loop.create_future()
+            loop._pyport_channel_waiters.append(waiter)
+            await waiter
+
+    def __repr__(self):
+        return "<erlang.Channel %r>" % (self.name,)
+
+
+def channel(name):
+    """The channel ``name`` of this context (``LookupError`` if Erlang opened none)."""
+    return Channel(str(name))
 
 
 def call(name, *args):
@@ -343,6 +400,7 @@ def _define_loop():
             self._pyport_pending = {}   # erlang.async_call id -> future
             self._pyport_streams = {}   # request header -> Stream
             self._pyport_outbox = []    # (tag, header, value) for Erlang
+            self._pyport_channel_waiters = []   # coroutines in `async for` on a channel
             sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
                                    finalizer=self._asyncgen_finalizer_hook)
 
@@ -414,6 +472,12 @@ def _define_loop():
             if stream is not None:
                 stream.cancelled = True
                 stream.task.cancel()
+
+        def _pyport_channels_changed(self):
+            waiters, self._pyport_channel_waiters = self._pyport_channel_waiters, []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
         def _pyport_resolve(self, cb_id, result):
             future = self._pyport_pending.pop(cb_id, None)

@@ -1,0 +1,190 @@
+//! Channels: queues that Erlang feeds (`pyport:channel_send/2`) and Python code of one
+//! context reads (`erlang.channel(name)`), sync or from coroutines.
+//!
+//! Items are kept as ETF bytes and become Python objects only when taken, on the
+//! taking thread. The router delivers sends and closes straight here (not through the
+//! context's queue), so a thread blocked in `receive()` gets an item even while the
+//! context thread is busy. Erlang answers `busy` on its own, from a counter of items
+//! Python has not taken: each take is acknowledged with a `channel_ack` event, in
+//! batches of half the capacity, or at once when the channel runs empty.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use crate::writer::Writer;
+
+struct Chan {
+    items: VecDeque<Vec<u8>>,
+    capacity: usize,
+    closed: bool,
+    /// Items taken and not yet acknowledged to Erlang.
+    unacked: usize,
+}
+
+#[derive(Default)]
+struct Table {
+    chans: HashMap<u64, Chan>,
+    names: HashMap<String, u64>,
+    next: u64,
+}
+
+/// The channels of one context.
+#[derive(Default)]
+pub struct Channels {
+    table: Mutex<Table>,
+    arrived: Condvar,
+    /// Set when an item or a close arrived, for the context's event loop.
+    changed: AtomicBool,
+}
+
+/// What a take found.
+pub enum Take {
+    Item(Vec<u8>),
+    Empty,
+    Closed,
+    Unknown,
+}
+
+impl Channels {
+    fn lock(&self) -> MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Opens channel `name` (an open one of that name is replaced: its readers see it
+    /// closed) and returns its id.
+    pub fn open(&self, name: &str, capacity: usize) -> u64 {
+        let mut t = self.lock();
+        t.next += 1;
+        let id = t.next;
+        if let Some(old) = t.names.insert(name.to_string(), id) {
+            if let Some(c) = t.chans.get_mut(&old) {
+                c.closed = true;
+            }
+        }
+        t.chans.insert(
+            id,
+            Chan {
+                items: VecDeque::new(),
+                capacity: capacity.max(1),
+                closed: false,
+                unacked: 0,
+            },
+        );
+        drop(t);
+        self.notify();
+        id
+    }
+
+    /// The id of the channel called `name`.
+    pub fn lookup(&self, name: &str) -> Option<u64> {
+        self.lock().names.get(name).copied()
+    }
+
+    /// An item from Erlang (a whole ETF term). Items for a closed or unknown channel
+    /// are dropped, as Erlang already answered the sender.
+    pub fn push(&self, id: u64, term: Vec<u8>) {
+        if let Some(c) = self.lock().chans.get_mut(&id).filter(|c| !c.closed) {
+            c.items.push_back(term);
+        }
+        self.notify();
+    }
+
+    /// Erlang closed the channel: readers drain what is left, then see it closed.
+    pub fn close(&self, id: u64) {
+        if let Some(c) = self.lock().chans.get_mut(&id) {
+            c.closed = true;
+        }
+        self.notify();
+    }
+
+    /// The context ends: every channel is closed.
+    pub fn close_all(&self) {
+        for c in self.lock().chans.values_mut() {
+            c.closed = true;
+        }
+        self.notify();
+    }
+
+    fn notify(&self) {
+        self.changed.store(true, Ordering::SeqCst);
+        self.arrived.notify_all();
+    }
+
+    /// Whether an item or a close arrived since the last call (for the event loop).
+    pub fn take_changed(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn changed(&self) -> bool {
+        self.changed.load(Ordering::SeqCst)
+    }
+
+    /// Takes the next item without waiting; acknowledges it to Erlang.
+    pub fn take(&self, ctx: u64, id: u64, writer: &Writer) -> Take {
+        let mut t = self.lock();
+        let Some(c) = t.chans.get_mut(&id) else {
+            return Take::Unknown;
+        };
+        match c.items.pop_front() {
+            Some(item) => {
+                c.unacked += 1;
+                if c.items.is_empty() || c.unacked >= (c.capacity / 2).max(1) {
+                    let n = std::mem::take(&mut c.unacked);
+                    drop(t);
+                    ack(writer, ctx, id, n);
+                }
+                Take::Item(item)
+            }
+            None if c.closed => {
+                // Its name stays, so `erlang.channel(name)` still finds it closed.
+                t.chans.remove(&id);
+                Take::Closed
+            }
+            None => Take::Empty,
+        }
+    }
+
+    /// Whether a take would not find the channel empty (an item, or closed).
+    pub fn ready(&self, id: u64) -> bool {
+        self.lock()
+            .chans
+            .get(&id)
+            .map_or(true, |c| c.closed || !c.items.is_empty())
+    }
+
+    /// Blocks (a thread that is not the context's) until `ready(id)` or `until`.
+    pub fn wait(&self, id: u64, until: Option<Instant>) {
+        let mut t = self.lock();
+        loop {
+            if t.chans.get(&id).map_or(true, |c| c.closed || !c.items.is_empty()) {
+                return;
+            }
+            t = match until {
+                None => self.arrived.wait(t).unwrap_or_else(|e| e.into_inner()),
+                Some(at) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return;
+                    }
+                    self.arrived
+                        .wait_timeout(t, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+}
+
+/// `{channel_ack, Ctx, ChanId, N}`: Python took `n` items.
+fn ack(writer: &Writer, ctx: u64, id: u64, n: usize) {
+    writer.event(|w| {
+        w.tuple_header(4);
+        w.atom("channel_ack");
+        w.int(ctx as i64);
+        w.int(id as i64);
+        w.int(n as i64);
+    });
+}
