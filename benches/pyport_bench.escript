@@ -11,6 +11,12 @@
 %%   - 16 MiB binary echo throughput
 %%   - runtime start to first reply
 %%   - new context creation time
+%%   - async tasks/s: 1,000 concurrent calls of a coroutine on one context, with the
+%%     same 1,000 concurrent callers of sync operator.add as a control
+%%   - stream items/s of a generator of 100k small ints (window 64)
+%%   - channel messages/s: 100k small terms into an `async for' consumer
+%%   - requests/s of an asyncio line-echo server with 50 gen_tcp clients
+%% The event-loop measurements (the last four) report the median of 5 rounds.
 %%
 %% Run `rebar3 compile' (and `make build' for priv/pyport) first, then
 %%   escript benches/pyport_bench.escript
@@ -30,6 +36,15 @@
 -define(CPU_CALL_MS, 200).
 -define(CALLBACK_CALLS, 5000).
 -define(CALLBACK_WARMUP, 500).
+-define(LOOP_ROUNDS, 5).
+-define(TASK_CALLERS, 1000).
+-define(STREAM_ITEMS, 100000).
+-define(STREAM_WINDOW, 64).
+-define(CHANNEL_MESSAGES, 100000).
+-define(CHANNEL_CAPACITY, 1000).
+-define(TCP_CLIENTS, 50).
+-define(TCP_REQUESTS, 1000).
+-define(TCP_LINE, <<"hello pyport\n">>).
 
 -define(HELPERS, <<"
 def identity(x):
@@ -53,6 +68,59 @@ def roundtrips(n):
             raise ValueError(i)
         times.append(clock() - t0)
     return times
+
+import asyncio
+
+async def async_one():
+    await asyncio.sleep(0)
+    return 1
+
+def gen(n):
+    yield from range(n)
+
+_bench_tasks = set()
+
+def _keep(task):
+    _bench_tasks.add(task)
+    task.add_done_callback(_bench_tasks.discard)
+
+async def _consume(pid, n):
+    import erlang
+    count = 0
+    async for item in erlang.channel('bench'):
+        count += 1
+        if count >= n:
+            break
+    erlang.send(pid, ('done', count))
+
+async def start_consumer(pid, n):
+    _keep(asyncio.get_running_loop().create_task(_consume(pid, n)))
+    return True
+
+async def _echo_line(reader, writer):
+    try:
+        while True:
+            line = await reader.readline()
+            if not line:
+                break
+            writer.write(line)
+            await writer.drain()
+    finally:
+        writer.close()
+
+_echo_servers = []
+
+async def start_echo_server():
+    server = await asyncio.start_server(_echo_line, '127.0.0.1', 0)
+    _echo_servers.append(server)
+    return server.sockets[0].getsockname()[1]
+
+async def stop_echo_servers():
+    while _echo_servers:
+        server = _echo_servers.pop()
+        server.close()
+        await server.wait_closed()
+    return True
 ">>).
 
 main(_Args) ->
@@ -136,10 +204,15 @@ bench(Mode) ->
     Speedup = step(fun() -> cpu_speedup(A, B) end),
     Echo = step(fun() -> echo(A) end),
     NewContext = step(fun() -> new_context(Pid, Mode) end),
+    Tasks = step(fun() -> tasks(A) end),
+    Stream = step(fun() -> stream(A) end),
+    Channel = step(fun() -> channel(A) end),
+    Server = step(fun() -> echo_server(A) end),
     ok = pyport:stop_runtime(Pid),
     io:format("~n"),
     #{start => Start, latency => Latency, callback => Callback, throughput => Throughput,
-      speedup => Speedup, echo => Echo, new_context => NewContext}.
+      speedup => Speedup, echo => Echo, new_context => NewContext, tasks => Tasks,
+      stream => Stream, channel => Channel, server => Server}.
 
 step(Fun) ->
     Result = Fun(),
@@ -232,6 +305,113 @@ new_context(Pid, Mode) ->
              end || _ <- lists:seq(1, ?NEW_CONTEXT_ROUNDS)],
     median(Times).
 
+%% {AsyncTasksPerSecond, SyncCallsPerSecond}: ?TASK_CALLERS processes, started
+%% beforehand, each make one call to the same context at once; the rate is the number of
+%% calls over the wall time from the start signal to the last reply (median of rounds,
+%% the async and the sync control taking turns).
+tasks(Ctx) ->
+    Async = fun() -> {ok, 1} = pyport:call(Ctx, '__main__', async_one, []) end,
+    Sync = fun() -> {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]) end,
+    Async(), Sync(),
+    Rounds = [{concurrent_rate(Async), concurrent_rate(Sync)}
+              || _ <- lists:seq(1, ?LOOP_ROUNDS)],
+    {median([A || {A, _} <- Rounds]), median([S || {_, S} <- Rounds])}.
+
+concurrent_rate(Call) ->
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                              receive go -> ok end,
+                              Call(),
+                              Self ! {done, self()}
+                          end) || _ <- lists:seq(1, ?TASK_CALLERS)],
+    T0 = erlang:monotonic_time(microsecond),
+    [C ! go || C <- Callers],
+    [receive {done, C} -> ok end || C <- Callers],
+    Us = erlang:monotonic_time(microsecond) - T0,
+    ?TASK_CALLERS / (Us / 1.0e6).
+
+%% Items per second of a stream of ?STREAM_ITEMS small ints taken with stream_next
+%% (median of rounds).
+stream(Ctx) ->
+    median([begin
+                T0 = erlang:monotonic_time(microsecond),
+                {ok, Ref} = pyport:stream(Ctx, '__main__', gen, [?STREAM_ITEMS], #{},
+                                          #{window => ?STREAM_WINDOW}),
+                ?STREAM_ITEMS = drain_stream(Ref, 0),
+                Us = erlang:monotonic_time(microsecond) - T0,
+                ?STREAM_ITEMS / (Us / 1.0e6)
+            end || _ <- lists:seq(1, ?LOOP_ROUNDS)]).
+
+drain_stream(Ref, N) ->
+    case pyport:stream_next(Ref, 30000) of
+        {data, N} -> drain_stream(Ref, N + 1);
+        done -> N
+    end.
+
+%% Messages per second from the first channel_send to the consumer's `done' message,
+%% ?CHANNEL_MESSAGES small terms into an `async for' consumer (median of rounds).
+channel(Ctx) ->
+    median([begin
+                {ok, Chan} = pyport:channel_open(Ctx, <<"bench">>,
+                                                 #{capacity => ?CHANNEL_CAPACITY}),
+                {ok, true} = pyport:call(Ctx, '__main__', start_consumer,
+                                         [self(), ?CHANNEL_MESSAGES]),
+                T0 = erlang:monotonic_time(microsecond),
+                ok = channel_send_all(Chan, 0),
+                Count = receive
+                            {<<"done">>, C} -> C
+                        after 60000 ->
+                            die("no done message from the channel consumer", [])
+                        end,
+                Us = erlang:monotonic_time(microsecond) - T0,
+                ok = pyport:channel_close(Chan),
+                ?CHANNEL_MESSAGES = Count,
+                ?CHANNEL_MESSAGES / (Us / 1.0e6)
+            end || _ <- lists:seq(1, ?LOOP_ROUNDS)]).
+
+channel_send_all(_Chan, ?CHANNEL_MESSAGES) ->
+    ok;
+channel_send_all(Chan, I) ->
+    case pyport:channel_send(Chan, {I, I}) of
+        ok -> channel_send_all(Chan, I + 1);
+        busy -> erlang:yield(), channel_send_all(Chan, I)
+    end.
+
+%% Requests per second of an asyncio line-echo server in the context: ?TCP_CLIENTS
+%% processes, connected beforehand, each do ?TCP_REQUESTS round trips of a short line
+%% (median of rounds).
+echo_server(Ctx) ->
+    {ok, Port} = pyport:call(Ctx, '__main__', start_echo_server, []),
+    Rate = median([echo_server_round(Port) || _ <- lists:seq(1, ?LOOP_ROUNDS)]),
+    {ok, true} = pyport:call(Ctx, '__main__', stop_echo_servers, []),
+    Rate.
+
+echo_server_round(Port) ->
+    Self = self(),
+    Clients = [spawn_link(fun() ->
+                              {ok, Sock} = gen_tcp:connect({127, 0, 0, 1}, Port,
+                                                           [binary, {active, false},
+                                                            {packet, line}]),
+                              Self ! {connected, self()},
+                              receive go -> ok end,
+                              ok = echo_requests(Sock, ?TCP_REQUESTS),
+                              ok = gen_tcp:close(Sock),
+                              Self ! {done, self()}
+                          end) || _ <- lists:seq(1, ?TCP_CLIENTS)],
+    [receive {connected, C} -> ok end || C <- Clients],
+    T0 = erlang:monotonic_time(microsecond),
+    [C ! go || C <- Clients],
+    [receive {done, C} -> ok end || C <- Clients],
+    Us = erlang:monotonic_time(microsecond) - T0,
+    ?TCP_CLIENTS * ?TCP_REQUESTS / (Us / 1.0e6).
+
+echo_requests(_Sock, 0) ->
+    ok;
+echo_requests(Sock, N) ->
+    ok = gen_tcp:send(Sock, ?TCP_LINE),
+    {ok, ?TCP_LINE} = gen_tcp:recv(Sock, 0, 30000),
+    echo_requests(Sock, N - 1).
+
 median(List) ->
     percentile(lists:sort(List), 50).
 
@@ -248,7 +428,12 @@ print(Results) ->
             {"CPU-bound speedup, 2 contexts vs 1", fun(#{speedup := S}) -> fmt(S) ++ "x" end},
             {"16 MiB echo (MB/s)", fun(#{echo := E}) -> fmt_int(E) end},
             {"runtime start to first reply (ms)", fun(#{start := S}) -> fmt(S) end},
-            {"new context (ms)", fun(#{new_context := N}) -> fmt(N) end}],
+            {"new context (ms)", fun(#{new_context := N}) -> fmt(N) end},
+            {"async tasks/s, 1000 callers, 1 context", fun(#{tasks := {T, _}}) -> fmt_int(T) end},
+            {"  control: sync calls/s, same callers", fun(#{tasks := {_, S}}) -> fmt_int(S) end},
+            {"stream items/s (100k ints, window 64)", fun(#{stream := S}) -> fmt_int(S) end},
+            {"channel msgs/s (100k, capacity 1000)", fun(#{channel := C}) -> fmt_int(C) end},
+            {"echo server req/s (50 clients x 1000)", fun(#{server := S}) -> fmt_int(S) end}],
     Modes = [Mode || {Mode, _} <- Results],
     io:format("~n~-38s" ++ lists:append(["~14s" || _ <- Modes]) ++ "~n",
               ["" | [atom_to_list(M) || M <- Modes]]),
