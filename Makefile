@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl demo bench lint clean
+.PHONY: setup build rust erl test test-rust test-erl demo bench bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -35,6 +35,10 @@ demo: build
 bench: build
 	$(CARGO_ENV) cargo bench --bench session
 	escript benches/pyport_bench.escript
+
+# Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
+bench-compare: build
+	escript benches/compare.escript priv/pyport $(OLD)
 
 lint: setup
 	$(CARGO_ENV) cargo fmt --check

@@ -4,8 +4,8 @@
 use std::time::Instant;
 
 use pyo3::prelude::*;
-use pyport::request::{Mode, Spec};
 use pyport::etf::Term;
+use pyport::request::{Mode, Spec};
 use pyport::session::Session;
 
 fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {

@@ -158,7 +158,10 @@ impl Channels {
     pub fn wait(&self, id: u64, until: Option<Instant>) {
         let mut t = self.lock();
         loop {
-            if t.chans.get(&id).map_or(true, |c| c.closed || !c.items.is_empty()) {
+            if t.chans
+                .get(&id)
+                .map_or(true, |c| c.closed || !c.items.is_empty())
+            {
                 return;
             }
             t = match until {

@@ -122,10 +122,8 @@ impl Mailbox {
             until = until.min(d);
         }
         let link = self.link.get();
-        let loop_work = || {
-            with_loop
-                && (reactor.has_ready() || link.is_some_and(|l| l.channels.changed()))
-        };
+        let loop_work =
+            || with_loop && (reactor.has_ready() || link.is_some_and(|l| l.channels.changed()));
         let async_results = || link.is_some_and(|l| l.callbacks.has_async_results());
         let idle = || self.is_empty() && !ready() && !loop_work() && !async_results();
         let poll_fds = with_loop && reactor.has_fds();

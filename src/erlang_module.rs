@@ -222,29 +222,41 @@ fn current_link() -> PyResult<Arc<Link>> {
 /// The context thread's way to wait for a callback result while serving its mailbox
 /// (re-entrancy); set by the context loop.
 /// It returns false if it gave up because the running request's deadline passed.
-pub type NestedServe = dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool;
+/// `until` is a time at which the wait ends by itself (a timeout).
+pub type NestedServe = NestedServeFn<'static>;
+pub type NestedServeFn<'a> = dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a;
 
 thread_local! {
     static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
 }
 
 /// Installs the nested-serve function for this thread while `f` runs.
-pub fn with_nested_serve<'a, R>(
-    serve: &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a),
-    f: impl FnOnce() -> R,
-) -> R {
+pub fn with_nested_serve<'a, R>(serve: &'a NestedServeFn<'a>, f: impl FnOnce() -> R) -> R {
     // SAFETY: the pointer is only used while `f` runs (it is cleared right after), and
     // `serve` outlives that call.
-    let ptr: *const NestedServe = unsafe {
-        std::mem::transmute::<
-            &'a (dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a),
-            &'static NestedServe,
-        >(serve)
-    };
+    let ptr: *const NestedServe =
+        unsafe { std::mem::transmute::<&'a NestedServeFn<'a>, &'static NestedServe>(serve) };
     NESTED.with(|n| *n.borrow_mut() = Some(ptr));
     let r = f();
     NESTED.with(|n| *n.borrow_mut() = None);
     r
+}
+
+/// Waits on the context thread, serving its requests meanwhile, until `ready()` or
+/// `until`; `None` on any other thread (which must wait its own way). `Some(false)`:
+/// the running request's deadline passed first.
+fn serve_while_waiting(
+    py: Python<'_>,
+    link: &Link,
+    ready: &dyn Fn() -> bool,
+    until: Option<Instant>,
+) -> Option<bool> {
+    let serve = NESTED
+        .with(|n| *n.borrow())
+        .filter(|_| std::thread::current().id() == link.thread)?;
+    // SAFETY: set by `with_nested_serve`, valid while the context loop runs it, and we
+    // are on that loop's thread.
+    Some(unsafe { (*serve)(py, ready, until) })
 }
 
 fn types(py: Python<'_>) -> PyResult<Types> {
@@ -305,14 +317,10 @@ fn call<'py>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let link = current_link()?;
     let id = send_callback(py, &link, name, args, |_| {})?;
-    let nested = NESTED
-        .with(|n| *n.borrow())
-        .filter(|_| std::thread::current().id() == link.thread);
-    let result = match nested {
+    let result = match serve_while_waiting(py, &link, &|| link.callbacks.is_ready(id), None) {
         // The context thread keeps serving its mailbox while it waits (re-entrancy).
-        Some(serve) => {
-            // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
-            if !unsafe { (*serve)(py, &|| link.callbacks.is_ready(id), None) } {
+        Some(served) => {
+            if !served {
                 // The request's deadline passed while Erlang kept the callback: stop
                 // waiting, so the context serves others again.
                 link.callbacks.abandon(id);
@@ -416,22 +424,16 @@ fn channel_receive<'py>(
     timeout: Option<f64>,
 ) -> PyResult<(u8, Bound<'py, PyAny>)> {
     let link = current_link()?;
-    let until = timeout.map(|t| Instant::now() + std::time::Duration::from_secs_f64(t.clamp(0.0, 1e9)));
+    let until =
+        timeout.map(|t| Instant::now() + std::time::Duration::from_secs_f64(t.clamp(0.0, 1e9)));
     loop {
         let taken = channel_take(py, &link, id)?;
         if taken.0 != 0 || until.is_some_and(|u| u <= Instant::now()) {
             return Ok(taken);
         }
-        let nested = NESTED
-            .with(|n| *n.borrow())
-            .filter(|_| std::thread::current().id() == link.thread);
-        match nested {
-            // SAFETY: set by `with_nested_serve`, valid while the context loop runs it.
-            Some(serve) => {
-                if !unsafe { (*serve)(py, &|| link.channels.ready(id), until) } {
-                    return Err(timeout_error(py));
-                }
-            }
+        match serve_while_waiting(py, &link, &|| link.channels.ready(id), until) {
+            Some(true) => {}
+            Some(false) => return Err(timeout_error(py)),
             None => py.detach(|| link.channels.wait(id, until)),
         }
     }

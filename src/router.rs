@@ -530,7 +530,11 @@ mod tests {
         };
         assert_eq!(id, 42);
         assert_eq!(Term::decode(&term).unwrap(), result);
-        let send = Term::Tuple(vec![Term::atom("channel_send"), Term::Int(7), Term::Int(-1)]);
+        let send = Term::Tuple(vec![
+            Term::atom("channel_send"),
+            Term::Int(7),
+            Term::Int(-1),
+        ]);
         assert_eq!(
             direct(&send.encode()),
             Some(Direct::ChannelSend(7, Term::Int(-1).encode()[1..].to_vec()))

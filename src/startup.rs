@@ -99,9 +99,26 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
         w.int(config.max_frame as i64);
         w.atom("capabilities");
         let caps: &[&str] = if info.owngil {
-            &["call", "eval", "exec", "event_loop", "stream", "channel", "main", "owngil"]
+            &[
+                "call",
+                "eval",
+                "exec",
+                "event_loop",
+                "stream",
+                "channel",
+                "main",
+                "owngil",
+            ]
         } else {
-            &["call", "eval", "exec", "event_loop", "stream", "channel", "main"]
+            &[
+                "call",
+                "eval",
+                "exec",
+                "event_loop",
+                "stream",
+                "channel",
+                "main",
+            ]
         };
         w.list_header(caps.len());
         for c in caps {
