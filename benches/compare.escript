@@ -8,7 +8,8 @@
 %% drifts by 2x between runs. Per round and binary, on an `owngil' runtime:
 %%   - latency: median of 5,000 sequential operator.add(1, 2) calls, one caller;
 %%   - throughput: calls/s of 50 callers over 2 contexts (50,000 calls);
-%%   - CPU speedup: a CPU-bound call on 2 contexts at once vs on 1.
+%%   - CPU speedup: a CPU-bound call on 2 contexts at once vs on 1;
+%%   - latency again on a context whose asyncio loop exists (it ran a coroutine).
 %%
 %%   escript benches/compare.escript NEW_BINARY OLD_BINARY [ROUNDS]
 %% (`make bench-compare OLD=path/to/old/pyport' builds priv/pyport and runs it.)
@@ -52,11 +53,16 @@ measure(Exe) ->
     Latency = latency(A),
     Throughput = throughput([A, B]),
     Speedup = speedup(A, B),
+    %% the same context once it has run a coroutine (its event loop exists)
+    {ok, 1} = pyport:call(B, '__main__', coro, []),
+    LoopLatency = latency(B),
     ok = pyport:stop_runtime(Rt),
-    #{latency_us => Latency, calls_per_s => Throughput, speedup => Speedup}.
+    #{latency_us => Latency, calls_per_s => Throughput, speedup => Speedup,
+      latency_with_loop_us => LoopLatency}.
 
 work_code() ->
-    <<"def work(n):\n    t = 0\n    for i in range(n):\n        t += i * i\n    return t\n">>.
+    <<"def work(n):\n    t = 0\n    for i in range(n):\n        t += i * i\n    return t\n"
+      "async def coro():\n    return 1\n">>.
 
 latency(Ctx) ->
     [{ok, 3} = pyport:call(Ctx, operator, add, [1, 2]) || _ <- lists:seq(1, 1000)],
@@ -108,7 +114,7 @@ report(Pairs) ->
               io:format("~-22s ~12.2f ~12.2f ~8.2f (~.2f-~.2f)~n",
                         [Key, median(News), median(Olds), median(Ratios),
                          lists:min(Ratios), lists:max(Ratios)])
-      end, [latency_us, calls_per_s, speedup]),
+      end, [latency_us, latency_with_loop_us, calls_per_s, speedup]),
     io:format("~p rounds, alternated; latency lower is better, the others higher.~n",
               [length(Pairs)]).
 

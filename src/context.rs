@@ -384,7 +384,7 @@ impl Loop<'_> {
                         self.out.replace(out);
                     }
                     // The request may have scheduled callbacks or started tasks.
-                    lp.refresh(py);
+                    lp.after_request(py);
                 }
                 Kind::Stop => *self.stop.borrow_mut() = Some(job),
                 Kind::Start(_) => {

@@ -439,6 +439,24 @@ fn channel_receive<'py>(
     }
 }
 
+/// `_pyport.context_loop()`: the asyncio loop of the context this thread serves (made
+/// now if need be), or None on other threads.
+#[pyfunction]
+fn context_loop(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
+    match event_loop::reactor() {
+        Some(reactor) => Ok(Some(reactor.py_loop(py)?)),
+        None => Ok(None),
+    }
+}
+
+/// `_pyport.loop_touched()`: the loop got a callback outside a step.
+#[pyfunction]
+fn loop_touched() {
+    if let Some(reactor) = event_loop::reactor() {
+        reactor.touch();
+    }
+}
+
 /// `_pyport.busy()`: other work waits for this context (a stream pump yields then).
 #[pyfunction]
 fn busy() -> bool {
@@ -550,6 +568,8 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(unwatch, &native)?)?;
     native.add_function(wrap_pyfunction!(select, &native)?)?;
     native.add_function(wrap_pyfunction!(busy, &native)?)?;
+    native.add_function(wrap_pyfunction!(loop_touched, &native)?)?;
+    native.add_function(wrap_pyfunction!(context_loop, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_try, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_receive, &native)?)?;

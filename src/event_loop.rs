@@ -53,6 +53,11 @@ pub struct Reactor {
     stepping: Cell<bool>,
     /// Whether requests or callback results wait for the context (set by the context).
     busy: RefCell<Option<Box<dyn Fn() -> bool>>>,
+    /// Set when Python scheduled a callback outside a step (`erlang._Loop.call_soon`).
+    touched: Cell<bool>,
+    /// The interpreter's `erlang._Loop` for this context, made on first use. Taken
+    /// (attached) when the context ends.
+    py_loop: RefCell<Option<Py<PyAny>>>,
 }
 
 fn interest(mask: u8) -> Option<Interest> {
@@ -74,7 +79,28 @@ impl Reactor {
             ready: RefCell::new(Vec::new()),
             stepping: Cell::new(false),
             busy: RefCell::new(None),
+            touched: Cell::new(false),
+            py_loop: RefCell::new(None),
         })
+    }
+
+    /// The context's asyncio loop, made (and made this thread's current loop) on first use.
+    pub fn py_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if let Some(lp) = self.py_loop.borrow().as_ref() {
+            return Ok(lp.bind(py).clone());
+        }
+        let lp = crate::erlang_module::erlang_module(py)?.call_method0("_new_loop")?;
+        *self.py_loop.borrow_mut() = Some(lp.clone().unbind());
+        Ok(lp)
+    }
+
+    fn existing_loop<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        self.py_loop.borrow().as_ref().map(|l| l.bind(py).clone())
+    }
+
+    /// Python scheduled a callback outside a step: the loop's due time may have moved.
+    pub fn touch(&self) {
+        self.touched.set(true);
     }
 
     /// Tells the reactor how to see that other work waits for its thread.
@@ -395,8 +421,6 @@ fn task_result<'py>(py: Python<'py>, task: &Bound<'py, PyAny>) -> Result<Bound<'
 pub struct EventLoop {
     pub reactor: Rc<Reactor>,
     pub outlet: Rc<Outlet>,
-    /// The `erlang._Loop` instance.
-    py_loop: RefCell<Option<Py<PyAny>>>,
     /// When the loop wants its next step (ready callbacks: now; else its next timer).
     due: Cell<Option<Instant>>,
 }
@@ -409,24 +433,13 @@ impl EventLoop {
         EventLoop {
             reactor,
             outlet,
-            py_loop: RefCell::new(None),
             due: Cell::new(None),
         }
     }
 
     /// Whether the loop exists (a context that never used asyncio pays nothing).
     pub fn exists(&self) -> bool {
-        self.py_loop.borrow().is_some()
-    }
-
-    /// The loop object, created (and made this thread's current loop) on first use.
-    pub fn get<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(lp) = self.py_loop.borrow().as_ref() {
-            return Ok(lp.bind(py).clone());
-        }
-        let lp = crate::erlang_module::erlang_module(py)?.call_method0("_new_loop")?;
-        *self.py_loop.borrow_mut() = Some(lp.clone().unbind());
-        Ok(lp)
+        self.reactor.py_loop.borrow().is_some()
     }
 
     /// Whether the loop is running one of its steps now (the caller is inside it).
@@ -444,13 +457,19 @@ impl EventLoop {
         self.reactor.has_ready() || self.due.get().is_some_and(|d| d <= Instant::now())
     }
 
-    /// Re-reads when the loop wants its next step (after Python code ran outside a step:
-    /// a request may have scheduled callbacks or started tasks).
+    /// After a request: if it scheduled callbacks on the loop, re-read when the loop is due.
+    pub fn after_request(&self, py: Python<'_>) {
+        if self.reactor.touched.replace(false) {
+            self.refresh(py);
+        }
+    }
+
+    /// Re-reads when the loop wants its next step (after Python code ran outside a step).
     pub fn refresh(&self, py: Python<'_>) {
-        let Some(lp) = self.py_loop.borrow().as_ref().map(|l| l.clone_ref(py)) else {
+        let Some(lp) = self.reactor.existing_loop(py) else {
             return;
         };
-        let due = lp.bind(py).call_method0("_pyport_due");
+        let due = lp.call_method0("_pyport_due");
         self.set_due(due.ok().and_then(|d| d.extract::<f64>().ok()));
     }
 
@@ -467,13 +486,14 @@ impl EventLoop {
         if self.reactor.stepping.get() {
             return false;
         }
-        let Some(lp) = self.py_loop.borrow().as_ref().map(|l| l.clone_ref(py)) else {
+        let Some(lp) = self.reactor.existing_loop(py) else {
             return false;
         };
-        let lp = lp.bind(py);
+        let lp = &lp;
         self.reactor.stepping.set(true);
         let due = lp.call_method0("_pyport_step");
         self.reactor.stepping.set(false);
+        self.reactor.touched.set(false);
         match due {
             Ok(d) => self.set_due(d.extract::<f64>().ok()),
             Err(e) => {
@@ -503,9 +523,10 @@ impl EventLoop {
         method: &str,
         args: impl pyo3::call::PyCallArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let lp = self.get(py)?;
+        let lp = self.reactor.py_loop(py)?;
         let result = lp.call_method1(method, args);
         let _ = self.outlet.drain(py, &lp);
+        self.reactor.touched.set(false);
         self.refresh(py);
         result
     }
@@ -514,7 +535,8 @@ impl EventLoop {
     /// and given a few steps to run their `finally` blocks, then the loop is closed.
     pub fn close(&self, py: Python<'_>, err: &Error) {
         self.outlet.fail_open(err);
-        if let Some(lp) = self.py_loop.borrow_mut().take() {
+        let taken = self.reactor.py_loop.borrow_mut().take();
+        if let Some(lp) = taken {
             let lp = lp.bind(py);
             if let Err(e) = lp.call_method0("_pyport_shutdown") {
                 let err = crate::pyerr::to_error(py, &e);

@@ -133,6 +133,7 @@ impl Session {
         let erlang = erlang_module(py)?;
         erlang.call_method0("_install_output")?;
         erlang.call_method0("_install_logging")?;
+        erlang.call_method0("_install_asyncio")?;
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));
@@ -154,10 +155,15 @@ impl Session {
             envs: RefCell::new(HashMap::new()),
         };
         if let Some(code) = &spec.preload {
-            session
+            let preloaded = session
                 .exec
                 .bind(py)
-                .call1((code, session.main_dict.bind(py)))?;
+                .call1((code, session.main_dict.bind(py)));
+            if let Err(e) = preloaded {
+                // The preload may have made the loop: release it here, attached.
+                session.close(py);
+                return Err(e.into());
+            }
         }
         Ok(session)
     }

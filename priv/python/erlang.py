@@ -285,12 +285,17 @@ def _add_log_handler(logging):
         root.addHandler(_Handler())
 
 
-class _LoggingHook:
-    """Adds the handler when ``logging`` is first imported, so contexts that never log
-    do not pay for importing it (about 2 MiB and several ms per interpreter)."""
+class _PostImportHook:
+    """Runs ``action(module)`` right after ``name`` is first imported, so contexts that
+    never use a module do not pay for importing it (``logging`` costs about 2 MiB and
+    several ms per interpreter, ``asyncio`` more)."""
+
+    def __init__(self, name, action):
+        self.name = name
+        self.action = action
 
     def find_spec(self, name, path=None, target=None):
-        if name != "logging":
+        if name != self.name:
             return None
         import sys
         from importlib.machinery import PathFinder
@@ -298,21 +303,50 @@ class _LoggingHook:
         spec = PathFinder.find_spec(name, path)
         if spec is not None and spec.loader is not None:
             exec_module = spec.loader.exec_module
+            action = self.action
 
             def exec_and_hook(module):
                 exec_module(module)
-                _add_log_handler(module)
+                action(module)
 
             spec.loader.exec_module = exec_and_hook
         return spec
 
 
-def _install_logging():
+def _after_import(name, action):
     import sys
-    if "logging" in sys.modules:
-        _add_log_handler(sys.modules["logging"])
-    elif not any(isinstance(f, _LoggingHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _LoggingHook())
+    if name in sys.modules:
+        action(sys.modules[name])
+    elif not any(isinstance(f, _PostImportHook) and f.name == name for f in sys.meta_path):
+        sys.meta_path.insert(0, _PostImportHook(name, action))
+
+
+def _install_logging():
+    _after_import("logging", _add_log_handler)
+
+
+def _install_loop_policy(asyncio):
+    """``asyncio.get_event_loop()`` in sync code on a context thread returns the
+    context's loop (made on first use), also after ``asyncio.run()`` unset it."""
+    base = type(asyncio.get_event_loop_policy())
+    if getattr(base, "_pyport", False):
+        return
+
+    class Policy(base):
+        _pyport = True
+
+        def get_event_loop(self):
+            if self._local._loop is None:
+                loop = _pyport.context_loop()
+                if loop is not None:
+                    return loop
+            return super().get_event_loop()
+
+    asyncio.set_event_loop_policy(Policy())
+
+
+def _install_asyncio():
+    _after_import("asyncio", _install_loop_policy)
 
 
 # The event loop of a context ------------------------------------------------------
@@ -403,6 +437,22 @@ def _define_loop():
             self._pyport_channel_waiters = []   # coroutines in `async for` on a channel
             sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
                                    finalizer=self._asyncgen_finalizer_hook)
+
+        # Outside a step (in a sync request), scheduling something tells pyport to
+        # look at the loop's next due time after the request; inside a step the step
+        # reports it. So a request that leaves the loop alone costs nothing here.
+
+        def call_soon(self, callback, *args, context=None):
+            handle = super().call_soon(callback, *args, context=context)
+            if self._thread_id is None:
+                _pyport.loop_touched()
+            return handle
+
+        def call_at(self, when, callback, *args, context=None):
+            handle = super().call_at(when, callback, *args, context=context)
+            if self._thread_id is None:
+                _pyport.loop_touched()
+            return handle
 
         # Called by pyport ------------------------------------------------------
 
