@@ -316,7 +316,10 @@ class _PostImportHook:
 def _after_import(name, action):
     import sys
     if name in sys.modules:
-        action(sys.modules[name])
+        # Another thread of this interpreter (a `main` context) may be importing it
+        # right now: importing waits until the module is whole.
+        import importlib
+        action(importlib.import_module(name))
     elif not any(isinstance(f, _PostImportHook) and f.name == name for f in sys.meta_path):
         sys.meta_path.insert(0, _PostImportHook(name, action))
 
