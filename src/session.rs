@@ -300,24 +300,14 @@ impl Session {
         req: &Request<'_>,
     ) -> Result<(), Error> {
         let timeout = req.opts.timeout_ms.map(|ms| ms as f64 / 1000.0);
-        let caller = self.caller_pid(py, req)?;
-        self.event_loop.outlet.open(header);
-        let started = self.event_loop.call(
-            py,
-            "_pyport_start_task",
-            (
-                PyBytes::new(py, header),
-                coro,
-                timeout,
-                caller,
-                req.opts.return_ref,
-            ),
+        let args = (
+            PyBytes::new(py, header),
+            coro,
+            timeout,
+            self.caller_pid(py, req)?,
+            req.opts.return_ref,
         );
-        if let Err(e) = started {
-            self.event_loop.outlet.forget(header);
-            return Err(e.into());
-        }
-        Ok(())
+        self.answer_later(py, header, "_pyport_start_task", args)
     }
 
     /// Starts streaming the items of `source` (a generator, an async generator or any
@@ -330,14 +320,26 @@ impl Session {
         req: &Request<'_>,
     ) -> Result<(), Error> {
         let window = req.opts.window.unwrap_or(DEFAULT_WINDOW);
-        let caller = self.caller_pid(py, req)?;
-        self.event_loop.outlet.open(header);
-        let started = self.event_loop.call(
-            py,
-            "_pyport_start_stream",
-            (PyBytes::new(py, header), source, window, caller),
+        let args = (
+            PyBytes::new(py, header),
+            source,
+            window,
+            self.caller_pid(py, req)?,
         );
-        if let Err(e) = started {
+        self.answer_later(py, header, "_pyport_start_stream", args)
+    }
+
+    /// Hands the request to the loop (`method(*args)`), which answers it later; if that
+    /// fails, the request is answered now with the error.
+    fn answer_later<'py>(
+        &self,
+        py: Python<'py>,
+        header: &[u8],
+        method: &str,
+        args: impl pyo3::call::PyCallArgs<'py>,
+    ) -> Result<(), Error> {
+        self.event_loop.outlet.open(header);
+        if let Err(e) = self.event_loop.call(py, method, args) {
             self.event_loop.outlet.forget(header);
             return Err(e.into());
         }

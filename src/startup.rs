@@ -98,28 +98,18 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
         w.atom("max_frame");
         w.int(config.max_frame as i64);
         w.atom("capabilities");
-        let caps: &[&str] = if info.owngil {
-            &[
-                "call",
-                "eval",
-                "exec",
-                "event_loop",
-                "stream",
-                "channel",
-                "main",
-                "owngil",
-            ]
-        } else {
-            &[
-                "call",
-                "eval",
-                "exec",
-                "event_loop",
-                "stream",
-                "channel",
-                "main",
-            ]
-        };
+        let mut caps = vec![
+            "call",
+            "eval",
+            "exec",
+            "event_loop",
+            "stream",
+            "channel",
+            "main",
+        ];
+        if info.owngil {
+            caps.push("owngil");
+        }
         w.list_header(caps.len());
         for c in caps {
             w.atom(c);

@@ -502,9 +502,9 @@ def _define_loop():
 
         def _pyport_start_stream(self, header, source, window, caller):
             if hasattr(type(source), "__aiter__"):
-                pump = self._pyport_pump_async(header, source.__aiter__())
+                pump = self._pyport_pump(header, source.__aiter__(), True)
             else:
-                pump = self._pyport_pump_sync(header, iter(source))
+                pump = self._pyport_pump(header, iter(source), False)
             stream = Stream(window)
             self._pyport_streams[header] = stream
             context = contextvars.copy_context()
@@ -565,39 +565,29 @@ def _define_loop():
                 finally:
                     stream.waiter = None
 
-        async def _pyport_pump_sync(self, header, it):
+        async def _pyport_pump(self, header, it, is_async):
+            """Sends the items of ``it`` while the stream has credit. A sync iterator
+            gives the context back every ``_STREAM_BATCH`` items, or sooner when other
+            work waits, so a long stream does not monopolise its context."""
             stream = self._pyport_streams[header]
             try:
                 n = 0
-                for item in it:
-                    self._pyport_outbox.append((_OUT_ITEM, header, item))
-                    stream.credit -= 1
-                    n += 1
-                    if n >= _STREAM_BATCH or stream.credit <= 0 or _pyport.busy():
-                        n = 0
-                        await asyncio.sleep(0)
-                        await self._pyport_credit_wait(stream)
-                self._pyport_outbox.append((_OUT_DONE, header, None))
-            except asyncio.CancelledError:
-                if not stream.cancelled:
-                    raise
-            except BaseException as e:
-                self._pyport_outbox.append((_OUT_ERROR, header, e))
-            finally:
-                self._pyport_streams.pop(header, None)
-                close = getattr(it, "close", None)
-                if close is not None:
-                    close()
-
-        async def _pyport_pump_async(self, header, it):
-            stream = self._pyport_streams[header]
-            try:
                 while True:
                     await self._pyport_credit_wait(stream)
-                    try:
-                        item = await it.__anext__()
-                    except StopAsyncIteration:
-                        break
+                    if is_async:
+                        try:
+                            item = await it.__anext__()
+                        except StopAsyncIteration:
+                            break
+                    else:
+                        try:
+                            item = next(it)
+                        except StopIteration:
+                            break
+                        n += 1
+                        if n >= _STREAM_BATCH or _pyport.busy():
+                            n = 0
+                            await asyncio.sleep(0)
                     self._pyport_outbox.append((_OUT_ITEM, header, item))
                     stream.credit -= 1
                 self._pyport_outbox.append((_OUT_DONE, header, None))
@@ -608,8 +598,13 @@ def _define_loop():
                 self._pyport_outbox.append((_OUT_ERROR, header, e))
             finally:
                 self._pyport_streams.pop(header, None)
-                aclose = getattr(it, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                if is_async:
+                    aclose = getattr(it, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
+                else:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
 
     return Loop
