@@ -7,6 +7,8 @@
 //! because a sleeping thread costs tens of microseconds of wake-up latency (DESIGN.md).
 //! While it spins it also reads stdin itself through the shared [`Inbox`]: a request for
 //! an idle context is then read, served and answered by that one thread, with no hop.
+//! (The router implements [`Inbox`]; this module knows it only by that trait, so the
+//! arrow goes one way: router -> context.)
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -24,7 +26,6 @@ use crate::error::{panic_message, Error};
 use crate::event_loop::{Reactor, WAKE};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
-use crate::router::Inbox;
 use crate::session::{Served, Session};
 use crate::watchdog::Deadline;
 use crate::writer::Writer;
@@ -35,6 +36,20 @@ use crate::writer::Writer;
 /// sparse traffic soon costs a few microseconds of CPU per request instead of 200.
 const SPIN_MAX_US: u32 = 200;
 const SPIN_MIN_US: u32 = 5;
+
+/// What a context thread needs of the router: the shared stdin it reads while it spins
+/// (see `router::Inbox`), and the writer of outbound frames.
+pub trait Inbox: Send + Sync {
+    /// Reads and routes what stdin has, unless another thread is doing it right now.
+    fn try_pump(&self);
+    /// A context starts spinning (it takes stdin over from the router if need be).
+    fn spin_enter(&self);
+    /// A spinning context found work.
+    fn spin_to_work(&self);
+    /// A spinning context goes to sleep.
+    fn spin_to_sleep(&self);
+    fn writer(&self) -> &Arc<Writer>;
+}
 
 const STARTING: u8 = 0;
 const RUNNING: u8 = 1;
@@ -110,7 +125,7 @@ impl Mailbox {
     /// the loop's fds if it has any), then sleeps in the reactor's poll.
     fn wait(
         &self,
-        inbox: &Inbox,
+        inbox: &dyn Inbox,
         reactor: &Reactor,
         ready: &dyn Fn() -> bool,
         with_loop: bool,
@@ -202,7 +217,7 @@ impl Mailbox {
 /// once; either waits for its first job, a [`Kind::Start`] with the context's spec. So
 /// the router can keep a spare owngil thread with its interpreter ready, and a new
 /// context costs its session set-up only (interpreter creation takes ~10 ms).
-pub fn spawn(mode: Mode, inbox: Arc<Inbox>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
+pub fn spawn(mode: Mode, inbox: Arc<dyn Inbox>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKE)?;
     let mailbox = Arc::new(Mailbox {
@@ -225,12 +240,12 @@ pub fn spawn(mode: Mode, inbox: Arc<Inbox>, capacity: usize) -> std::io::Result<
     Ok(mailbox)
 }
 
-fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
+fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<dyn Inbox>, poll: Poll) {
     match mode {
-        Mode::Main => serve(&mailbox, &inbox, poll),
+        Mode::Main => serve(&mailbox, &*inbox, poll),
         Mode::OwnGil => match SubInterpreter::new() {
             Ok(interp) => {
-                serve(&mailbox, &inbox, poll);
+                serve(&mailbox, &*inbox, poll);
                 interp.end();
             }
             Err(e) => {
@@ -241,7 +256,7 @@ fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<Inbox>, poll: Poll) {
 }
 
 /// Waits for the next job (spinning, then sleeping with the GIL released).
-fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &Inbox, reactor: &Reactor) -> Job {
+fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &dyn Inbox, reactor: &Reactor) -> Job {
     loop {
         if let Some(job) = mailbox.pop() {
             return job;
@@ -251,7 +266,7 @@ fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &Inbox, reactor: &Reactor)
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, poll: Poll) {
+fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
     let writer: &Writer = inbox.writer();
     let reactor = match Reactor::new(poll) {
         Ok(r) => Rc::new(r),
@@ -315,7 +330,7 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Inbox, poll: Poll) {
 /// while Python waits in `erlang.call`, the thread keeps serving its mailbox).
 struct Loop<'a> {
     mailbox: &'a Mailbox,
-    inbox: &'a Inbox,
+    inbox: &'a dyn Inbox,
     session: &'a Session,
     /// A stop request, held until the outermost loop can act on it.
     stop: RefCell<Option<Job>>,

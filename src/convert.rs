@@ -106,12 +106,6 @@ impl Types {
     }
 }
 
-impl From<PyErr> for Error {
-    fn from(e: PyErr) -> Self {
-        Python::attach(|py| crate::pyerr::to_error(py, &e))
-    }
-}
-
 /// Decodes a whole term (version byte included, nothing after it).
 pub fn decode<'py>(
     py: Python<'py>,

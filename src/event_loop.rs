@@ -89,7 +89,8 @@ impl Reactor {
         if let Some(lp) = self.py_loop.borrow().as_ref() {
             return Ok(lp.bind(py).clone());
         }
-        let lp = crate::erlang_module::erlang_module(py)?.call_method0("_new_loop")?;
+        // The session made the `erlang` module before any loop can be asked for.
+        let lp = py.import("erlang")?.call_method0("_new_loop")?;
         *self.py_loop.borrow_mut() = Some(lp.clone().unbind());
         Ok(lp)
     }

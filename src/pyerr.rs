@@ -24,3 +24,9 @@ pub fn to_error(py: Python<'_>, err: &PyErr) -> Error {
         traceback,
     }
 }
+
+impl From<PyErr> for Error {
+    fn from(e: PyErr) -> Self {
+        Python::attach(|py| to_error(py, &e))
+    }
+}

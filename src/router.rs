@@ -2,7 +2,7 @@
 //! context's mailbox, and serves control requests (context 0). It never runs Python:
 //! replies come from the context threads, through the shared [`Writer`].
 //!
-//! The routing state sits behind one lock in the [`Inbox`]. The router thread takes it
+//! The routing state sits behind one lock in the [`Router`]. The router thread takes it
 //! whenever epoll says stdin is readable; an idle, spinning context thread takes it
 //! with `try_lock` and reads stdin itself, so under light load the thread that will
 //! serve a request is the one that reads it (no wake-up on the request path). Either
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::context::{self, Mailbox};
+use crate::context::{self, Inbox, Mailbox};
 use crate::error::Error;
 use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
@@ -38,7 +38,7 @@ pub struct Config {
 }
 
 /// The routing state, shared by the router thread and spinning context threads.
-pub struct Inbox {
+pub struct Router {
     routing: Mutex<Routing>,
     writer: Arc<Writer>,
     watch: Mutex<Option<Watch>>,
@@ -83,9 +83,9 @@ impl Watch {
 const TAKEOVER: Duration = Duration::from_micros(500);
 const WAKE: Token = Token(1);
 
-impl Inbox {
+impl Router {
     pub fn new(config: Config, python: PythonInfo, writer: Arc<Writer>, input: File) -> Arc<Self> {
-        Arc::new_cyclic(|me| Inbox {
+        Arc::new_cyclic(|me| Router {
             routing: Mutex::new(Routing {
                 reader: FrameReader::new(config.max_frame),
                 config,
@@ -105,10 +105,6 @@ impl Inbox {
         })
     }
 
-    pub fn writer(&self) -> &Arc<Writer> {
-        &self.writer
-    }
-
     fn lock(&self) -> MutexGuard<'_, Routing> {
         self.routing.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -119,46 +115,6 @@ impl Inbox {
 
     fn now(&self) -> u64 {
         self.epoch.elapsed().as_nanos() as u64
-    }
-
-    /// Reads and routes what stdin has, unless another thread is doing it right now.
-    pub fn try_pump(&self) {
-        if let Ok(mut routing) = self.routing.try_lock() {
-            self.last_pump.store(self.now(), Ordering::Relaxed);
-            if let Err(e) = routing.pump() {
-                eprintln!("pyport: reading stdin: {e}");
-            }
-        }
-    }
-
-    /// A context starts spinning: it takes stdin over from the router if need be.
-    pub fn spin_enter(&self) {
-        self.last_pump.store(self.now(), Ordering::Relaxed);
-        if let Some(w) = self.watch().as_mut() {
-            w.spinners += 1;
-            if w.router_watches && w.registry.deregister(&mut SourceFd(&w.fd)).is_ok() {
-                w.router_watches = false;
-                // The router sleeps without a timeout; make it poll with one now.
-                let _ = w.waker.wake();
-            }
-        }
-    }
-
-    /// A spinning context found work; it keeps stdin (see [`Watch`]).
-    pub fn spin_to_work(&self) {
-        if let Some(w) = self.watch().as_mut() {
-            w.spinners = w.spinners.saturating_sub(1);
-        }
-    }
-
-    /// A spinning context goes to sleep; the last one hands stdin back.
-    pub fn spin_to_sleep(&self) {
-        if let Some(w) = self.watch().as_mut() {
-            w.spinners = w.spinners.saturating_sub(1);
-            if w.spinners == 0 && !w.router_watches {
-                w.watch_again();
-            }
-        }
     }
 
     /// The router thread: runs until stdin closes.
@@ -215,6 +171,52 @@ impl Inbox {
     }
 }
 
+impl Inbox for Router {
+    fn writer(&self) -> &Arc<Writer> {
+        &self.writer
+    }
+
+    /// Reads and routes what stdin has, unless another thread is doing it right now.
+    fn try_pump(&self) {
+        if let Ok(mut routing) = self.routing.try_lock() {
+            self.last_pump.store(self.now(), Ordering::Relaxed);
+            if let Err(e) = routing.pump() {
+                eprintln!("pyport: reading stdin: {e}");
+            }
+        }
+    }
+
+    /// A context starts spinning: it takes stdin over from the router if need be.
+    fn spin_enter(&self) {
+        self.last_pump.store(self.now(), Ordering::Relaxed);
+        if let Some(w) = self.watch().as_mut() {
+            w.spinners += 1;
+            if w.router_watches && w.registry.deregister(&mut SourceFd(&w.fd)).is_ok() {
+                w.router_watches = false;
+                // The router sleeps without a timeout; make it poll with one now.
+                let _ = w.waker.wake();
+            }
+        }
+    }
+
+    /// A spinning context found work; it keeps stdin (see [`Watch`]).
+    fn spin_to_work(&self) {
+        if let Some(w) = self.watch().as_mut() {
+            w.spinners = w.spinners.saturating_sub(1);
+        }
+    }
+
+    /// A spinning context goes to sleep; the last one hands stdin back.
+    fn spin_to_sleep(&self) {
+        if let Some(w) = self.watch().as_mut() {
+            w.spinners = w.spinners.saturating_sub(1);
+            if w.spinners == 0 && !w.router_watches {
+                w.watch_again();
+            }
+        }
+    }
+}
+
 /// A frame the router hands to a context's shared state rather than its queue, so it
 /// reaches a thread waiting for it even while the context thread is busy.
 #[derive(Debug, PartialEq)]
@@ -262,8 +264,8 @@ struct Routing {
     /// An owngil thread whose interpreter is created, waiting to become a context.
     spare: Option<Arc<Mailbox>>,
     closed: bool,
-    /// The Inbox this state lives in, handed to the contexts it starts.
-    me: std::sync::Weak<Inbox>,
+    /// The Router this state lives in, handed to the contexts it starts.
+    me: std::sync::Weak<Router>,
 }
 
 impl Routing {

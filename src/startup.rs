@@ -9,7 +9,7 @@ use pyo3::prelude::*;
 
 use crate::erlang_module::erlang_module;
 use crate::python::{self, PythonInfo};
-use crate::router::{Config, Inbox};
+use crate::router::{Config, Router};
 use crate::writer::Writer;
 
 pub const PROTOCOL_VERSION: i64 = 1;
@@ -154,7 +154,7 @@ pub fn main(args: Vec<String>) -> i32 {
         Err(e) => return start_error(&writer, &e),
     };
     hello(&writer, &info, &config);
-    let inbox = Inbox::new(config, info, writer.clone(), input);
+    let inbox = Router::new(config, info, writer.clone(), input);
     let code = match inbox.run() {
         Ok(()) => 0,
         Err(e) => {
