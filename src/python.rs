@@ -56,7 +56,9 @@ fn status_message(status: &ffi::PyStatus) -> String {
 pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<PythonInfo, String> {
     // CPython keeps every obmalloc arena of an ended sub-interpreter if a single object
     // leaked, which 3.13 always does: ~1.7 MiB per context lifetime. With mimalloc only
-    // the leaked blocks stay (~0.16 MiB). PYTHONMALLOC set by the user wins.
+    // the leaked blocks stay (~0.16 MiB). PYTHONMALLOC set by the user wins. CPython
+    // has mimalloc from 3.13 on; 3.12 refuses to start with it.
+    #[cfg(Py_3_13)]
     if std::env::var_os("PYTHONMALLOC").is_none() {
         std::env::set_var("PYTHONMALLOC", "mimalloc");
     }
