@@ -36,6 +36,8 @@ use crate::writer::Writer;
 /// sparse traffic soon costs a few microseconds of CPU per request instead of 200.
 const SPIN_MAX_US: u32 = 200;
 const SPIN_MIN_US: u32 = 5;
+/// How often a spinning context polls the event loop's fds.
+const FD_POLL_WHILE_SPINNING: Duration = Duration::from_micros(50);
 
 /// What a context thread needs of the router: the shared stdin it reads while it spins
 /// (see `router::Inbox`), and the writer of outbound frames.
@@ -142,11 +144,19 @@ impl Mailbox {
         let async_results = || link.is_some_and(|l| l.callbacks.has_async_results());
         let idle = || self.is_empty() && !ready() && !loop_work() && !async_results();
         let poll_fds = with_loop && reactor.has_fds();
+        let mut next_fd_poll = Instant::now();
         inbox.spin_enter();
-        while idle() && Instant::now() < until {
+        loop {
+            let now = Instant::now();
+            if !idle() || now >= until {
+                break;
+            }
             inbox.try_pump();
-            if poll_fds {
+            // The loop's fds (its self-pipe at least) are polled now and then, not on
+            // every try: a syscall per try would slow the plain request's pick-up.
+            if poll_fds && now >= next_fd_poll {
                 reactor.wait(Some(Duration::ZERO));
+                next_fd_poll = now + FD_POLL_WHILE_SPINNING;
             }
             if !idle() {
                 break;
