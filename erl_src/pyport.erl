@@ -171,7 +171,7 @@ stop_runtime(Runtime) ->
                                 atom() => term()}}
                        | {error, error()}.
 info(Runtime) ->
-    with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_runtime:info(Pid, Timeout) end).
+    with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_port:info(Pid, Timeout) end).
 
 %%% Contexts
 
@@ -181,7 +181,7 @@ info(Runtime) ->
 new_context(Runtime, Opts) when is_map(Opts) ->
     with_runtime(Runtime,
                  fun(Key, Pid, Timeout) ->
-                     case pyport_runtime:new_context(Pid, Opts, Timeout) of
+                     case pyport_port:new_context(Pid, Opts, Timeout) of
                          {ok, Id} -> {ok, #pyport_ctx{key = Key, id = Id}};
                          {error, _} = Error -> Error
                      end
@@ -203,14 +203,14 @@ context(Runtime, Name) when is_atom(Name) ->
 %% @doc Ends a context. Stopping an unknown (or already stopped) context is `ok'.
 -spec stop_context(ctx()) -> ok | {error, error()}.
 stop_context(#pyport_ctx{key = Key, id = Id}) ->
-    case lookup(Key) of
-        [{_, Pid, _Port, Timeout, _MaxFrame}] ->
-            case pyport_runtime:stop_context(Pid, Id, Timeout) of
+    case runtime(Key) of
+        {ok, {_, Pid, _Port, Timeout, _MaxFrame}} ->
+            case pyport_port:stop_context(Pid, Id, Timeout) of
                 {error, not_found} -> ok;
                 Reply -> Reply
             end;
-        [] ->
-            {error, {runtime_down, noproc}}
+        {error, _} = Error ->
+            Error
     end.
 
 %%% Calls
@@ -289,8 +289,8 @@ exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
 %% call, eval and exec. It is freed by drop_env/1 or when the calling process exits.
 -spec new_env(ctx()) -> {ok, env()} | {error, error()}.
 new_env(#pyport_ctx{key = Key, id = Id}) ->
-    case lookup(Key) of
-        [{_, Pid, _, _, _} = Runtime] ->
+    case runtime(Key) of
+        {ok, {_, Pid, _, _, _} = Runtime} ->
             case runtime_request(Runtime, Id, {new_env}, #{}) of
                 {ok, EnvId} when is_integer(EnvId) ->
                     gen_server:cast(Pid, {own, self(), Id, {env, EnvId}}),
@@ -300,16 +300,16 @@ new_env(#pyport_ctx{key = Key, id = Id}) ->
                 {error, _} = Error ->
                     Error
             end;
-        [] ->
-            {error, {runtime_down, noproc}}
+        {error, _} = Error ->
+            Error
     end.
 
 %% @doc Frees an env (from any process). Dropping it again, or after its runtime or
 %% context is gone, is `ok' too.
 -spec drop_env(env()) -> ok.
 drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
-    case lookup(Key) of
-        [{_, Pid, _, _, _} = Runtime] ->
+    case runtime(Key) of
+        {ok, {_, Pid, _, _, _} = Runtime} ->
             _ = runtime_request(Runtime, Id, {drop_env, EnvId}, #{}),
             gen_server:cast(Pid, {disown, Id, {env, EnvId}});
         _ ->
@@ -354,11 +354,11 @@ to_term(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
 %% `{error, not_found}'; releasing it again is `ok'.
 -spec release(pyref()) -> ok.
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
-    case lookup(Key) of
-        [{_, Pid, _, _, _} = Runtime] ->
+    case runtime(Key) of
+        {ok, {_, Pid, _, _, _} = Runtime} ->
             _ = runtime_request(Runtime, Id, {release, RefId}, #{}),
             gen_server:cast(Pid, {disown, Id, {ref, RefId}});
-        [] ->
+        {error, _} ->
             ok
     end.
 
@@ -403,16 +403,44 @@ async_call(Ctx, Module, Function, Args, Kwargs) ->
     async_call(Ctx, Module, Function, Args, Kwargs, #{}).
 
 -spec async_call(ctx(), name(), name(), list(), map(), call_opts()) -> reference().
-async_call(Ctx, Module, Function, Args, Kwargs, Opts) when is_map(Opts) ->
+async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
     Caller = self(),
     Ref = make_ref(),
-    %% A short-lived process waits for the reply, so the caller's mailbox only ever
-    %% gets the one result message.
-    _ = spawn(fun() ->
-                  Result = call(Ctx, Module, Function, Args, Kwargs, Opts#{caller => Caller}),
-                  Caller ! {pyport, Ref, Result}
-              end),
+    case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
+        ok ->
+            %% A short-lived process waits for the reply, so the caller's mailbox only
+            %% ever gets the one result message, whatever happens to the call.
+            _ = spawn(fun() ->
+                          Result = try
+                                       call(Ctx, Module, Function, Args, Kwargs,
+                                            Opts#{caller => Caller})
+                                   catch
+                                       Class:Reason -> {error, {Class, Reason}}
+                                   end,
+                          Caller ! {pyport, Ref, Result}
+                      end);
+        {error, _} = Error ->
+            Caller ! {pyport, Ref, Error}
+    end,
     Ref.
+
+%% Arguments that would make a request fail before it is sent: `{bad_request, What}'
+%% at once, rather than a crash in a process the caller does not see.
+check_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
+    Checks = [{ctx, is_record(Ctx, pyport_ctx)},
+              {module, is_name(Module)},
+              {function, is_name(Function)},
+              {args, is_list(Args)},
+              {kwargs, is_map(Kwargs)},
+              {opts, is_map(Opts)}],
+    case [What || {What, false} <- Checks] of
+        [] -> ok;
+        [What | _] -> {error, {bad_request, What}}
+    end.
+
+is_name(Name) ->
+    is_atom(Name) orelse is_binary(Name)
+        orelse (is_list(Name) andalso is_binary(catch unicode:characters_to_binary(Name))).
 
 %% @doc Waits for the result of async_call/4,5,6.
 -spec await(reference()) -> {ok, term()} | {error, error()}.
@@ -430,11 +458,18 @@ await(Ref, Timeout) ->
     end.
 
 %% @doc Runs `Module.Function(*Args)' without waiting for it; failures are logged by
-%% the runtime (domain `[pyport, python]').
--spec cast(ctx(), name(), name(), list()) -> ok.
-cast(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) when is_list(Args) ->
-    case lookup(Key) of
-        [{_, _Pid, Port, _CallTimeout, MaxFrame}] ->
+%% the runtime (domain `[pyport, python]'). Arguments of the wrong type are
+%% `{error, {bad_request, What}}' at once.
+-spec cast(ctx(), name(), name(), list()) -> ok | {error, {bad_request, atom()}}.
+cast(Ctx, Module, Function, Args) ->
+    case check_call(Ctx, Module, Function, Args, #{}, #{}) of
+        ok -> cast_checked(Ctx, Module, Function, Args);
+        {error, _} = Error -> Error
+    end.
+
+cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
+    case runtime(Key) of
+        {ok, {_, _Pid, Port, _CallTimeout, MaxFrame}} ->
             Body = encode({call, name(Module), name(Function), Args, #{},
                            #{caller => self()}}),
             Frame = [<<Id:64, 0:16>>, Body],
@@ -449,7 +484,7 @@ cast(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) when is_list(Args)
                     logger:warning("pyport:cast of ~p bytes is over max_frame ~p",
                                    [iolist_size(Frame), MaxFrame], #{domain => [pyport]})
             end;
-        [] ->
+        {error, _} ->
             ok
     end.
 
@@ -477,13 +512,18 @@ stream(Ctx, Module, Function, Args, Kwargs) ->
 %% it is cancelled when that process exits.
 -spec stream(ctx(), name(), name(), list(), map(), call_opts()) ->
           {ok, stream()} | {error, error()}.
-stream(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
-  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
+    case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
+        ok -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts);
+        {error, _} = Error -> Error
+    end.
+
+stream_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts) ->
     Window = maps:get(window, Opts, ?DEFAULT_WINDOW),
-    case lookup(Key) of
-        [_] when not (is_integer(Window) andalso Window > 0) ->
+    case runtime(Key) of
+        {ok, _} when not (is_integer(Window) andalso Window > 0) ->
             {error, {bad_request, {window, Window}}};
-        [{_, Pid, Port, CallTimeout, MaxFrame}] ->
+        {ok, {_, Pid, Port, CallTimeout, MaxFrame}} ->
             Timeout = maps:get(timeout, Opts, CallTimeout),
             WireOpts0 = Opts#{timeout => Timeout, caller => self(), window => Window},
             case wire_opts(Key, Id, Pid, WireOpts0) of
@@ -493,8 +533,8 @@ stream(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
                 {error, _} = Error ->
                     Error
             end;
-        [] ->
-            {error, {runtime_down, noproc}}
+        {error, _} = Error ->
+            Error
     end.
 
 %% The stream's messages come to an alias of a monitor of the runtime, so a crash ends
@@ -618,10 +658,10 @@ port_cast(Port, Ctx, Request) ->
           {ok, channel()} | {error, error()}.
 channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
-    case lookup(Key) of
-        [_] when not (is_integer(Capacity) andalso Capacity > 0) ->
+    case runtime(Key) of
+        {ok, _} when not (is_integer(Capacity) andalso Capacity > 0) ->
             {error, {bad_request, {capacity, Capacity}}};
-        [{_, Pid, Port, _, MaxFrame} = Runtime] ->
+        {ok, {_, Pid, Port, _, MaxFrame} = Runtime} ->
             case runtime_request(Runtime, Id, {channel_open, name(Name), Capacity}, #{}) of
                 {ok, ChanId} when is_integer(ChanId) ->
                     Counters = counters:new(2, [atomics]),
@@ -634,8 +674,8 @@ channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
                 {error, _} = Error ->
                     Error
             end;
-        [] ->
-            {error, {runtime_down, noproc}}
+        {error, _} = Error ->
+            Error
     end.
 
 %% @doc Sends a term to the channel without ever blocking: `busy' while `capacity'
@@ -688,9 +728,9 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
 %% caller are sent along in Opts (the port program interrupts code that overran, and
 %% `erlang.self()' is the caller); an env goes as its id.
 request(Key, Id, Req, Opts) ->
-    case lookup(Key) of
-        [Runtime] -> runtime_request(Runtime, Id, Req, Opts);
-        [] -> {error, {runtime_down, noproc}}
+    case runtime(Key) of
+        {ok, Runtime} -> runtime_request(Runtime, Id, Req, Opts);
+        {error, _} = Error -> Error
     end.
 
 runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
@@ -805,9 +845,9 @@ default_context() ->
 with_runtime(Runtime, Fun) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
-            case lookup(Key) of
-                [{_, Pid, _Port, Timeout, _MaxFrame}] -> Fun(Key, Pid, Timeout);
-                [] -> {error, {runtime_down, noproc}}
+            case runtime(Key) of
+                {ok, {_, Pid, _Port, Timeout, _MaxFrame}} -> Fun(Key, Pid, Timeout);
+                {error, _} = Error -> Error
             end;
         {error, _} = Error ->
             Error
@@ -819,6 +859,14 @@ runtime_key(Name) when is_atom(Name) ->
 runtime_key(Pid) when is_pid(Pid) ->
     case lookup({pid, Pid}) of
         [{_, Key}] -> {ok, Key};
+        [] -> {error, {runtime_down, noproc}}
+    end.
+
+%% The runtime's row: `{Key, PortOwner, Port, CallTimeout, MaxFrame}'.
+runtime(Key) ->
+    case lookup(Key) of
+        [{_, Pid, _, _, _} = Row] when is_pid(Pid) -> {ok, Row};
+        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
         [] -> {error, {runtime_down, noproc}}
     end.
 

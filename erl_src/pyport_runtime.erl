@@ -1,40 +1,28 @@
-%% @doc One pyport runtime: the gen_server that owns the port of one `pyport' OS process.
+%% @doc One pyport runtime: the stable process behind a runtime handle.
 %%
-%% The wire protocol is described in docs/protocol.md. This process
-%% - starts the port program and waits for its `hello' event (no sleeping),
-%% - creates the contexts given in Opts (ids 1..N, again after every restart),
-%% - publishes `{Key, Pid, Port, CallTimeout, MaxFrame}' in the ETS table
-%%   `pyport_runtimes', so callers write their requests to the port themselves,
-%% - routes each reply to the alias found in its header without decoding the payload,
-%% - turns `log' events into `logger' calls (domain `[pyport, python]'),
-%% - hands each `erlang.call' from Python (kind 2) to a new process, which runs the
-%%   registered function and writes the `callback_result' to the port itself, so this
-%%   process never waits for a callback,
-%% - delivers each `erlang.send' (kind 3) itself, so messages from one Python sender
-%%   arrive in the order they were sent,
-%% - frees the envs and object handles of processes that exit: the facade casts
-%%   `{own, Pid, CtxId, Item}' after creating one, this process monitors each owning
-%%   process once and, when it goes down, writes a fire-and-forget `drop_env' or
-%%   `release' for each of its items,
-%% - serves control requests (new_context, stop_context, info) asynchronously, so a
-%%   slow interpreter creation never delays the routing of replies.
+%% A runtime's OS process may crash (a segfault in Python) and be replaced many times;
+%% this process lives on through all of that. It starts the port owner
+%% (`pyport_port', one per OS process incarnation), and when that exits for any reason
+%% but a stop, it marks the runtime down (callers get `{error, {runtime_down, Reason}}'
+%% at once) and starts a new one after a back-off delay: at once after a run that
+%% lasted, then doubling from `restart => #{min_delay => Ms}' (default 100) up to
+%% `max_delay' (default 5000) while the OS process keeps crashing. Python crashing
+%% therefore never makes a supervisor give up: not pyport's own, nor the user's when the
+%% runtime runs under it through child_spec/1.
 %%
-%% It keeps no table of pending calls: every caller monitors this process (with an
-%% alias), so a crash of the port program fails them through their monitors.
+%% Its pid (or its registered `name') is the handle `pyport:start_runtime/1' returns:
+%% valid for context/2, info/1, new_context/2 and stop_runtime/1 across restarts.
 %%
-%% ETS rows written here (all removed in terminate/2, and any stale ones in init/1):
-%%   {Key, Pid, Port, CallTimeout, MaxFrame}   the runtime itself
-%%   {{pid, Pid}, Key}                           pid -> key
-%%   {{ctx, Key, Name}, Id}                      named contexts
-%%   {{contexts, Key}, {Id1, ..., IdN}}          the contexts from Opts, in order
+%% ETS rows written here (`pyport_runtimes'; all removed when it stops):
+%%   {{pid, Pid}, Key}        the handle -> the key
+%%   {Key, down, Reason}       while no OS process serves (`pyport_port' replaces it)
+%%   {{restarts, Key}, N}      restarts so far
 -module(pyport_runtime).
 -behaviour(gen_server).
 
 -export([start_link/1]).
 -export([child_spec/1]).
--export([new_context/3]).
--export([stop_context/3]).
--export([info/2]).
+-export([restarts/1]).
 -export([init/1]).
 -export([handle_call/3]).
 -export([handle_cast/2]).
@@ -46,13 +34,11 @@
 -export_type([context_spec/0]).
 
 -define(TABLE, pyport_runtimes).
--define(FUNCTIONS, pyport_functions).
--define(DEFAULT_CALL_TIMEOUT, 30000).
--define(DEFAULT_START_TIMEOUT, 10000).
--define(DEFAULT_MAX_FRAME, 1073741824).
--define(PROTOCOL_VERSION, 1).
-%% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
--define(DYNAMIC_ID_BASE, 1000000).
+-define(MIN_DELAY, 100).
+-define(MAX_DELAY, 5000).
+%% A run at least this long counts as healthy: the next crash restarts at once.
+-define(STABLE_MS, 10000).
+-define(STOP_WAIT, 5000).
 
 -type key() :: atom() | reference().
 -type context_spec() :: #{name => atom(),
@@ -69,39 +55,26 @@
                   call_timeout => timeout(),
                   start_timeout => non_neg_integer(),
                   max_frame => pos_integer(),
-                  queue_capacity => pos_integer()}.
--type ctx_id() :: pos_integer().
--type ctx_info() :: #{id := ctx_id(), name := atom(), mode := owngil | main}.
--type action() :: {new_context, ctx_id(), ctx_info()}
-                | {stop_context, ctx_id()}
-                | info.
-%% An env or an object handle in a context, freed when the process owning it exits.
--type item() :: {env | ref, non_neg_integer()} | {stream, binary()}.
--type owned() :: {ctx_id(), item()}.
+                  queue_capacity => pos_integer(),
+                  restart => #{min_delay => non_neg_integer(),
+                               max_delay => non_neg_integer()}}.
 
 -record(state, {
     key :: key(),
-    port :: port(),
-    hello :: map(),
-    contexts = #{} :: #{ctx_id() => ctx_info()},
-    %% names taken by ready contexts and by contexts being created
-    names = #{} :: #{atom() => ctx_id()},
-    %% control requests sent by this process, by the alias in their header
-    pending = #{} :: #{reference() => {gen_server:from(), action()}},
-    max_frame = ?DEFAULT_MAX_FRAME :: pos_integer(),
-    %% processes owning envs and handles: their monitor and their items
-    owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
-    %% each item's owner
-    owned = #{} :: #{owned() => pid()},
-    %% open channels: the counters their handles share (items untaken, closed flag)
-    channels = #{} :: #{{ctx_id(), pos_integer()} => counters:counters_ref()}
+    opts :: opts(),
+    %% the port owner serving now, if any
+    port_owner :: pid() | undefined,
+    started_at = 0 :: integer(),
+    %% crashes since the last healthy run
+    crashes = 0 :: non_neg_integer(),
+    restarts = 0 :: non_neg_integer()
 }).
 
 %%% API
 
-%% @doc Starts a runtime linked to the caller. Returns `{error, Reason}' when the port
-%% program cannot start, does not say hello within `start_timeout', or a context from
-%% Opts cannot be created.
+%% @doc Starts a runtime linked to the caller. Returns `{error, Reason}' when its first
+%% OS process cannot start, does not say hello within `start_timeout', or a context from
+%% Opts cannot be created (later failures are restarted with back-off instead).
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
     gen_server:start_link({local, Name}, ?MODULE, Opts, []);
@@ -117,686 +90,125 @@ child_spec(Opts) when is_map(Opts) ->
     #{id => {?MODULE, Key},
       start => {?MODULE, start_link, [Opts#{key => Key}]},
       restart => permanent,
-      shutdown => 5000,
+      shutdown => ?STOP_WAIT + 1000,
       type => worker,
       modules => [?MODULE]}.
 
-%% @doc Creates a context; replies `{ok, Id}' once its interpreter is ready.
--spec new_context(pid(), context_spec(), timeout()) -> {ok, ctx_id()} | {error, term()}.
-new_context(Pid, Spec, Timeout) ->
-    gen_call(Pid, {new_context, Spec}, Timeout).
-
-%% @doc Ends a context; `{error, not_found}' when the runtime does not know it.
--spec stop_context(pid(), ctx_id(), timeout()) -> ok | {error, term()}.
-stop_context(Pid, Id, Timeout) ->
-    gen_call(Pid, {stop_context, Id}, Timeout).
-
-%% @doc What the port program reports, plus the contexts with their names and modes.
--spec info(pid(), timeout()) -> {ok, map()} | {error, term()}.
-info(Pid, Timeout) ->
-    gen_call(Pid, info, Timeout).
-
-gen_call(Pid, Request, Timeout) ->
-    try
-        gen_server:call(Pid, Request, Timeout)
+%% @doc How many times the runtime's OS process was replaced.
+-spec restarts(key()) -> non_neg_integer().
+restarts(Key) ->
+    try ets:lookup(?TABLE, {restarts, Key}) of
+        [{_, N}] -> N;
+        [] -> 0
     catch
-        exit:{timeout, _} -> {error, timeout};
-        exit:{Reason, _} -> {error, {runtime_down, Reason}}
+        error:badarg -> 0
     end.
 
 %%% gen_server callbacks
 
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
-init(Opts) ->
+init(Opts0) ->
     process_flag(trap_exit, true),
-    %% A router: replies must not wait behind busy callers, and a long queue of port
-    %% data must not make its garbage collections expensive.
-    process_flag(priority, high),
-    process_flag(message_queue_data, off_heap),
-    case ets:whereis(?TABLE) of
-        undefined -> {stop, pyport_not_started};
-        _ -> init_runtime(runtime_key(Opts), Opts)
-    end.
-
-init_runtime(Key, Opts) ->
-    Deadline = erlang:monotonic_time(millisecond)
-        + maps:get(start_timeout, Opts, ?DEFAULT_START_TIMEOUT),
-    case opts_contexts(maps:get(contexts, Opts, [])) of
+    Key = runtime_key(Opts0),
+    Opts = Opts0#{key => Key, handle => self()},
+    case start_port_owner(Opts) of
+        {ok, Pid} ->
+            true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
+            {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
         {error, Reason} ->
-            {stop, Reason};
-        {ok, Contexts} ->
-            case open(Opts) of
-                {error, Reason} ->
-                    {stop, Reason};
-                {ok, Port} ->
-                    case start_port(Key, Port, Contexts, Deadline) of
-                        {ok, Hello} ->
-                            S = #state{key = Key, port = Port, hello = Hello,
-                                       max_frame = maps:get(max_frame, Hello,
-                                                            max_frame(Opts))},
-                            {ok, publish(Opts, Contexts, Hello, S)};
-                        {error, Reason} ->
-                            close(Port),
-                            {stop, Reason}
-                    end
-            end
+            {stop, Reason}
     end.
 
--spec handle_call(term(), gen_server:from(), #state{}) -> {noreply, #state{}}
-                                                         | {reply, term(), #state{}}.
-handle_call({new_context, Spec}, From, S) ->
-    case context_body(Spec) of
-        {ok, Body} -> start_context(Body, From, S);
-        {error, _} = Error -> {reply, Error, S}
-    end;
-handle_call({stop_context, Id}, From, S) when is_integer(Id) ->
-    {noreply, control({stop_context, Id}, {stop_context, Id}, From, S)};
-handle_call(info, From, S) ->
-    {noreply, control(info, info, From, S)};
+-spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
-handle_cast({own, Pid, CtxId, Item}, S) when is_pid(Pid) ->
-    {noreply, own(Pid, {CtxId, Item}, S)};
-handle_cast({disown, CtxId, Item}, S) ->
-    {noreply, disown({CtxId, Item}, S)};
-handle_cast({channel, CtxId, ChanId, Counters}, #state{channels = Channels} = S) ->
-    {noreply, S#state{channels = Channels#{{CtxId, ChanId} => Counters}}};
-handle_cast({channel_closed, CtxId, ChanId}, #state{channels = Channels} = S) ->
-    {noreply, S#state{channels = maps:remove({CtxId, ChanId}, Channels)}};
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
-handle_info({Port, {data, <<Kind, HLen:16, H:HLen/binary, Payload/binary>>}},
-            #state{port = Port} = S) when Kind =:= 0; Kind =:= 4 ->
-    route(H, Payload, S),
-    {noreply, S};
-handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key, contexts = Contexts, channels = Channels} = S) ->
-    event(Payload, Key, Contexts, Channels),
-    {noreply, S};
-handle_info({Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key, max_frame = MaxFrame} = S) ->
-    callback(Key, Port, MaxFrame, Payload),
-    {noreply, S};
-handle_info({Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key} = S) ->
-    deliver(Key, Payload),
-    {noreply, S};
-handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
-    logger:warning("pyport runtime ~p: unexpected frame from the port: ~P",
-                   [Key, Frame, 20], #{domain => [pyport]}),
-    {noreply, S};
-handle_info({Port, {exit_status, Status}}, #state{port = Port} = S) ->
-    {stop, {port_exit, Status}, S};
-handle_info({'EXIT', Port, Reason}, #state{port = Port} = S) ->
-    {stop, {port_closed, Reason}, S};
-handle_info({Alias, Payload}, #state{pending = Pending} = S)
-  when is_map_key(Alias, Pending) ->
-    {{From, Action}, Rest} = maps:take(Alias, Pending),
-    _ = unalias(Alias),
-    {noreply, complete(Action, From, binary_to_term(Payload), S#state{pending = Rest})};
-handle_info({'DOWN', _Mref, process, Pid, _Reason}, #state{owners = Owners} = S)
-  when is_map_key(Pid, Owners) ->
-    {noreply, owner_down(Pid, S)};
+handle_info({'EXIT', Pid, Reason}, #state{port_owner = Pid} = S) ->
+    {noreply, port_owner_down(Reason, S#state{port_owner = undefined})};
+handle_info(restart, #state{port_owner = undefined} = S) ->
+    {noreply, restart(S)};
 handle_info(_Msg, S) ->
     {noreply, S}.
 
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{key = Key, port = Port, channels = Channels}) ->
-    close(Port),
-    maps:foreach(fun(_, Counters) -> counters:put(Counters, 2, 1) end, Channels),
-    unpublish(Key, self()),
+terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
+    stop_port_owner(Pid),
+    try
+        true = ets:delete(?TABLE, Key),
+        true = ets:delete(?TABLE, {pid, self()}),
+        true = ets:delete(?TABLE, {restarts, Key}),
+        true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
+        true = ets:delete(?TABLE, {contexts, Key})
+    catch
+        error:badarg -> true  % the table is gone: the application is stopping
+    end,
     ok.
 
-%%% Start-up
+%%% Restarts
 
 runtime_key(#{key := Key}) -> Key;
 runtime_key(#{name := Name}) when is_atom(Name) -> Name;
 runtime_key(_) -> make_ref().
 
-%% The contexts from Opts, with ids 1..N in order.
-opts_contexts(Specs) when is_list(Specs) ->
-    Numbered = lists:zip(lists:seq(1, length(Specs)), Specs),
-    Bodies = [{Id, context_body(Spec)} || {Id, Spec} <- Numbered],
-    case [Spec || {_, {error, _}} = Spec <- Bodies] of
-        [{_, Error} | _] ->
-            Error;
-        [] ->
-            Contexts = [{Id, Body} || {Id, {ok, Body}} <- Bodies],
-            Names = [Name || {_, #{name := Name}} <- Contexts],
-            case Names -- lists:usort(Names) of
-                [] -> {ok, Contexts};
-                [Dup | _] -> {error, {duplicate_context_name, Dup}}
-            end
-    end;
-opts_contexts(Other) ->
-    {error, {bad_context_spec, Other}}.
-
-open(Opts) ->
-    Exe = executable(Opts),
-    Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
-        ++ queue_args(Opts),
-    PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
-                {args, Args}, {env, maps:get(env, Opts, [])}],
-    try
-        {ok, open_port({spawn_executable, Exe}, PortOpts)}
-    catch
-        error:Reason -> {error, {open_port, Reason, Exe}}
-    end.
-
-executable(#{executable := Exe}) ->
-    Exe;
-executable(_) ->
-    case os:getenv("PYPORT_EXECUTABLE") of
-        Exe when is_list(Exe), Exe =/= "" -> Exe;
-        _ -> filename:join(priv_dir(), "pyport")
-    end.
-
-priv_dir() ->
-    case code:priv_dir(pyport) of
-        {error, bad_name} -> filename:join(filename:dirname(filename:dirname(
-                                           code:which(?MODULE))), "priv");
-        Dir -> Dir
-    end.
-
-max_frame(Opts) ->
-    maps:get(max_frame, Opts, ?DEFAULT_MAX_FRAME).
-
-%% Requests a context queues beyond the one it runs; more get {error, overloaded}.
-queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
-queue_args(_) -> [].
-
-%% `--path' for each entry of `path', then the site-packages of `venv'.
-path_args(Opts) ->
-    Venv = case maps:find(venv, Opts) of
-               {ok, Dir} -> filelib:wildcard(filename:join([to_list(Dir), "lib", "python*",
-                                                            "site-packages"]));
-               error -> []
-           end,
-    lists:append([["--path", to_list(P)] || P <- maps:get(path, Opts, []) ++ Venv]).
-
-to_list(P) when is_binary(P) -> unicode:characters_to_list(P);
-to_list(P) -> P.
-
-%% Waits for hello, then creates the Opts contexts (all requested at once). Their
-%% preload code may already call Erlang (kind 2) or send messages (kind 3).
-start_port(Key, Port, Contexts, Deadline) ->
-    case await_hello(Key, Port, Deadline) of
-        {ok, Hello} ->
-            lists:foreach(fun({Id, Body}) ->
-                              send_control(Port, {pyport_init, Id}, {new_context, Id, Body})
-                          end, Contexts),
-            Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
-            MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
-            case await_contexts({Key, Names, MaxFrame}, Port, Contexts, Deadline) of
-                ok -> {ok, Hello};
-                {error, _} = Error -> Error
-            end;
+start_port_owner(Opts) ->
+    case pyport_port:start_link(Opts) of
+        {ok, Pid} ->
+            {ok, Pid};
         {error, _} = Error ->
+            %% the failed start_link also sent us its exit
+            receive {'EXIT', _, _} -> ok after 0 -> ok end,
             Error
     end.
 
-await_hello(Key, Port, Deadline) ->
-    receive
-        {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            case decode(Payload) of
-                {hello, #{protocol := ?PROTOCOL_VERSION} = Hello} -> {ok, Hello};
-                {hello, Hello} -> {error, {protocol_mismatch, Hello}};
-                {start_error, Reason} -> {error, {start_error, Reason}};
-                {log, _, _, _} = Log -> log(Key, #{}, Log), await_hello(Key, Port, Deadline);
-                Other -> {error, {bad_hello, Other}}
-            end;
-        {Port, {data, Frame}} ->
-            {error, {bad_hello, Frame}};
-        {Port, {exit_status, Status}} ->
-            {error, {port_exit, Status}};
-        {'EXIT', Port, Reason} ->
-            {error, {port_closed, Reason}}
-    after remaining(Deadline) ->
-        {error, start_timeout}
-    end.
-
-await_contexts(_Known, _Port, [], _Deadline) ->
-    ok;
-await_contexts({Key, Names, MaxFrame} = Known, Port, Waiting, Deadline) ->
-    receive
-        {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
-            {pyport_init, Id} = binary_to_term(H),
-            {value, {Id, Body}, Rest} = lists:keytake(Id, 1, Waiting),
-            case decode(Payload) of
-                ok -> await_contexts(Known, Port, Rest, Deadline);
-                Error -> {error, {context_error, Body, Error}}
-            end;
-        {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            event(Payload, Key, Names, #{}),
-            await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            callback(Key, Port, MaxFrame, Payload),
-            await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            deliver(Key, Payload),
-            await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {exit_status, Status}} ->
-            {error, {port_exit, Status}};
-        {'EXIT', Port, Reason} ->
-            {error, {port_closed, Reason}}
-    after remaining(Deadline) ->
-        {error, {start_timeout, {contexts, [Body || {_, Body} <- Waiting]}}}
-    end.
-
-remaining(Deadline) ->
-    max(0, Deadline - erlang:monotonic_time(millisecond)).
-
-%% Makes the runtime visible to callers, replacing whatever a killed predecessor left.
-publish(Opts, Contexts, Hello, #state{key = Key, port = Port} = S) ->
-    unpublish(Key, '_'),
-    Infos = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
-    Names = maps:from_list([{Name, Id} || {Id, #{name := Name}} <- Contexts]),
-    true = ets:insert(?TABLE, [{{ctx, Key, Name}, Id} || {Name, Id} <- maps:to_list(Names)]),
-    true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple([Id || {Id, _} <- Contexts])}),
-    true = ets:insert(?TABLE, {{pid, self()}, Key}),
-    MaxFrame = maps:get(max_frame, Hello, max_frame(Opts)),
-    CallTimeout = maps:get(call_timeout, Opts, ?DEFAULT_CALL_TIMEOUT),
-    true = ets:insert(?TABLE, {Key, self(), Port, CallTimeout, MaxFrame}),
-    S#state{contexts = Infos, names = Names}.
-
-unpublish(Key, Pid) ->
-    try
-        true = ets:delete(?TABLE, Key),
-        true = ets:match_delete(?TABLE, {{pid, Pid}, Key}),
-        true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
-        true = ets:delete(?TABLE, {contexts, Key})
-    catch
-        error:badarg -> true  % the table is gone: the application is stopping
-    end.
-
-close(Port) ->
-    try
-        port_close(Port)
-    catch
-        error:badarg -> true
-    end.
-
-%%% Contexts and control requests
-
-%% Validates a context spec and turns it into the body map of `new_context'.
-context_body(Spec) when is_map(Spec) ->
-    try
-        Mode = maps:get(mode, Spec, owngil),
-        true = Mode =:= owngil orelse Mode =:= main,
-        Body0 = #{mode => Mode},
-        Body1 = case maps:find(name, Spec) of
-                    {ok, undefined} -> Body0;
-                    {ok, Name} when is_atom(Name) -> Body0#{name => Name};
-                    error -> Body0
-                end,
-        Body2 = case maps:find(preload, Spec) of
-                    {ok, Code} -> Body1#{preload => text(Code)};
-                    error -> Body1
-                end,
-        Body = case maps:find(path, Spec) of
-                   {ok, Path} when is_list(Path) -> Body2#{path => [text(P) || P <- Path]};
-                   error -> Body2
+%% The OS process is gone: callers are told at once, and a new one comes after the
+%% back-off delay.
+port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashes} = S) ->
+    true = ets:insert(?TABLE, {Key, down, Reason}),
+    Crashes1 = case now_ms() - Started >= ?STABLE_MS of
+                   true -> 0;
+                   false -> Crashes
                end,
-        {ok, Body}
-    catch
-        error:_ -> {error, {bad_context_spec, Spec}}
-    end;
-context_body(Spec) ->
-    {error, {bad_context_spec, Spec}}.
+    schedule_restart(S#state{crashes = Crashes1}).
 
-text(Text) ->
-    case unicode:characters_to_binary(Text) of
-        Bin when is_binary(Bin) -> Bin;
-        _ -> error(badarg)
+schedule_restart(#state{crashes = Crashes, opts = Opts} = S) ->
+    _ = erlang:send_after(delay(Crashes, maps:get(restart, Opts, #{})), self(), restart),
+    S#state{crashes = Crashes + 1}.
+
+%% No wait after a healthy run; then min_delay, doubling up to max_delay.
+delay(0, _) ->
+    0;
+delay(Crashes, Restart) ->
+    Min = maps:get(min_delay, Restart, ?MIN_DELAY),
+    Max = maps:get(max_delay, Restart, ?MAX_DELAY),
+    min(Max, Min bsl min(Crashes - 1, 20)).
+
+restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
+    true = ets:insert(?TABLE, {{restarts, Key}, N + 1}),
+    S1 = S#state{restarts = N + 1, started_at = now_ms()},
+    case start_port_owner(Opts) of
+        {ok, Pid} ->
+            S1#state{port_owner = Pid};
+        {error, Reason} ->
+            %% It did not even start (a preload that crashes, say): down, try again.
+            true = ets:insert(?TABLE, {Key, down, Reason}),
+            schedule_restart(S1)
     end.
 
-ctx_info(Id, Body) ->
-    #{id => Id, name => maps:get(name, Body, undefined), mode => maps:get(mode, Body)}.
-
-start_context(Body, From, #state{names = Names} = S) ->
-    Id = erlang:unique_integer([positive]) + ?DYNAMIC_ID_BASE,
-    case maps:find(name, Body) of
-        {ok, Name} when is_map_key(Name, Names) ->
-            {reply, {error, {already_exists, Name}}, S};
-        {ok, Name} ->
-            S1 = S#state{names = Names#{Name => Id}},
-            {noreply, control({new_context, Id, Body}, {new_context, Id, ctx_info(Id, Body)},
-                              From, S1)};
-        error ->
-            {noreply, control({new_context, Id, Body}, {new_context, Id, ctx_info(Id, Body)},
-                              From, S)}
+stop_port_owner(undefined) ->
+    ok;
+stop_port_owner(Pid) ->
+    exit(Pid, shutdown),
+    receive
+        {'EXIT', Pid, _} -> ok
+    after ?STOP_WAIT ->
+        exit(Pid, kill),
+        receive {'EXIT', Pid, _} -> ok end
     end.
 
-%% Sends a control request whose reply comes back to this process through an alias.
-control(Request, Action, From, #state{port = Port, pending = Pending} = S) ->
-    Alias = alias(),
-    case send_control(Port, Alias, Request) of
-        ok ->
-            S#state{pending = Pending#{Alias => {From, Action}}};
-        {error, _} = Error ->
-            _ = unalias(Alias),
-            complete(Action, From, Error, S)
-    end.
-
-send_control(Port, Dest, Request) ->
-    H = term_to_binary(Dest),
-    try
-        true = erlang:port_command(Port, [<<0:64, (byte_size(H)):16>>, H,
-                                          term_to_binary(Request)]),
-        ok
-    catch
-        error:badarg -> {error, {runtime_down, port_closed}}
-    end.
-
-complete({new_context, Id, Info}, From, ok, #state{key = Key, contexts = Contexts} = S) ->
-    case Info of
-        #{name := undefined} -> ok;
-        #{name := Name} -> true = ets:insert(?TABLE, {{ctx, Key, Name}, Id})
-    end,
-    gen_server:reply(From, {ok, Id}),
-    S#state{contexts = Contexts#{Id => Info}};
-complete({new_context, Id, _Info}, From, Error, S) ->
-    gen_server:reply(From, normalize_error(Error)),
-    forget_context(Id, S);
-complete({stop_context, Id}, From, Reply, S) ->
-    gen_server:reply(From, normalize_error(Reply)),
-    case Reply of
-        ok -> forget_context(Id, S);
-        {error, not_found} -> forget_context(Id, S);
-        _ -> S
-    end;
-complete(info, From, {ok, Info}, S) when is_map(Info) ->
-    gen_server:reply(From, {ok, info_map(Info, S)}),
-    S;
-complete(info, From, Reply, S) ->
-    gen_server:reply(From, normalize_error(Reply)),
-    S.
-
-normalize_error(ok) -> ok;
-normalize_error({error, _} = Error) -> Error;
-normalize_error(Other) -> {error, {bad_reply, Other}}.
-
-%% A stopped context of the Opts ones also leaves the set the default calls pick from
-%% (until the next restart creates it again).
-forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
-    Named = [Name || {Name, NameId} <- maps:to_list(Names), NameId =:= Id],
-    lists:foreach(fun(Name) -> ets:delete_object(?TABLE, {{ctx, Key, Name}, Id}) end, Named),
-    case ets:lookup(?TABLE, {contexts, Key}) of
-        [{_, Ids}] when Id < ?DYNAMIC_ID_BASE ->
-            Left = [Other || Other <- tuple_to_list(Ids), Other =/= Id],
-            true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple(Left)});
-        _ ->
-            true
-    end,
-    forget_owned(Id, forget_channels(Id, S#state{contexts = maps:remove(Id, Contexts),
-                                                 names = maps:without(Named, Names)})).
-
-%% A stopped context closed its channels: their handles answer `{error, closed}'.
-forget_channels(Id, #state{channels = Channels} = S) ->
-    {Gone, Left} = maps:fold(fun({Ctx, _}, C, {G, L}) when Ctx =:= Id -> {[C | G], L};
-                                (K, C, {G, L}) -> {G, L#{K => C}}
-                             end, {[], #{}}, Channels),
-    lists:foreach(fun(C) -> counters:put(C, 2, 1) end, Gone),
-    S#state{channels = Left}.
-
-%% The port program's info, with each context described by what this process knows.
-info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
-    Ids = case maps:find(contexts, Info) of
-              {ok, List} when is_list(List) -> List;
-              _ -> lists:sort(maps:keys(Contexts))
-          end,
-    Described = [maps:get(Id, Contexts, #{id => Id, name => undefined, mode => unknown})
-                 || Id <- Ids],
-    Base = maps:with([protocol, max_frame, capabilities], Hello),
-    (maps:merge(Base, Info))#{contexts => Described, runtime => self(),
-                              owned => owned_counts(S)}.
-
-%% How many processes own envs, handles and streams, and how many of each are tracked.
-owned_counts(#state{owners = Owners, owned = Owned}) ->
-    Items = maps:keys(Owned),
-    #{processes => map_size(Owners),
-      envs => length([E || {_, {env, _}} = E <- Items]),
-      refs => length([R || {_, {ref, _}} = R <- Items]),
-      streams => length([T || {_, {stream, _}} = T <- Items])}.
-
-%%% Routing
-
-%% A reply goes to the alias (or pid) in its header; the payload is not decoded here.
-%% Frames of a stream (header `{pyport_stream, Alias}': its items, kind 4, and its
-%% final reply, kind 0) are delivered as `{pyport_stream, Alias, Msg}', the shape the
-%% consumer receives, so they are decoded.
-route(H, Payload, #state{key = Key}) ->
-    try binary_to_term(H, [safe]) of
-        Dest when is_reference(Dest); is_pid(Dest) ->
-            Dest ! {Dest, Payload},
-            ok;
-        {pyport_stream, Dest} when is_reference(Dest) ->
-            Dest ! {pyport_stream, Dest, decode(Payload)},
-            ok;
-        Other ->
-            logger:warning("pyport runtime ~p: reply with a header that is no alias: ~P",
-                           [Key, Other, 20], #{domain => [pyport]})
-    catch
-        error:badarg ->
-            logger:warning("pyport runtime ~p: reply with an undecodable header: ~P",
-                           [Key, H, 20], #{domain => [pyport]})
-    end.
-
-event(Payload, Key, Contexts, Channels) ->
-    case decode(Payload) of
-        {log, _, _, _} = Log ->
-            log(Key, Contexts, Log);
-        {channel_ack, Ctx, ChanId, N} ->
-            case Channels of
-                #{{Ctx, ChanId} := Counters} -> counters:sub(Counters, 1, N);
-                #{} -> ok
-            end;
-        Other ->
-            logger:notice("pyport runtime ~p: unexpected event: ~P", [Key, Other, 20],
-                          #{domain => [pyport]})
-    end.
-
-%% Events come from the port program itself, which creates atoms only for the keys of
-%% hello and info and for `erlang.Atom' values, so they are decoded without `safe'.
-decode(Payload) ->
-    try
-        binary_to_term(Payload)
-    catch
-        error:badarg -> {undecodable, Payload}
-    end.
-
-%% Python output and the port program's own reports. The metadata names the runtime and
-%% the context (its id, and its name when it has one).
-log(Key, Contexts, {log, Level, Ctx, Message}) ->
-    Name = case Contexts of
-               #{Ctx := #{name := CtxName}} -> CtxName;
-               #{} -> undefined
-           end,
-    Meta = #{domain => [pyport, python], pyport_runtime => Key, pyport_context => Ctx,
-             pyport_context_name => Name},
-    Label = case Name of
-                undefined -> Ctx;
-                _ -> Name
-            end,
-    Format = case is_binary(Message) andalso unicode:characters_to_binary(Message) of
-                 Message -> "python (context ~p): ~ts";
-                 _ -> "python (context ~p): ~p"
-             end,
-    logger:log(log_level(Level), Format, [Label, Message], Meta).
-
-log_level(Level) ->
-    case lists:member(Level, [emergency, alert, critical, error, warning, notice, info,
-                              debug]) of
-        true -> Level;
-        false -> notice
-    end.
-
-%%% Python calling Erlang
-
-%% Kind 2: `erlang.call(Name, *Args)'. A new process (not linked: a crashing callback
-%% must not take the runtime down) decodes it, runs the function and answers the
-%% context itself, so this process never waits for a callback.
-callback(Key, Port, MaxFrame, Payload) ->
-    _ = spawn(fun() -> run_callback(Key, Port, MaxFrame, Payload) end),
-    ok.
-
-run_callback(Key, Port, MaxFrame, Payload) ->
-    case decode(Payload) of
-        {CbId, Ctx, Name, Args, _Caller} when is_integer(CbId), is_integer(Ctx),
-                                              is_list(Args) ->
-            Result = invoke(Name, Args),
-            answer_callback(Port, MaxFrame, Ctx, CbId, Result);
-        Other ->
-            logger:warning("pyport runtime ~p: malformed callback from the port: ~P",
-                           [Key, Other, 20], #{domain => [pyport]})
-    end.
-
-%% `$whereis' is reserved: `erlang.whereis(Name)' in Python.
-invoke(<<"$whereis">>, [Name]) ->
-    {ok, whereis_name(Name)};
-invoke(Name, Args) ->
-    case registered_function(Name) of
-        {ok, Fun} ->
-            try
-                {ok, apply_function(Fun, Args)}
-            catch
-                Class:Reason -> {error, {Class, Reason}}
-            end;
-        error ->
-            {error, {not_registered, Name}}
-    end.
-
-registered_function(Name) when is_binary(Name) ->
-    try ets:lookup(?FUNCTIONS, Name) of
-        [{_, Fun}] -> {ok, Fun};
-        [] -> error
-    catch
-        error:badarg -> error  % the application is stopping
-    end;
-registered_function(_) ->
-    error.
-
-apply_function({Module, Function}, Args) -> apply(Module, Function, Args);
-apply_function(Fun, Args) -> apply(Fun, Args).
-
-%% A name Python gives never creates an atom.
-whereis_name(Name) when is_atom(Name) ->
-    whereis_or_none(Name);
-whereis_name(Name) when is_binary(Name) ->
-    try binary_to_existing_atom(Name, utf8) of
-        Atom -> whereis_or_none(Atom)
-    catch
-        error:badarg -> none
-    end;
-whereis_name(_) ->
-    none.
-
-whereis_or_none(Atom) ->
-    case whereis(Atom) of
-        undefined -> none;
-        Pid -> Pid
-    end.
-
-%% A result too large for one frame would be discarded by the port program and leave
-%% the Python caller waiting forever, so it is answered with an error instead.
-answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
-    Body = case term_to_binary({callback_result, CbId, Result}) of
-               Small when 10 + byte_size(Small) =< MaxFrame ->
-                   Small;
-               Large ->
-                   TooLarge = {frame_too_large, 10 + byte_size(Large), MaxFrame},
-                   term_to_binary({callback_result, CbId, {error, TooLarge}})
-           end,
-    try
-        erlang:port_command(Port, [<<Ctx:64, 0:16>>, Body])
-    catch
-        error:badarg -> false  % the port is gone, and the Python caller with it
-    end.
-
-%% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
-%% one sender keep their order. A name that is not registered (or not even an atom)
-%% drops the message, as `!' to a dead pid would.
-deliver(Key, Payload) ->
-    case decode(Payload) of
-        {Dest, Msg} when is_pid(Dest); is_atom(Dest) ->
-            send_message(Dest, Msg);
-        {Dest, Msg} when is_binary(Dest) ->
-            try binary_to_existing_atom(Dest, utf8) of
-                Name -> send_message(Name, Msg)
-            catch
-                error:badarg -> ok
-            end;
-        Other ->
-            logger:warning("pyport runtime ~p: malformed send from the port: ~P",
-                           [Key, Other, 20], #{domain => [pyport]})
-    end.
-
-send_message(Dest, Msg) ->
-    try
-        _ = erlang:send(Dest, Msg, [noconnect]),
-        ok
-    catch
-        error:badarg -> ok
-    end.
-
-%%% Envs and object handles owned by processes
-
-own(Pid, Item, #state{owners = Owners, owned = Owned} = S) ->
-    {Mref, Items} = case Owners of
-                        #{Pid := Known} -> Known;
-                        #{} -> {erlang:monitor(process, Pid), #{}}
-                    end,
-    %% an item that changes hands (it cannot in practice: ids are not reused)
-    S1 = case Owned of
-             #{Item := Pid} -> S;
-             #{Item := _Other} -> disown(Item, S);
-             #{} -> S
-         end,
-    S1#state{owners = (S1#state.owners)#{Pid => {Mref, Items#{Item => true}}},
-             owned = (S1#state.owned)#{Item => Pid}}.
-
-%% The item was dropped or released by a user (or its context is gone).
-disown(Item, #state{owners = Owners, owned = Owned} = S) ->
-    case maps:take(Item, Owned) of
-        {Pid, Rest} ->
-            Owners1 = case maps:get(Pid, Owners) of
-                          {Mref, #{Item := _} = Items} when map_size(Items) =:= 1 ->
-                              erlang:demonitor(Mref, [flush]),
-                              maps:remove(Pid, Owners);
-                          {Mref, Items} ->
-                              Owners#{Pid => {Mref, maps:remove(Item, Items)}}
-                      end,
-            S#state{owners = Owners1, owned = Rest};
-        error ->
-            S
-    end.
-
-%% Frees everything the process owned, with frames that want no reply.
-owner_down(Pid, #state{owners = Owners, owned = Owned, port = Port} = S) ->
-    {{_Mref, Items}, Rest} = maps:take(Pid, Owners),
-    lists:foreach(fun(Item) -> free(Port, Item) end, maps:keys(Items)),
-    S#state{owners = Rest, owned = maps:without(maps:keys(Items), Owned)}.
-
-free(Port, {Ctx, {env, EnvId}}) ->
-    cast_request(Port, Ctx, {drop_env, EnvId, #{}});
-free(Port, {Ctx, {ref, RefId}}) ->
-    cast_request(Port, Ctx, {release, RefId, #{}});
-free(Port, {Ctx, {stream, H}}) ->
-    cast_request(Port, Ctx, {stream_cancel, H, #{}}).
-
-cast_request(Port, Ctx, Request) ->
-    try
-        true = erlang:port_command(Port, [<<Ctx:64, 0:16>>, term_to_binary(Request)]),
-        ok
-    catch
-        error:badarg -> ok
-    end.
-
-%% A stopped context took its envs and handles with it.
-forget_owned(Ctx, #state{owned = Owned} = S) ->
-    lists:foldl(fun disown/2, S, [Item || {ItemCtx, _} = Item <- maps:keys(Owned),
-                                          ItemCtx =:= Ctx]).
+now_ms() ->
+    erlang:monotonic_time(millisecond).

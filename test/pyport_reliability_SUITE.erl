@@ -1,0 +1,220 @@
+%% @doc Reliability: crash loops stay contained, runtime handles survive restarts, bad
+%% arguments are errors at once.
+-module(pyport_reliability_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+%% A call that segfaults the OS process: reading address 0.
+-define(SEGFAULT, {ctypes, string_at, [0]}).
+%% Fast back-off, so many crashes fit in a test.
+-define(FAST_RESTART, #{min_delay => 1, max_delay => 10}).
+
+all() ->
+    [crash_loop_is_contained, crashing_preload_backs_off, user_supervisor_never_gives_up,
+     unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once].
+
+init_per_suite(Config) ->
+    ok = pyport_ct:start_app(),
+    Config.
+
+end_per_suite(_Config) ->
+    pyport_ct:stop_app().
+
+end_per_testcase(_Case, _Config) ->
+    pyport_ct:assert_no_messages().
+
+%%% Cases
+
+crash_loop_is_contained() ->
+    [{doc, "200 segfaults in a row in one runtime: it comes back every time, while "
+           "another runtime and the default runtime answer every call throughout, and "
+           "the application's supervisor and the default runtime are the same processes "
+           "at the end."}].
+crash_loop_is_contained(_Config) ->
+    Sup = whereis(pyport_sup),
+    Default = whereis(pyport),
+    {ok, Crashy} = pyport:start_runtime(#{contexts => [#{name => a}],
+                                          restart => ?FAST_RESTART}),
+    {ok, Steady} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Crashy, a),
+    {ok, S} = pyport:context(Steady, a),
+    Checker = start_checker([S, default]),
+    {M, F, A} = ?SEGFAULT,
+    lists:foreach(fun(I) ->
+                      OsPid = pyport_ct:os_pid(Crashy),
+                      ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+                      await_new_os_pid(Crashy, OsPid),
+                      ?assertEqual({ok, I}, pyport:call(C, operator, add, [I, 0]))
+                  end, lists:seq(1, 200)),
+    {Calls, Failures} = stop_checker(Checker),
+    ct:log("other runtimes: ~b calls during the crash loop, failures: ~p", [Calls, Failures]),
+    ?assert(Calls > 0),
+    ?assertEqual([], Failures),
+    {ok, #{restarts := Restarts}} = pyport:info(Crashy),
+    ?assertEqual(200, Restarts),
+    ?assertEqual(Sup, whereis(pyport_sup)),
+    ?assertEqual(Default, whereis(pyport)),
+    ok = pyport:stop_runtime(Crashy),
+    ok = pyport:stop_runtime(Steady).
+
+crashing_preload_backs_off() ->
+    [{doc, "A runtime whose preload crashes every time it starts again: its callers get "
+           "{error, {runtime_down, _}} at once while it is down, the delay between tries "
+           "grows, other runtimes are not affected, and it recovers once the cause is "
+           "gone."}].
+crashing_preload_backs_off(Config) ->
+    Marker = filename:join(?config(priv_dir, Config), "crash_on_start"),
+    Preload = iolist_to_binary(
+                ["import os, ctypes\n"
+                 "if os.path.exists(", io_lib:format("~p", [Marker]), "):\n"
+                 "    ctypes.string_at(0)\n"]),
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a, preload => Preload}],
+                                      restart => #{min_delay => 20, max_delay => 200}}),
+    {ok, C} = pyport:context(Rt, a),
+    ok = file:write_file(Marker, <<>>),
+    {M, F, A} = ?SEGFAULT,
+    ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+    %% the restarts keep crashing in the preload: callers are answered at once
+    Waits = [begin
+                 T0 = erlang:monotonic_time(millisecond),
+                 R = pyport:call(C, operator, add, [1, 2]),
+                 {erlang:monotonic_time(millisecond) - T0, R}
+             end || _ <- lists:seq(1, 20)],
+    [?assertMatch({_, {error, {runtime_down, _}}}, W) || W <- Waits],
+    ?assert(lists:max([Ms || {Ms, _} <- Waits]) < 100),
+    %% restarts continue with back-off (at most 200 ms apart): wait for a few
+    R0 = restarts(Rt),
+    pyport_ct:wait_for(fun() -> case restarts(Rt) >= R0 + 3 of
+                                    true -> {ok, done};
+                                    false -> not_yet
+                                end
+                       end, 300),
+    ?assertEqual({ok, 3}, pyport:call(default_ctx(), operator, add, [1, 2])),
+    ok = file:delete(Marker),
+    pyport_ct:wait_for(fun() -> case pyport:call(C, operator, add, [1, 2]) of
+                                    {ok, 3} -> {ok, back};
+                                    Other -> Other
+                                end
+                       end, 500),
+    ok = pyport:stop_runtime(Rt).
+
+user_supervisor_never_gives_up() ->
+    [{doc, "Under the user's own supervisor (intensity 1 in 60 s) a runtime crashed 10 "
+           "times stays the same child and the supervisor lives on."}].
+user_supervisor_never_gives_up(_Config) ->
+    Spec = pyport_runtime:child_spec(#{contexts => [#{name => a}], restart => ?FAST_RESTART}),
+    {ok, Sup} = supervisor:start_link(?MODULE, {strict, Spec}),
+    [{_, Child, worker, _}] = supervisor:which_children(Sup),
+    {ok, C} = pyport:context(Child, a),
+    {M, F, A} = ?SEGFAULT,
+    lists:foreach(fun(_) ->
+                      OsPid = pyport_ct:os_pid(Child),
+                      ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+                      await_new_os_pid(Child, OsPid)
+                  end, lists:seq(1, 10)),
+    ?assertEqual([{maps:get(id, Spec), Child, worker, [pyport_runtime]}],
+                 supervisor:which_children(Sup)),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2])),
+    unlink(Sup),
+    Mref = erlang:monitor(process, Sup),
+    exit(Sup, shutdown),
+    receive {'DOWN', Mref, process, Sup, _} -> ok end.
+
+%% supervisor callback
+init({strict, Spec}) ->
+    {ok, {#{strategy => one_for_one, intensity => 1, period => 60}, [Spec]}}.
+
+unnamed_handle_survives_restarts() ->
+    [{doc, "The handle start_runtime/1 returns for an unnamed runtime works after its "
+           "OS process was killed: context/2, info/1, new_context/2, then stop_runtime/1 "
+           "leaves no OS process behind."}].
+unnamed_handle_survives_restarts(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    OsPid = pyport_ct:os_pid(Rt),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    NewOsPid = await_new_os_pid(Rt, OsPid),
+    {ok, C} = pyport:context(Rt, a),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2])),
+    {ok, #{os_pid := NewOsPid, restarts := 1, runtime := Rt}} = pyport:info(Rt),
+    {ok, D} = pyport:new_context(Rt, #{name => d}),
+    ?assertEqual({ok, 3}, pyport:call(D, operator, add, [1, 2])),
+    ?assertEqual(ok, pyport:stop_runtime(Rt)),
+    %% the port program exits when it reads the end of its input
+    pyport_ct:wait_for(fun() -> case os_process_alive(NewOsPid) of
+                                    false -> {ok, gone};
+                                    true -> alive
+                                end
+                       end, 200).
+
+bad_arguments_are_errors_at_once() ->
+    [{doc, "async_call, cast and stream with arguments of the wrong type answer "
+           "{error, {bad_request, What}} at once (async_call as its result message), "
+           "instead of crashing a process nobody watches."}].
+bad_arguments_are_errors_at_once(_Config) ->
+    Ctx = default_ctx(),
+    Ref1 = pyport:async_call(not_a_ctx, operator, add, [1, 2]),
+    ?assertEqual({error, {bad_request, ctx}}, pyport:await(Ref1, 1000)),
+    Ref2 = pyport:async_call(Ctx, operator, add, not_a_list),
+    ?assertEqual({error, {bad_request, args}}, pyport:await(Ref2, 1000)),
+    Ref3 = pyport:async_call(Ctx, 42, add, []),
+    ?assertEqual({error, {bad_request, module}}, pyport:await(Ref3, 1000)),
+    ?assertEqual({error, {bad_request, args}}, pyport:cast(Ctx, operator, add, x)),
+    ?assertEqual({error, {bad_request, kwargs}},
+                 pyport:stream(Ctx, builtins, range, [3], not_a_map)),
+    ?assertEqual({error, {bad_request, opts}},
+                 pyport:stream(Ctx, builtins, range, [3], #{}, [])),
+    %% and the good ones still work
+    ?assertEqual({ok, 3}, pyport:await(pyport:async_call(Ctx, operator, add, [1, 2]), 5000)).
+
+%%% Helpers
+
+default_ctx() ->
+    {ok, Ctx} = pyport:context(pyport, default_1),
+    Ctx.
+
+restarts(Rt) ->
+    case pyport:info(Rt) of
+        {ok, #{restarts := N}} -> N;
+        {error, _} -> pyport_runtime:restarts(runtime_key(Rt))
+    end.
+
+runtime_key(Rt) ->
+    [{_, Key}] = ets:lookup(pyport_runtimes, {pid, Rt}),
+    Key.
+
+await_new_os_pid(Rt, OsPid) ->
+    pyport_ct:wait_for(fun() ->
+                           case pyport:info(Rt) of
+                               {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
+                               Other -> Other
+                           end
+                       end, 1000).
+
+os_process_alive(OsPid) ->
+    filelib:is_dir("/proc/" ++ integer_to_list(OsPid)).
+
+%% A process calling the given contexts (`default' is the default runtime) in a loop
+%% until told to stop; it reports how many calls it made and which failed.
+start_checker(Targets) ->
+    Self = self(),
+    spawn_link(fun() -> check_loop(Self, Targets, 0, []) end).
+
+check_loop(Parent, Targets, N, Failures) ->
+    receive
+        {stop, Parent} -> Parent ! {checked, self(), N, Failures}
+    after 0 ->
+        Results = [{T, check_call(T)} || T <- Targets],
+        Bad = [R || {_, Result} = R <- Results, Result =/= {ok, 3}],
+        check_loop(Parent, Targets, N + length(Targets), Bad ++ Failures)
+    end.
+
+check_call(default) -> pyport:call(operator, add, [1, 2]);
+check_call(Ctx) -> pyport:call(Ctx, operator, add, [1, 2]).
+
+stop_checker(Pid) ->
+    Pid ! {stop, self()},
+    receive {checked, Pid, N, Failures} -> {N, Failures} end.
