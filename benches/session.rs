@@ -55,7 +55,8 @@ fn main() {
         let writer = std::sync::Arc::new(pyport::writer::Writer::new(
             std::fs::File::create("/dev/null").unwrap(),
         ));
-        let link = pyport::erlang_module::Link::new(1, writer);
+        let deadline = std::sync::Arc::new(pyport::watchdog::Deadline::default());
+        let link = pyport::erlang_module::Link::new(1, writer, deadline);
         let poll = mio::Poll::new().expect("poll");
         let reactor = std::rc::Rc::new(pyport::event_loop::Reactor::new(poll).expect("reactor"));
         let session = Session::new(py, &spec, link, reactor).expect("session");

@@ -22,6 +22,7 @@
 -export([new_context/2]).
 -export([context/2]).
 -export([stop_context/1]).
+-export([interrupt/1]).
 -export([call/3]).
 -export([call/4]).
 -export([call/5]).
@@ -209,6 +210,21 @@ stop_context(#pyport_ctx{key = Key, id = Id}) ->
                 {error, not_found} -> ok;
                 Reply -> Reply
             end;
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc Stops the request the context is running now: `erlang.Interrupted' (a
+%% `BaseException') is raised in it at its next bytecode boundary, or at once when it
+%% waits in `time.sleep', `erlang.call' or a channel receive, and its caller gets
+%% `{error, interrupted}'. An idle context is left alone. Code blocked inside C sees
+%% it only when it returns to Python.
+-spec interrupt(ctx()) -> ok | {error, error()}.
+interrupt(#pyport_ctx{key = Key, id = Id}) ->
+    case runtime(Key) of
+        {ok, {_, _Pid, Port, _, _}} ->
+            _ = port_cast(Port, Id, {interrupt}),
+            ok;
         {error, _} = Error ->
             Error
     end.

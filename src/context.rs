@@ -188,6 +188,11 @@ impl Mailbox {
         }
     }
 
+    /// `pyport:interrupt/1`: stops the request this context runs now.
+    pub fn interrupt(&self) {
+        self.deadline.interrupt();
+    }
+
     /// Delivers an item (`Some`) or the close (`None`) of channel `id` of this context.
     pub fn deliver_channel(&self, id: u64, item: Option<Vec<u8>>) {
         if let Some(link) = self.link.get() {
@@ -288,7 +293,7 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
             mailbox.fail_all(writer, "not_started");
             return;
         };
-        let link = Link::new(spec.id, inbox.writer().clone());
+        let link = Link::new(spec.id, inbox.writer().clone(), mailbox.deadline.clone());
         erlang_module::register(&link);
         let _ = mailbox.link.set(link.clone());
         let session = match Session::new(py, spec, link.clone(), reactor.clone()) {
@@ -358,7 +363,7 @@ impl Loop<'_> {
     fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>) -> bool {
         let writer = self.inbox.writer();
         let (request, _) = self.mailbox.deadline.current();
-        let given_up = || self.mailbox.deadline.fired(request);
+        let given_up = || self.mailbox.deadline.stopped(request).is_some();
         let stop = || done() || given_up();
         let done = &stop;
         let lp = &self.session.event_loop;
@@ -445,6 +450,7 @@ fn handle(
     let result = result.map(|r| {
         r.map_err(|e| match e {
             Error::Python { ref kind, .. } if kind == "erlang.CallTimeout" => Error::Timeout,
+            Error::Python { ref kind, .. } if kind == "erlang.Interrupted" => Error::Interrupted,
             other => other,
         })
     });

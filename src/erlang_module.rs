@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::etf;
 use crate::event_loop;
 use crate::framing::{KIND_CALLBACK, KIND_SEND};
+use crate::watchdog::{Deadline, Stop};
 use crate::writer::Writer;
 
 const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
@@ -39,16 +40,19 @@ pub struct Link {
     /// ETF (without version byte) of the pid that made the current request.
     caller: Mutex<Option<Vec<u8>>>,
     thread: ThreadId,
+    /// The running request's deadline (and interrupt) state.
+    pub deadline: Arc<Deadline>,
     /// Set when Python wrote output without a final newline.
     unflushed: std::sync::atomic::AtomicBool,
 }
 
 impl Link {
     /// A link for the context served by the calling thread.
-    pub fn new(ctx: u64, writer: Arc<Writer>) -> Arc<Self> {
+    pub fn new(ctx: u64, writer: Arc<Writer>, deadline: Arc<Deadline>) -> Arc<Self> {
         Arc::new(Link {
             ctx,
             writer,
+            deadline,
             callbacks: Callbacks::default(),
             channels: Channels::default(),
             caller: Mutex::new(None),
@@ -324,7 +328,7 @@ fn call<'py>(
                 // The request's deadline passed while Erlang kept the callback: stop
                 // waiting, so the context serves others again.
                 link.callbacks.abandon(id);
-                return Err(timeout_error(py));
+                return Err(stop_error(py, &link));
             }
             link.callbacks.take(id).expect("callback result is ready")
         }
@@ -433,7 +437,7 @@ fn channel_receive<'py>(
         }
         match serve_while_waiting(py, &link, &|| link.channels.ready(id), until) {
             Some(true) => {}
-            Some(false) => return Err(timeout_error(py)),
+            Some(false) => return Err(stop_error(py, &link)),
             None => py.detach(|| link.channels.wait(id, until)),
         }
     }
@@ -463,14 +467,45 @@ fn busy() -> bool {
     event_loop::reactor().is_some_and(|r| r.busy())
 }
 
-/// `erlang.CallTimeout` of this interpreter, as an error to raise.
-fn timeout_error(py: Python<'_>) -> PyErr {
+/// Why the running request was stopped (its deadline, or `pyport:interrupt/1`), as the
+/// `erlang` exception to raise.
+fn stop_error(py: Python<'_>, link: &Link) -> PyErr {
+    let (request, _) = link.deadline.current();
+    stop_exception(py, link.deadline.stopped(request).unwrap_or(Stop::Timeout))
+}
+
+fn stop_exception(py: Python<'_>, why: Stop) -> PyErr {
+    let (name, message) = why.exception();
     match erlang_module(py)
-        .and_then(|m| m.getattr("CallTimeout"))
-        .and_then(|c| c.call1(("the call ran past its timeout",)))
+        .and_then(|m| m.getattr(name.to_str().unwrap_or("CallTimeout")))
+        .and_then(|c| c.call1((message.to_str().unwrap_or_default(),)))
     {
         Ok(exc) => PyErr::from_value(exc),
         Err(e) => e,
+    }
+}
+
+/// `_pyport.sleep(seconds)`: `time.sleep` for a request running on its context thread,
+/// which its deadline and `pyport:interrupt/1` end at once. False elsewhere (other
+/// threads, the event loop's steps): the caller then sleeps the usual way.
+#[pyfunction]
+fn sleep(py: Python<'_>, seconds: f64) -> PyResult<bool> {
+    let Ok(link) = current_link() else {
+        return Ok(false);
+    };
+    let (request, _) = link.deadline.current();
+    if request == 0 || std::thread::current().id() != link.thread {
+        return Ok(false);
+    }
+    if seconds.is_nan() || seconds < 0.0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "sleep length must be non-negative",
+        ));
+    }
+    let until = Instant::now() + std::time::Duration::from_secs_f64(seconds.min(1e9));
+    match py.detach(|| link.deadline.sleep(request, until)) {
+        None => Ok(true),
+        Some(why) => Err(stop_exception(py, why)),
     }
 }
 
@@ -570,6 +605,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(busy, &native)?)?;
     native.add_function(wrap_pyfunction!(loop_touched, &native)?)?;
     native.add_function(wrap_pyfunction!(context_loop, &native)?)?;
+    native.add_function(wrap_pyfunction!(sleep, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_try, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_receive, &native)?)?;

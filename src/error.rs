@@ -27,8 +27,11 @@ pub enum Error {
     Panic(String),
     /// `not_found`
     NotFound,
-    /// `timeout`: the deadline passed before the request ran.
+    /// `timeout`: the request's deadline passed (before it ran, or while it ran: it
+    /// was interrupted).
     Timeout,
+    /// `interrupted`: `pyport:interrupt/1` stopped the request.
+    Interrupted,
 }
 
 /// Why a value could not cross between Erlang and Python.
@@ -81,6 +84,7 @@ impl fmt::Display for Error {
             Error::Panic(m) => write!(f, "panic: {m}"),
             Error::NotFound => write!(f, "not found"),
             Error::Timeout => write!(f, "timeout"),
+            Error::Interrupted => write!(f, "interrupted"),
         }
     }
 }
@@ -143,6 +147,7 @@ impl Error {
             Error::Panic(m) => tagged(w, "panic", m),
             Error::NotFound => w.atom("not_found"),
             Error::Timeout => w.atom("timeout"),
+            Error::Interrupted => w.atom("interrupted"),
         }
     }
 }

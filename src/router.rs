@@ -228,6 +228,8 @@ enum Direct {
     ChannelSend(u64, Vec<u8>),
     /// `{channel_close, ChanId}`.
     ChannelClose(u64),
+    /// `{interrupt}`: stop the request the context runs now.
+    Interrupt,
 }
 
 /// The [`Direct`] frame in `body`, if it is one; anything else goes to the context.
@@ -247,6 +249,7 @@ fn direct(body: &[u8]) -> Option<Direct> {
         }
         ("channel_send", 3) => Direct::ChannelSend(id(&mut r)?, r.term_slice().ok()?.to_vec()),
         ("channel_close", 2) => Direct::ChannelClose(id(&mut r)?),
+        ("interrupt", 1) => Direct::Interrupt,
         _ => return None,
     };
     r.finish().ok()?;
@@ -337,6 +340,7 @@ impl Routing {
             Some(Direct::CallbackResult(id, term)) => return mailbox.deliver_callback(id, term),
             Some(Direct::ChannelSend(id, term)) => return mailbox.deliver_channel(id, Some(term)),
             Some(Direct::ChannelClose(id)) => return mailbox.deliver_channel(id, None),
+            Some(Direct::Interrupt) => return mailbox.interrupt(),
             None => {}
         }
         if let Err((job, err)) = mailbox.push(job) {

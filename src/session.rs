@@ -134,6 +134,7 @@ impl Session {
         erlang.call_method0("_install_output")?;
         erlang.call_method0("_install_logging")?;
         erlang.call_method0("_install_asyncio")?;
+        erlang.call_method0("_install_sleep")?;
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));

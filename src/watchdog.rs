@@ -7,7 +7,11 @@
 //! [`interrupt`] at its next bytecode boundary (`_PyEval_AddPendingCall`, CPython's
 //! own mechanism for signals, reaching the target in well under a millisecond), which
 //! raises `erlang.CallTimeout` in the overrunning code if that request is still running.
-//! Code blocked in C (`time.sleep`, a blocking socket) is not interrupted until it returns.
+//! Code blocked in C (a blocking socket, a C library) is not interrupted until it
+//! returns; the waits pyport owns (`time.sleep` on a context thread, `erlang.call`,
+//! channel receives) watch the same state and give up at once.
+//!
+//! `pyport:interrupt/1` uses the same path with `erlang.Interrupted`.
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -31,6 +35,10 @@ pub struct Deadline {
     async_sent: AtomicU64,
     /// The sequence number of the last request whose deadline fired.
     fired: AtomicU64,
+    /// The sequence number of the last request `pyport:interrupt/1` stopped.
+    interrupted: AtomicU64,
+    /// Wakes a `time.sleep` of the context thread when its request is stopped.
+    sleeper: (Mutex<()>, Condvar),
     /// Wakes the context thread if it sleeps (it may wait for a callback that hangs).
     wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
@@ -45,15 +53,86 @@ impl Default for Deadline {
             thread_ident: AtomicU64::new(0),
             async_sent: AtomicU64::new(0),
             fired: AtomicU64::new(0),
+            interrupted: AtomicU64::new(0),
+            sleeper: (Mutex::new(()), Condvar::new()),
             wake: OnceLock::new(),
         }
     }
 }
 
+/// Why a running request was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// Its deadline passed: `erlang.CallTimeout`.
+    Timeout,
+    /// `pyport:interrupt/1`: `erlang.Interrupted`.
+    Interrupted,
+}
+
+impl Stop {
+    /// The `erlang` module's exception class for it, and its message.
+    pub fn exception(self) -> (&'static std::ffi::CStr, &'static std::ffi::CStr) {
+        match self {
+            Stop::Timeout => (c"CallTimeout", c"the call ran past its timeout"),
+            Stop::Interrupted => (c"Interrupted", c"interrupted by pyport:interrupt/1"),
+        }
+    }
+}
+
 impl Deadline {
-    /// Whether the deadline of request `seq` has passed.
-    pub fn fired(&self, seq: u64) -> bool {
-        seq != 0 && self.fired.load(Ordering::SeqCst) == seq
+    /// Whether request `seq` was stopped, and why.
+    pub fn stopped(&self, seq: u64) -> Option<Stop> {
+        if seq == 0 {
+            None
+        } else if self.interrupted.load(Ordering::SeqCst) == seq {
+            Some(Stop::Interrupted)
+        } else if self.fired.load(Ordering::SeqCst) == seq {
+            Some(Stop::Timeout)
+        } else {
+            None
+        }
+    }
+
+    /// `pyport:interrupt/1`: stops the request running now, if any (from any thread).
+    pub fn interrupt(self: &Arc<Self>) {
+        let seq = self.running.load(Ordering::SeqCst);
+        if seq == 0 {
+            return;
+        }
+        self.interrupted.store(seq, Ordering::SeqCst);
+        self.stop(Stop::Interrupted);
+    }
+
+    /// Raises the stop in the running request at its next bytecode boundary, and wakes
+    /// the context thread if it waits (in its poll, or in `time.sleep`).
+    fn stop(self: &Arc<Self>, why: Stop) {
+        request_interrupt(self, Arc::downgrade(self), why);
+        if let Some(wake) = self.wake.get() {
+            wake();
+        }
+        let _guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+        self.sleeper.1.notify_all();
+    }
+
+    /// `time.sleep` on the context thread, for request `seq`: waits until `until`, or
+    /// returns early with the reason the request was stopped. Call it detached.
+    pub fn sleep(&self, seq: u64, until: Instant) -> Option<Stop> {
+        let mut guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(why) = self.stopped(seq) {
+                return Some(why);
+            }
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            guard = self
+                .sleeper
+                .1
+                .wait_timeout(guard, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Called on the context thread, attached, when its loop starts; `wake` wakes it
@@ -173,10 +252,7 @@ impl Watchdog {
                     d.at.store(0, Ordering::SeqCst);
                     d.fired
                         .store(d.running.load(Ordering::SeqCst), Ordering::SeqCst);
-                    request_interrupt(&d, Arc::downgrade(&d));
-                    if let Some(wake) = d.wake.get() {
-                        wake();
-                    }
+                    d.stop(Stop::Timeout);
                 } else if at != 0 {
                     earliest = earliest.min(at);
                 }
@@ -199,15 +275,16 @@ impl Watchdog {
 struct Interrupt {
     target: Weak<Deadline>,
     seq: u64,
+    why: Stop,
 }
 
-fn request_interrupt(d: &Deadline, target: Weak<Deadline>) {
+fn request_interrupt(d: &Deadline, target: Weak<Deadline>, why: Stop) {
     let interp = d.interp.load(Ordering::SeqCst);
     let seq = d.running.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
         return;
     }
-    let arg = Box::into_raw(Box::new(Interrupt { target, seq })) as *mut c_void;
+    let arg = Box::into_raw(Box::new(Interrupt { target, seq, why })) as *mut c_void;
     // SAFETY: `interp` stays alive while its context's Deadline does (the interpreter
     // ends after the loop that owns the Deadline); the callback frees `arg`. If the
     // queue of pending calls is full, free it here.
@@ -231,21 +308,22 @@ extern "C" {
 /// Runs in the target interpreter, attached, at a bytecode boundary.
 extern "C" fn interrupt(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` was made by `Box::into_raw` in `request_interrupt`, used once.
-    let Interrupt { target, seq } = *unsafe { Box::from_raw(arg as *mut Interrupt) };
+    let Interrupt { target, seq, why } = *unsafe { Box::from_raw(arg as *mut Interrupt) };
     let Some(d) = target.upgrade() else { return 0 };
     if d.running.load(Ordering::SeqCst) != seq {
         return 0; // that request is over: do not hit the next one
     }
     // SAFETY: attached to the target interpreter (pending calls run attached).
     unsafe {
-        let class = timeout_class();
+        let (name, message) = why.exception();
+        let class = exception_class(name);
         if class.is_null() {
             ffi::PyErr_Clear();
             return 0;
         }
         let ident = d.thread_ident.load(Ordering::SeqCst);
         let result = if ffi::PyThread_get_thread_ident() as u64 == ident {
-            ffi::PyErr_SetString(class, c"the call ran past its timeout".as_ptr());
+            ffi::PyErr_SetString(class, message.as_ptr());
             -1
         } else {
             // Another Python thread of that interpreter runs: aim at the context thread.
@@ -258,15 +336,15 @@ extern "C" fn interrupt(arg: *mut c_void) -> c_int {
     }
 }
 
-/// `erlang.CallTimeout` of the current interpreter (a new reference, or NULL).
-unsafe fn timeout_class() -> *mut ffi::PyObject {
+/// `erlang.<name>` of the current interpreter (a new reference, or NULL).
+unsafe fn exception_class(name: &std::ffi::CStr) -> *mut ffi::PyObject {
     // SAFETY: attached; plain C API calls with checked results.
     unsafe {
         let module = ffi::PyImport_ImportModule(c"erlang".as_ptr());
         if module.is_null() {
             return std::ptr::null_mut();
         }
-        let class = ffi::PyObject_GetAttrString(module, c"CallTimeout".as_ptr());
+        let class = ffi::PyObject_GetAttrString(module, name.as_ptr());
         ffi::Py_DECREF(module);
         class
     }

@@ -15,7 +15,8 @@
 
 all() ->
     [crash_loop_is_contained, crashing_preload_backs_off, user_supervisor_never_gives_up,
-     unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once].
+     unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once,
+     interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -169,6 +170,103 @@ bad_arguments_are_errors_at_once(_Config) ->
                  pyport:stream(Ctx, builtins, range, [3], #{}, [])),
     %% and the good ones still work
     ?assertEqual({ok, 3}, pyport:await(pyport:async_call(Ctx, operator, add, [1, 2]), 5000)).
+
+interrupt_busy_loop() ->
+    [{doc, "pyport:interrupt/1 stops a busy Python loop: its caller gets "
+           "{error, interrupted}, except BaseException handlers see erlang.Interrupted, "
+           "and the context serves the next call."}].
+interrupt_busy_loop(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}, #{name => b, mode => main}]}),
+    lists:foreach(
+      fun(Name) ->
+              {ok, C} = pyport:context(Rt, Name),
+              ok = pyport:exec(C, <<"import erlang
+"
+                                    "def spin(pid):
+"
+                                    "    erlang.send(pid, 'spinning')
+"
+                                    "    while True:
+"
+                                    "        pass
+">>),
+              Ref = pyport:async_call(C, '__main__', spin, [self()]),
+              receive <<"spinning">> -> ok after 5000 -> ct:fail(not_spinning) end,
+              ok = pyport:interrupt(C),
+              ?assertEqual({error, interrupted}, pyport:await(Ref, 5000)),
+              ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2]))
+      end, [a, b]),
+    ok = pyport:stop_runtime(Rt).
+
+interrupt_waits() ->
+    [{doc, "Waits pyport owns end at once on interrupt: time.sleep(60), erlang.call of "
+           "an Erlang function that does not answer, and a channel receive."}].
+interrupt_waits(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Rt, a),
+    Self = self(),
+    ok = pyport:register_function(pyport_rel_hang,
+                                  fun() -> Self ! hanging, receive never -> ok end end),
+    {ok, _Chan} = pyport:channel_open(C, <<"idle">>, #{}),
+    ok = pyport:exec(C, <<"import erlang, time
+"
+                          "def nap(pid):
+"
+                          "    erlang.send(pid, 'waiting')
+"
+                          "    time.sleep(60)
+"
+                          "def hang():
+"
+                          "    erlang.call('pyport_rel_hang')
+"
+                          "def take(pid):
+"
+                          "    erlang.send(pid, 'waiting')
+"
+                          "    return erlang.channel('idle').receive()
+">>),
+    Wait = fun(Fun, Args, Started) ->
+                   Ref = pyport:async_call(C, '__main__', Fun, Args),
+                   receive Started -> ok after 5000 -> ct:fail({not_started, Fun}) end,
+                   T0 = erlang:monotonic_time(millisecond),
+                   ok = pyport:interrupt(C),
+                   ?assertEqual({error, interrupted}, pyport:await(Ref, 5000)),
+                   Ms = erlang:monotonic_time(millisecond) - T0,
+                   ct:log("~p: answered ~b ms after the interrupt", [Fun, Ms]),
+                   ?assert(Ms < 1000)
+           end,
+    Wait(nap, [self()], <<"waiting">>),
+    Wait(hang, [], hanging),
+    Wait(take, [self()], <<"waiting">>),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2])),
+    ok = pyport:unregister_function(pyport_rel_hang),
+    ok = pyport:stop_runtime(Rt).
+
+sleep_ends_at_deadline() ->
+    [{doc, "time.sleep(60) under a 200 ms timeout: the caller gets timeout, and the "
+           "context answers the next call at once instead of sleeping on."}].
+sleep_ends_at_deadline(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Rt, a),
+    ?assertEqual({error, timeout}, pyport:call(C, time, sleep, [60], #{}, #{timeout => 200})),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2], #{}, #{timeout => 5000})),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    ct:log("next call answered after ~b ms", [Ms]),
+    ?assert(Ms < 1000),
+    %% a plain short sleep still sleeps
+    T1 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, none}, pyport:call(C, time, sleep, [0.1])),
+    ?assert(erlang:monotonic_time(millisecond) - T1 >= 100),
+    ok = pyport:stop_runtime(Rt).
+
+idle_interrupt_is_harmless() ->
+    [{doc, "Interrupting an idle context does nothing: the next request runs normally."}].
+idle_interrupt_is_harmless(_Config) ->
+    C = default_ctx(),
+    ok = pyport:interrupt(C),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2])).
 
 %%% Helpers
 

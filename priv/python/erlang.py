@@ -10,7 +10,7 @@ import io
 import _pyport
 
 __all__ = [
-    "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout", "ChannelClosed",
+    "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout", "Interrupted", "ChannelClosed",
     "atom", "call", "async_call", "send", "self", "whereis", "channel",
 ]
 
@@ -106,6 +106,11 @@ class CallTimeout(BaseException):
     """Raised in Python code that runs past its request's timeout (the Erlang caller
     already got ``{error, timeout}``). A ``BaseException``, so ``except Exception``
     does not swallow it."""
+
+
+class Interrupted(BaseException):
+    """Raised in the running request by ``pyport:interrupt/1`` (its caller gets
+    ``{error, interrupted}``). A ``BaseException``, like ``CallTimeout``."""
 
 
 class ChannelClosed(Exception):
@@ -259,6 +264,23 @@ def _before_end():
     info = getattr(threading, "_thread_local_info", None)
     if info is not None and hasattr(info, "_track_dummy_thread_ref"):
         del info._track_dummy_thread_ref
+
+
+def _install_sleep():
+    """``time.sleep`` in a request on its context thread ends at once when the request
+    times out or is interrupted; everywhere else it is the usual sleep."""
+    import time
+    if getattr(time.sleep, "_pyport", False):
+        return
+    plain = time.sleep
+
+    def sleep(seconds):
+        if not _pyport.sleep(seconds):
+            plain(seconds)
+
+    sleep._pyport = True
+    sleep.__doc__ = plain.__doc__
+    time.sleep = sleep
 
 
 def _install_output():
