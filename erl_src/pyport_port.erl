@@ -248,7 +248,7 @@ opts_contexts(Other) ->
 open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
-        ++ queue_args(Opts),
+        ++ queue_args(Opts) ++ stuck_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -278,6 +278,13 @@ max_frame(Opts) ->
 %% Requests a context queues beyond the one it runs; more get {error, overloaded}.
 queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
 queue_args(_) -> [].
+
+%% How long a request may stay blocked past its deadline (in C, where no interrupt
+%% reaches it) before its context is replaced; `infinity' never.
+stuck_args(#{stuck_after := infinity}) -> ["--stuck-after", "0"];
+stuck_args(#{stuck_after := Ms}) when is_integer(Ms), Ms > 0 ->
+    ["--stuck-after", integer_to_list(Ms)];
+stuck_args(_) -> [].
 
 %% `--path' for each entry of `path', then the site-packages of `venv'.
 path_args(Opts) ->

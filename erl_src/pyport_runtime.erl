@@ -56,6 +56,7 @@
                   start_timeout => non_neg_integer(),
                   max_frame => pos_integer(),
                   queue_capacity => pos_integer(),
+                  stuck_after => pos_integer() | infinity,
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 

@@ -51,6 +51,17 @@ pub trait Inbox: Send + Sync {
     /// A spinning context goes to sleep.
     fn spin_to_sleep(&self);
     fn writer(&self) -> &Arc<Writer>;
+    /// The request `stuck` runs is blocked past its deadline plus `stuck_after`
+    /// (called on the watchdog thread): replace the context.
+    fn replace_stuck(&self, ctx: u64, stuck: &Arc<Mailbox>);
+}
+
+/// Context threads abandoned while stuck in C that have not ended yet.
+static ABANDONED_THREADS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many abandoned context threads still run.
+pub fn abandoned_threads() -> usize {
+    ABANDONED_THREADS.load(Ordering::SeqCst)
 }
 
 const STARTING: u8 = 0;
@@ -74,6 +85,10 @@ pub struct Mailbox {
     /// The current spin budget in microseconds (see `SPIN_MAX_US`).
     spin_us: std::sync::atomic::AtomicU32,
     state: AtomicU8,
+    /// How long a request may run past its deadline before the context is replaced.
+    stuck_after: Option<Duration>,
+    /// Set when the context was replaced while stuck: its thread ends once it returns.
+    abandoned: AtomicBool,
 }
 
 impl Mailbox {
@@ -119,6 +134,20 @@ impl Mailbox {
 
     pub fn is_dead(&self) -> bool {
         self.state.load(Ordering::SeqCst) == DEAD
+    }
+
+    fn is_abandoned(&self) -> bool {
+        self.abandoned.load(Ordering::SeqCst)
+    }
+
+    /// The context is being replaced (its thread is stuck in C): hands back the jobs it
+    /// still holds, for its replacement, and lets its thread end when it returns.
+    pub fn abandon(&self) -> Vec<Job> {
+        self.abandoned.store(true, Ordering::SeqCst);
+        ABANDONED_THREADS.fetch_add(1, Ordering::SeqCst);
+        let mut q = self.lock();
+        self.queued.store(0, Ordering::SeqCst);
+        q.drain(..).collect()
     }
 
     /// Waits until the queue may hold something, `ready()` holds, `due` passes, or
@@ -232,7 +261,12 @@ impl Mailbox {
 /// once; either waits for its first job, a [`Kind::Start`] with the context's spec. So
 /// the router can keep a spare owngil thread with its interpreter ready, and a new
 /// context costs its session set-up only (interpreter creation takes ~10 ms).
-pub fn spawn(mode: Mode, inbox: Arc<dyn Inbox>, capacity: usize) -> std::io::Result<Arc<Mailbox>> {
+pub fn spawn(
+    mode: Mode,
+    inbox: Arc<dyn Inbox>,
+    capacity: usize,
+    stuck_after: Option<Duration>,
+) -> std::io::Result<Arc<Mailbox>> {
     let poll = Poll::new()?;
     let waker = Waker::new(poll.registry(), WAKE)?;
     let mailbox = Arc::new(Mailbox {
@@ -246,6 +280,8 @@ pub fn spawn(mode: Mode, inbox: Arc<dyn Inbox>, capacity: usize) -> std::io::Res
         queued: AtomicUsize::new(0),
         spin_us: std::sync::atomic::AtomicU32::new(SPIN_MAX_US),
         state: AtomicU8::new(STARTING),
+        stuck_after,
+        abandoned: AtomicBool::new(false),
     });
     let mb = mailbox.clone();
     std::thread::Builder::new()
@@ -257,10 +293,10 @@ pub fn spawn(mode: Mode, inbox: Arc<dyn Inbox>, capacity: usize) -> std::io::Res
 
 fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<dyn Inbox>, poll: Poll) {
     match mode {
-        Mode::Main => serve(&mailbox, &*inbox, poll),
+        Mode::Main => serve(&mailbox, &inbox, poll),
         Mode::OwnGil => match SubInterpreter::new() {
             Ok(interp) => {
-                serve(&mailbox, &*inbox, poll);
+                serve(&mailbox, &inbox, poll);
                 interp.end();
             }
             Err(e) => {
@@ -281,14 +317,21 @@ fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &dyn Inbox, reactor: &Reac
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
+fn serve(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
+    serve_interpreter(mailbox, inbox, poll);
+    if mailbox.is_abandoned() {
+        ABANDONED_THREADS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
     let writer: &Writer = inbox.writer();
     let reactor = match Reactor::new(poll) {
         Ok(r) => Rc::new(r),
         Err(e) => return mailbox.fail_all(writer, &format!("poll set-up failed: {e}")),
     };
     Python::attach(|py| {
-        let start = next_job(py, mailbox, inbox, &reactor);
+        let start = next_job(py, mailbox, &**inbox, &reactor);
         let Kind::Start(spec) = &start.kind else {
             mailbox.fail_all(writer, "not_started");
             return;
@@ -299,7 +342,7 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
         let session = match Session::new(py, spec, link.clone(), reactor.clone()) {
             Ok(s) => s,
             Err(e) => {
-                writer.reply(start.header(), |w| e.write_reply(w));
+                writer.fail(start.header(), spec.id, "error", &e);
                 mailbox.fail_all(writer, "start_failed");
                 erlang_module::unregister(&link);
                 return;
@@ -316,11 +359,24 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
                 m.wake_if_sleeping();
             }
         }));
+        if let Some(after) = mailbox.stuck_after {
+            let (inbox, me, id) = (inbox.clone(), Arc::downgrade(mailbox), spec.id);
+            mailbox.deadline.on_stuck(
+                after,
+                Box::new(move || {
+                    if let Some(m) = me.upgrade() {
+                        inbox.replace_stuck(id, &m);
+                    }
+                }),
+            );
+        }
         mailbox.state.store(RUNNING, Ordering::SeqCst);
-        writer.reply(start.header(), |w| w.atom("ok"));
+        if !start.header().is_empty() {
+            writer.reply(start.header(), |w| w.atom("ok"));
+        }
         let lp = Loop {
             mailbox,
-            inbox,
+            inbox: &**inbox,
             session: &session,
             stop: RefCell::new(None),
             out: std::cell::Cell::new(Vec::new()),
@@ -329,7 +385,8 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &dyn Inbox, poll: Poll) {
             lp.serve_until(py, done, until)
         };
         let stop = erlang_module::with_nested_serve(&nested, || {
-            let _ = lp.serve_until(py, &|| lp.stop.borrow().is_some(), None);
+            let done = || lp.stop.borrow().is_some() || mailbox.is_abandoned();
+            let _ = lp.serve_until(py, &done, None);
             lp.stop.borrow_mut().take()
         });
         session.close(py);

@@ -33,6 +33,9 @@ const STDIN: Token = Token(0);
 pub struct Config {
     pub max_frame: usize,
     pub queue_capacity: usize,
+    /// How long a request may run past its deadline, blocked where no interrupt
+    /// reaches it, before its context is replaced (`None`: never).
+    pub stuck_after: Option<Duration>,
     /// `sys.path` entries for every interpreter.
     pub path: Vec<String>,
 }
@@ -79,6 +82,11 @@ impl Watch {
     }
 }
 
+/// Stuck context threads left to end on their own before the runtime restarts instead.
+const MAX_ABANDONED: usize = 8;
+/// The exit status of a runtime that restarts because contexts are stuck.
+const STUCK_EXIT: i32 = 75;
+
 /// How long stdin may go unread, while a context holds it, before the router takes it back.
 const TAKEOVER: Duration = Duration::from_micros(500);
 const WAKE: Token = Token(1);
@@ -94,6 +102,7 @@ impl Router {
                 input,
                 inbound: Vec::new(),
                 contexts: HashMap::new(),
+                specs: HashMap::new(),
                 spare: None,
                 closed: false,
                 me: me.clone(),
@@ -172,6 +181,10 @@ impl Router {
 }
 
 impl Inbox for Router {
+    fn replace_stuck(&self, ctx: u64, stuck: &Arc<Mailbox>) {
+        self.lock().replace_stuck(ctx, stuck);
+    }
+
     fn writer(&self) -> &Arc<Writer> {
         &self.writer
     }
@@ -264,6 +277,8 @@ struct Routing {
     reader: FrameReader,
     inbound: Vec<Inbound>,
     contexts: HashMap<u64, Arc<Mailbox>>,
+    /// How each context was made, to make it again if it gets stuck.
+    specs: HashMap<u64, Spec>,
     /// An owngil thread whose interpreter is created, waiting to become a context.
     spare: Option<Arc<Mailbox>>,
     closed: bool,
@@ -411,6 +426,7 @@ impl Routing {
                 Err(e) => return Err((job, e)),
             },
         };
+        self.specs.insert(id, spec.clone());
         mailbox.push(Job {
             kind: Kind::Start(Box::new(spec)),
             ..job
@@ -427,8 +443,80 @@ impl Routing {
             .me
             .upgrade()
             .ok_or_else(|| Error::ContextDown("shutting_down".into()))?;
-        context::spawn(mode, inbox, self.config.queue_capacity)
-            .map_err(|e| Error::ContextDown(format!("thread start failed: {e}")))
+        context::spawn(
+            mode,
+            inbox,
+            self.config.queue_capacity,
+            self.config.stuck_after,
+        )
+        .map_err(|e| Error::ContextDown(format!("thread start failed: {e}")))
+    }
+
+    /// Context `id` (the mailbox `stuck`) runs a request blocked past its deadline where
+    /// no interrupt reaches it (inside C). An owngil context gets a new interpreter (its
+    /// preload run again) that serves the queued and later requests under the same
+    /// id; the stuck thread ends on its own when it returns. A `main` context shares the
+    /// interpreter's GIL, which the stuck code may hold, and past `MAX_ABANDONED` stuck
+    /// threads the process is in a bad way: both restart the runtime instead.
+    fn replace_stuck(&mut self, id: u64, stuck: &Arc<Mailbox>) {
+        if !self
+            .contexts
+            .get(&id)
+            .is_some_and(|m| Arc::ptr_eq(m, stuck))
+        {
+            return; // replaced or stopped meanwhile
+        }
+        let Some(spec) = self.specs.get(&id).cloned() else {
+            return;
+        };
+        if spec.mode == Mode::Main || context::abandoned_threads() >= MAX_ABANDONED {
+            let why = match spec.mode {
+                Mode::Main => "a main context".to_string(),
+                Mode::OwnGil => format!("{MAX_ABANDONED} stuck contexts"),
+            };
+            self.writer.log(
+                "error",
+                id,
+                &format!("{why} stuck in code no interrupt reaches: restarting the runtime"),
+            );
+            let _ = self.writer.flush();
+            // SAFETY: ends the process at once, without running CPython's finalizer,
+            // which would wait for the stuck thread forever.
+            unsafe { libc::_exit(STUCK_EXIT) };
+        }
+        let jobs = stuck.abandon();
+        let mailbox = match self.spare.take().filter(|m| !m.is_dead()) {
+            Some(m) => m,
+            None => match self.spawn(Mode::OwnGil) {
+                Ok(m) => m,
+                Err(e) => {
+                    self.writer
+                        .log("error", id, &format!("cannot replace a stuck context: {e}"));
+                    return;
+                }
+            },
+        };
+        let start = Job {
+            frame: Vec::new(),
+            header: (0, 0),
+            body: 0,
+            kind: Kind::Start(Box::new(spec)),
+            arrived: Instant::now(),
+        };
+        let queued = std::iter::once(start).chain(jobs);
+        for job in queued {
+            if let Err((job, err)) = mailbox.push(job) {
+                self.fail(&job, err);
+            }
+        }
+        self.contexts.insert(id, mailbox);
+        self.make_spare();
+        self.writer.log(
+            "warning",
+            id,
+            "a request stayed blocked past its deadline where no interrupt reaches it \
+             (inside C): the context was replaced by a new interpreter (preload run again)",
+        );
     }
 
     /// Prepares the next owngil context ahead of time.
@@ -478,6 +566,7 @@ impl Routing {
                 Error::BadRequest("context id must be a positive integer".into()),
             ));
         };
+        self.specs.remove(&id);
         let Some(mailbox) = self.contexts.remove(&id) else {
             return Err((job, Error::NotFound));
         };

@@ -15,12 +15,14 @@ use crate::writer::Writer;
 pub const PROTOCOL_VERSION: i64 = 1;
 const DEFAULT_MAX_FRAME: usize = 1 << 30;
 const DEFAULT_QUEUE: usize = 10_000;
+const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
-/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`.
+/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never).
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
         queue_capacity: DEFAULT_QUEUE,
+        stuck_after: Some(std::time::Duration::from_millis(DEFAULT_STUCK_AFTER_MS)),
         path: Vec::new(),
     };
     let mut it = args.iter();
@@ -35,6 +37,12 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             }
             "--queue" => {
                 config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
+            }
+            "--stuck-after" => {
+                let ms: u64 = value()?
+                    .parse()
+                    .map_err(|_| "--stuck-after needs a number of milliseconds")?;
+                config.stuck_after = (ms > 0).then(|| std::time::Duration::from_millis(ms));
             }
             other => return Err(format!("unknown argument {other}")),
         }

@@ -39,6 +39,14 @@ pub struct Deadline {
     interrupted: AtomicU64,
     /// Wakes a `time.sleep` of the context thread when its request is stopped.
     sleeper: (Mutex<()>, Condvar),
+    /// When a request whose deadline fired counts as stuck if it still runs (nanos
+    /// since the watchdog's epoch; 0 for none), and which request that is.
+    stuck_at: AtomicU64,
+    stuck_seq: AtomicU64,
+    /// How long past its deadline a request may run before it is stuck (0: never).
+    stuck_after: AtomicU64,
+    /// Called (on the watchdog thread) when the running request is stuck.
+    on_stuck: OnceLock<Box<dyn Fn() + Send + Sync>>,
     /// Wakes the context thread if it sleeps (it may wait for a callback that hangs).
     wake: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
@@ -55,6 +63,10 @@ impl Default for Deadline {
             fired: AtomicU64::new(0),
             interrupted: AtomicU64::new(0),
             sleeper: (Mutex::new(()), Condvar::new()),
+            stuck_at: AtomicU64::new(0),
+            stuck_seq: AtomicU64::new(0),
+            stuck_after: AtomicU64::new(0),
+            on_stuck: OnceLock::new(),
             wake: OnceLock::new(),
         }
     }
@@ -91,6 +103,14 @@ impl Deadline {
         } else {
             None
         }
+    }
+
+    /// A request still running `after` past its deadline (code blocked inside C, which
+    /// no interrupt reaches) makes the watchdog call `on_stuck`.
+    pub fn on_stuck(&self, after: Duration, on_stuck: Box<dyn Fn() + Send + Sync>) {
+        self.stuck_after
+            .store(after.as_nanos() as u64, Ordering::SeqCst);
+        let _ = self.on_stuck.set(on_stuck);
     }
 
     /// `pyport:interrupt/1`: stops the request running now, if any (from any thread).
@@ -245,19 +265,46 @@ impl Watchdog {
         loop {
             let now = self.nanos(Instant::now());
             let mut earliest = u64::MAX;
+            let mut stuck = Vec::new();
             watched.retain(|w| {
                 let Some(d) = w.upgrade() else { return false };
                 let at = d.at.load(Ordering::SeqCst);
                 if at != 0 && at <= now {
                     d.at.store(0, Ordering::SeqCst);
-                    d.fired
-                        .store(d.running.load(Ordering::SeqCst), Ordering::SeqCst);
+                    let seq = d.running.load(Ordering::SeqCst);
+                    d.fired.store(seq, Ordering::SeqCst);
                     d.stop(Stop::Timeout);
+                    let after = d.stuck_after.load(Ordering::SeqCst);
+                    if after != 0 {
+                        d.stuck_seq.store(seq, Ordering::SeqCst);
+                        d.stuck_at.store(now + after, Ordering::SeqCst);
+                    }
                 } else if at != 0 {
                     earliest = earliest.min(at);
                 }
+                let stuck_at = d.stuck_at.load(Ordering::SeqCst);
+                if stuck_at != 0 && stuck_at <= now {
+                    d.stuck_at.store(0, Ordering::SeqCst);
+                    let seq = d.stuck_seq.load(Ordering::SeqCst);
+                    if seq != 0 && d.running.load(Ordering::SeqCst) == seq {
+                        stuck.push(d.clone());
+                    }
+                } else if stuck_at != 0 {
+                    earliest = earliest.min(stuck_at);
+                }
                 true
             });
+            if !stuck.is_empty() {
+                // Outside the lock: replacing a context starts threads that register here.
+                drop(watched);
+                for d in stuck {
+                    if let Some(on_stuck) = d.on_stuck.get() {
+                        on_stuck();
+                    }
+                }
+                watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
             self.next_wake.store(earliest, Ordering::SeqCst);
             watched = if earliest == u64::MAX {
                 self.poke.wait(watched).unwrap_or_else(|e| e.into_inner())

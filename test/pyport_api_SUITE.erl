@@ -198,7 +198,7 @@ child_spec_in_own_tree(_Config) ->
     pyport_ct:wait_for(fun() ->
                            case pyport:info(Pid) of
                                {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 1000),
     ?assertEqual([{maps:get(id, Spec), Pid, worker, [pyport_runtime]}],
@@ -516,7 +516,7 @@ waiting_in_pyport(Pid) ->
 new_os_pid(Name, OldOsPid) ->
     case pyport:info(Name) of
         {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> Other
+        Other -> {not_yet, Other}
     end.
 
 main_mode_context() ->

@@ -76,7 +76,7 @@ kill_and_await_restart(Name) ->
     wait_for(fun() ->
                  case pyport:info(Name) of
                      {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                     Other -> Other
+                     Other -> {not_yet, Other}
                  end
              end, 1000).
 

@@ -189,7 +189,7 @@ freed_on_owner_exit(Config) ->
     pyport_ct:wait_for(fun() ->
                            case pyport:eval(Ctx, <<"kept">>, #{}, #{env => Env}) of
                                {error, not_found} -> {ok, freed};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 500),
     ?assertEqual(0, owned_envs()).
@@ -267,7 +267,7 @@ settle(Runtime, Ctx) ->
     pyport_ct:wait_for(fun() ->
                            case pyport:info(Runtime) of
                                {ok, #{owned := #{processes := 0, envs := 0}}} -> {ok, done};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 1000),
     {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]),

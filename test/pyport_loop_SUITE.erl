@@ -524,7 +524,7 @@ thread_count(OsPid) ->
 new_os_pid(Name, OldOsPid) ->
     case pyport:info(Name) of
         {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> Other
+        Other -> {not_yet, Other}
     end.
 
 %% Starts N processes, each calling wait_forever (30 s timeout) on Ctx, and returns

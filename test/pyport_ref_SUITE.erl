@@ -258,7 +258,7 @@ freed_on_owner_exit(Config) ->
     pyport_ct:wait_for(fun() ->
                            case pyport:getattr(Ref, v) of
                                {error, not_found} -> {ok, freed};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 500),
     ?assertEqual({ok, 0}, n_alive(Ctx)),
@@ -273,7 +273,7 @@ many_freed_on_owner_exit(Config) ->
     pyport_ct:wait_for(fun() ->
                            case n_alive(Ctx) of
                                {ok, 0} -> {ok, freed};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 500),
     ?assertEqual(0, owned_refs()).

@@ -16,7 +16,8 @@
 all() ->
     [crash_loop_is_contained, crashing_preload_backs_off, user_supervisor_never_gives_up,
      unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once,
-     interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless].
+     interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless,
+     stuck_in_c_is_replaced, stuck_main_context_restarts_runtime].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -268,7 +269,68 @@ idle_interrupt_is_harmless(_Config) ->
     ok = pyport:interrupt(C),
     ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2])).
 
+stuck_in_c_is_replaced() ->
+    [{doc, "A ctypes call to libc sleep(3) under a 200 ms timeout, stuck_after 500 ms: "
+           "the caller gets timeout, the next call to the same handle answers within "
+           "stuck_after + 1 s from a new interpreter with its preload state, another "
+           "context answers throughout, and the stuck thread ends once sleep returns."}].
+stuck_in_c_is_replaced(_Config) ->
+    Preload = <<"import ctypes\n"
+                "libc = ctypes.CDLL(None)\n"
+                "state = 'preloaded'\n"
+                "def stuck(n):\n"
+                "    libc.sleep(n)\n">>,
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a, preload => Preload},
+                                                   #{name => b}],
+                                      stuck_after => 500}),
+    {ok, A} = pyport:context(Rt, a),
+    {ok, B} = pyport:context(Rt, b),
+    OsPid = pyport_ct:os_pid(Rt),
+    ok = pyport:exec(A, <<"state = 'changed'">>),
+    Threads = thread_count(OsPid),
+    Checker = start_checker([B]),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({error, timeout},
+                 pyport:call(A, '__main__', stuck, [3], #{}, #{timeout => 200})),
+    ?assertEqual({ok, <<"preloaded">>},
+                 pyport:eval(A, <<"state">>, #{}, #{timeout => 5000})),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    ct:log("timeout at 200 ms, answered by the replacement after ~b ms", [Ms]),
+    ?assert(Ms < 200 + 500 + 1000),
+    {Calls, Failures} = stop_checker(Checker),
+    ?assert(Calls > 0),
+    ?assertEqual([], Failures),
+    ?assertEqual(OsPid, pyport_ct:os_pid(Rt)),
+    %% the stuck thread returns from sleep(3), ends its interpreter and exits
+    pyport_ct:wait_for(fun() -> case thread_count(OsPid) =< Threads of
+                                    true -> {ok, back};
+                                    false -> {more_threads, thread_count(OsPid), Threads}
+                                end
+                       end, 600),
+    ?assertEqual({ok, 3}, pyport:call(A, operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
+
+stuck_main_context_restarts_runtime() ->
+    [{doc, "A main context stuck past its deadline plus stuck_after restarts the runtime "
+           "(the main interpreter's GIL may be held): the runtime comes back by itself "
+           "and the handle works again."}].
+stuck_main_context_restarts_runtime(_Config) ->
+    Preload = <<"import ctypes\nlibc = ctypes.CDLL(None)\n">>,
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => m, mode => main,
+                                                     preload => Preload}],
+                                      stuck_after => 300}),
+    {ok, M} = pyport:context(Rt, m),
+    OsPid = pyport_ct:os_pid(Rt),
+    ?assertEqual({error, timeout},
+                 pyport:eval(M, <<"libc.sleep(30)">>, #{}, #{timeout => 200})),
+    await_new_os_pid(Rt, OsPid),
+    ?assertEqual({ok, 3}, pyport:call(M, operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
+
 %%% Helpers
+
+thread_count(OsPid) ->
+    length(filelib:wildcard("/proc/" ++ integer_to_list(OsPid) ++ "/task/*")).
 
 default_ctx() ->
     {ok, Ctx} = pyport:context(pyport, default_1),
@@ -288,7 +350,7 @@ await_new_os_pid(Rt, OsPid) ->
     pyport_ct:wait_for(fun() ->
                            case pyport:info(Rt) of
                                {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> Other
+                               Other -> {not_yet, Other}
                            end
                        end, 1000).
 

@@ -528,5 +528,5 @@ drain(Ref, N) ->
 new_os_pid(Name, OldOsPid) ->
     case pyport:info(Name) of
         {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> Other
+        Other -> {not_yet, Other}
     end.
