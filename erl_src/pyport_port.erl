@@ -248,7 +248,7 @@ opts_contexts(Other) ->
 open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
-        ++ queue_args(Opts) ++ stuck_args(Opts),
+        ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -278,6 +278,11 @@ max_frame(Opts) ->
 %% Requests a context queues beyond the one it runs; more get {error, overloaded}.
 queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
 queue_args(_) -> [].
+
+%% Resident bytes the OS process may use; past them it restarts (exit status 76).
+memory_args(#{max_memory := Bytes}) when is_integer(Bytes), Bytes > 0 ->
+    ["--max-memory", integer_to_list(Bytes)];
+memory_args(_) -> [].
 
 %% How long a request may stay blocked past its deadline (in C, where no interrupt
 %% reaches it) before its context is replaced; `infinity' never.

@@ -57,6 +57,7 @@
                   max_frame => pos_integer(),
                   queue_capacity => pos_integer(),
                   stuck_after => pos_integer() | infinity,
+                  max_memory => pos_integer(),
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 

@@ -17,6 +17,7 @@
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
 //! - [`pyerr`]: Python exceptions as `{python, Type, Message, Traceback}`.
+//! - [`memory`]: `max_memory`, the bound on the process's resident memory.
 //! - [`watchdog`]: request deadlines; interrupts Python code that runs past them.
 //! - [`writer`]: the shared, batching writer of outbound frames.
 //! - [`error`]: errors as the Erlang caller sees them.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod etf;
 pub mod event_loop;
 pub mod framing;
+pub mod memory;
 pub mod pyerr;
 pub mod python;
 pub mod request;

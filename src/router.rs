@@ -36,6 +36,8 @@ pub struct Config {
     /// How long a request may run past its deadline, blocked where no interrupt
     /// reaches it, before its context is replaced (`None`: never).
     pub stuck_after: Option<Duration>,
+    /// Resident bytes the whole process may use (`memory`).
+    pub max_memory: Option<u64>,
     /// `sys.path` entries for every interpreter.
     pub path: Vec<String>,
 }

@@ -17,12 +17,14 @@ const DEFAULT_MAX_FRAME: usize = 1 << 30;
 const DEFAULT_QUEUE: usize = 10_000;
 const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
-/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never).
+/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
+/// `--max-memory BYTES`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
         queue_capacity: DEFAULT_QUEUE,
         stuck_after: Some(std::time::Duration::from_millis(DEFAULT_STUCK_AFTER_MS)),
+        max_memory: None,
         path: Vec::new(),
     };
     let mut it = args.iter();
@@ -37,6 +39,13 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             }
             "--queue" => {
                 config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
+            }
+            "--max-memory" => {
+                config.max_memory = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--max-memory needs a number of bytes")?,
+                )
             }
             "--stuck-after" => {
                 let ms: u64 = value()?
@@ -161,6 +170,11 @@ pub fn main(args: Vec<String>) -> i32 {
         Ok(info) => info,
         Err(e) => return start_error(&writer, &e),
     };
+    if let Some(max) = config.max_memory {
+        if let Err(e) = crate::memory::watch(max, writer.clone()) {
+            return start_error(&writer, &format!("memory watch: {e}"));
+        }
+    }
     hello(&writer, &info, &config);
     let inbox = Router::new(config, info, writer.clone(), input);
     let code = match inbox.run() {

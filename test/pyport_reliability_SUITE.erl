@@ -17,7 +17,7 @@ all() ->
     [crash_loop_is_contained, crashing_preload_backs_off, user_supervisor_never_gives_up,
      unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once,
      interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless,
-     stuck_in_c_is_replaced, stuck_main_context_restarts_runtime].
+     stuck_in_c_is_replaced, stuck_main_context_restarts_runtime, max_memory].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -325,6 +325,32 @@ stuck_main_context_restarts_runtime(_Config) ->
                  pyport:eval(M, <<"libc.sleep(30)">>, #{}, #{timeout => 200})),
     await_new_os_pid(Rt, OsPid),
     ?assertEqual({ok, 3}, pyport:call(M, operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
+
+max_memory() ->
+    [{doc, "max_memory 400 MiB: bytearray(10**11) raises MemoryError in Python; an "
+           "endless append restarts the runtime cleanly ({runtime_down, {port_exit, 76}} "
+           "to its caller), which then serves again; other runtimes are untouched."}].
+max_memory(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}, #{name => m, mode => main}],
+                                      max_memory => 400 * 1024 * 1024,
+                                      restart => ?FAST_RESTART}),
+    lists:foreach(
+      fun(Name) ->
+              {ok, C} = pyport:context(Rt, Name),
+              ?assertMatch({error, {python, <<"MemoryError">>, _, _}},
+                           pyport:eval(C, <<"len(bytearray(10**11))">>)),
+              OsPid = pyport_ct:os_pid(Rt),
+              ok = pyport:exec(C, <<"def hog():\n"
+                                    "    x = []\n"
+                                    "    while True:\n"
+                                    "        x.append(bytearray(10**6))\n">>),
+              ?assertEqual({error, {runtime_down, {port_exit, 76}}},
+                           pyport:call(C, '__main__', hog, [], #{}, #{timeout => 60000})),
+              await_new_os_pid(Rt, OsPid),
+              ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2]))
+      end, [a, m]),
+    ?assertEqual({ok, 3}, pyport:call(default_ctx(), operator, add, [1, 2])),
     ok = pyport:stop_runtime(Rt).
 
 %%% Helpers
