@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl demo bench bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl soak demo bench bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -28,6 +28,10 @@ test-rust:
 
 test-erl:
 	$(REBAR) ct
+
+# The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes.
+soak: build
+	PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
 
 demo: build
 	escript scripts/demo.escript

@@ -380,6 +380,7 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
             session: &session,
             stop: RefCell::new(None),
             out: std::cell::Cell::new(Vec::new()),
+            next_fd_poll: std::cell::Cell::new(Instant::now()),
         };
         let nested = |py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>| {
             lp.serve_until(py, done, until)
@@ -408,6 +409,8 @@ struct Loop<'a> {
     stop: RefCell<Option<Job>>,
     /// The reply buffer, kept between requests.
     out: std::cell::Cell<Vec<u8>>,
+    /// When a busy thread polls the event loop's fds next.
+    next_fd_poll: std::cell::Cell<Instant>,
 }
 
 /// Reply buffers up to this size are kept for the next request.
@@ -418,69 +421,96 @@ impl Loop<'_> {
     /// request's deadline passes (false). `until` is a time at which `done()` may turn
     /// true by itself (a wait with a timeout), so the thread wakes up for it.
     fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>) -> bool {
-        let writer = self.inbox.writer();
         let (request, _) = self.mailbox.deadline.current();
         let given_up = || self.mailbox.deadline.stopped(request).is_some();
         let stop = || done() || given_up();
         let done = &stop;
         let lp = &self.session.event_loop;
         while !done() {
-            let Some(job) = self.mailbox.pop() else {
-                let link = &self.session.link;
-                if link.callbacks.has_async_results() {
-                    self.session.resolve_async_calls(py);
-                }
-                // The loop steps between requests, never inside one of its own steps
-                // (a task waiting in `erlang.call` serves requests, not the loop).
-                let may_step = lp.exists() && !lp.is_stepping();
-                if may_step && link.channels.take_changed() {
-                    self.session.channels_changed(py);
-                }
-                if may_step && lp.wants_step() {
-                    lp.step(py);
-                    continue;
-                }
-                if until.is_some_and(|u| u <= Instant::now()) {
-                    break;
-                }
-                let due = match (may_step.then(|| lp.due()).flatten(), until) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                };
-                detached(py, || {
-                    self.mailbox
-                        .wait(self.inbox, &lp.reactor, done, may_step, due)
-                });
-                continue;
-            };
-            match job.kind {
-                Kind::Request => {
-                    // Reuse the reply buffer (a large reply would otherwise fault in fresh
-                    // pages every time); a nested request takes an empty one meanwhile.
-                    let mut out = self.out.take();
-                    handle(
-                        py,
-                        self.session,
-                        &job,
-                        writer,
-                        &self.mailbox.deadline,
-                        &mut out,
-                    );
-                    if out.capacity() <= MAX_KEPT_BUFFER {
-                        out.clear();
-                        self.out.replace(out);
-                    }
-                    // The request may have scheduled callbacks or started tasks.
-                    lp.after_request(py);
-                }
-                Kind::Stop => *self.stop.borrow_mut() = Some(job),
-                Kind::Start(_) => {
-                    let e = Error::BadRequest("context already started".into());
-                    writer.reply(job.header(), |w| e.write_reply(w));
-                }
+            let job = self.mailbox.pop();
+            let served = job.is_some();
+            if let Some(job) = job {
+                self.run(py, job);
             }
+            // One loop step between two requests at most: a busy queue does not starve
+            // the loop's tasks, streams and servers, nor the loop the requests.
+            if self.loop_turn(py, served) || served {
+                continue;
+            }
+            if until.is_some_and(|u| u <= Instant::now()) {
+                break;
+            }
+            let may_step = lp.exists() && !lp.is_stepping();
+            let due = match (may_step.then(|| lp.due()).flatten(), until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            detached(py, || {
+                self.mailbox
+                    .wait(self.inbox, &lp.reactor, done, may_step, due)
+            });
         }
         !given_up()
+    }
+
+    /// The event loop's share between requests: resolve `erlang.async_call` results,
+    /// wake channel readers, and step the loop once if it is due. After a request, the
+    /// loop's fds are polled (now and then) too, as a busy queue never lets the thread
+    /// wait in its poll. Returns whether the loop stepped.
+    fn loop_turn(&self, py: Python<'_>, after_request: bool) -> bool {
+        let lp = &self.session.event_loop;
+        let link = &self.session.link;
+        if link.callbacks.has_async_results() {
+            self.session.resolve_async_calls(py);
+        }
+        // The loop steps between requests, never inside one of its own steps (a task
+        // waiting in `erlang.call` serves requests, not the loop).
+        if !lp.exists() || lp.is_stepping() {
+            return false;
+        }
+        if link.channels.take_changed() {
+            self.session.channels_changed(py);
+        }
+        if after_request && lp.reactor.has_fds() {
+            let now = Instant::now();
+            if now >= self.next_fd_poll.get() {
+                self.next_fd_poll.set(now + FD_POLL_WHILE_SPINNING);
+                lp.reactor.wait(Some(Duration::ZERO));
+            }
+        }
+        lp.wants_step() && lp.step(py)
+    }
+
+    /// Runs one job of the mailbox.
+    fn run(&self, py: Python<'_>, job: Job) {
+        let writer = self.inbox.writer();
+        let lp = &self.session.event_loop;
+        match job.kind {
+            Kind::Request => {
+                // Reuse the reply buffer (a large reply would otherwise fault in fresh
+                // pages every time); a nested request takes an empty one meanwhile.
+                let mut out = self.out.take();
+                handle(
+                    py,
+                    self.session,
+                    &job,
+                    writer,
+                    &self.mailbox.deadline,
+                    &mut out,
+                );
+                if out.capacity() <= MAX_KEPT_BUFFER {
+                    out.clear();
+                    self.out.replace(out);
+                }
+                // The request may have scheduled callbacks or started tasks.
+                lp.after_request(py);
+            }
+            Kind::Stop => *self.stop.borrow_mut() = Some(job),
+            Kind::Start(_) => {
+                let e = Error::BadRequest("context already started".into());
+                writer.reply(job.header(), |w| e.write_reply(w));
+            }
+        }
     }
 }
 

@@ -194,6 +194,9 @@ impl Deadline {
     pub fn end(&self, outer: u64, outer_at: u64) {
         self.running.store(outer, Ordering::SeqCst);
         self.at.store(outer_at, Ordering::SeqCst);
+        if outer_at != 0 {
+            watchdog().poke_if_earlier(outer_at);
+        }
         if self.async_sent.swap(0, Ordering::SeqCst) != 0 {
             // SAFETY: clears a pending async exception of this very thread (we are the
             // context thread, attached); NULL means "clear".
@@ -221,6 +224,9 @@ struct Watchdog {
     poke: Condvar,
     /// When the watchdog will wake next (nanos since epoch; u64::MAX for never).
     next_wake: AtomicU64,
+    /// Bumped by every new deadline, so a pass that ran meanwhile (and may have read
+    /// the old one) looks again instead of sleeping past the new one.
+    generation: AtomicU64,
 }
 
 fn watchdog() -> &'static Watchdog {
@@ -231,6 +237,7 @@ fn watchdog() -> &'static Watchdog {
             watched: Mutex::new(Vec::new()),
             poke: Condvar::new(),
             next_wake: AtomicU64::new(u64::MAX),
+            generation: AtomicU64::new(0),
         }));
         std::thread::Builder::new()
             .name("pyport-watchdog".into())
@@ -253,6 +260,7 @@ impl Watchdog {
     }
 
     fn poke_if_earlier(&self, at: u64) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         if at < self.next_wake.load(Ordering::SeqCst) {
             let _guard = self.watched.lock().unwrap_or_else(|e| e.into_inner());
             self.next_wake.store(at, Ordering::SeqCst);
@@ -263,6 +271,7 @@ impl Watchdog {
     fn run(&self) {
         let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
         loop {
+            let generation = self.generation.load(Ordering::SeqCst);
             let now = self.nanos(Instant::now());
             let mut earliest = u64::MAX;
             let mut stuck = Vec::new();
@@ -306,6 +315,10 @@ impl Watchdog {
                 continue;
             }
             self.next_wake.store(earliest, Ordering::SeqCst);
+            if self.generation.load(Ordering::SeqCst) != generation {
+                // A deadline was set during the pass: it may not have been seen.
+                continue;
+            }
             watched = if earliest == u64::MAX {
                 self.poke.wait(watched).unwrap_or_else(|e| e.into_inner())
             } else {
