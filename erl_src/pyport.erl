@@ -79,6 +79,7 @@
 -define(IOVEC_THRESHOLD, 65536).
 -define(DEFAULT_WINDOW, 64).
 -define(DEFAULT_CAPACITY, 1000).
+-define(REENTRANT_BIT, (1 bsl 63)).
 
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
 %% `runtime' is the owner process that made the env: an env does not outlive the OS
@@ -426,7 +427,9 @@ async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
         ok ->
             %% A short-lived process waits for the reply, so the caller's mailbox only
             %% ever gets the one result message, whatever happens to the call.
+            Reentrant = get(pyport_reentrant),
             _ = spawn(fun() ->
+                          _ = put(pyport_reentrant, Reentrant),
                           Result = try
                                        call(Ctx, Module, Function, Args, Kwargs,
                                             Opts#{caller => Caller})
@@ -485,9 +488,10 @@ cast(Ctx, Module, Function, Args) ->
 
 cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
     case runtime(Key) of
-        {ok, {_, _Pid, Port, _CallTimeout, MaxFrame}} ->
+        {ok, {_, _Pid, Port, CallTimeout, MaxFrame}} ->
+            %% a cast has the runtime's call_timeout as its deadline too
             Body = encode({call, name(Module), name(Function), Args, #{},
-                           #{caller => self()}}),
+                           #{caller => self(), timeout => CallTimeout}}),
             Frame = [<<Id:64, 0:16>>, Body],
             case iolist_size(Frame) =< MaxFrame of
                 true ->
@@ -755,10 +759,19 @@ runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
     case wire_opts(Key, Id, Pid, Opts#{timeout => Timeout, caller => Owner}) of
         {ok, WireOpts} ->
             Body = encode(erlang:append_element(Req, WireOpts)),
-            Reply = send_request(Pid, Port, Id, Body, Timeout, MaxFrame),
+            Reply = send_request(Pid, Port, wire_ctx(Key, Id), Body, Timeout, MaxFrame),
             returned(Reply, Key, Id, Pid, Owner, Opts);
         {error, _} = Error ->
             Error
+    end.
+
+%% A request made by the Erlang function Python called with `erlang.call' (or by a
+%% process it started with async_call/4,5,6) to the context waiting for it carries the
+%% re-entrant bit: that context serves it however deep its waits are nested.
+wire_ctx(Key, Id) ->
+    case get(pyport_reentrant) of
+        {Key, Id} -> Id bor ?REENTRANT_BIT;
+        _ -> Id
     end.
 
 %% An env is checked here, so it never reaches another context: it must come from this

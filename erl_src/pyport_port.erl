@@ -635,6 +635,9 @@ run_callback(Key, Port, MaxFrame, Payload) ->
     case decode(Payload) of
         {CbId, Ctx, Name, Args, _Caller} when is_integer(CbId), is_integer(Ctx),
                                               is_list(Args) ->
+            %% Requests this process makes to the waiting context are re-entrant: the
+            %% context serves them however deep it is nested (see pyport:call/6).
+            put(pyport_reentrant, {Key, Ctx}),
             Result = invoke(Name, Args),
             answer_callback(Port, MaxFrame, Ctx, CbId, Result);
         Other ->

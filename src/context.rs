@@ -36,6 +36,11 @@ use crate::writer::Writer;
 /// sparse traffic soon costs a few microseconds of CPU per request instead of 200.
 const SPIN_MAX_US: u32 = 200;
 const SPIN_MIN_US: u32 = 5;
+/// How deep a context waiting in `erlang.call` nests requests that are not re-entrant
+/// (not made by the Erlang code that Python called): beyond it only re-entrant ones,
+/// which re-entrancy needs, are served. Under a load of callbacks, serving everything
+/// while waiting nested unrelated requests until Python's recursion limit.
+const MAX_NESTED_UNRELATED: usize = 16;
 /// How often a spinning context polls the event loop's fds.
 const FD_POLL_WHILE_SPINNING: Duration = Duration::from_micros(50);
 
@@ -82,6 +87,8 @@ pub struct Mailbox {
     link: std::sync::OnceLock<Arc<Link>>,
     /// Jobs queued, readable without the lock (for spinning).
     queued: AtomicUsize,
+    /// Re-entrant jobs among them.
+    reentrant_queued: AtomicUsize,
     /// The current spin budget in microseconds (see `SPIN_MAX_US`).
     spin_us: std::sync::atomic::AtomicU32,
     state: AtomicU8,
@@ -109,6 +116,9 @@ impl Mailbox {
             if q.len() >= self.capacity && matches!(job.kind, Kind::Request) {
                 return Err((job, Error::Overloaded));
             }
+            if job.reentrant {
+                self.reentrant_queued.fetch_add(1, Ordering::SeqCst);
+            }
             q.push_back(job);
             self.queued.store(q.len(), Ordering::SeqCst);
         }
@@ -118,18 +128,41 @@ impl Mailbox {
         Ok(())
     }
 
-    fn pop(&self) -> Option<Job> {
-        if self.is_empty() {
+    /// The next job; with `only_reentrant`, the first re-entrant one (see
+    /// `MAX_NESTED_UNRELATED`).
+    fn pop(&self, only_reentrant: bool) -> Option<Job> {
+        if self.is_empty() || (only_reentrant && !self.has_reentrant()) {
             return None;
         }
         let mut q = self.lock();
-        let job = q.pop_front();
+        let at = if only_reentrant {
+            q.iter().position(|j| j.reentrant)?
+        } else {
+            0
+        };
+        let job = q.remove(at);
         self.queued.store(q.len(), Ordering::SeqCst);
+        if job.as_ref().is_some_and(|j| j.reentrant) {
+            self.reentrant_queued.fetch_sub(1, Ordering::SeqCst);
+        }
         job
     }
 
     fn is_empty(&self) -> bool {
         self.queued.load(Ordering::SeqCst) == 0
+    }
+
+    fn has_reentrant(&self) -> bool {
+        self.reentrant_queued.load(Ordering::SeqCst) != 0
+    }
+
+    /// Whether a job `pop(only_reentrant)` would take may be queued.
+    fn has_work(&self, only_reentrant: bool) -> bool {
+        if only_reentrant {
+            self.has_reentrant()
+        } else {
+            !self.is_empty()
+        }
     }
 
     pub fn is_dead(&self) -> bool {
@@ -147,10 +180,12 @@ impl Mailbox {
         ABANDONED_THREADS.fetch_add(1, Ordering::SeqCst);
         let mut q = self.lock();
         self.queued.store(0, Ordering::SeqCst);
+        self.reentrant_queued.store(0, Ordering::SeqCst);
         q.drain(..).collect()
     }
 
-    /// Waits until the queue may hold something, `ready()` holds, `due` passes, or
+    /// Waits until the queue may hold something (a re-entrant job, with
+    /// `only_reentrant`), `ready()` holds, `due` passes, or
     /// (`with_loop`: the event loop may step here) the loop has work: fd events or
     /// channel news. Spins first (reading stdin when no other thread is, and polling
     /// the loop's fds if it has any), then sleeps in the reactor's poll.
@@ -159,6 +194,7 @@ impl Mailbox {
         inbox: &dyn Inbox,
         reactor: &Reactor,
         ready: &dyn Fn() -> bool,
+        only_reentrant: bool,
         with_loop: bool,
         due: Option<Instant>,
     ) {
@@ -171,7 +207,8 @@ impl Mailbox {
         let loop_work =
             || with_loop && (reactor.has_ready() || link.is_some_and(|l| l.channels.changed()));
         let async_results = || link.is_some_and(|l| l.callbacks.has_async_results());
-        let idle = || self.is_empty() && !ready() && !loop_work() && !async_results();
+        let idle =
+            || !self.has_work(only_reentrant) && !ready() && !loop_work() && !async_results();
         let poll_fds = with_loop && reactor.has_fds();
         let mut next_fd_poll = Instant::now();
         inbox.spin_enter();
@@ -246,6 +283,7 @@ impl Mailbox {
         let jobs: Vec<Job> = {
             let mut q = self.lock();
             self.queued.store(0, Ordering::SeqCst);
+            self.reentrant_queued.store(0, Ordering::SeqCst);
             q.drain(..).collect()
         };
         let err = Error::ContextDown(reason.into());
@@ -278,6 +316,7 @@ pub fn spawn(
         link: std::sync::OnceLock::new(),
         deadline: Arc::new(Deadline::default()),
         queued: AtomicUsize::new(0),
+        reentrant_queued: AtomicUsize::new(0),
         spin_us: std::sync::atomic::AtomicU32::new(SPIN_MAX_US),
         state: AtomicU8::new(STARTING),
         stuck_after,
@@ -309,10 +348,12 @@ fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<dyn Inbox>, poll: Poll) {
 /// Waits for the next job (spinning, then sleeping with the GIL released).
 fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &dyn Inbox, reactor: &Reactor) -> Job {
     loop {
-        if let Some(job) = mailbox.pop() {
+        if let Some(job) = mailbox.pop(false) {
             return job;
         }
-        detached(py, || mailbox.wait(inbox, reactor, &|| false, false, None));
+        detached(py, || {
+            mailbox.wait(inbox, reactor, &|| false, false, false, None)
+        });
     }
 }
 
@@ -381,6 +422,7 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
             stop: RefCell::new(None),
             out: std::cell::Cell::new(Vec::new()),
             next_fd_poll: std::cell::Cell::new(Instant::now()),
+            depth: std::cell::Cell::new(0),
         };
         let nested = |py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>| {
             lp.serve_until(py, done, until)
@@ -411,6 +453,8 @@ struct Loop<'a> {
     out: std::cell::Cell<Vec<u8>>,
     /// When a busy thread polls the event loop's fds next.
     next_fd_poll: std::cell::Cell<Instant>,
+    /// How many `serve_until` frames are active (1: the outermost loop).
+    depth: std::cell::Cell<usize>,
 }
 
 /// Reply buffers up to this size are kept for the next request.
@@ -425,9 +469,26 @@ impl Loop<'_> {
         let given_up = || self.mailbox.deadline.stopped(request).is_some();
         let stop = || done() || given_up();
         let done = &stop;
+        // Nested in this many waits (`erlang.call`, channel receives), a context serves
+        // only re-entrant requests, so unrelated ones cannot pile up on its stack.
+        let depth = self.depth.get();
+        self.depth.set(depth + 1);
+        let only_reentrant = depth > MAX_NESTED_UNRELATED;
+        let served_all = self.serve_while(py, done, until, only_reentrant);
+        self.depth.set(depth);
+        served_all && !given_up()
+    }
+
+    fn serve_while(
+        &self,
+        py: Python<'_>,
+        done: &dyn Fn() -> bool,
+        until: Option<Instant>,
+        only_reentrant: bool,
+    ) -> bool {
         let lp = &self.session.event_loop;
         while !done() {
-            let job = self.mailbox.pop();
+            let job = self.mailbox.pop(only_reentrant);
             let served = job.is_some();
             if let Some(job) = job {
                 self.run(py, job);
@@ -447,10 +508,10 @@ impl Loop<'_> {
             };
             detached(py, || {
                 self.mailbox
-                    .wait(self.inbox, &lp.reactor, done, may_step, due)
+                    .wait(self.inbox, &lp.reactor, done, only_reentrant, may_step, due)
             });
         }
-        !given_up()
+        true
     }
 
     /// The event loop's share between requests: resolve `erlang.async_call` results,

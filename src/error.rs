@@ -23,6 +23,9 @@ pub enum Error {
     ContextDown(String),
     /// `{frame_too_large, Size, Max}`
     FrameTooLarge { size: usize, max: usize },
+    /// `{reply_too_large, Size, Max}`: a reply (or stream item) over what one frame
+    /// can carry.
+    ReplyTooLarge { size: usize, max: usize },
     /// `{panic, Message}`
     Panic(String),
     /// `not_found`
@@ -80,6 +83,9 @@ impl fmt::Display for Error {
             Error::ContextDown(r) => write!(f, "context down: {r}"),
             Error::FrameTooLarge { size, max } => {
                 write!(f, "frame of {size} bytes is over the limit of {max}")
+            }
+            Error::ReplyTooLarge { size, max } => {
+                write!(f, "reply of {size} bytes is over the limit of {max}")
             }
             Error::Panic(m) => write!(f, "panic: {m}"),
             Error::NotFound => write!(f, "not found"),
@@ -141,6 +147,12 @@ impl Error {
             Error::FrameTooLarge { size, max } => {
                 w.tuple_header(3);
                 w.atom("frame_too_large");
+                w.int(*size as i64);
+                w.int(*max as i64);
+            }
+            Error::ReplyTooLarge { size, max } => {
+                w.tuple_header(3);
+                w.atom("reply_too_large");
                 w.int(*size as i64);
                 w.int(*max as i64);
             }

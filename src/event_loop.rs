@@ -284,7 +284,7 @@ impl Outlet {
             w.atom("data");
             convert::encode_term(&self.types, item, &mut w, 1)?;
         }
-        crate::framing::finish_frame(&mut frame);
+        crate::framing::finish_frame(&mut frame)?;
         self.writer.send(&frame);
         Ok(())
     }
@@ -336,8 +336,7 @@ impl Outlet {
                 w.int(id as i64);
             }
         }
-        crate::framing::finish_frame(out);
-        Ok(())
+        crate::framing::finish_frame(out)
     }
 
     /// Sends what the loop's last step produced (`loop._pyport_outbox`).

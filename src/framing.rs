@@ -198,9 +198,19 @@ pub fn begin_frame(out: &mut Vec<u8>, kind: u8, header: &[u8]) {
     out.extend_from_slice(header);
 }
 
-pub fn finish_frame(out: &mut [u8]) {
-    let len = (out.len() - 4) as u32;
+/// Writes the length of a frame built by [`begin_frame`]; a frame longer than the
+/// 4-byte length can say is an error (it would corrupt the stream).
+pub fn finish_frame(out: &mut [u8]) -> Result<(), crate::error::Error> {
+    let len = frame_length(out.len() - 4)?;
     out[..4].copy_from_slice(&len.to_be_bytes());
+    Ok(())
+}
+
+fn frame_length(size: usize) -> Result<u32, crate::error::Error> {
+    u32::try_from(size).map_err(|_| crate::error::Error::ReplyTooLarge {
+        size,
+        max: u32::MAX as usize,
+    })
 }
 
 /// A request frame split into its parts: `<<Ctx:64, HLen:16, Header, Body>>`.
@@ -316,6 +326,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(out[1], Inbound::Frame(b"next".to_vec()));
+    }
+
+    #[test]
+    fn a_frame_over_4_gib_is_an_error_not_a_wrapped_length() {
+        assert_eq!(frame_length(7).unwrap(), 7);
+        assert_eq!(frame_length(u32::MAX as usize).unwrap(), u32::MAX);
+        assert!(matches!(
+            frame_length(u32::MAX as usize + 1),
+            Err(crate::error::Error::ReplyTooLarge { .. })
+        ));
     }
 
     #[test]

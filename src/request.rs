@@ -47,7 +47,13 @@ pub struct Job {
     pub kind: Kind,
     /// When the router read it (request deadlines count from here).
     pub arrived: Instant,
+    /// Made by Erlang code that Python of this context called (`erlang.call`): a
+    /// context waiting in `erlang.call` always serves these (see `context`).
+    pub reentrant: bool,
 }
+
+/// The top bit of a request's context id marks a re-entrant request.
+pub const REENTRANT_BIT: u64 = 1 << 63;
 
 impl Job {
     pub fn header(&self) -> &[u8] {

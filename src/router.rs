@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
 use crate::python::PythonInfo;
-use crate::request::{Job, Kind, Mode, Spec};
+use crate::request::{Job, Kind, Mode, Spec, REENTRANT_BIT};
 use crate::writer::Writer;
 
 const STDIN: Token = Token(0);
@@ -339,10 +339,11 @@ impl Routing {
             );
             return;
         };
-        let (ctx, header) = (req.ctx, (10, 10 + req.header.len()));
+        let (ctx, header) = (req.ctx & !REENTRANT_BIT, (10, 10 + req.header.len()));
         let job = Job {
             body: header.1,
             header,
+            reentrant: req.ctx & REENTRANT_BIT != 0,
             frame,
             kind: Kind::Request,
             arrived: Instant::now(),
@@ -504,6 +505,7 @@ impl Routing {
             body: 0,
             kind: Kind::Start(Box::new(spec)),
             arrived: Instant::now(),
+            reentrant: false,
         };
         let queued = std::iter::once(start).chain(jobs);
         for job in queued {

@@ -246,7 +246,7 @@ impl Session {
             Reply::Ok => w.atom("ok"),
             Reply::Later => unreachable!("handled above"),
         }
-        finish_frame(out);
+        finish_frame(out)?;
         Ok(Served::Now)
     }
 

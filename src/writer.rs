@@ -115,8 +115,14 @@ impl Writer {
         let mut frame = Vec::with_capacity(64);
         begin_frame(&mut frame, kind, header);
         payload(&mut etf::Writer::new(&mut frame));
-        finish_frame(&mut frame);
-        self.send(&frame);
+        self.send_finished(frame);
+    }
+
+    fn send_finished(&self, mut frame: Vec<u8>) {
+        match finish_frame(&mut frame) {
+            Ok(()) => self.send(&frame),
+            Err(e) => self.log("error", 0, &format!("frame not sent: {e}")),
+        }
     }
 
     /// Sends a frame of `kind` with an empty header and a ready ETF payload.
@@ -124,8 +130,7 @@ impl Writer {
         let mut frame = Vec::with_capacity(payload.len() + 7);
         begin_frame(&mut frame, kind, &[]);
         frame.extend_from_slice(payload);
-        finish_frame(&mut frame);
-        self.send(&frame);
+        self.send_finished(frame);
     }
 
     /// Sends `{log, Level, Ctx, Message}`.

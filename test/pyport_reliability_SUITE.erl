@@ -17,7 +17,8 @@ all() ->
     [crash_loop_is_contained, crashing_preload_backs_off, user_supervisor_never_gives_up,
      unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once,
      interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless,
-     stuck_in_c_is_replaced, stuck_main_context_restarts_runtime, max_memory].
+     stuck_in_c_is_replaced, stuck_main_context_restarts_runtime, max_memory,
+     forked_child_cannot_write_frames].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -351,6 +352,31 @@ max_memory(_Config) ->
               ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2]))
       end, [a, m]),
     ?assertEqual({ok, 3}, pyport:call(default_ctx(), operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
+
+forked_child_cannot_write_frames() ->
+    [{doc, "os.fork() in a main context: the child writes frame-like bytes to every fd "
+           "it has, and the protocol stream is not touched (the child has no protocol "
+           "fds); the runtime answers on as before, in the same OS process."}].
+forked_child_cannot_write_frames(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => m, mode => main}]}),
+    {ok, M} = pyport:context(Rt, m),
+    OsPid = pyport_ct:os_pid(Rt),
+    ok = pyport:exec(M, <<"import os\n"
+                          "def fork_and_scribble():\n"
+                          "    pid = os.fork()\n"
+                          "    if pid == 0:\n"
+                          "        for fd in range(3, 256):\n"
+                          "            try:\n"
+                          "                os.write(fd, b'\\x00\\x00\\x00\\x08\\x00\\x00\\x00garbage')\n"
+                          "            except OSError:\n"
+                          "                pass\n"
+                          "        os._exit(0)\n"
+                          "    os.waitpid(pid, 0)\n"
+                          "    return 'parent'\n">>),
+    ?assertEqual({ok, <<"parent">>}, pyport:call(M, '__main__', fork_and_scribble, [])),
+    [?assertEqual({ok, 3}, pyport:call(M, operator, add, [1, 2])) || _ <- lists:seq(1, 100)],
+    ?assertEqual(OsPid, pyport_ct:os_pid(Rt)),
     ok = pyport:stop_runtime(Rt).
 
 %%% Helpers
