@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl soak demo bench bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl soak fuzz demo bench bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -32,6 +32,10 @@ test-erl:
 # The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes.
 soak: build
 	PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
+
+# The decoders and the frame reader against a million random and mutated inputs each.
+fuzz: setup
+	PROPTEST_CASES=1000000 $(CARGO_ENV) cargo test --release --test convert fuzz
 
 demo: build
 	escript scripts/demo.escript

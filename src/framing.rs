@@ -9,6 +9,9 @@
 use std::io::{self, Read};
 
 const STAGING: usize = 64 * 1024;
+/// Frames up to this size get their whole buffer when their header arrives; a larger
+/// announced length is allocated only as its bytes come (at most doubling).
+const EAGER_FRAME: usize = 64 << 20;
 /// Bytes of an oversized frame kept so its request can still be answered:
 /// context id (8) + header length (2) + the largest header (65535).
 pub const HEAD_KEEP: usize = 8 + 2 + 65535;
@@ -24,7 +27,13 @@ pub enum Inbound {
 
 enum Big {
     /// A large frame being read into its own buffer.
-    Filling { frame: Vec<u8>, filled: usize },
+    /// `frame` grows as bytes arrive (at most doubling), so a length announced by a
+    /// frame header is not allocated before its bytes come.
+    Filling {
+        frame: Vec<u8>,
+        filled: usize,
+        len: usize,
+    },
     /// An oversized frame: keep `head`, drop the rest.
     Discarding {
         head: Vec<u8>,
@@ -81,7 +90,13 @@ impl FrameReader {
 
     fn read_some<R: Read>(&mut self, src: &mut R) -> io::Result<usize> {
         match &mut self.big {
-            Some(Big::Filling { frame, filled }) => src.read(&mut frame[*filled..]),
+            Some(Big::Filling { frame, filled, len }) => {
+                if frame.len() == *filled {
+                    let grown = (*filled * 2).max(*filled + STAGING).min(*len);
+                    frame.resize(grown, 0);
+                }
+                src.read(&mut frame[*filled..])
+            }
             Some(Big::Discarding { .. }) => {
                 self.start = 0;
                 self.end = 0;
@@ -105,9 +120,9 @@ impl FrameReader {
     /// Accounts for `n` fresh bytes, then cuts out every complete frame.
     fn advance(&mut self, n: usize, out: &mut Vec<Inbound>) {
         match &mut self.big {
-            Some(Big::Filling { frame, filled }) => {
+            Some(Big::Filling { filled, len, .. }) => {
                 *filled += n;
-                if *filled == frame.len() {
+                if *filled == *len {
                     if let Some(Big::Filling { frame, .. }) = self.big.take() {
                         out.push(Inbound::Frame(frame));
                     }
@@ -161,14 +176,19 @@ impl FrameReader {
                 out.push(Inbound::Frame(self.buf[s + 4..s + 4 + len].to_vec()));
                 self.start += 4 + len;
             } else if len + 4 > self.buf.len() {
-                let mut frame = Vec::with_capacity(len);
+                // Up to EAGER_FRAME the whole frame is allocated now (one copy for a
+                // large binary); beyond, it grows as its bytes come.
+                let mut frame = Vec::with_capacity(len.min(EAGER_FRAME));
                 frame.extend_from_slice(&self.buf[s + 4..self.end]);
-                frame.resize(len, 0);
+                if len <= EAGER_FRAME {
+                    frame.resize(len, 0);
+                }
                 self.start = 0;
                 self.end = 0;
                 self.big = Some(Big::Filling {
                     frame,
                     filled: avail,
+                    len,
                 });
             } else {
                 break;
@@ -326,6 +346,24 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(out[1], Inbound::Frame(b"next".to_vec()));
+    }
+
+    #[test]
+    fn a_huge_announced_length_is_not_allocated_before_its_bytes() {
+        let mut r = FrameReader::new(1 << 30);
+        let mut out = Vec::new();
+        let mut src = &[0x3f, 0xff, 0xff, 0xff, 1, 2, 3][..];
+        assert_eq!(
+            r.fill(&mut src, &mut out).unwrap(),
+            Status::Closed { clean: false }
+        );
+        match &r.big {
+            Some(Big::Filling { frame, filled, len }) => {
+                assert_eq!((*filled, *len), (3, 0x3fff_ffff));
+                assert!(frame.capacity() <= EAGER_FRAME);
+            }
+            _ => panic!("not filling"),
+        }
     }
 
     #[test]

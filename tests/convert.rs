@@ -165,3 +165,81 @@ proptest! {
         let _ = with_types(|py, types| round_trip(py, types, &input));
     }
 }
+
+// Fuzzing: bytes from nowhere, and valid terms with bytes flipped, never panic or hang
+// in the ETF reader, the request decoder or the conversion into Python objects; they
+// are an error or a value. `make fuzz` runs these with PROPTEST_CASES=1000000.
+
+/// A valid term's encoding with some bytes changed.
+fn mutated_term() -> impl Strategy<Value = Vec<u8>> {
+    (
+        any::<i64>(),
+        proptest::collection::vec((any::<u16>(), any::<u8>()), 1..4),
+    )
+        .prop_map(|(n, flips)| {
+            let mut bytes = Term::Tuple(vec![
+                Term::atom("call"),
+                Term::Binary(b"operator".to_vec()),
+                Term::Int(n),
+                Term::List(vec![
+                    Term::Int(n),
+                    Term::Binary(vec![1, 2, 3]),
+                    Term::atom("x"),
+                ]),
+                Term::Map(vec![(Term::atom("k"), Term::Float(1.5))]),
+                Term::Map(vec![]),
+            ])
+            .encode();
+            for (at, b) in flips {
+                let i = at as usize % bytes.len();
+                bytes[i] = b;
+            }
+            bytes
+        })
+}
+
+fn any_input() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(|mut v| {
+            v.insert(0, etf::VERSION);
+            v
+        }),
+        proptest::collection::vec(any::<u8>(), 0..64),
+        mutated_term(),
+    ]
+}
+
+proptest! {
+    #[test]
+    fn fuzz_decoders_never_panic(bytes in any_input()) {
+        let _ = Term::decode(&bytes);
+        let _ = pyport::request::Request::decode(&bytes);
+        with_types(|py, types| {
+            let _ = convert::decode(py, types, &bytes);
+        });
+    }
+
+    #[test]
+    fn fuzz_frame_reader_never_panics(
+        bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+        chunks in proptest::collection::vec(1usize..300, 1..8),
+    ) {
+        let mut reader = pyport::framing::FrameReader::new(1 << 20);
+        let mut out = Vec::new();
+        let mut rest = &bytes[..];
+        for n in chunks.iter().cycle() {
+            if rest.is_empty() {
+                break;
+            }
+            let (now, later) = rest.split_at((*n).min(rest.len()));
+            let mut src = now;
+            let _ = reader.fill(&mut src, &mut out);
+            rest = later;
+        }
+        for item in out {
+            if let pyport::framing::Inbound::Frame(f) = item {
+                let _ = pyport::framing::split_request(&f);
+            }
+        }
+    }
+}
