@@ -179,8 +179,15 @@ impl Deadline {
             Some(d) if d <= Instant::now() => return None,
             Some(d) => wd.nanos(d).max(1),
         };
-        // Nested requests (re-entrancy) keep the outermost deadline running too: the
-        // watchdog checks only the innermost, which is the code that runs now.
+        // A nested request (re-entrancy: it runs while an outer one waits in
+        // `erlang.call`) runs on the outer one's behalf: it gets the earlier of the two
+        // deadlines, so the outer deadline keeps running while it runs.
+        let outer_at = self.at.load(Ordering::SeqCst);
+        let at = match (at, outer_at) {
+            (0, outer) => outer,
+            (own, 0) => own,
+            (own, outer) => own.min(outer),
+        };
         self.running.store(seq, Ordering::SeqCst);
         self.at.store(at, Ordering::SeqCst);
         if at != 0 {

@@ -18,7 +18,8 @@ all() ->
      unnamed_handle_survives_restarts, bad_arguments_are_errors_at_once,
      interrupt_busy_loop, interrupt_waits, sleep_ends_at_deadline, idle_interrupt_is_harmless,
      stuck_in_c_is_replaced, stuck_main_context_restarts_runtime, max_memory,
-     forked_child_cannot_write_frames].
+     forked_child_cannot_write_frames, nested_request_keeps_outer_deadline,
+     no_os_process_left_behind].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -378,6 +379,67 @@ forked_child_cannot_write_frames(_Config) ->
     [?assertEqual({ok, 3}, pyport:call(M, operator, add, [1, 2])) || _ <- lists:seq(1, 100)],
     ?assertEqual(OsPid, pyport_ct:os_pid(Rt)),
     ok = pyport:stop_runtime(Rt).
+
+nested_request_keeps_outer_deadline() ->
+    [{doc, "A request with a 300 ms timeout calls Erlang, which calls the same context "
+           "with no timeout, and that spins: the outer deadline still stops it, so the "
+           "context answers the next call at once."}].
+nested_request_keeps_outer_deadline(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Rt, a),
+    ok = pyport:exec(C, <<"import erlang\n"
+                          "def spin():\n"
+                          "    while True:\n"
+                          "        pass\n"
+                          "def outer():\n"
+                          "    return erlang.call('pyport_rel_nest')\n">>),
+    ok = pyport:register_function(pyport_rel_nest,
+                                  fun() ->
+                                      pyport:call(C, '__main__', spin, [], #{},
+                                                  #{timeout => infinity})
+                                  end),
+    ?assertEqual({error, timeout},
+                 pyport:call(C, '__main__', outer, [], #{}, #{timeout => 300})),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2], #{}, #{timeout => 5000})),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    ct:log("next call answered ~b ms after the outer timeout", [Ms]),
+    ?assert(Ms < 1000),
+    ok = pyport:unregister_function(pyport_rel_nest),
+    ok = pyport:stop_runtime(Rt).
+
+no_os_process_left_behind() ->
+    [{doc, "Killing the port owner, killing the runtime's process, stop_runtime/1: each "
+           "leaves no port program process behind."}].
+no_os_process_left_behind(_Config) ->
+    Gone = fun(OsPid) ->
+                   pyport_ct:wait_for(fun() -> case os_process_alive(OsPid) of
+                                                   false -> {ok, gone};
+                                                   true -> alive
+                                               end
+                                      end, 300)
+           end,
+    %% the port owner killed: the port closes, the program reads end of input
+    {ok, Rt1} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    Os1 = pyport_ct:os_pid(Rt1),
+    [{_, Owner, _, _, _}] = ets:lookup(pyport_runtimes, runtime_key(Rt1)),
+    exit(Owner, kill),
+    Gone(Os1),
+    ok = pyport:stop_runtime(Rt1),
+    %% the runtime's own process killed: its port owner goes with it
+    {ok, Rt2} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    Os2 = pyport_ct:os_pid(Rt2),
+    Key2 = runtime_key(Rt2),
+    exit(Rt2, kill),
+    Gone(Os2),
+    %% (pyport_sup starts it again: take that one away)
+    ok = supervisor:terminate_child(pyport_sup, {pyport_runtime, Key2}),
+    ok = supervisor:delete_child(pyport_sup, {pyport_runtime, Key2}),
+    %% stop_runtime/1
+    {ok, Rt3} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    Os3 = pyport_ct:os_pid(Rt3),
+    ok = pyport:stop_runtime(Rt3),
+    Gone(Os3).
 
 %%% Helpers
 
