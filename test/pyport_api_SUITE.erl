@@ -195,12 +195,7 @@ child_spec_in_own_tree(_Config) ->
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
     OsPid = pyport_ct:os_pid(Pid),
     _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-    pyport_ct:wait_for(fun() ->
-                           case pyport:info(Pid) of
-                               {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> {not_yet, Other}
-                           end
-                       end, 1000),
+    _ = pyport_ct:await_new_os_pid(Pid, OsPid),
     ?assertEqual([{maps:get(id, Spec), Pid, worker, [pyport_runtime]}],
                  supervisor:which_children(Sup)),
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
@@ -495,7 +490,7 @@ restart_after_kill(_Config) ->
         ct:fail(caller_not_failed)
     end,
     receive {'DOWN', Mref, process, Owner, Reason} -> ?assertMatch({port_exit, _}, Reason) end,
-    NewOsPid = pyport_ct:wait_for(fun() -> new_os_pid(Name, OsPid) end, 1000),
+    NewOsPid = pyport_ct:await_new_os_pid(Name, OsPid),
     ?assertNotEqual(OsPid, NewOsPid),
     ?assertEqual(Pid, whereis(Name)),
     ?assertEqual({ok, Ctx}, pyport:context(Name, a)),
@@ -513,11 +508,6 @@ waiting_in_pyport(Pid) ->
         Other -> Other
     end.
 
-new_os_pid(Name, OldOsPid) ->
-    case pyport:info(Name) of
-        {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> {not_yet, Other}
-    end.
 
 main_mode_context() ->
     [{doc, "A context in mode main runs code in the main interpreter."}].

@@ -84,22 +84,16 @@ end_per_suite(_Config) ->
     pyport_ct:stop_app().
 
 init_per_group(Mode, Config) ->
-    Runtime = runtime_name(Mode),
-    ok = pyport_ct:start_runtime_ab(Runtime, #{mode => Mode, preload => ?HELPERS}),
-    [{runtime, Runtime}, {mode, Mode} | Config].
+    pyport_ct:init_mode_group(pyport_channel, Mode, ?HELPERS, Config).
 
 end_per_group(_Mode, Config) ->
-    _ = pyport:stop_runtime(?config(runtime, Config)),
-    ok.
+    pyport_ct:end_mode_group(Config).
 
 init_per_testcase(_Case, Config) ->
     pyport_ct:contexts_ab(?config(runtime, Config), Config).
 
 end_per_testcase(_Case, _Config) ->
     pyport_ct:assert_no_messages().
-
-runtime_name(owngil) -> pyport_channel_owngil;
-runtime_name(main) -> pyport_channel_main.
 
 %%% Cases
 

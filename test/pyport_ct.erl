@@ -7,6 +7,9 @@
 -export([assert_no_messages/0]).
 -export([os_pid/1]).
 -export([kill_and_await_restart/1]).
+-export([await_new_os_pid/2]).
+-export([init_mode_group/4]).
+-export([end_mode_group/1]).
 -export([start_runtime_ab/2]).
 -export([contexts_ab/2]).
 -export([runtime_port/1]).
@@ -73,12 +76,31 @@ contexts_ab(Name, Config) ->
 kill_and_await_restart(Name) ->
     OsPid = os_pid(Name),
     _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    await_new_os_pid(Name, OsPid).
+
+%% Waits (bounded retries on pyport:info) until the runtime runs another OS process
+%% than OsPid; returns the new one.
+-spec await_new_os_pid(pyport:runtime(), integer()) -> integer().
+await_new_os_pid(Runtime, OsPid) ->
     wait_for(fun() ->
-                 case pyport:info(Name) of
+                 case pyport:info(Runtime) of
                      {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
                      Other -> {not_yet, Other}
                  end
              end, 1000).
+
+%% For suites whose cases run in groups `owngil' and `main': starts the runtime
+%% `<Prefix>_<Mode>' with contexts `a' and `b' of that mode and `Preload'.
+-spec init_mode_group(atom(), owngil | main, binary(), list()) -> list().
+init_mode_group(Prefix, Mode, Preload, Config) ->
+    Runtime = list_to_atom(atom_to_list(Prefix) ++ "_" ++ atom_to_list(Mode)),
+    ok = start_runtime_ab(Runtime, #{mode => Mode, preload => Preload}),
+    [{runtime, Runtime}, {mode, Mode} | Config].
+
+-spec end_mode_group(list()) -> ok.
+end_mode_group(Config) ->
+    _ = pyport:stop_runtime(proplists:get_value(runtime, Config)),
+    ok.
 
 os_pid(Runtime) ->
     {ok, #{os_pid := OsPid}} = pyport:info(Runtime),

@@ -201,13 +201,10 @@ end_per_suite(_Config) ->
     pyport_ct:stop_app().
 
 init_per_group(Mode, Config) ->
-    Runtime = runtime_name(Mode),
-    ok = pyport_ct:start_runtime_ab(Runtime, #{mode => Mode, preload => ?HELPERS}),
-    [{runtime, Runtime}, {mode, Mode} | Config].
+    pyport_ct:init_mode_group(pyport_loop, Mode, ?HELPERS, Config).
 
 end_per_group(_Mode, Config) ->
-    _ = pyport:stop_runtime(?config(runtime, Config)),
-    ok.
+    pyport_ct:end_mode_group(Config).
 
 init_per_testcase(_Case, Config) ->
     pyport_ct:contexts_ab(?config(runtime, Config), Config).
@@ -215,9 +212,6 @@ init_per_testcase(_Case, Config) ->
 end_per_testcase(_Case, _Config) ->
     [ok = pyport:unregister_function(Name) || Name <- ?FUNCTIONS],
     pyport_ct:assert_no_messages().
-
-runtime_name(owngil) -> pyport_loop_owngil;
-runtime_name(main) -> pyport_loop_main.
 
 %%% Cases
 
@@ -505,7 +499,7 @@ runtime_crash_fails_pending(Config) ->
     [?assertMatch({error, {runtime_down, _}}, R) || R <- Results],
     ?assert(Ms < 5000),
     %% let the supervisor restart it before stopping it for good
-    _ = pyport_ct:wait_for(fun() -> new_os_pid(Name, OsPid) end, 1000),
+    _ = pyport_ct:await_new_os_pid(Name, OsPid),
     ok = pyport:stop_runtime(Name).
 
 %%% Helpers
@@ -521,11 +515,6 @@ thread_count(OsPid) ->
     {ok, Tasks} = file:list_dir("/proc/" ++ integer_to_list(OsPid) ++ "/task"),
     length(Tasks).
 
-new_os_pid(Name, OldOsPid) ->
-    case pyport:info(Name) of
-        {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> {not_yet, Other}
-    end.
 
 %% Starts N processes, each calling wait_forever (30 s timeout) on Ctx, and returns
 %% once every one of those coroutines runs; answers come as {waiter, I, Result}.

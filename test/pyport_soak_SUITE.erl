@@ -112,7 +112,7 @@ crash_cycles_leak_nothing(_Config) ->
     lists:foreach(fun(_) ->
                       OsPid = pyport_ct:os_pid(Rt),
                       _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-                      await_new_os_pid(Rt, OsPid),
+                      pyport_ct:await_new_os_pid(Rt, OsPid),
                       {ok, 3} = pyport:call(C, operator, add, [1, 2])
                   end, lists:seq(1, 100)),
     FdsAfter = node_fds(),
@@ -246,10 +246,3 @@ node_children() ->
     Exe = filename:join(code:priv_dir(pyport), "pyport"),
     string:tokens(os:cmd("pgrep -f -- " ++ Exe), "\n").
 
-await_new_os_pid(Rt, OsPid) ->
-    pyport_ct:wait_for(fun() ->
-                           case pyport:info(Rt) of
-                               {ok, #{os_pid := New}} when New =/= OsPid -> {ok, New};
-                               Other -> {not_yet, Other}
-                           end
-                       end, 1000).

@@ -110,22 +110,16 @@ end_per_suite(_Config) ->
     pyport_ct:stop_app().
 
 init_per_group(Mode, Config) ->
-    Runtime = runtime_name(Mode),
-    ok = pyport_ct:start_runtime_ab(Runtime, #{mode => Mode, preload => ?HELPERS}),
-    [{runtime, Runtime}, {mode, Mode} | Config].
+    pyport_ct:init_mode_group(pyport_stream, Mode, ?HELPERS, Config).
 
 end_per_group(_Mode, Config) ->
-    _ = pyport:stop_runtime(?config(runtime, Config)),
-    ok.
+    pyport_ct:end_mode_group(Config).
 
 init_per_testcase(_Case, Config) ->
     pyport_ct:contexts_ab(?config(runtime, Config), Config).
 
 end_per_testcase(_Case, _Config) ->
     pyport_ct:assert_no_messages().
-
-runtime_name(owngil) -> pyport_stream_owngil;
-runtime_name(main) -> pyport_stream_main.
 
 %%% Cases
 
@@ -375,7 +369,7 @@ runtime_crash_mid_stream(Config) ->
     ct:log("stream ended with ~p, ~b ms after the kill", [Final, Ms]),
     ?assertMatch({error, {runtime_down, _}}, Final),
     ?assert(Ms < 5000),
-    _ = pyport_ct:wait_for(fun() -> new_os_pid(Name, OsPid) end, 1000),
+    _ = pyport_ct:await_new_os_pid(Name, OsPid),
     ok = pyport:stop_runtime(Name).
 
 context_stopped_mid_stream() ->
@@ -525,8 +519,3 @@ drain(Ref, N) ->
         drain(Ref, N + 1)
     end.
 
-new_os_pid(Name, OldOsPid) ->
-    case pyport:info(Name) of
-        {ok, #{os_pid := OsPid}} when OsPid =/= OldOsPid -> {ok, OsPid};
-        Other -> {not_yet, Other}
-    end.
