@@ -854,6 +854,13 @@ decode(<<131, 104, 2, 119, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bi
     {ok, Bin};
 decode(<<131, 104, 2, 100, 0, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bin) =:= Len ->
     {ok, Bin};
+decode({pyport_safe, Max, Reply}) ->
+    %% it holds atoms past the runtime's max_atoms budget: only existing ones decode
+    try
+        binary_to_term(Reply, [safe])
+    catch
+        error:badarg -> {error, {bad_term, {atom_limit, Max}}}
+    end;
 decode(Reply) ->
     binary_to_term(Reply).
 

@@ -48,6 +48,7 @@
 -define(DEFAULT_CALL_TIMEOUT, 30000).
 -define(DEFAULT_START_TIMEOUT, 10000).
 -define(DEFAULT_MAX_FRAME, 1073741824).
+-define(DEFAULT_MAX_ATOMS, 5000).
 -define(PROTOCOL_VERSION, 1).
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
@@ -76,6 +77,9 @@
     %% control requests sent by this process, by the alias in their header
     pending = #{} :: #{reference() => {gen_server:from(), action()}},
     max_frame = ?DEFAULT_MAX_FRAME :: pos_integer(),
+    %% atoms Python may create in the node (from hello), and whether that is used up
+    max_atoms = ?DEFAULT_MAX_ATOMS :: non_neg_integer(),
+    atom_limit_logged = false :: boolean(),
     %% processes owning envs and handles: their monitor and their items
     owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
     %% each item's owner
@@ -146,6 +150,8 @@ init_runtime(Key, Opts) ->
                         {ok, Hello} ->
                             S = #state{key = Key, port = Port, hello = Hello,
                                        handle = maps:get(handle, Opts, self()),
+                                       max_atoms = maps:get(max_atoms, Hello,
+                                                            ?DEFAULT_MAX_ATOMS),
                                        max_frame = maps:get(max_frame, Hello,
                                                             max_frame(Opts))},
                             {ok, publish(Opts, Contexts, Hello, S)};
@@ -184,21 +190,15 @@ handle_cast(_Msg, S) ->
 
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
 handle_info({Port, {data, <<Kind, HLen:16, H:HLen/binary, Payload/binary>>}},
-            #state{port = Port} = S) when Kind =:= 0; Kind =:= 4 ->
-    route(H, Payload, S),
-    {noreply, S};
-handle_info({Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key, contexts = Contexts, channels = Channels} = S) ->
-    event(Payload, Key, Contexts, Channels),
-    {noreply, S};
-handle_info({Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key, max_frame = MaxFrame} = S) ->
-    callback(Key, Port, MaxFrame, Payload),
-    {noreply, S};
-handle_info({Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}},
-            #state{port = Port, key = Key} = S) ->
-    deliver(Key, Payload),
-    {noreply, S};
+            #state{port = Port} = S) ->
+    %% The top bit of the kind: the frame holds atoms past the max_atoms budget and is
+    %% decoded with `[safe]' (see the port program's `atoms').
+    Safe = Kind band 16#80 =/= 0,
+    S1 = case Safe of
+             true -> atom_limit_reached(S);
+             false -> S
+         end,
+    frame(Kind band 16#7f, H, Payload, Safe, S1);
 handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
     logger:warning("pyport runtime ~p: unexpected frame from the port: ~P",
                    [Key, Frame, 20], #{domain => [pyport]}),
@@ -217,6 +217,45 @@ handle_info({'DOWN', _Mref, process, Pid, _Reason}, #state{owners = Owners} = S)
     {noreply, owner_down(Pid, S)};
 handle_info(_Msg, S) ->
     {noreply, S}.
+
+frame(Kind, H, Payload, Safe, S) when Kind =:= 0; Kind =:= 4 ->
+    route(H, Payload, Safe, S),
+    {noreply, S};
+frame(1, _H, Payload, _Safe,
+      #state{key = Key, contexts = Contexts, channels = Channels} = S) ->
+    event(Payload, Key, Contexts, Channels),
+    {noreply, S};
+frame(2, _H, Payload, Safe, #state{key = Key, port = Port, max_frame = MaxFrame,
+                                   max_atoms = Max} = S) ->
+    callback(Key, Port, MaxFrame, Payload, {Safe, Max}),
+    {noreply, S};
+frame(3, _H, Payload, Safe, #state{key = Key, max_atoms = Max} = S) ->
+    deliver(Key, Payload, {Safe, Max}),
+    {noreply, S};
+frame(Kind, _H, _Payload, _Safe, #state{key = Key} = S) ->
+    logger:warning("pyport runtime ~p: a frame of unknown kind ~p from the port",
+                   [Key, Kind], #{domain => [pyport]}),
+    {noreply, S}.
+
+%% Logged once per OS process: Python has used up its atom budget.
+atom_limit_reached(#state{atom_limit_logged = true} = S) ->
+    S;
+atom_limit_reached(#state{key = Key, max_atoms = Max} = S) ->
+    logger:warning("pyport runtime ~p: Python used up its budget of ~b new atoms "
+                   "(max_atoms); results with atoms the node does not have yet are "
+                   "refused from now on", [Key, Max], #{domain => [pyport]}),
+    S#state{atom_limit_logged = true}.
+
+%% Decodes a payload; with `{true, Max}' safely: `{error, {atom_limit, Max}}' when it
+%% holds an atom the node does not have.
+decode(Payload, {false, _}) ->
+    {ok, decode(Payload)};
+decode(Payload, {true, Max}) ->
+    try
+        {ok, binary_to_term(Payload, [safe])}
+    catch
+        error:badarg -> {error, {atom_limit, Max}}
+    end.
 
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port = Port, channels = Channels}) ->
@@ -248,7 +287,7 @@ opts_contexts(Other) ->
 open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
-        ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts),
+        ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts) ++ atom_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -278,6 +317,11 @@ max_frame(Opts) ->
 %% Requests a context queues beyond the one it runs; more get {error, overloaded}.
 queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
 queue_args(_) -> [].
+
+%% New atoms Python may create in the node over the runtime's life.
+atom_args(#{max_atoms := N}) when is_integer(N), N >= 0 ->
+    ["--max-atoms", integer_to_list(N)];
+atom_args(_) -> [].
 
 %% Resident bytes the OS process may use; past them it restarts (exit status 76).
 memory_args(#{max_memory := Bytes}) when is_integer(Bytes), Bytes > 0 ->
@@ -313,7 +357,9 @@ start_port(Key, Port, Contexts, Deadline) ->
                           end, Contexts),
             Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
             MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
-            case await_contexts({Key, Names, MaxFrame}, Port, Contexts, Deadline) of
+            MaxAtoms = maps:get(max_atoms, Hello, ?DEFAULT_MAX_ATOMS),
+            case await_contexts({Key, Names, MaxFrame, MaxAtoms}, Port, Contexts,
+                                Deadline) of
                 ok -> {ok, Hello};
                 {error, _} = Error -> Error
             end;
@@ -343,7 +389,7 @@ await_hello(Key, Port, Deadline) ->
 
 await_contexts(_Known, _Port, [], _Deadline) ->
     ok;
-await_contexts({Key, Names, MaxFrame} = Known, Port, Waiting, Deadline) ->
+await_contexts({Key, Names, MaxFrame, MaxAtoms} = Known, Port, Waiting, Deadline) ->
     receive
         {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
             {pyport_init, Id} = binary_to_term(H),
@@ -355,11 +401,13 @@ await_contexts({Key, Names, MaxFrame} = Known, Port, Waiting, Deadline) ->
         {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
             event(Payload, Key, Names, #{}),
             await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {data, <<2, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            callback(Key, Port, MaxFrame, Payload),
+        {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
+          when Kind band 16#7f =:= 2 ->
+            callback(Key, Port, MaxFrame, Payload, {Kind band 16#80 =/= 0, MaxAtoms}),
             await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {data, <<3, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            deliver(Key, Payload),
+        {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
+          when Kind band 16#7f =:= 3 ->
+            deliver(Key, Payload, {Kind band 16#80 =/= 0, MaxAtoms}),
             await_contexts(Known, Port, Waiting, Deadline);
         {Port, {exit_status, Status}} ->
             {error, {port_exit, Status}};
@@ -556,13 +604,21 @@ owned_counts(#state{owners = Owners, owned = Owned}) ->
 %% Frames of a stream (header `{pyport_stream, Alias}': its items, kind 4, and its
 %% final reply, kind 0) are delivered as `{pyport_stream, Alias, Msg}', the shape the
 %% consumer receives, so they are decoded.
-route(H, Payload, #state{key = Key}) ->
+route(H, Payload, Safe, #state{key = Key, max_atoms = Max}) ->
     try binary_to_term(H, [safe]) of
+        Dest when (is_reference(Dest) orelse is_pid(Dest)), Safe ->
+            %% the caller decodes it, safely (pyport:decode/1)
+            Dest ! {Dest, {pyport_safe, Max, Payload}},
+            ok;
         Dest when is_reference(Dest); is_pid(Dest) ->
             Dest ! {Dest, Payload},
             ok;
         {pyport_stream, Dest} when is_reference(Dest) ->
-            Dest ! {pyport_stream, Dest, decode(Payload)},
+            Msg = case decode(Payload, {Safe, Max}) of
+                      {ok, Term} -> Term;
+                      {error, Limit} -> {error, {bad_term, Limit}}
+                  end,
+            Dest ! {pyport_stream, Dest, Msg},
             ok;
         Other ->
             logger:warning("pyport runtime ~p: reply with a header that is no alias: ~P",
@@ -627,23 +683,39 @@ log_level(Level) ->
 %% Kind 2: `erlang.call(Name, *Args)'. A new process (not linked: a crashing callback
 %% must not take the runtime down) decodes it, runs the function and answers the
 %% context itself, so this process never waits for a callback.
-callback(Key, Port, MaxFrame, Payload) ->
-    _ = spawn(fun() -> run_callback(Key, Port, MaxFrame, Payload) end),
+callback(Key, Port, MaxFrame, Payload, Safe) ->
+    _ = spawn(fun() -> run_callback(Key, Port, MaxFrame, Payload, Safe) end),
     ok.
 
-run_callback(Key, Port, MaxFrame, Payload) ->
-    case decode(Payload) of
-        {CbId, Ctx, Name, Args, _Caller} when is_integer(CbId), is_integer(Ctx),
-                                              is_list(Args) ->
+run_callback(Key, Port, MaxFrame, Payload, Safe) ->
+    case decode(Payload, Safe) of
+        {error, Limit} ->
+            %% its arguments hold atoms past the budget: Python gets the error
+            {CbId, Ctx} = callback_ids(Payload),
+            answer_callback(Port, MaxFrame, Ctx, CbId, {error, Limit});
+        {ok, {CbId, Ctx, Name, Args, _Caller}} when is_integer(CbId), is_integer(Ctx),
+                                                    is_list(Args) ->
             %% Requests this process makes to the waiting context are re-entrant: the
             %% context serves them however deep it is nested (see pyport:call/6).
             put(pyport_reentrant, {Key, Ctx}),
             Result = invoke(Name, Args),
             answer_callback(Port, MaxFrame, Ctx, CbId, Result);
-        Other ->
+        {ok, Other} ->
             logger:warning("pyport runtime ~p: malformed callback from the port: ~P",
                            [Key, Other, 20], #{domain => [pyport]})
     end.
+
+%% The callback and context ids at the head of a callback payload that cannot be
+%% decoded safely: `{CbId, Ctx, ...}' with two integers first (as the port writes it).
+callback_ids(<<131, 104, 5, Rest/binary>>) ->
+    {CbId, Rest1} = etf_integer(Rest),
+    {Ctx, _} = etf_integer(Rest1),
+    {CbId, Ctx}.
+
+etf_integer(<<97, I, Rest/binary>>) -> {I, Rest};
+etf_integer(<<98, I:32/signed, Rest/binary>>) -> {I, Rest};
+etf_integer(<<110, N, 0, Digits:N/binary, Rest/binary>>) ->
+    {binary:decode_unsigned(Digits, little), Rest}.
 
 %% `$whereis' is reserved: `erlang.whereis(Name)' in Python.
 invoke(<<"$whereis">>, [Name]) ->
@@ -710,17 +782,19 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
 %% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
 %% one sender keep their order. A name that is not registered (or not even an atom)
 %% drops the message, as `!' to a dead pid would.
-deliver(Key, Payload) ->
-    case decode(Payload) of
-        {Dest, Msg} when is_pid(Dest); is_atom(Dest) ->
+deliver(Key, Payload, Safe) ->
+    case decode(Payload, Safe) of
+        {error, _} ->
+            ok;  % atoms past the budget: dropped (logged once by atom_limit_reached/1)
+        {ok, {Dest, Msg}} when is_pid(Dest); is_atom(Dest) ->
             send_message(Dest, Msg);
-        {Dest, Msg} when is_binary(Dest) ->
+        {ok, {Dest, Msg}} when is_binary(Dest) ->
             try binary_to_existing_atom(Dest, utf8) of
                 Name -> send_message(Name, Msg)
             catch
                 error:badarg -> ok
             end;
-        Other ->
+        {ok, Other} ->
             logger:warning("pyport runtime ~p: malformed send from the port: ~P",
                            [Key, Other, 20], #{domain => [pyport]})
     end.

@@ -58,6 +58,7 @@
                   queue_capacity => pos_integer(),
                   stuck_after => pos_integer() | infinity,
                   max_memory => pos_integer(),
+                  max_atoms => non_neg_integer(),
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 

@@ -440,6 +440,9 @@ pub fn encode_term(
             if name.chars().count() > 255 {
                 return Err(BadTerm::Unsupported("Atom longer than 255 characters".into()).into());
             }
+            if !crate::atoms::admit(name) {
+                w.needs_safe_decode = true;
+            }
             w.atom(name);
         } else {
             w.binary(s.to_str()?.as_bytes());

@@ -288,7 +288,7 @@ fn send_callback(
     let types = types(py)?;
     let id = link.callbacks.next_id();
     let mut payload = Vec::with_capacity(64);
-    {
+    let safe = {
         let mut w = etf::Writer::new(&mut payload);
         w.tuple_header(5);
         w.int(id as i64);
@@ -306,9 +306,11 @@ fn send_callback(
             Some(pid) => w.raw(&pid),
             None => w.atom("undefined"),
         }
-    }
+        w.needs_safe_decode
+    };
     on_result(id);
-    link.writer.event_kind(KIND_CALLBACK, &payload);
+    link.writer
+        .event_kind(with_safe_decode(KIND_CALLBACK, safe), &payload);
     Ok(id)
 }
 
@@ -533,7 +535,7 @@ fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyR
     let link = current_link()?;
     let types = types(py)?;
     let mut payload = Vec::with_capacity(64);
-    {
+    let safe = {
         let mut w = etf::Writer::new(&mut payload);
         w.tuple_header(2);
         if dest.is_instance(types.pid.bind(py))? || dest.is_instance(types.atom.bind(py))? {
@@ -546,9 +548,20 @@ fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyR
             ));
         }
         convert::encode_term(&types, term, &mut w, 1).map_err(to_pyerr)?;
-    }
-    link.writer.event_kind(KIND_SEND, &payload);
+        w.needs_safe_decode
+    };
+    link.writer
+        .event_kind(with_safe_decode(KIND_SEND, safe), &payload);
     Ok(())
+}
+
+/// The frame kind, marked for a `[safe]` decode when it carries atoms past the budget.
+fn with_safe_decode(kind: u8, safe: bool) -> u8 {
+    if safe {
+        kind | crate::atoms::SAFE_DECODE
+    } else {
+        kind
+    }
 }
 
 /// `_pyport.caller()`: the pid that made the current request, or None.

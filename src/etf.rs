@@ -379,18 +379,26 @@ impl<'a> Reader<'a> {
 /// `STRING_EXT`), so small integers stay integers whatever their sign or count.
 pub struct Writer<'a> {
     pub out: &'a mut Vec<u8>,
+    /// Set when an atom past the `max_atoms` budget was written (see `atoms`).
+    pub needs_safe_decode: bool,
 }
 
 impl<'a> Writer<'a> {
     /// Starts a new term (writes the version byte).
     pub fn new(out: &'a mut Vec<u8>) -> Self {
         out.push(VERSION);
-        Writer { out }
+        Writer {
+            out,
+            needs_safe_decode: false,
+        }
     }
 
     /// Continues a term already started in `out`.
     pub fn continuing(out: &'a mut Vec<u8>) -> Self {
-        Writer { out }
+        Writer {
+            out,
+            needs_safe_decode: false,
+        }
     }
 
     pub fn atom(&mut self, name: &str) {

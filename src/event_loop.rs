@@ -278,11 +278,15 @@ impl Outlet {
     pub fn item(&self, header: &[u8], item: &Bound<'_, PyAny>) -> Result<(), Error> {
         let mut frame = Vec::with_capacity(64);
         crate::framing::begin_frame(&mut frame, KIND_STREAM, header);
-        {
+        let safe = {
             let mut w = etf::Writer::new(&mut frame);
             w.tuple_header(2);
             w.atom("data");
             convert::encode_term(&self.types, item, &mut w, 1)?;
+            w.needs_safe_decode
+        };
+        if safe {
+            crate::framing::mark_safe_decode(&mut frame);
         }
         crate::framing::finish_frame(&mut frame)?;
         self.writer.send(&frame);
@@ -325,6 +329,9 @@ impl Outlet {
                 w.tuple_header(2);
                 w.atom("ok");
                 convert::encode_term(&self.types, v, &mut w, 1)?;
+                if w.needs_safe_decode {
+                    crate::framing::mark_safe_decode(out);
+                }
             }
             Reply::Ref(v) => {
                 let id = self.types.new_id();

@@ -218,6 +218,11 @@ pub fn begin_frame(out: &mut Vec<u8>, kind: u8, header: &[u8]) {
     out.extend_from_slice(header);
 }
 
+/// Marks a frame built by [`begin_frame`] for a `[safe]` decode (see `atoms`).
+pub fn mark_safe_decode(out: &mut [u8]) {
+    out[4] |= crate::atoms::SAFE_DECODE;
+}
+
 /// Writes the length of a frame built by [`begin_frame`]; a frame longer than the
 /// 4-byte length can say is an error (it would corrupt the stream).
 pub fn finish_frame(out: &mut [u8]) -> Result<(), crate::error::Error> {

@@ -12,6 +12,7 @@
 //!   streams; coroutine results become tasks.
 //! - [`event_loop`]: the one wait of a context thread (mio poll) and the asyncio loop
 //!   it drives between requests: fds, timers, tasks, streams, async callbacks.
+//! - [`atoms`]: `max_atoms`, the budget of atoms Python may create in the node.
 //! - [`channel`]: channels Erlang feeds and Python reads, per context.
 //! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
@@ -24,6 +25,7 @@
 //!
 //! The wire grammar is in `docs/protocol.md`; the architecture in `docs/architecture.md`.
 
+pub mod atoms;
 pub mod channel;
 pub mod context;
 pub mod convert;

@@ -246,6 +246,9 @@ impl Session {
             Reply::Ok => w.atom("ok"),
             Reply::Later => unreachable!("handled above"),
         }
+        if w.needs_safe_decode {
+            crate::framing::mark_safe_decode(out);
+        }
         finish_frame(out)?;
         Ok(Served::Now)
     }

@@ -18,7 +18,7 @@ const DEFAULT_QUEUE: usize = 10_000;
 const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
 /// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
-/// `--max-memory BYTES`.
+/// `--max-memory BYTES`, `--max-atoms N`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
@@ -39,6 +39,9 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             }
             "--queue" => {
                 config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
+            }
+            "--max-atoms" => {
+                crate::atoms::set_max(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
             }
             "--max-memory" => {
                 config.max_memory = Some(
@@ -133,7 +136,7 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
     writer.event(|w| {
         w.tuple_header(2);
         w.atom("hello");
-        w.map_header(6);
+        w.map_header(7);
         w.atom("protocol");
         w.int(PROTOCOL_VERSION);
         w.atom("python_version");
@@ -144,6 +147,8 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
         w.int(std::process::id() as i64);
         w.atom("max_frame");
         w.int(config.max_frame as i64);
+        w.atom("max_atoms");
+        w.int(crate::atoms::max() as i64);
         w.atom("capabilities");
         let mut caps = vec![
             "call",

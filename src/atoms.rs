@@ -1,0 +1,73 @@
+//! `max_atoms`: how many atoms Python may create in the Erlang node over a runtime's life.
+//!
+//! Every `erlang.Atom` that leaves the process (in a reply, a stream item, an
+//! `erlang.send`, the arguments of an `erlang.call`) is counted by name, once. Up to the
+//! budget, frames are decoded by Erlang as usual. Past it, a frame holding a name not
+//! counted yet is marked [`SAFE_DECODE`]: Erlang decodes it with `[safe]`, so atoms that
+//! already exist in the node still decode, and one that does not is refused
+//! (`{error, {bad_term, {atom_limit, Max}}}`) instead of growing the atom table, which
+//! the VM cannot shrink and which aborts the node when full.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, OnceLock};
+
+/// The bit of a frame's kind byte that asks Erlang to decode the payload with `[safe]`.
+pub const SAFE_DECODE: u8 = 0x80;
+pub const DEFAULT_MAX_ATOMS: usize = 5000;
+
+struct Budget {
+    max: usize,
+    names: Mutex<HashSet<Box<str>>>,
+}
+
+static BUDGET: OnceLock<Budget> = OnceLock::new();
+
+/// Sets the budget (at start-up, once).
+pub fn set_max(max: usize) {
+    let _ = BUDGET.set(Budget {
+        max,
+        names: Mutex::new(HashSet::new()),
+    });
+}
+
+fn budget() -> &'static Budget {
+    BUDGET.get_or_init(|| Budget {
+        max: DEFAULT_MAX_ATOMS,
+        names: Mutex::new(HashSet::new()),
+    })
+}
+
+/// The budget.
+pub fn max() -> usize {
+    budget().max
+}
+
+/// Counts an atom name Python sends out; false when the budget is spent and the name
+/// was not counted before (its frame must then be decoded safely).
+pub fn admit(name: &str) -> bool {
+    let b = budget();
+    let mut names = b.names.lock().unwrap_or_else(|e| e.into_inner());
+    if names.contains(name) {
+        return true;
+    }
+    if names.len() >= b.max {
+        return false;
+    }
+    names.insert(name.into());
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_counted_once_and_refused_past_the_budget() {
+        set_max(2);
+        assert!(admit("a"));
+        assert!(admit("a"));
+        assert!(admit("b"));
+        assert!(!admit("c"));
+        assert!(admit("a"), "a counted name stays admitted");
+    }
+}
