@@ -602,7 +602,7 @@ stream_next(Stream, Timeout) ->
                     ack(Stream, State),
                     Data;
                 {pyport_stream, Stream, Final} ->
-                    end_stream(Stream, State),
+                    end_stream(Stream, State, Final),
                     Final;
                 {'DOWN', Stream, process, _, Reason} ->
                     erase({?MODULE, Stream}),
@@ -652,11 +652,14 @@ ack(Stream, #stream_state{port = Port, ctx = Ctx, id = H, unacked = N} = State) 
     put({?MODULE, Stream}, State#stream_state{unacked = 0}),
     ok.
 
-end_stream(Stream, #stream_state{ctx = Ctx, id = H, owner = Pid}) ->
+end_stream(Stream, #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid}, Final) ->
     erase({?MODULE, Stream}),
+    %% An error made on this side (an item the node refused) leaves the Python end
+    %% running: stop it. After the port's own final frame this finds nothing to stop.
+    Final =:= done orelse port_cast(Port, Ctx, {stream_cancel, H, #{}}),
     gen_server:cast(Pid, {disown, Ctx, {stream, H}}),
     erlang:demonitor(Stream, [flush]),
-    ok.
+    flush_stream(Stream).
 
 %% A request that wants no reply (empty header); Request is a term or its encoding.
 port_cast(Port, Ctx, Body) when is_binary(Body) ->

@@ -49,6 +49,8 @@
 -define(DEFAULT_START_TIMEOUT, 10000).
 -define(DEFAULT_MAX_FRAME, 1073741824).
 -define(DEFAULT_MAX_ATOMS, 5000).
+-define(MAX_CALLBACKS, 100).
+-define(DEFAULT_MAX_MAILBOX, 10000).
 -define(PROTOCOL_VERSION, 1).
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
@@ -80,6 +82,11 @@
     %% atoms Python may create in the node (from hello), and whether that is used up
     max_atoms = ?DEFAULT_MAX_ATOMS :: non_neg_integer(),
     atom_limit_logged = false :: boolean(),
+    %% callback processes running (by monitor), and the callbacks waiting for a turn
+    callbacks = #{} :: #{reference() => true},
+    %% messages a process may have queued before Python's sends to it are refused
+    max_mailbox = ?DEFAULT_MAX_MAILBOX :: pos_integer(),
+    callback_queue = queue:new() :: queue:queue({binary(), {boolean(), non_neg_integer()}}),
     %% processes owning envs and handles: their monitor and their items
     owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
     %% each item's owner
@@ -146,12 +153,14 @@ init_runtime(Key, Opts) ->
                 {error, Reason} ->
                     {stop, Reason};
                 {ok, Port} ->
-                    case start_port(Key, Port, Contexts, Deadline) of
+                    case start_port(Key, Port, Contexts, Deadline, Opts) of
                         {ok, Hello} ->
                             S = #state{key = Key, port = Port, hello = Hello,
                                        handle = maps:get(handle, Opts, self()),
                                        max_atoms = maps:get(max_atoms, Hello,
                                                             ?DEFAULT_MAX_ATOMS),
+                                       max_mailbox = maps:get(max_mailbox, Opts,
+                                                              ?DEFAULT_MAX_MAILBOX),
                                        max_frame = maps:get(max_frame, Hello,
                                                             max_frame(Opts))},
                             {ok, publish(Opts, Contexts, Hello, S)};
@@ -212,6 +221,9 @@ handle_info({Alias, Payload}, #state{pending = Pending} = S)
     {{From, Action}, Rest} = maps:take(Alias, Pending),
     _ = unalias(Alias),
     {noreply, complete(Action, From, binary_to_term(Payload), S#state{pending = Rest})};
+handle_info({'DOWN', Mref, process, _Pid, _Reason}, #state{callbacks = Running} = S)
+  when is_map_key(Mref, Running) ->
+    {noreply, callback_done(Mref, S)};
 handle_info({'DOWN', _Mref, process, Pid, _Reason}, #state{owners = Owners} = S)
   when is_map_key(Pid, Owners) ->
     {noreply, owner_down(Pid, S)};
@@ -225,17 +237,33 @@ frame(1, _H, Payload, _Safe,
       #state{key = Key, contexts = Contexts, channels = Channels} = S) ->
     event(Payload, Key, Contexts, Channels),
     {noreply, S};
-frame(2, _H, Payload, Safe, #state{key = Key, port = Port, max_frame = MaxFrame,
-                                   max_atoms = Max} = S) ->
-    callback(Key, Port, MaxFrame, Payload, {Safe, Max}),
-    {noreply, S};
-frame(3, _H, Payload, Safe, #state{key = Key, max_atoms = Max} = S) ->
-    deliver(Key, Payload, {Safe, Max}),
+frame(2, _H, Payload, Safe, #state{max_atoms = Max} = S) ->
+    {noreply, start_callback({Payload, {Safe, Max}}, S)};
+frame(3, _H, Payload, Safe, #state{key = Key, port = Port, max_atoms = Max,
+                                   max_mailbox = MaxMailbox} = S) ->
+    deliver(Key, Port, Payload, {Safe, Max}, MaxMailbox),
     {noreply, S};
 frame(Kind, _H, _Payload, _Safe, #state{key = Key} = S) ->
     logger:warning("pyport runtime ~p: a frame of unknown kind ~p from the port",
                    [Key, Kind], #{domain => [pyport]}),
     {noreply, S}.
+
+%% At most `?MAX_CALLBACKS' callback processes run at once; the others wait in turn
+%% (Python threads calling Erlang all at once cannot make the node spawn without bound).
+start_callback(Call, #state{callbacks = Running, callback_queue = Queue} = S)
+  when map_size(Running) >= ?MAX_CALLBACKS ->
+    S#state{callback_queue = queue:in(Call, Queue)};
+start_callback({Payload, Safe}, #state{key = Key, port = Port, max_frame = MaxFrame,
+                                       callbacks = Running} = S) ->
+    {_, Mref} = spawn_monitor(fun() -> run_callback(Key, Port, MaxFrame, Payload, Safe) end),
+    S#state{callbacks = Running#{Mref => true}}.
+
+callback_done(Mref, #state{callbacks = Running, callback_queue = Queue} = S) ->
+    S1 = S#state{callbacks = maps:remove(Mref, Running)},
+    case queue:out(Queue) of
+        {{value, Call}, Rest} -> start_callback(Call, S1#state{callback_queue = Rest});
+        {empty, _} -> S1
+    end.
 
 %% Logged once per OS process: Python has used up its atom budget.
 atom_limit_reached(#state{atom_limit_logged = true} = S) ->
@@ -287,7 +315,8 @@ opts_contexts(Other) ->
 open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
-        ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts) ++ atom_args(Opts),
+        ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts) ++ atom_args(Opts)
+        ++ reply_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -317,6 +346,11 @@ max_frame(Opts) ->
 %% Requests a context queues beyond the one it runs; more get {error, overloaded}.
 queue_args(#{queue_capacity := N}) when is_integer(N), N > 0 -> ["--queue", integer_to_list(N)];
 queue_args(_) -> [].
+
+%% Bytes of one reply or stream item.
+reply_args(#{max_reply := Bytes}) when is_integer(Bytes), Bytes > 0 ->
+    ["--max-reply", integer_to_list(Bytes)];
+reply_args(_) -> [].
 
 %% New atoms Python may create in the node over the runtime's life.
 atom_args(#{max_atoms := N}) when is_integer(N), N >= 0 ->
@@ -349,7 +383,7 @@ to_list(P) -> P.
 
 %% Waits for hello, then creates the Opts contexts (all requested at once). Their
 %% preload code may already call Erlang (kind 2) or send messages (kind 3).
-start_port(Key, Port, Contexts, Deadline) ->
+start_port(Key, Port, Contexts, Deadline, Opts) ->
     case await_hello(Key, Port, Deadline) of
         {ok, Hello} ->
             lists:foreach(fun({Id, Body}) ->
@@ -358,8 +392,9 @@ start_port(Key, Port, Contexts, Deadline) ->
             Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
             MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
             MaxAtoms = maps:get(max_atoms, Hello, ?DEFAULT_MAX_ATOMS),
-            case await_contexts({Key, Names, MaxFrame, MaxAtoms}, Port, Contexts,
-                                Deadline) of
+            MaxMailbox = maps:get(max_mailbox, Opts, ?DEFAULT_MAX_MAILBOX),
+            case await_contexts({Key, Names, MaxFrame, MaxAtoms, MaxMailbox}, Port,
+                                Contexts, Deadline) of
                 ok -> {ok, Hello};
                 {error, _} = Error -> Error
             end;
@@ -389,7 +424,8 @@ await_hello(Key, Port, Deadline) ->
 
 await_contexts(_Known, _Port, [], _Deadline) ->
     ok;
-await_contexts({Key, Names, MaxFrame, MaxAtoms} = Known, Port, Waiting, Deadline) ->
+await_contexts({Key, Names, MaxFrame, MaxAtoms, MaxMailbox} = Known, Port, Waiting,
+               Deadline) ->
     receive
         {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
             {pyport_init, Id} = binary_to_term(H),
@@ -407,7 +443,7 @@ await_contexts({Key, Names, MaxFrame, MaxAtoms} = Known, Port, Waiting, Deadline
             await_contexts(Known, Port, Waiting, Deadline);
         {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
           when Kind band 16#7f =:= 3 ->
-            deliver(Key, Payload, {Kind band 16#80 =/= 0, MaxAtoms}),
+            deliver(Key, Port, Payload, {Kind band 16#80 =/= 0, MaxAtoms}, MaxMailbox),
             await_contexts(Known, Port, Waiting, Deadline);
         {Port, {exit_status, Status}} ->
             {error, {port_exit, Status}};
@@ -782,22 +818,48 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
 %% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
 %% one sender keep their order. A name that is not registered (or not even an atom)
 %% drops the message, as `!' to a dead pid would.
-deliver(Key, Payload, Safe) ->
+deliver(Key, Port, Payload, Safe, MaxMailbox) ->
     case decode(Payload, Safe) of
         {error, _} ->
             ok;  % atoms past the budget: dropped (logged once by atom_limit_reached/1)
-        {ok, {Dest, Msg}} when is_pid(Dest); is_atom(Dest) ->
-            send_message(Dest, Msg);
-        {ok, {Dest, Msg}} when is_binary(Dest) ->
-            try binary_to_existing_atom(Dest, utf8) of
-                Name -> send_message(Name, Msg)
-            catch
-                error:badarg -> ok
+        {ok, {Ctx, Seq, Dest, Msg}} when is_integer(Ctx), is_integer(Seq) ->
+            case destination(Dest) of
+                undefined ->
+                    ok;
+                To ->
+                    case mailbox_full(To, MaxMailbox) of
+                        true -> cast_request(Port, Ctx, {send_busy, Seq});
+                        false -> send_message(To, Msg)
+                    end
             end;
         {ok, Other} ->
             logger:warning("pyport runtime ~p: malformed send from the port: ~P",
                            [Key, Other, 20], #{domain => [pyport]})
     end.
+
+%% A pid, or the pid registered under an existing atom (a name never makes an atom).
+destination(Dest) when is_pid(Dest) ->
+    Dest;
+destination(Dest) when is_atom(Dest) ->
+    whereis(Dest);
+destination(Dest) when is_binary(Dest) ->
+    try binary_to_existing_atom(Dest, utf8) of
+        Name -> whereis(Name)
+    catch
+        error:badarg -> undefined
+    end;
+destination(_) ->
+    undefined.
+
+%% Past `max_mailbox' messages in a local process's queue, Python's sends to it are
+%% dropped and Python is told (`erlang.Busy'), so a flood cannot fill the node.
+mailbox_full(Pid, Max) when node(Pid) =:= node() ->
+    case erlang:process_info(Pid, message_queue_len) of
+        {message_queue_len, N} -> N >= Max;
+        undefined -> false
+    end;
+mailbox_full(_Pid, _Max) ->
+    false.
 
 send_message(Dest, Msg) ->
     try

@@ -59,6 +59,8 @@
                   stuck_after => pos_integer() | infinity,
                   max_memory => pos_integer(),
                   max_atoms => non_neg_integer(),
+                  max_reply => pos_integer(),
+                  max_mailbox => pos_integer(),
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 

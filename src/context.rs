@@ -254,6 +254,13 @@ impl Mailbox {
         }
     }
 
+    /// Erlang dropped this context's send `seq`: its destination is busy.
+    pub fn send_busy(&self, seq: u64) {
+        if let Some(link) = self.link.get() {
+            link.sends.busy(seq);
+        }
+    }
+
     /// `pyport:interrupt/1`: stops the request this context runs now.
     pub fn interrupt(&self) {
         self.deadline.interrupt();

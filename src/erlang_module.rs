@@ -37,11 +37,14 @@ pub struct Link {
     pub writer: Arc<Writer>,
     pub callbacks: Callbacks,
     pub channels: Channels,
+    pub sends: Sends,
     /// ETF (without version byte) of the pid that made the current request.
     caller: Mutex<Option<Vec<u8>>>,
     thread: ThreadId,
     /// The running request's deadline (and interrupt) state.
     pub deadline: Arc<Deadline>,
+    /// Python's output to the logger, at a bounded rate.
+    output: OutputRate,
     /// Set when Python wrote output without a final newline.
     unflushed: std::sync::atomic::AtomicBool,
 }
@@ -55,9 +58,11 @@ impl Link {
             deadline,
             callbacks: Callbacks::default(),
             channels: Channels::default(),
+            sends: Sends::default(),
             caller: Mutex::new(None),
             thread: std::thread::current().id(),
             unflushed: std::sync::atomic::AtomicBool::new(false),
+            output: OutputRate::default(),
         })
     }
 
@@ -78,6 +83,44 @@ impl Link {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Lines of output (`print`, `sys.stderr`, `logging`) a context may send to Erlang's
+/// logger per second; more are counted and dropped, and the count is logged, so a
+/// flood of output cannot swamp the node's logger.
+const OUTPUT_LINES_PER_SECOND: u32 = 1000;
+
+#[derive(Default)]
+struct OutputRate {
+    window: Mutex<Option<(std::time::Instant, u32, u64)>>,
+}
+
+impl OutputRate {
+    fn log(&self, writer: &Writer, level: &str, ctx: u64, text: &str) {
+        let now = std::time::Instant::now();
+        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (start, sent, dropped) = window.get_or_insert((now, 0, 0));
+        if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
+            if *dropped > 0 {
+                writer.log(
+                    "warning",
+                    ctx,
+                    &format!(
+                        "{dropped} lines of Python output dropped (over \
+                         {OUTPUT_LINES_PER_SECOND} lines/s)"
+                    ),
+                );
+            }
+            (*start, *sent, *dropped) = (now, 0, 0);
+        }
+        if *sent < OUTPUT_LINES_PER_SECOND {
+            *sent += 1;
+            drop(window);
+            writer.log(level, ctx, text);
+        } else {
+            *dropped += 1;
+        }
     }
 }
 
@@ -529,15 +572,15 @@ fn callback_result<'py>(
     }
 }
 
-/// `_pyport.send(dest, term)`: fire and forget; never blocks.
+/// `_pyport.send(dest, term)`: fire and forget; never blocks. Raises `erlang.Busy` while
+/// the destination is marked busy (see [`Sends`]).
 #[pyfunction]
 fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyResult<()> {
     let link = current_link()?;
     let types = types(py)?;
-    let mut payload = Vec::with_capacity(64);
-    let safe = {
-        let mut w = etf::Writer::new(&mut payload);
-        w.tuple_header(2);
+    let mut dest_bytes = Vec::with_capacity(32);
+    {
+        let mut w = etf::Writer::continuing(&mut dest_bytes);
         if dest.is_instance(types.pid.bind(py))? || dest.is_instance(types.atom.bind(py))? {
             convert::encode_term(&types, dest, &mut w, 1).map_err(to_pyerr)?;
         } else if let Ok(name) = dest.cast::<PyString>() {
@@ -547,12 +590,90 @@ fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyR
                 "send: dest must be an erlang.Pid or a registered name",
             ));
         }
+    }
+    if link.sends.is_busy(&dest_bytes) {
+        let busy = erlang_module(py)?.getattr("Busy")?;
+        return Err(PyErr::from_value(busy.call1((dest,))?));
+    }
+    let seq = link.sends.sent(&dest_bytes);
+    let mut payload = Vec::with_capacity(64 + dest_bytes.len());
+    let safe = {
+        let mut w = etf::Writer::new(&mut payload);
+        w.tuple_header(4);
+        w.int(link.ctx as i64);
+        w.int(seq as i64);
+        w.raw(&dest_bytes);
         convert::encode_term(&types, term, &mut w, 1).map_err(to_pyerr)?;
         w.needs_safe_decode
     };
     link.writer
         .event_kind(with_safe_decode(KIND_SEND, safe), &payload);
     Ok(())
+}
+
+/// How long a destination Erlang reported as busy refuses further `erlang.send`s.
+const BUSY_FOR: std::time::Duration = std::time::Duration::from_millis(100);
+/// Recent sends remembered, to find the destination Erlang reports busy by number.
+const SENDS_REMEMBERED: usize = 4096;
+
+/// `erlang.send` and the destinations Erlang found busy: when a process's mailbox is
+/// over the runtime's bound, the port owner drops the message and answers
+/// `{send_busy, SendSeq}`; sends to that destination then raise `erlang.Busy` in
+/// Python for [`BUSY_FOR`] (after which the owner looks at the mailbox again).
+#[derive(Default)]
+pub struct Sends {
+    inner: Mutex<SendsInner>,
+}
+
+#[derive(Default)]
+struct SendsInner {
+    next: u64,
+    recent: std::collections::VecDeque<(u64, Vec<u8>)>,
+    busy: HashMap<Vec<u8>, std::time::Instant>,
+}
+
+impl Sends {
+    fn lock(&self) -> std::sync::MutexGuard<'_, SendsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_busy(&self, dest: &[u8]) -> bool {
+        let mut s = self.lock();
+        match s.busy.get(dest) {
+            Some(until) if *until > std::time::Instant::now() => true,
+            Some(_) => {
+                s.busy.remove(dest);
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Numbers a send to `dest`.
+    fn sent(&self, dest: &[u8]) -> u64 {
+        let mut s = self.lock();
+        s.next += 1;
+        let seq = s.next;
+        if s.recent.len() == SENDS_REMEMBERED {
+            s.recent.pop_front();
+        }
+        s.recent.push_back((seq, dest.to_vec()));
+        seq
+    }
+
+    /// Erlang dropped send `seq`: its destination's mailbox is over the bound.
+    pub fn busy(&self, seq: u64) {
+        let mut s = self.lock();
+        let Some(dest) = s
+            .recent
+            .iter()
+            .find(|(n, _)| *n == seq)
+            .map(|(_, d)| d.clone())
+        else {
+            return;
+        };
+        s.busy.insert(dest, std::time::Instant::now() + BUSY_FOR);
+    }
 }
 
 /// The frame kind, marked for a `[safe]` decode when it carries atoms past the budget.
@@ -588,7 +709,7 @@ fn log(level: &str, text: &str) -> PyResult<()> {
         _ => "info",
     };
     match current_link() {
-        Ok(link) => link.writer.log(level, link.ctx, text),
+        Ok(link) => link.output.log(&link.writer, level, link.ctx, text),
         Err(_) => eprintln!("{text}"),
     }
     Ok(())

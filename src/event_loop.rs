@@ -288,7 +288,7 @@ impl Outlet {
         if safe {
             crate::framing::mark_safe_decode(&mut frame);
         }
-        crate::framing::finish_frame(&mut frame)?;
+        crate::framing::finish_reply(&mut frame)?;
         self.writer.send(&frame);
         Ok(())
     }
@@ -343,7 +343,7 @@ impl Outlet {
                 w.int(id as i64);
             }
         }
-        crate::framing::finish_frame(out)
+        crate::framing::finish_reply(out)
     }
 
     /// Sends what the loop's last step produced (`loop._pyport_outbox`).

@@ -218,6 +218,24 @@ pub fn begin_frame(out: &mut Vec<u8>, kind: u8, header: &[u8]) {
     out.extend_from_slice(header);
 }
 
+/// `max_reply`: bytes one reply or stream item may take (`--max-reply`).
+static MAX_REPLY: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(usize::MAX);
+
+pub fn set_max_reply(max: usize) {
+    MAX_REPLY.store(max, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Writes the length of a reply or stream item built by [`begin_frame`], which must
+/// stay within `max_reply` (the node never holds a larger one).
+pub fn finish_reply(out: &mut [u8]) -> Result<(), crate::error::Error> {
+    let max = MAX_REPLY.load(std::sync::atomic::Ordering::Relaxed);
+    let size = out.len() - 7;
+    if size > max {
+        return Err(crate::error::Error::ReplyTooLarge { size, max });
+    }
+    finish_frame(out)
+}
+
 /// Marks a frame built by [`begin_frame`] for a `[safe]` decode (see `atoms`).
 pub fn mark_safe_decode(out: &mut [u8]) {
     out[4] |= crate::atoms::SAFE_DECODE;

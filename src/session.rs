@@ -20,7 +20,7 @@ use crate::erlang_module::{erlang_module, Link};
 use crate::error::Error;
 use crate::etf;
 use crate::event_loop::{EventLoop, Outlet, Reactor};
-use crate::framing::{begin_frame, finish_frame, KIND_REPLY};
+use crate::framing::{begin_frame, KIND_REPLY};
 use crate::request::{Parts, Request, Spec};
 
 pub struct Session {
@@ -249,7 +249,7 @@ impl Session {
         if w.needs_safe_decode {
             crate::framing::mark_safe_decode(out);
         }
-        finish_frame(out)?;
+        crate::framing::finish_reply(out)?;
         Ok(Served::Now)
     }
 

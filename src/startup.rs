@@ -18,7 +18,7 @@ const DEFAULT_QUEUE: usize = 10_000;
 const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
 /// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
-/// `--max-memory BYTES`, `--max-atoms N`.
+/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
@@ -40,6 +40,11 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             "--queue" => {
                 config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
             }
+            "--max-reply" => crate::framing::set_max_reply(
+                value()?
+                    .parse()
+                    .map_err(|_| "--max-reply needs a number of bytes")?,
+            ),
             "--max-atoms" => {
                 crate::atoms::set_max(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
             }

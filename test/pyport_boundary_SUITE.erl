@@ -10,7 +10,7 @@
 -define(MAX_ATOMS, 100).
 
 all() ->
-    [atom_budget].
+    [atom_budget, send_flood_is_bounded, max_reply, output_flood, callbacks_are_bounded].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -85,6 +85,154 @@ atom_budget(_Config) ->
     ?assert(Count3 - Count1 < 50),
     ok = pyport:unregister_function(pyport_boundary_echo),
     ok = pyport:stop_runtime(Rt).
+
+send_flood_is_bounded() ->
+    [{doc, "200,000 erlang.send to a process that does not read, max_mailbox 10,000: its "
+           "queue stops at the bound, the rest raise erlang.Busy in Python (never "
+           "blocking), node memory stays bounded, and sends to another process go "
+           "through meanwhile."}].
+send_flood_is_bounded(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}], max_mailbox => 10000}),
+    {ok, C} = pyport:context(Rt, a),
+    ok = pyport:exec(C, <<"import erlang\n"
+                          "def flood(sink, other, n):\n"
+                          "    busy = 0\n"
+                          "    for i in range(n):\n"
+                          "        try:\n"
+                          "            erlang.send(sink, (i, 'x' * 100))\n"
+                          "        except erlang.Busy:\n"
+                          "            busy += 1\n"
+                          "    erlang.send(other, 'done')\n"
+                          "    return busy\n">>),
+    Sink = spawn(fun() -> receive stop -> ok end end),
+    Mem0 = erlang:memory(total),
+    {ok, Busy} = pyport:call(C, '__main__', flood, [Sink, self(), 200000], #{},
+                             #{timeout => 60000}),
+    receive <<"done">> -> ok end,
+    {message_queue_len, Queued} = erlang:process_info(Sink, message_queue_len),
+    Mem1 = erlang:memory(total),
+    ct:log("200,000 sends: ~b queued at the sink, ~b raised erlang.Busy; node memory "
+           "~b -> ~b bytes", [Queued, Busy, Mem0, Mem1]),
+    ?assert(Queued =< 10000),
+    ?assert(Queued >= 9000),
+    ?assert(Busy > 100000),
+    ?assert(Mem1 - Mem0 < 64 * 1024 * 1024),
+    Sink ! stop,
+    ok = pyport:stop_runtime(Rt).
+
+max_reply() ->
+    [{doc, "max_reply 1000 bytes: a larger result is {error, {reply_too_large, Size, "
+           "1000}} (and a larger stream item ends its stream so); smaller ones pass."}].
+max_reply(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}], max_reply => 1000}),
+    {ok, C} = pyport:context(Rt, a),
+    ?assertMatch({error, {reply_too_large, Size, 1000}} when Size > 1000,
+                 pyport:eval(C, <<"'x' * 2000">>)),
+    ?assertEqual({ok, <<"xx">>}, pyport:eval(C, <<"'x' * 2">>)),
+    ok = pyport:exec(C, <<"def items():\n    yield 'small'\n    yield 'x' * 5000\n">>),
+    {ok, S} = pyport:stream(C, '__main__', items, []),
+    ?assertEqual({data, <<"small">>}, pyport:stream_next(S, 5000)),
+    ?assertMatch({error, {reply_too_large, _, 1000}}, pyport:stream_next(S, 5000)),
+    ok = pyport:stop_runtime(Rt).
+
+output_flood() ->
+    [{doc, "print in a tight loop for 2 s: the node stays responsive (calls to another "
+           "runtime answer in under 200 ms throughout), its memory stays bounded, and "
+           "the dropped lines are counted in a log message."}].
+output_flood(_Config) ->
+    ok = pyport_ct:forward_logs(),
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Rt, a),
+    ok = pyport:exec(C, <<"import time\n"
+                          "def shout(seconds):\n"
+                          "    end = time.monotonic() + seconds\n"
+                          "    n = 0\n"
+                          "    while time.monotonic() < end:\n"
+                          "        print('flood', n)\n"
+                          "        n += 1\n"
+                          "    return n\n">>),
+    Mem0 = erlang:memory(total),
+    Ref = pyport:async_call(C, '__main__', shout, [2]),
+    Worst = probe_latency(Ref, 0),
+    {ok, Lines} = pyport:await(Ref, 10000),
+    %% one more line after the second is over reports the drops
+    ok = pyport:exec(C, <<"print('after')">>),
+    Mem1 = erlang:memory(total),
+    Dropped = collect_dropped(),
+    pyport_ct:stop_forwarding_logs(),
+    ct:log("~b lines printed in 2 s; worst call latency meanwhile ~b us; node memory "
+           "~b -> ~b; drop reports: ~p", [Lines, Worst, Mem0, Mem1, Dropped]),
+    ?assert(Lines > 10000),
+    ?assert(Worst < 200000),
+    ?assert(Mem1 - Mem0 < 64 * 1024 * 1024),
+    ?assertNotEqual([], Dropped),
+    ok = pyport:stop_runtime(Rt).
+
+%% Calls the default runtime until the async call Ref has answered; the worst latency.
+probe_latency(Ref, Worst) ->
+    receive
+        {pyport, Ref, _} = Done -> self() ! Done, Worst
+    after 0 ->
+        T0 = erlang:monotonic_time(microsecond),
+        {ok, 3} = pyport:call(operator, add, [1, 2]),
+        probe_latency(Ref, max(Worst, erlang:monotonic_time(microsecond) - T0))
+    end.
+
+collect_dropped() ->
+    receive
+        {pyport_log, _Level, Message} ->
+            case string:find(Message, "lines of Python output dropped") of
+                nomatch -> collect_dropped();
+                _ -> [Message | collect_dropped()]
+            end
+    after 0 ->
+        []
+    end.
+
+callbacks_are_bounded() ->
+    [{doc, "erlang.call from 1,000 Python threads at once: at most 100 callback "
+           "processes run at a time in the node, and all 1,000 calls complete."}].
+callbacks_are_bounded(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, C} = pyport:context(Rt, a),
+    Counter = atomics:new(2, []),
+    ok = pyport:register_function(pyport_boundary_slow,
+                                  fun(X) ->
+                                      N = atomics:add_get(Counter, 1, 1),
+                                      update_max(Counter, N),
+                                      receive after 20 -> ok end,  % the workload
+                                      atomics:sub(Counter, 1, 1),
+                                      X
+                                  end),
+    ok = pyport:exec(C, <<"import erlang, threading\n"
+                          "def many(n):\n"
+                          "    out = [None] * n\n"
+                          "    def one(i):\n"
+                          "        out[i] = erlang.call('pyport_boundary_slow', i)\n"
+                          "    ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]\n"
+                          "    for t in ts: t.start()\n"
+                          "    for t in ts: t.join()\n"
+                          "    return out == list(range(n))\n">>),
+    ?assertEqual({ok, true}, pyport:call(C, '__main__', many, [1000], #{},
+                                         #{timeout => 120000})),
+    Max = atomics:get(Counter, 2),
+    ct:log("at most ~b callbacks ran at once", [Max]),
+    ?assert(Max =< 100),
+    ?assert(Max > 1),
+    ok = pyport:unregister_function(pyport_boundary_slow),
+    ok = pyport:stop_runtime(Rt).
+
+update_max(Counter, N) ->
+    Old = atomics:get(Counter, 2),
+    case N > Old of
+        true ->
+            case atomics:compare_exchange(Counter, 2, Old, N) of
+                ok -> ok;
+                _ -> update_max(Counter, N)
+            end;
+        false ->
+            ok
+    end.
 
 %% The names among these that are atoms of the node.
 existing(Names) ->

@@ -11,6 +11,7 @@ import _pyport
 
 __all__ = [
     "Atom", "Pid", "Ref", "Opaque", "Error", "CallTimeout", "Interrupted", "ChannelClosed",
+    "Busy",
     "atom", "call", "async_call", "send", "self", "whereis", "channel",
 ]
 
@@ -111,6 +112,11 @@ class CallTimeout(BaseException):
 class Interrupted(BaseException):
     """Raised in the running request by ``pyport:interrupt/1`` (its caller gets
     ``{error, interrupted}``). A ``BaseException``, like ``CallTimeout``."""
+
+
+class Busy(Exception):
+    """Raised by ``erlang.send`` while its destination's mailbox is over the runtime's
+    bound (``max_mailbox``): the message was not sent. ``args[0]`` is the destination."""
 
 
 class ChannelClosed(Exception):
