@@ -781,23 +781,15 @@ registered_function(_) ->
 apply_function({Module, Function}, Args) -> apply(Module, Function, Args);
 apply_function(Fun, Args) -> apply(Fun, Args).
 
-%% A name Python gives never creates an atom.
-whereis_name(Name) when is_atom(Name) ->
-    whereis_or_none(Name);
-whereis_name(Name) when is_binary(Name) ->
-    try binary_to_existing_atom(Name, utf8) of
-        Atom -> whereis_or_none(Atom)
-    catch
-        error:badarg -> none
+%% `erlang.whereis(Name)': the pid registered under that name (an atom or a binary),
+%% or `none'.
+whereis_name(Name) when is_atom(Name); is_binary(Name) ->
+    case destination(Name) of
+        undefined -> none;
+        Pid -> Pid
     end;
 whereis_name(_) ->
     none.
-
-whereis_or_none(Atom) ->
-    case whereis(Atom) of
-        undefined -> none;
-        Pid -> Pid
-    end.
 
 %% A result too large for one frame would be discarded by the port program and leave
 %% the Python caller waiting forever, so it is answered with an error instead.
