@@ -13,11 +13,12 @@ setup:
 
 build: setup rust erl
 
+# The same script is rebar3's compile hook (rebar.config), so pyport also builds itself
+# as a dependency; here it is given the Python that `setup` found.
 rust:
-	$(CARGO_ENV) cargo build --release
-	@mkdir -p priv
-	install -m 755 target/release/pyport priv/pyport
+	PYPORT_PYTHON=$(PYTHON) scripts/build-port.sh
 
+erl: export PYPORT_PYTHON = $(PYTHON)
 erl:
 	$(REBAR) compile
 
@@ -26,12 +27,13 @@ test: build test-rust test-erl
 test-rust:
 	$(CARGO_ENV) cargo test --release
 
+test-erl: export PYPORT_PYTHON = $(PYTHON)
 test-erl:
 	$(REBAR) ct
 
 # The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes.
 soak: build
-	PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
+	PYPORT_PYTHON=$(PYTHON) PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
 
 # The decoders and the frame reader against a million random and mutated inputs each.
 fuzz: setup

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prints the path of a CPython >= 3.12 with a shared libpython, for pyport to embed.
-# Order: $PYPORT_PYTHON; the cached build; else build CPython $series once from Debian's
-# source package into the cache (outside the repo). All progress goes to stderr.
+# Order: $PYPORT_PYTHON; with --prefer-installed (a build of pyport as a dependency of
+# another project), a python3 / python3.1x on the PATH or under pyenv; the cached build;
+# else build CPython $series once from Debian's source package into the cache (outside
+# the repo; minutes). All progress goes to stderr.
 set -euo pipefail
 
 series="${PYPORT_PYTHON_SERIES:-3.13}"
@@ -24,6 +26,14 @@ if [ -n "${PYPORT_PYTHON:-}" ]; then
     exit 1
 fi
 
+if [ "${1:-}" = "--prefer-installed" ]; then
+    for py in python3.14 python3.13 python3.12 python3 \
+              $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV); do
+        found=$(command -v "$py" 2>/dev/null || true)
+        if [ -n "$found" ] && usable "$found"; then echo "$found"; exit 0; fi
+    done
+fi
+
 if [ -x "$prefix/bin/python3" ] && usable "$prefix/bin/python3"; then
     echo "$prefix/bin/python3"; exit 0
 fi
@@ -31,7 +41,7 @@ fi
 # Build from Debian's source package. The suites that carry python$series are added as
 # deb-src sources only (no binary package changes), with the mirror taken from the
 # machine's own apt sources; apt picks the newest version among them.
-log "building CPython $series into $prefix (once; about 3-5 minutes)"
+log "no usable Python found: building CPython $series into $prefix (once; this takes minutes)"
 export DEBIAN_FRONTEND=noninteractive
 apt_uris() {
     { grep -h '^URIs:' /etc/apt/sources.list.d/*.sources 2>/dev/null | awk '{print $2}'

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Builds the port program into priv/pyport. rebar3's compile step runs this (see
+# rebar.config), so pyport builds itself as a dependency of another project, and a
+# release carries the binary in pyport's priv/. Quiet when all is up to date.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+fail() { echo "pyport: $*" >&2; exit 1; }
+command -v cargo >/dev/null 2>&1 \
+    || fail "cargo not found: the pyport port program is Rust; install Rust (rustup) and compile again"
+python=$(scripts/ensure-python.sh --prefer-installed) \
+    || fail "no CPython >= 3.12 with a shared libpython found or built; set PYPORT_PYTHON"
+PYO3_PYTHON="$python" cargo build --release --quiet \
+    || fail "cargo build of the port program failed (see above)"
+mkdir -p priv
+if ! cmp -s target/release/pyport priv/pyport 2>/dev/null; then
+    install -m 755 target/release/pyport priv/pyport
+fi

@@ -1,0 +1,87 @@
+%% @doc pyport as a dependency: a throwaway rebar3 application that depends on pyport
+%% (by git, from this repository's committed main) compiles with plain
+%% `rebar3 compile', which builds the port binary, calls Python, and ships in a release
+%% that still works after it is moved elsewhere.
+-module(pyport_dep_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+suite() ->
+    [{timetrap, {minutes, 20}}].
+
+all() ->
+    [rebar3_dependency_and_release].
+
+rebar3_dependency_and_release() ->
+    [{doc, "A new rebar3 app with {deps, [{pyport, {git, ...}}]}: `rebar3 compile' builds "
+           "_build/default/lib/pyport/priv/pyport; a VM started on that code path runs "
+           "pyport:call(math, sqrt, [16]); `rebar3 release' carries the binary, and the "
+           "release moved to another directory runs the same call."}].
+rebar3_dependency_and_release(Config) ->
+    Root = repo_root(),
+    App = filename:join(?config(priv_dir, Config), "depapp"),
+    ok = write_app(App, Root),
+    %% a cargo target dir of its own, kept between runs (the first build takes minutes)
+    Env = "CARGO_TARGET_DIR=" ++ filename:join([Root, "target", "dependency-build"]),
+    {0, _} = run(App, Env ++ " rebar3 compile"),
+    Binary = filename:join([App, "_build", "default", "lib", "pyport", "priv", "pyport"]),
+    ?assert(filelib:is_regular(Binary)),
+    Call = "{ok, _} = application:ensure_all_started(pyport), "
+           "io:format(\"result=~p~n\", [depapp:sqrt()]), halt().",
+    {0, Out1} = run(App, "erl -noshell -pa _build/default/lib/*/ebin -eval '" ++ Call ++ "'"),
+    ?assertNotEqual(nomatch, string:find(Out1, "result={ok,4.0}")),
+    {0, _} = run(App, Env ++ " rebar3 release"),
+    Moved = filename:join(?config(priv_dir, Config), "moved"),
+    ok = filelib:ensure_dir(filename:join(Moved, "x")),
+    {0, _} = run(App, "mv _build/default/rel/depapp " ++ Moved),
+    Rel = filename:join(Moved, "depapp"),
+    ?assert(filelib:is_regular(filename:join([Rel, "lib", lib_dir_name(Rel), "priv", "pyport"]))),
+    {0, _} = run(Rel, "bin/depapp daemon"),
+    pyport_ct:wait_for(fun() -> case run(Rel, "bin/depapp ping") of
+                                    {0, _} -> {ok, up};
+                                    Other -> {not_yet, Other}
+                                end
+                       end, 300),
+    {0, Out2} = run(Rel, "bin/depapp eval 'depapp:sqrt().'"),
+    _ = run(Rel, "bin/depapp stop"),
+    ?assertNotEqual(nomatch, string:find(Out2, "{ok,4.0}")).
+
+%%% Helpers
+
+%% This repository: the test's pyport is _build/test/lib/pyport, four levels down.
+repo_root() ->
+    filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
+
+write_app(App, Root) ->
+    ok = filelib:ensure_dir(filename:join([App, "src", "x"])),
+    ok = file:write_file(
+           filename:join(App, "rebar.config"),
+           io_lib:format("{deps, [{pyport, {git, ~p, {branch, \"main\"}}}]}.~n"
+                         "{relx, [{release, {depapp, \"0.1.0\"}, [depapp]},~n"
+                         "        {dev_mode, false}, {include_erts, false},~n"
+                         "        {extended_start_script, true}]}.~n",
+                         ["file://" ++ Root])),
+    ok = file:write_file(
+           filename:join([App, "src", "depapp.app.src"]),
+           "{application, depapp, [{vsn, \"0.1.0\"}, {modules, []}, {registered, []},\n"
+           "  {applications, [kernel, stdlib, pyport]}, {env, []}]}.\n"),
+    ok = file:write_file(
+           filename:join([App, "src", "depapp.erl"]),
+           "-module(depapp).\n-export([sqrt/0]).\n"
+           "sqrt() -> pyport:call(math, sqrt, [16]).\n").
+
+%% The directory of pyport inside a release (its name carries the version).
+lib_dir_name(Rel) ->
+    [Dir] = [filename:basename(D) || D <- filelib:wildcard(filename:join([Rel, "lib", "pyport-*"]))],
+    Dir.
+
+%% Runs a shell command in Dir; returns its exit status and output (logged).
+run(Dir, Command) ->
+    Out = os:cmd("cd " ++ Dir ++ " && " ++ Command ++ " 2>&1; echo \"exit=$?\""),
+    ct:log("~s:~n~s", [Command, Out]),
+    {match, [Code]} = re:run(Out, "exit=([0-9]+)\\s*$", [{capture, all_but_first, list}]),
+    {list_to_integer(Code), Out}.
