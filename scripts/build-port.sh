@@ -11,7 +11,8 @@ python=$(scripts/ensure-python.sh --prefer-installed) \
     || fail "no CPython >= 3.12 with a shared libpython found or built; set PYPORT_PYTHON"
 PYO3_PYTHON="$python" cargo build --release --quiet \
     || fail "cargo build of the port program failed (see above)"
+built="${CARGO_TARGET_DIR:-target}/release/pyport"
 mkdir -p priv
-if ! cmp -s target/release/pyport priv/pyport 2>/dev/null; then
-    install -m 755 target/release/pyport priv/pyport
+if ! cmp -s "$built" priv/pyport 2>/dev/null; then
+    install -m 755 "$built" priv/pyport
 fi
