@@ -46,9 +46,10 @@ rebar3_dependency_and_release(Config) ->
                                     Other -> {not_yet, Other}
                                 end
                        end, 300),
-    {0, Out2} = run(Rel, "bin/depapp eval 'depapp:sqrt().'"),
+    {0, Out2} = run(Rel, "bin/depapp eval "
+                         "'lists:flatten(io_lib:format(\"result=~p\", [depapp:sqrt()])).'"),
     _ = run(Rel, "bin/depapp stop"),
-    ?assertNotEqual(nomatch, string:find(Out2, "{ok,4.0}")).
+    ?assertNotEqual(nomatch, string:find(Out2, "result={ok,4.0}")).
 
 %%% Helpers
 
@@ -67,7 +68,8 @@ write_app(App, Root) ->
                          ["file://" ++ Root])),
     ok = file:write_file(
            filename:join([App, "src", "depapp.app.src"]),
-           "{application, depapp, [{vsn, \"0.1.0\"}, {modules, []}, {registered, []},\n"
+           "{application, depapp, [{description, \"pyport as a dependency\"},\n"
+           "  {vsn, \"0.1.0\"}, {modules, []}, {registered, []},\n"
            "  {applications, [kernel, stdlib, pyport]}, {env, []}]}.\n"),
     ok = file:write_file(
            filename:join([App, "src", "depapp.erl"]),
