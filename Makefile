@@ -21,6 +21,7 @@ rust:
 erl: export PYPORT_PYTHON = $(PYTHON)
 erl:
 	$(REBAR) compile
+	$(REBAR) escriptize
 
 test: build test-rust test-erl
 
