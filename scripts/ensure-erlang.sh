@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs Erlang/OTP, rebar3 and Common Test from Debian's packages when absent.
+# Installs Erlang/OTP, rebar3, Common Test and Elixir (for the Mix and Elixir tests)
+# from Debian's packages when absent.
 set -euo pipefail
 need=()
 command -v erl >/dev/null 2>&1 || need+=(erlang-base erlang-dev erlang-eunit erlang-tools erlang-syntax-tools erlang-dialyzer)
 command -v rebar3 >/dev/null 2>&1 || need+=(rebar3)
+command -v mix >/dev/null 2>&1 || need+=(elixir)
 if command -v erl >/dev/null 2>&1; then
     erl -noshell -eval 'case code:lib_dir(common_test) of {error, _} -> halt(1); _ -> halt(0) end.' \
         || need+=(erlang-common-test)

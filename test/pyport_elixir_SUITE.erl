@@ -1,0 +1,76 @@
+%% @doc pyport from Elixir: a Mix project depending on pyport compiles (the port binary
+%% built by pyport's own Mix compiler) and calls Python; the Elixir example of
+%% examples/elixir (a supervised runtime, a callback into Elixir, a stream through
+%% Stream.resource/3) runs. Needs `mix' (`make test' installs Debian's elixir).
+-module(pyport_elixir_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+suite() ->
+    [{timetrap, {minutes, 20}}].
+
+all() ->
+    [mix_dependency, elixir_example].
+
+init_per_suite(Config) ->
+    case os:find_executable("mix") of
+        false -> {skip, "mix (Elixir) is not installed"};
+        _ -> [{root, repo_root()} | Config]
+    end.
+
+end_per_suite(_Config) ->
+    ok.
+
+mix_dependency() ->
+    [{doc, "A new Mix project with {:pyport, git: ...}: `mix compile' builds pyport and "
+           "its port binary; `mix run' calls Python."}].
+mix_dependency(Config) ->
+    Root = ?config(root, Config),
+    Dir = filename:join(?config(priv_dir, Config), "mixapp"),
+    ok = filelib:ensure_dir(filename:join([Dir, "lib", "x"])),
+    ok = file:write_file(
+           filename:join(Dir, "mix.exs"),
+           io_lib:format("defmodule Mixapp.MixProject do~n"
+                         "  use Mix.Project~n"
+                         "  def project, do: [app: :mixapp, version: \"0.1.0\", deps: deps()]~n"
+                         "  def application, do: [extra_applications: [:logger]]~n"
+                         "  defp deps, do: [{:pyport, git: ~p, branch: \"main\"}]~n"
+                         "end~n", ["file://" ++ Root])),
+    Env = env(Root),
+    {0, _} = run(Dir, Env ++ " mix deps.get"),
+    {0, _} = run(Dir, Env ++ " mix compile"),
+    ?assert(filelib:is_regular(filename:join([Dir, "deps", "pyport", "priv", "pyport"]))),
+    {0, Out} = run(Dir, Env ++ " mix run -e '{:ok, _} = Application.ensure_all_started(:pyport); "
+                              "IO.inspect(:pyport.call(:math, :sqrt, [16]))'"),
+    ?assertNotEqual(nomatch, string:find(Out, "{:ok, 4.0}")).
+
+elixir_example() ->
+    [{doc, "examples/elixir runs: a call, a callback into an Elixir function, a stream "
+           "taken whole and one cut short by Enum.take/2."}].
+elixir_example(Config) ->
+    Root = ?config(root, Config),
+    Dir = filename:join(?config(priv_dir, Config), "example"),
+    {0, _} = run(Root, "cp -r examples/elixir " ++ Dir),
+    {0, Out} = run(Dir, env(Root) ++ " PYPORT_PATH=" ++ Root ++ " mix run -e Example.main"),
+    [?assertNotEqual(nomatch, string:find(Out, Line))
+     || Line <- ["sqrt: {:ok, 4.0}", "greet: {:ok, \"HELLO ELIXIR\"}",
+                 "squares: [0, 1, 4, 9, 16]", "first two: [0, 1]"]].
+
+%%% Helpers
+
+repo_root() ->
+    filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
+
+env(Root) ->
+    "MIX_HOME=" ++ filename:join([Root, "_build", "mix_home"])
+        ++ " CARGO_TARGET_DIR=" ++ filename:join([Root, "target", "dependency-build"]).
+
+run(Dir, Command) ->
+    Out = os:cmd("cd " ++ Dir ++ " && " ++ Command ++ " 2>&1; echo \"exit=$?\""),
+    ct:log("~s:~n~s", [Command, Out]),
+    {match, [Code]} = re:run(Out, "exit=([0-9]+)\\s*$", [{capture, all_but_first, list}]),
+    {list_to_integer(Code), Out}.
