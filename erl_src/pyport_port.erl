@@ -619,10 +619,14 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
               {ok, List} when is_list(List) -> List;
               _ -> lists:sort(maps:keys(Contexts))
           end,
-    Described = [maps:get(Id, Contexts, #{id => Id, name => undefined, mode => unknown})
+    Stats = maps:get(context_stats, Info, #{}),
+    Described = [maps:merge(maps:get(Id, Contexts, #{id => Id, name => undefined,
+                                                     mode => unknown}),
+                            maps:get(Id, Stats, #{}))
                  || Id <- Ids],
     Base = maps:with([protocol, max_frame, capabilities], Hello),
-    (maps:merge(Base, Info))#{contexts => Described, runtime => S#state.handle,
+    (maps:remove(context_stats, maps:merge(Base, Info)))#{
+        contexts => Described, runtime => S#state.handle,
                               restarts => pyport_runtime:restarts(S#state.key),
                               owned => owned_counts(S)}.
 

@@ -14,7 +14,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -96,6 +96,10 @@ pub struct Mailbox {
     stuck_after: Option<Duration>,
     /// Set when the context was replaced while stuck: its thread ends once it returns.
     abandoned: AtomicBool,
+    /// Requests served, and how many of them answered an error / `timeout`.
+    served: AtomicU64,
+    errors: AtomicU64,
+    timeouts: AtomicU64,
 }
 
 impl Mailbox {
@@ -254,6 +258,35 @@ impl Mailbox {
         }
     }
 
+    fn count(&self, outcome: Outcome) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+        match outcome {
+            Outcome::Ok => {}
+            Outcome::Error => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Outcome::Timeout => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+                self.timeouts.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// `#{requests, errors, timeouts, queued}` for `pyport:info/1`.
+    pub fn stats(&self) -> crate::etf::Term {
+        use crate::etf::Term;
+        let n = |a: &AtomicU64| Term::Int(a.load(Ordering::Relaxed) as i64);
+        Term::Map(vec![
+            (Term::atom("requests"), n(&self.served)),
+            (Term::atom("errors"), n(&self.errors)),
+            (Term::atom("timeouts"), n(&self.timeouts)),
+            (
+                Term::atom("queued"),
+                Term::Int(self.queued.load(Ordering::Relaxed) as i64),
+            ),
+        ])
+    }
+
     /// Erlang dropped this context's send `seq`: its destination is busy.
     pub fn send_busy(&self, seq: u64) {
         if let Some(link) = self.link.get() {
@@ -328,6 +361,9 @@ pub fn spawn(
         state: AtomicU8::new(STARTING),
         stuck_after,
         abandoned: AtomicBool::new(false),
+        served: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        timeouts: AtomicU64::new(0),
     });
     let mb = mailbox.clone();
     std::thread::Builder::new()
@@ -558,7 +594,7 @@ impl Loop<'_> {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
-                handle(
+                let outcome = handle(
                     py,
                     self.session,
                     &job,
@@ -566,6 +602,7 @@ impl Loop<'_> {
                     &self.mailbox.deadline,
                     &mut out,
                 );
+                self.mailbox.count(outcome);
                 if out.capacity() <= MAX_KEPT_BUFFER {
                     out.clear();
                     self.out.replace(out);
@@ -582,6 +619,13 @@ impl Loop<'_> {
     }
 }
 
+/// How a request ended, for the context's counters.
+enum Outcome {
+    Ok,
+    Error,
+    Timeout,
+}
+
 /// Serves one request; a panic becomes an error reply and the context lives on.
 fn handle(
     py: Python<'_>,
@@ -590,7 +634,7 @@ fn handle(
     writer: &Writer,
     deadline: &Deadline,
     out: &mut Vec<u8>,
-) {
+) -> Outcome {
     let (outer, outer_at) = deadline.current();
     let start = |timeout_ms: Option<u64>| {
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
@@ -611,14 +655,22 @@ fn handle(
     });
     let header = job.header();
     match result {
-        Ok(Ok(Served::Now)) if !header.is_empty() => writer.send(out),
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => writer.fail(header, session.id, "warning", &e),
-        Err(panic) => writer.fail(
-            header,
-            session.id,
-            "error",
-            &Error::Panic(panic_message(&*panic)),
-        ),
+        Ok(Ok(Served::Now)) if !header.is_empty() => {
+            writer.send(out);
+            Outcome::Ok
+        }
+        Ok(Ok(_)) => Outcome::Ok,
+        Ok(Err(e)) => {
+            writer.fail(header, session.id, "warning", &e);
+            match e {
+                Error::Timeout => Outcome::Timeout,
+                _ => Outcome::Error,
+            }
+        }
+        Err(panic) => {
+            let e = Error::Panic(panic_message(&*panic));
+            writer.fail(header, session.id, "error", &e);
+            Outcome::Error
+        }
     }
 }

@@ -601,7 +601,15 @@ impl Routing {
             (Term::atom("os_pid"), Term::Int(std::process::id() as i64)),
             (
                 Term::atom("contexts"),
-                Term::List(ids.into_iter().map(|i| Term::Int(i as i64)).collect()),
+                Term::List(ids.iter().map(|&i| Term::Int(i as i64)).collect()),
+            ),
+            (
+                Term::atom("context_stats"),
+                Term::Map(
+                    ids.iter()
+                        .map(|i| (Term::Int(*i as i64), self.contexts[i].stats()))
+                        .collect(),
+                ),
             ),
         ]);
         self.writer.reply(job.header(), |w| {

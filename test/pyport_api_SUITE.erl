@@ -106,7 +106,17 @@ info(_Config) ->
     ?assert(is_boolean(OwnGil)),
     ?assert(is_integer(OsPid)),
     ?assertEqual([#{id => 1, name => one, mode => owngil},
-                  #{id => 2, name => two, mode => main}], Contexts),
+                  #{id => 2, name => two, mode => main}],
+                 [maps:with([id, name, mode], C) || C <- Contexts]),
+    %% and each context's counters
+    {ok, One} = pyport:context(Pid, one),
+    {ok, 3} = pyport:call(One, operator, add, [1, 2]),
+    {error, _} = pyport:call(One, operator, add, [1]),
+    {error, timeout} = pyport:call(One, time, sleep, [5], #{}, #{timeout => 100}),
+    %% served after the one that timed out, so that one is counted by now
+    {ok, 3} = pyport:call(One, operator, add, [1, 2]),
+    {ok, #{contexts := [Stats | _]}} = pyport:info(Pid),
+    ?assertMatch(#{requests := 4, errors := 2, timeouts := 1, queued := 0}, Stats),
     ok = pyport:stop_runtime(Pid).
 
 contexts() ->
@@ -499,7 +509,7 @@ restart_after_kill(_Config) ->
     ?assertEqual({ok, 3}, pyport:call(B, operator, add, [1, 2])),
     {ok, #{contexts := Contexts}} = pyport:info(Name),
     ?assertEqual([#{id => 1, name => a, mode => owngil}, #{id => 2, name => b, mode => main}],
-                 Contexts),
+                 [maps:with([id, name, mode], C) || C <- Contexts]),
     ok = pyport:stop_runtime(Name).
 
 waiting_in_pyport(Pid) ->
