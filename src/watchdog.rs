@@ -39,6 +39,8 @@ pub struct Deadline {
     interrupted: AtomicU64,
     /// Wakes a `time.sleep` of the context thread when its request is stopped.
     sleeper: (Mutex<()>, Condvar),
+    /// See [`Deadline::switching`].
+    switch: Mutex<()>,
     /// When a request whose deadline fired counts as stuck if it still runs (nanos
     /// since the watchdog's epoch; 0 for none), and which request that is.
     stuck_at: AtomicU64,
@@ -63,6 +65,7 @@ impl Default for Deadline {
             fired: AtomicU64::new(0),
             interrupted: AtomicU64::new(0),
             sleeper: (Mutex::new(()), Condvar::new()),
+            switch: Mutex::new(()),
             stuck_at: AtomicU64::new(0),
             stuck_seq: AtomicU64::new(0),
             stuck_after: AtomicU64::new(0),
@@ -115,18 +118,22 @@ impl Deadline {
 
     /// `pyport:interrupt/1`: stops the request running now, if any (from any thread).
     pub fn interrupt(self: &Arc<Self>) {
-        let seq = self.running.load(Ordering::SeqCst);
-        if seq == 0 {
-            return;
-        }
-        self.interrupted.store(seq, Ordering::SeqCst);
-        self.stop(Stop::Interrupted);
+        let seq = {
+            let _switch = self.switching();
+            let seq = self.running.load(Ordering::SeqCst);
+            if seq == 0 {
+                return;
+            }
+            self.interrupted.store(seq, Ordering::SeqCst);
+            seq
+        };
+        self.stop(seq, Stop::Interrupted);
     }
 
     /// Raises the stop in the running request at its next bytecode boundary, and wakes
     /// the context thread if it waits (in its poll, or in `time.sleep`).
-    fn stop(self: &Arc<Self>, why: Stop) {
-        request_interrupt(self, Arc::downgrade(self), why);
+    fn stop(self: &Arc<Self>, seq: u64, why: Stop) {
+        request_interrupt(self, Arc::downgrade(self), seq, why);
         if let Some(wake) = self.wake.get() {
             wake();
         }
@@ -182,14 +189,18 @@ impl Deadline {
         // A nested request (re-entrancy: it runs while an outer one waits in
         // `erlang.call`) runs on the outer one's behalf: it gets the earlier of the two
         // deadlines, so the outer deadline keeps running while it runs.
-        let outer_at = self.at.load(Ordering::SeqCst);
-        let at = match (at, outer_at) {
-            (0, outer) => outer,
-            (own, 0) => own,
-            (own, outer) => own.min(outer),
+        let at = {
+            let _switch = self.switching();
+            let outer_at = self.at.load(Ordering::SeqCst);
+            let at = match (at, outer_at) {
+                (0, outer) => outer,
+                (own, 0) => own,
+                (own, outer) => own.min(outer),
+            };
+            self.running.store(seq, Ordering::SeqCst);
+            self.at.store(at, Ordering::SeqCst);
+            at
         };
-        self.running.store(seq, Ordering::SeqCst);
-        self.at.store(at, Ordering::SeqCst);
         if at != 0 {
             wd.poke_if_earlier(at);
         }
@@ -199,8 +210,11 @@ impl Deadline {
     /// The request `seq` is done; `outer` is the request it was nested in (0 if none),
     /// which runs again with its own deadline `outer_at`.
     pub fn end(&self, outer: u64, outer_at: u64) {
-        self.running.store(outer, Ordering::SeqCst);
-        self.at.store(outer_at, Ordering::SeqCst);
+        {
+            let _switch = self.switching();
+            self.running.store(outer, Ordering::SeqCst);
+            self.at.store(outer_at, Ordering::SeqCst);
+        }
         if outer_at != 0 {
             watchdog().poke_if_earlier(outer_at);
         }
@@ -214,6 +228,13 @@ impl Deadline {
                 );
             }
         }
+    }
+
+    /// Held while the running request and its deadline change together, and while the
+    /// watchdog reads them: it must never see one request's deadline with another's
+    /// number (it would stop a request that is not late).
+    fn switching(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.switch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The running request and its deadline, to restore after a nested one.
@@ -284,12 +305,14 @@ impl Watchdog {
             let mut stuck = Vec::new();
             watched.retain(|w| {
                 let Some(d) = w.upgrade() else { return false };
+                let switch = d.switching();
                 let at = d.at.load(Ordering::SeqCst);
                 if at != 0 && at <= now {
                     d.at.store(0, Ordering::SeqCst);
                     let seq = d.running.load(Ordering::SeqCst);
                     d.fired.store(seq, Ordering::SeqCst);
-                    d.stop(Stop::Timeout);
+                    drop(switch);
+                    d.stop(seq, Stop::Timeout);
                     let after = d.stuck_after.load(Ordering::SeqCst);
                     if after != 0 {
                         d.stuck_seq.store(seq, Ordering::SeqCst);
@@ -345,9 +368,9 @@ struct Interrupt {
     why: Stop,
 }
 
-fn request_interrupt(d: &Deadline, target: Weak<Deadline>, why: Stop) {
+/// Asks the interpreter to stop request `seq` (if it still runs then).
+fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) {
     let interp = d.interp.load(Ordering::SeqCst);
-    let seq = d.running.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
         return;
     }

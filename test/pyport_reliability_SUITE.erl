@@ -391,7 +391,7 @@ forked_child_cannot_write_frames(_Config) ->
     ok = pyport:stop_runtime(Rt).
 
 nested_request_keeps_outer_deadline() ->
-    [{doc, "A request with a 300 ms timeout calls Erlang, which calls the same context "
+    [{doc, "A request with a 1 s timeout calls Erlang, which calls the same context "
            "with no timeout, and that spins: the outer deadline still stops it, so the "
            "context answers the next call at once."}].
 nested_request_keeps_outer_deadline(_Config) ->
@@ -411,7 +411,9 @@ nested_request_keeps_outer_deadline(_Config) ->
     %% The inner request stops at the outer deadline: the outer caller sees timeout,
     %% or (when the outer reply beats its own timer) the inner timeout as the value
     %% the Erlang function returned.
-    Outer = pyport:call(C, '__main__', outer, [], #{}, #{timeout => 300}),
+    %% 1 s: the inner request surely starts before the outer deadline (one that
+    %% started after it would have no deadline of its own: timeout => infinity)
+    Outer = pyport:call(C, '__main__', outer, [], #{}, #{timeout => 1000}),
     ?assert(lists:member(Outer, [{error, timeout}, {ok, {error, timeout}}])),
     T0 = erlang:monotonic_time(millisecond),
     ?assertEqual({ok, 3}, pyport:call(C, operator, add, [1, 2], #{}, #{timeout => 5000})),
