@@ -594,7 +594,7 @@ impl Loop<'_> {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
-                let outcome = handle(
+                let outcome = answer(
                     py,
                     self.session,
                     &job,
@@ -627,7 +627,7 @@ enum Outcome {
 }
 
 /// Serves one request; a panic becomes an error reply and the context lives on.
-fn handle(
+fn answer(
     py: Python<'_>,
     session: &Session,
     job: &Job,

@@ -148,7 +148,7 @@ impl<'a> Parts<'a> {
 
 /// `{Op, Part1, ..., Opts}` split into the op and the encoded parts (each skipped once,
 /// which also checks that the whole body is well-formed ETF).
-fn split_request(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Error> {
+fn split_body(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Error> {
     let mut r = etf::Reader::new(body)?;
     let arity = r
         .tuple_header()
@@ -181,13 +181,13 @@ pub struct Request<'a> {
 
 impl<'a> Request<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self, Error> {
-        let (op, parts) = split_request(body).map_err(|e| classify(body, e))?;
+        let (op, parts) = split_body(body).map_err(|e| classify(body, e))?;
         let opts = Opts::parse(parts.get(parts.len - 1))?;
         Ok(Request { op, parts, opts })
     }
 }
 
-/// The error to report for a body `split_request` refused: what is wrong with the ETF
+/// The error to report for a body `split_body` refused: what is wrong with the ETF
 /// if anything, else `shape`.
 fn classify(body: &[u8], shape: Error) -> Error {
     let check = etf::Reader::new(body).and_then(|mut r| r.skip(0).and_then(|()| r.finish()));
@@ -224,7 +224,7 @@ mod tests {
             (Term::atom("whatever"), Term::List(vec![Term::Int(1)])),
         ]);
         let body = call(opts);
-        let (op, parts) = split_request(&body).unwrap();
+        let (op, parts) = split_body(&body).unwrap();
         assert_eq!(op, "call");
         assert_eq!(parts.len, 5);
         let opts = Opts::parse(parts.get(4)).unwrap();
@@ -240,7 +240,7 @@ mod tests {
     #[test]
     fn options_must_be_a_map() {
         let body = call(Term::atom("x"));
-        let (_, parts) = split_request(&body).unwrap();
+        let (_, parts) = split_body(&body).unwrap();
         assert!(matches!(
             Opts::parse(parts.get(4)),
             Err(Error::BadRequest(_))
@@ -249,11 +249,7 @@ mod tests {
 
     #[test]
     fn malformed_etf_is_bad_term_and_wrong_shape_is_bad_request() {
-        let shape = |body: &[u8]| {
-            split_request(body)
-                .map(|_| ())
-                .map_err(|e| classify(body, e))
-        };
+        let shape = |body: &[u8]| split_body(body).map(|_| ()).map_err(|e| classify(body, e));
         // truncated in the tuple header: bad_term, not bad_request
         assert!(matches!(
             shape(&[131, 104]),

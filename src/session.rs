@@ -417,16 +417,16 @@ impl Session {
                 Reply::Ok
             }
             ("getattr", 3) => Reply::Value(
-                self.handle(py, parts.id(0, "ref id")?)?
+                self.object(py, parts.id(0, "ref id")?)?
                     .getattr(parts.text(1, "name")?.as_ref())?,
             ),
             ("call_method", 5) => {
                 let method = self
-                    .handle(py, parts.id(0, "ref id")?)?
+                    .object(py, parts.id(0, "ref id")?)?
                     .getattr(parts.text(1, "method")?.as_ref())?;
                 Reply::Value(self.invoke(py, &method, parts.get(2), parts.get(3))?)
             }
-            ("to_term", 2) => Reply::Value(self.handle(py, parts.id(0, "ref id")?)?),
+            ("to_term", 2) => Reply::Value(self.object(py, parts.id(0, "ref id")?)?),
             ("release", 2) => {
                 let obj = self.types.refs.borrow_mut().remove(&parts.id(0, "ref id")?);
                 drop(obj);
@@ -449,7 +449,7 @@ impl Session {
         }
     }
 
-    fn handle<'py>(&self, py: Python<'py>, id: u64) -> Result<Bound<'py, PyAny>, Error> {
+    fn object<'py>(&self, py: Python<'py>, id: u64) -> Result<Bound<'py, PyAny>, Error> {
         self.types
             .refs
             .borrow()
