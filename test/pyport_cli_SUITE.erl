@@ -11,7 +11,7 @@ all() ->
     [eval, run_streams_output, call, doctor, usage_and_errors, bench].
 
 init_per_suite(Config) ->
-    Root = filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])),
+    Root = pyport_ct:repo_root(),
     Cli = filename:join([Root, "_build", "default", "bin", "pyport"]),
     filelib:is_regular(Cli) orelse ct:fail({no_escript, Cli, "run `make build'"}),
     [{cli, Cli}, {binary, filename:join([Root, "priv", "pyport"])} | Config].
@@ -101,7 +101,4 @@ cli(Config, Args) ->
 
 %% The command's exit status and its output (stdout and stderr).
 cmd(Command) ->
-    Out = os:cmd(Command ++ " 2>&1; echo \"exit=$?\""),
-    {match, [Text, Code]} = re:run(Out, "^(.*)exit=([0-9]+)\\s*$",
-                                   [dotall, {capture, all_but_first, list}]),
-    {list_to_integer(Code), Text}.
+    pyport_ct:shell(".", Command).

@@ -9,6 +9,8 @@
 -export([kill_and_await_restart/1]).
 -export([await_new_os_pid/2]).
 -export([init_mode_group/4]).
+-export([repo_root/0]).
+-export([shell/2]).
 -export([end_mode_group/1]).
 -export([start_runtime_ab/2]).
 -export([contexts_ab/2]).
@@ -88,6 +90,20 @@ await_new_os_pid(Runtime, OsPid) ->
                      Other -> {not_yet, Other}
                  end
              end, 1000).
+
+%% This repository (the tests' pyport is _build/test/lib/pyport, four levels down).
+-spec repo_root() -> file:filename().
+repo_root() ->
+    filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
+
+%% Runs a shell command in Dir; returns its exit status and output (also logged).
+-spec shell(file:filename(), string()) -> {non_neg_integer(), string()}.
+shell(Dir, Command) ->
+    Out = os:cmd("cd " ++ Dir ++ " && " ++ Command ++ " 2>&1; echo \"exit=$?\""),
+    ct:log("~s:~n~s", [Command, Out]),
+    {match, [Text, Code]} = re:run(Out, "^(.*)exit=([0-9]+)\\s*$",
+                                   [dotall, {capture, all_but_first, list}]),
+    {list_to_integer(Code), Text}.
 
 %% For suites whose cases run in groups `owngil' and `main': starts the runtime
 %% `<Prefix>_<Mode>' with contexts `a' and `b' of that mode and `Preload'.

@@ -22,40 +22,36 @@ rebar3_dependency_and_release() ->
            "pyport:call(math, sqrt, [16]); `rebar3 release' carries the binary, and the "
            "release moved to another directory runs the same call."}].
 rebar3_dependency_and_release(Config) ->
-    Root = repo_root(),
+    Root = pyport_ct:repo_root(),
     App = filename:join(?config(priv_dir, Config), "depapp"),
     ok = write_app(App, Root),
     %% a cargo target dir of its own, kept between runs (the first build takes minutes)
     Env = "CARGO_TARGET_DIR=" ++ filename:join([Root, "target", "dependency-build"]),
-    {0, _} = run(App, Env ++ " rebar3 compile"),
+    {0, _} = pyport_ct:shell(App, Env ++ " rebar3 compile"),
     Binary = filename:join([App, "_build", "default", "lib", "pyport", "priv", "pyport"]),
     ?assert(filelib:is_regular(Binary)),
     Call = "{ok, _} = application:ensure_all_started(pyport), "
            "io:format(\"result=~p~n\", [depapp:sqrt()]), halt().",
-    {0, Out1} = run(App, "erl -noshell -pa _build/default/lib/*/ebin -eval '" ++ Call ++ "'"),
+    {0, Out1} = pyport_ct:shell(App, "erl -noshell -pa _build/default/lib/*/ebin -eval '" ++ Call ++ "'"),
     ?assertNotEqual(nomatch, string:find(Out1, "result={ok,4.0}")),
-    {0, _} = run(App, Env ++ " rebar3 release"),
+    {0, _} = pyport_ct:shell(App, Env ++ " rebar3 release"),
     Moved = filename:join(?config(priv_dir, Config), "moved"),
     ok = filelib:ensure_dir(filename:join(Moved, "x")),
-    {0, _} = run(App, "mv _build/default/rel/depapp " ++ Moved),
+    {0, _} = pyport_ct:shell(App, "mv _build/default/rel/depapp " ++ Moved),
     Rel = filename:join(Moved, "depapp"),
     ?assert(filelib:is_regular(filename:join([Rel, "lib", lib_dir_name(Rel), "priv", "pyport"]))),
-    {0, _} = run(Rel, "bin/depapp daemon"),
-    pyport_ct:wait_for(fun() -> case run(Rel, "bin/depapp ping") of
+    {0, _} = pyport_ct:shell(Rel, "bin/depapp daemon"),
+    pyport_ct:wait_for(fun() -> case pyport_ct:shell(Rel, "bin/depapp ping") of
                                     {0, _} -> {ok, up};
                                     Other -> {not_yet, Other}
                                 end
                        end, 300),
-    {0, Out2} = run(Rel, "bin/depapp eval "
+    {0, Out2} = pyport_ct:shell(Rel, "bin/depapp eval "
                          "'lists:flatten(io_lib:format(\"result=~p\", [depapp:sqrt()])).'"),
-    _ = run(Rel, "bin/depapp stop"),
+    _ = pyport_ct:shell(Rel, "bin/depapp stop"),
     ?assertNotEqual(nomatch, string:find(Out2, "result={ok,4.0}")).
 
 %%% Helpers
-
-%% This repository: the test's pyport is _build/test/lib/pyport, four levels down.
-repo_root() ->
-    filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
 
 write_app(App, Root) ->
     ok = filelib:ensure_dir(filename:join([App, "src", "x"])),
@@ -81,9 +77,3 @@ lib_dir_name(Rel) ->
     [Dir] = [filename:basename(D) || D <- filelib:wildcard(filename:join([Rel, "lib", "pyport-*"]))],
     Dir.
 
-%% Runs a shell command in Dir; returns its exit status and output (logged).
-run(Dir, Command) ->
-    Out = os:cmd("cd " ++ Dir ++ " && " ++ Command ++ " 2>&1; echo \"exit=$?\""),
-    ct:log("~s:~n~s", [Command, Out]),
-    {match, [Code]} = re:run(Out, "exit=([0-9]+)\\s*$", [{capture, all_but_first, list}]),
-    {list_to_integer(Code), Out}.

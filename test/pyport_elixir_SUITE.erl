@@ -19,7 +19,7 @@ all() ->
 init_per_suite(Config) ->
     case os:find_executable("mix") of
         false -> {skip, "mix (Elixir) is not installed"};
-        _ -> [{root, repo_root()} | Config]
+        _ -> [{root, pyport_ct:repo_root()} | Config]
     end.
 
 end_per_suite(_Config) ->
@@ -41,10 +41,10 @@ mix_dependency(Config) ->
                          "  defp deps, do: [{:pyport, git: ~p, branch: \"main\"}]~n"
                          "end~n", ["file://" ++ Root])),
     Env = env(Root),
-    {0, _} = run(Dir, Env ++ " mix deps.get"),
-    {0, _} = run(Dir, Env ++ " mix compile"),
+    {0, _} = pyport_ct:shell(Dir, Env ++ " mix deps.get"),
+    {0, _} = pyport_ct:shell(Dir, Env ++ " mix compile"),
     ?assert(filelib:is_regular(filename:join([Dir, "deps", "pyport", "priv", "pyport"]))),
-    {0, Out} = run(Dir, Env ++ " mix run -e '{:ok, _} = Application.ensure_all_started(:pyport); "
+    {0, Out} = pyport_ct:shell(Dir, Env ++ " mix run -e '{:ok, _} = Application.ensure_all_started(:pyport); "
                               "IO.inspect(:pyport.call(:math, :sqrt, [16]))'"),
     ?assertNotEqual(nomatch, string:find(Out, "{:ok, 4.0}")).
 
@@ -54,23 +54,16 @@ elixir_example() ->
 elixir_example(Config) ->
     Root = ?config(root, Config),
     Dir = filename:join(?config(priv_dir, Config), "example"),
-    {0, _} = run(Root, "cp -r examples/elixir " ++ Dir),
-    {0, Out} = run(Dir, env(Root) ++ " PYPORT_PATH=" ++ Root ++ " mix run -e Example.main"),
+    {0, _} = pyport_ct:shell(Root, "cp -r examples/elixir " ++ Dir),
+    {0, Out} = pyport_ct:shell(Dir, env(Root) ++ " PYPORT_PATH=" ++ Root ++ " mix run -e Example.main"),
     [?assertNotEqual(nomatch, string:find(Out, Line))
      || Line <- ["sqrt: {:ok, 4.0}", "greet: {:ok, \"HELLO ELIXIR\"}",
                  "squares: [0, 1, 4, 9, 16]", "first two: [0, 1]"]].
 
 %%% Helpers
 
-repo_root() ->
-    filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
 
 env(Root) ->
     "MIX_HOME=" ++ filename:join([Root, "_build", "mix_home"])
         ++ " CARGO_TARGET_DIR=" ++ filename:join([Root, "target", "dependency-build"]).
 
-run(Dir, Command) ->
-    Out = os:cmd("cd " ++ Dir ++ " && " ++ Command ++ " 2>&1; echo \"exit=$?\""),
-    ct:log("~s:~n~s", [Command, Out]),
-    {match, [Code]} = re:run(Out, "exit=([0-9]+)\\s*$", [{capture, all_but_first, list}]),
-    {list_to_integer(Code), Out}.
