@@ -492,7 +492,7 @@ cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
             %% a cast has the runtime's call_timeout as its deadline too
             Body = encode({call, name(Module), name(Function), Args, #{},
                            #{caller => self(), timeout => CallTimeout}}),
-            Frame = [<<Id:64, 0:16>>, Body],
+            Frame = pyport_port:request_frame(Id, <<>>, Body),
             case iolist_size(Frame) =< MaxFrame of
                 true ->
                     try erlang:port_command(Port, Frame) of
@@ -569,7 +569,7 @@ start_stream(Pid, Port, Id, Body, Window, MaxFrame) ->
             erlang:demonitor(Stream, [flush]),
             {error, {frame_too_large, Size, MaxFrame}};
         true ->
-            try erlang:port_command(Port, [<<Id:64, (byte_size(H)):16>>, H, Body]) of
+            try erlang:port_command(Port, pyport_port:request_frame(Id, H, Body)) of
                 true ->
                     gen_server:cast(Pid, {own, self(), Id, {stream, H}}),
                     put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H,
@@ -664,7 +664,7 @@ end_stream(Stream, #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid}, F
 %% A request that wants no reply (empty header); Request is a term or its encoding.
 port_cast(Port, Ctx, Body) when is_binary(Body) ->
     try
-        erlang:port_command(Port, [<<Ctx:64, 0:16>>, Body])
+        erlang:port_command(Port, pyport_port:request_frame(Ctx, <<>>, Body))
     catch
         error:badarg -> false
     end;
@@ -813,7 +813,7 @@ send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
             erlang:demonitor(Mref, [flush]),
             {error, {frame_too_large, Size, MaxFrame}};
         true ->
-            try erlang:port_command(Port, [<<Id:64, (byte_size(H)):16>>, H, Body]) of
+            try erlang:port_command(Port, pyport_port:request_frame(Id, H, Body)) of
                 true ->
                     receive
                         {Mref, Reply} ->

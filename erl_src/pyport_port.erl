@@ -33,6 +33,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1]).
+-export([request_frame/3]).
 -export([new_context/3]).
 -export([stop_context/3]).
 -export([info/2]).
@@ -104,6 +105,12 @@
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{key := _} = Opts) ->
     gen_server:start_link(?MODULE, Opts, []).
+
+%% @doc A request frame for the port (docs/protocol.md): the context id, the header
+%% (empty: no reply wanted) and the request's ETF.
+-spec request_frame(non_neg_integer(), binary(), iodata()) -> iolist().
+request_frame(Ctx, Header, Body) ->
+    [<<Ctx:64, (byte_size(Header)):16>>, Header, Body].
 
 %% @doc Creates a context; replies `{ok, Id}' once its interpreter is ready.
 -spec new_context(pid(), context_spec(), timeout()) -> {ok, ctx_id()} | {error, term()}.
@@ -555,8 +562,7 @@ control(Request, Action, From, #state{port = Port, pending = Pending} = S) ->
 send_control(Port, Dest, Request) ->
     H = term_to_binary(Dest),
     try
-        true = erlang:port_command(Port, [<<0:64, (byte_size(H)):16>>, H,
-                                          term_to_binary(Request)]),
+        true = erlang:port_command(Port, request_frame(0, H, term_to_binary(Request))),
         ok
     catch
         error:badarg -> {error, {runtime_down, port_closed}}
@@ -806,7 +812,7 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
                    term_to_binary({callback_result, CbId, {error, TooLarge}})
            end,
     try
-        erlang:port_command(Port, [<<Ctx:64, 0:16>>, Body])
+        erlang:port_command(Port, request_frame(Ctx, <<>>, Body))
     catch
         error:badarg -> false  % the port is gone, and the Python caller with it
     end.
@@ -912,7 +918,7 @@ free(Port, {Ctx, {stream, H}}) ->
 
 cast_request(Port, Ctx, Request) ->
     try
-        true = erlang:port_command(Port, [<<Ctx:64, 0:16>>, term_to_binary(Request)]),
+        true = erlang:port_command(Port, request_frame(Ctx, <<>>, term_to_binary(Request))),
         ok
     catch
         error:badarg -> ok
