@@ -423,7 +423,7 @@ async_call(Ctx, Module, Function, Args, Kwargs) ->
 async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
     Caller = self(),
     Ref = make_ref(),
-    case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
+    _ = case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
         ok ->
             %% A short-lived process waits for the reply, so the caller's mailbox only
             %% ever gets the one result message, whatever happens to the call.

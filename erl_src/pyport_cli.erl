@@ -163,6 +163,7 @@ show({error, Reason}) ->
     io:format(standard_error, "pyport: ~p~n", [Reason]),
     1.
 
+-spec fail(non_neg_integer(), io:format(), [term()]) -> no_return().
 fail(Code, Format, Args) ->
     io:format(standard_error, Format, Args),
     halt(Code).
@@ -252,16 +253,16 @@ bench() ->
     {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}, #{name => b}]}),
     {ok, A} = pyport:context(Rt, a),
     {ok, B} = pyport:context(Rt, b),
-    [{ok, 3} = pyport:call(A, operator, add, [1, 2]) || _ <- lists:seq(1, 1000)],
+    _ = [{ok, 3} = pyport:call(A, operator, add, [1, 2]) || _ <- lists:seq(1, 1000)],
     Times = lists:sort([timed(fun() -> {ok, 3} = pyport:call(A, operator, add, [1, 2]) end)
                         || _ <- lists:seq(1, 5000)]),
     io:format("sync call latency, median   ~.1f us~n", [lists:nth(2500, Times) / 1000]),
     Self = self(),
     Per = 1000,
     T0 = erlang:monotonic_time(nanosecond),
-    [spawn_link(fun() ->
+    _ = [spawn_link(fun() ->
                     C = case I rem 2 of 0 -> A; 1 -> B end,
-                    [{ok, 3} = pyport:call(C, operator, add, [1, 2]) || _ <- lists:seq(1, Per)],
+                    _ = [{ok, 3} = pyport:call(C, operator, add, [1, 2]) || _ <- lists:seq(1, Per)],
                     Self ! done
                 end) || I <- lists:seq(1, 50)],
     [receive done -> ok end || _ <- lists:seq(1, 50)],
@@ -283,5 +284,5 @@ bench() ->
 
 timed(Fun) ->
     T0 = erlang:monotonic_time(nanosecond),
-    Fun(),
+    _ = Fun(),
     erlang:monotonic_time(nanosecond) - T0.

@@ -47,6 +47,8 @@
                           path => [file:filename_all()]}.
 -type opts() :: #{name => atom(),
                   key => key(),
+                  %% set by this module for its port owner: the runtime's own pid
+                  handle => pid(),
                   executable => file:filename_all(),
                   path => [file:filename_all()],
                   venv => file:filename_all(),
