@@ -224,7 +224,7 @@ stop_context(#pyport_ctx{key = Key, id = Id}) ->
 interrupt(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, _Pid, Port, _, _}} ->
-            _ = port_cast(Port, Id, {interrupt}),
+            _ = pyport_port:cast_request(Port, Id, {interrupt}),
             ok;
         {error, _} = Error ->
             Error
@@ -629,7 +629,7 @@ stream_cancel(Stream) ->
         undefined ->
             ok;
         #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid} ->
-            _ = port_cast(Port, Ctx, {stream_cancel, H, #{}}),
+            _ = pyport_port:cast_request(Port, Ctx, {stream_cancel, H, #{}}),
             gen_server:cast(Pid, {disown, Ctx, {stream, H}}),
             erlang:demonitor(Stream, [flush]),
             flush_stream(Stream)
@@ -648,7 +648,7 @@ ack(Stream, #stream_state{unacked = N, batch = Batch} = State) when N + 1 < Batc
     put({?MODULE, Stream}, State#stream_state{unacked = N + 1}),
     ok;
 ack(Stream, #stream_state{port = Port, ctx = Ctx, id = H, unacked = N} = State) ->
-    _ = port_cast(Port, Ctx, {stream_credit, H, N + 1, #{}}),
+    _ = pyport_port:cast_request(Port, Ctx, {stream_credit, H, N + 1, #{}}),
     put({?MODULE, Stream}, State#stream_state{unacked = 0}),
     ok.
 
@@ -656,20 +656,10 @@ end_stream(Stream, #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid}, F
     erase({?MODULE, Stream}),
     %% An error made on this side (an item the node refused) leaves the Python end
     %% running: stop it. After the port's own final frame this finds nothing to stop.
-    Final =:= done orelse port_cast(Port, Ctx, {stream_cancel, H, #{}}),
+    Final =:= done orelse pyport_port:cast_request(Port, Ctx, {stream_cancel, H, #{}}),
     gen_server:cast(Pid, {disown, Ctx, {stream, H}}),
     erlang:demonitor(Stream, [flush]),
     flush_stream(Stream).
-
-%% A request that wants no reply (empty header); Request is a term or its encoding.
-port_cast(Port, Ctx, Body) when is_binary(Body) ->
-    try
-        erlang:port_command(Port, pyport_port:request_frame(Ctx, <<>>, Body))
-    catch
-        error:badarg -> false
-    end;
-port_cast(Port, Ctx, Request) ->
-    port_cast(Port, Ctx, term_to_binary(Request)).
 
 %%% Channels
 
@@ -725,7 +715,7 @@ channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counte
             {error, {frame_too_large, Size, MaxFrame}};
         true ->
             counters:add(Counters, 1, 1),
-            case port_cast(Port, Ctx, Body) of
+            case pyport_port:cast_request(Port, Ctx, Body) of
                 true -> ok;
                 false -> counters:put(Counters, 2, 1), {error, closed}
             end
@@ -739,7 +729,7 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
     case counters:get(Counters, 2) of
         0 ->
             counters:put(Counters, 2, 1),
-            _ = port_cast(Port, Ctx, term_to_binary({channel_close, Id})),
+            _ = pyport_port:cast_request(Port, Ctx, term_to_binary({channel_close, Id})),
             gen_server:cast(Pid, {channel_closed, Ctx, Id});
         _ ->
             ok

@@ -34,6 +34,7 @@
 
 -export([start_link/1]).
 -export([request_frame/3]).
+-export([cast_request/3]).
 -export([new_context/3]).
 -export([stop_context/3]).
 -export([info/2]).
@@ -811,11 +812,8 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
                    TooLarge = {frame_too_large, 10 + byte_size(Large), MaxFrame},
                    term_to_binary({callback_result, CbId, {error, TooLarge}})
            end,
-    try
-        erlang:port_command(Port, request_frame(Ctx, <<>>, Body))
-    catch
-        error:badarg -> false  % the port is gone, and the Python caller with it
-    end.
+    %% a false result: the port is gone, and the Python caller with it
+    cast_request(Port, Ctx, Body).
 
 %% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
 %% one sender keep their order. A name that is not registered (or not even an atom)
@@ -916,13 +914,17 @@ free(Port, {Ctx, {ref, RefId}}) ->
 free(Port, {Ctx, {stream, H}}) ->
     cast_request(Port, Ctx, {stream_cancel, H, #{}}).
 
-cast_request(Port, Ctx, Request) ->
+%% @doc Writes a request that wants no reply (empty header) to context `Ctx';
+%% `Request' is a term or its encoding. False when the port is gone.
+-spec cast_request(port(), non_neg_integer(), term()) -> boolean().
+cast_request(Port, Ctx, Body) when is_binary(Body) ->
     try
-        true = erlang:port_command(Port, request_frame(Ctx, <<>>, term_to_binary(Request))),
-        ok
+        erlang:port_command(Port, request_frame(Ctx, <<>>, Body))
     catch
-        error:badarg -> ok
-    end.
+        error:badarg -> false
+    end;
+cast_request(Port, Ctx, Request) ->
+    cast_request(Port, Ctx, term_to_binary(Request)).
 
 %% A stopped context took its envs and handles with it.
 forget_owned(Ctx, #state{owned = Owned} = S) ->
