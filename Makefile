@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl soak fuzz demo bench bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -23,7 +23,7 @@ erl:
 	$(REBAR) compile
 	$(REBAR) escriptize
 
-test: build test-rust test-erl
+test: build test-rust test-erl test-other-python
 
 test-rust:
 	$(CARGO_ENV) cargo test --release
@@ -31,6 +31,21 @@ test-rust:
 test-erl: export PYPORT_PYTHON = $(PYTHON)
 test-erl:
 	$(REBAR) ct
+
+# The Common Test suites once more on another installed CPython series (pyenv's 3.12
+# when the default is 3.13), with a port program built for it apart; skipped, saying
+# so, when the machine has no other series. The dependency, Elixir, CLI and soak suites
+# build or time things and stay on the default.
+OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
+	api types env ref callback async loop stream channel protocol reliability boundary)))
+comma = ,
+test-other-python: build
+	@other=$$(scripts/other-python.sh $(PYTHON)); \
+	if [ -z "$$other" ]; then echo "test-other-python: no other CPython >= 3.12 here; skipped"; exit 0; fi; \
+	echo "test-other-python: the suites again on $$other"; \
+	PYO3_PYTHON=$$other CARGO_TARGET_DIR=target/other-python cargo build --release --quiet && \
+	PYPORT_PYTHON=$$other PYPORT_EXECUTABLE=$(CURDIR)/target/other-python/release/pyport \
+	    $(REBAR) ct --suite $(OTHER_SUITES)
 
 # The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes.
 soak: build

@@ -61,6 +61,10 @@
 -export([release/1]).
 -export([register_function/2]).
 -export([unregister_function/1]).
+-export([start_pool/2]).
+-export([stop_pool/1]).
+-export([pool/1]).
+-export([pool_info/1]).
 
 -export_type([runtime/0]).
 -export_type([ctx/0]).
@@ -70,6 +74,8 @@
 -export_type([pyref/0]).
 -export_type([stream/0]).
 -export_type([channel/0]).
+-export_type([pool/0]).
+-export_type([target/0]).
 
 -define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
@@ -94,7 +100,13 @@
                      ctx :: pos_integer(),
                      id :: non_neg_integer()}).
 
+%% A pool (pyport_pool): goes wherever a context does in call, eval, exec, async_call,
+%% cast, stream and new_env.
+-record(pyport_pool, {name :: atom(), node :: node()}).
+
 -opaque ctx() :: #pyport_ctx{}.
+-opaque pool() :: #pyport_pool{}.
+-type target() :: ctx() | pool().
 -opaque env() :: #pyport_env{}.
 -opaque pyref() :: #pyport_ref{}.
 %% `counters' holds the items Python has not taken yet (1) and a closed flag (2).
@@ -242,22 +254,30 @@ call(Module, Function, Args) ->
     end.
 
 %% @doc `Module.Function(*Args)' in that context.
--spec call(ctx(), name(), name(), list()) -> {ok, term()} | {error, error()}.
+-spec call(target(), name(), name(), list()) -> {ok, term()} | {error, error()}.
 call(Ctx, Module, Function, Args) ->
     call(Ctx, Module, Function, Args, #{}, #{}).
 
 %% @doc `Module.Function(*Args, **Kwargs)' in that context.
--spec call(ctx(), name(), name(), list(), map()) -> {ok, term()} | {error, error()}.
+-spec call(target(), name(), name(), list(), map()) -> {ok, term()} | {error, error()}.
 call(Ctx, Module, Function, Args, Kwargs) ->
     call(Ctx, Module, Function, Args, Kwargs, #{}).
 
 %% @doc `Module.Function(*Args, **Kwargs)' with Opts (`timeout' in ms or `infinity';
 %% other keys go to the port program). A coroutine result is awaited.
--spec call(ctx(), name(), name(), list(), map(), call_opts()) ->
+-spec call(target(), name(), name(), list(), map(), call_opts()) ->
           {ok, term()} | {error, error()}.
+call(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts)
+  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    on_pool(Pool, Args, Opts, fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
 call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts).
+    pyport_telemetry:span(#{runtime => Key, context => Id, op => call,
+                            module => Module, function => Function},
+                          fun() ->
+                              request(Key, Id, {call, name(Module), name(Function), Args,
+                                                Kwargs}, Opts)
+                          end).
 
 %% @doc Evaluates an expression in a context of the default runtime.
 -spec eval(code()) -> {ok, term()} | {error, error()}.
@@ -268,19 +288,22 @@ eval(Code) ->
     end.
 
 %% @doc Evaluates an expression in that context.
--spec eval(ctx(), code()) -> {ok, term()} | {error, error()}.
+-spec eval(target(), code()) -> {ok, term()} | {error, error()}.
 eval(Ctx, Code) ->
     eval(Ctx, Code, #{}, #{}).
 
 %% @doc Evaluates an expression with local variables (a map of name => value).
--spec eval(ctx(), code(), map()) -> {ok, term()} | {error, error()}.
+-spec eval(target(), code(), map()) -> {ok, term()} | {error, error()}.
 eval(Ctx, Code, Locals) ->
     eval(Ctx, Code, Locals, #{}).
 
 %% @doc Evaluates an expression with local variables and Opts (see call/6).
--spec eval(ctx(), code(), map(), call_opts()) -> {ok, term()} | {error, error()}.
+-spec eval(target(), code(), map(), call_opts()) -> {ok, term()} | {error, error()}.
+eval(#pyport_pool{} = Pool, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
+    on_pool(Pool, maps:values(Locals), Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
 eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
-    request(Key, Id, {eval, code(Code), Locals}, Opts).
+    pyport_telemetry:span(#{runtime => Key, context => Id, op => eval},
+                          fun() -> request(Key, Id, {eval, code(Code), Locals}, Opts) end).
 
 %% @doc Runs statements in the `__main__' namespace of a context of the default runtime.
 -spec exec(code()) -> ok | {error, error()}.
@@ -291,20 +314,25 @@ exec(Code) ->
     end.
 
 %% @doc Runs statements in the `__main__' namespace of that context.
--spec exec(ctx(), code()) -> ok | {error, error()}.
+-spec exec(target(), code()) -> ok | {error, error()}.
 exec(Ctx, Code) ->
     exec(Ctx, Code, #{}).
 
 %% @doc Runs statements with Opts (see call/6).
--spec exec(ctx(), code(), call_opts()) -> ok | {error, error()}.
+-spec exec(target(), code(), call_opts()) -> ok | {error, error()}.
+exec(#pyport_pool{} = Pool, Code, Opts) when is_map(Opts) ->
+    on_pool(Pool, [], Opts, fun(Ctx) -> exec(Ctx, Code, Opts) end);
 exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
-    request(Key, Id, {exec, code(Code)}, Opts).
+    pyport_telemetry:span(#{runtime => Key, context => Id, op => exec},
+                          fun() -> request(Key, Id, {exec, code(Code)}, Opts) end).
 
 %%% Process-local environments
 
 %% @doc A fresh globals namespace in that context, for `#{env => Env}' in the Opts of
 %% call, eval and exec. It is freed by drop_env/1 or when the calling process exits.
--spec new_env(ctx()) -> {ok, env()} | {error, error()}.
+-spec new_env(target()) -> {ok, env()} | {error, error()}.
+new_env(#pyport_pool{} = Pool) ->
+    on_pool(Pool, [], #{}, fun new_env/1);
 new_env(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
@@ -411,15 +439,15 @@ unregister_function(Name) ->
 %% message `{pyport, Ref, Result}', `Result' being what call/6 would have returned; see
 %% await/1,2. `erlang.self()' in Python is the calling process, and a handle returned
 %% with `return => ref' is owned by it.
--spec async_call(ctx(), name(), name(), list()) -> reference().
+-spec async_call(target(), name(), name(), list()) -> reference().
 async_call(Ctx, Module, Function, Args) ->
     async_call(Ctx, Module, Function, Args, #{}, #{}).
 
--spec async_call(ctx(), name(), name(), list(), map()) -> reference().
+-spec async_call(target(), name(), name(), list(), map()) -> reference().
 async_call(Ctx, Module, Function, Args, Kwargs) ->
     async_call(Ctx, Module, Function, Args, Kwargs, #{}).
 
--spec async_call(ctx(), name(), name(), list(), map(), call_opts()) -> reference().
+-spec async_call(target(), name(), name(), list(), map(), call_opts()) -> reference().
 async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
     Caller = self(),
     Ref = make_ref(),
@@ -446,7 +474,7 @@ async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
 %% Arguments that would make a request fail before it is sent: `{bad_request, What}'
 %% at once, rather than a crash in a process the caller does not see.
 check_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
-    Checks = [{ctx, is_record(Ctx, pyport_ctx)},
+    Checks = [{ctx, is_record(Ctx, pyport_ctx) orelse is_record(Ctx, pyport_pool)},
               {module, is_name(Module)},
               {function, is_name(Function)},
               {args, is_list(Args)},
@@ -479,13 +507,15 @@ await(Ref, Timeout) ->
 %% @doc Runs `Module.Function(*Args)' without waiting for it; failures are logged by
 %% the runtime (domain `[pyport, python]'). Arguments of the wrong type are
 %% `{error, {bad_request, What}}' at once.
--spec cast(ctx(), name(), name(), list()) -> ok | {error, {bad_request, atom()}}.
+-spec cast(target(), name(), name(), list()) -> ok | {error, {bad_request, atom()}}.
 cast(Ctx, Module, Function, Args) ->
     case check_call(Ctx, Module, Function, Args, #{}, #{}) of
         ok -> cast_checked(Ctx, Module, Function, Args);
         {error, _} = Error -> Error
     end.
 
+cast_checked(#pyport_pool{} = Pool, Module, Function, Args) ->
+    on_pool(Pool, Args, #{}, fun(Ctx) -> cast_checked(Ctx, Module, Function, Args) end);
 cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
     case runtime(Key) of
         {ok, {_, _Pid, Port, CallTimeout, MaxFrame}} ->
@@ -512,11 +542,11 @@ cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
 
 %% @doc Streams the items of `Module.Function(*Args)' (a generator, an async generator
 %% or any iterable). See stream/6.
--spec stream(ctx(), name(), name(), list()) -> {ok, stream()} | {error, error()}.
+-spec stream(target(), name(), name(), list()) -> {ok, stream()} | {error, error()}.
 stream(Ctx, Module, Function, Args) ->
     stream(Ctx, Module, Function, Args, #{}, #{}).
 
--spec stream(ctx(), name(), name(), list(), map()) -> {ok, stream()} | {error, error()}.
+-spec stream(target(), name(), name(), list(), map()) -> {ok, stream()} | {error, error()}.
 stream(Ctx, Module, Function, Args, Kwargs) ->
     stream(Ctx, Module, Function, Args, Kwargs, #{}).
 
@@ -530,7 +560,7 @@ stream(Ctx, Module, Function, Args, Kwargs) ->
 %% the stream delivers `{'DOWN', Stream, process, _, Reason}' (stream_next/1,2 turns it
 %% into `{error, {runtime_down, Reason}}'). The stream belongs to the calling process:
 %% it is cancelled when that process exits.
--spec stream(ctx(), name(), name(), list(), map(), call_opts()) ->
+-spec stream(target(), name(), name(), list(), map(), call_opts()) ->
           {ok, stream()} | {error, error()}.
 stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
     case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
@@ -538,6 +568,9 @@ stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
         {error, _} = Error -> Error
     end.
 
+stream_checked(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts) ->
+    on_pool(Pool, Args, Opts,
+            fun(Ctx) -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts) end);
 stream_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts) ->
     Window = maps:get(window, Opts, ?DEFAULT_WINDOW),
     case runtime(Key) of
@@ -856,6 +889,80 @@ decode({pyport_safe, Max, Reply}) ->
     end;
 decode(Reply) ->
     binary_to_term(Reply).
+
+%%% Pools
+
+%% @doc Starts a pool under pyport's supervisor (see pyport_pool for Opts: `size',
+%% `mode' (`main', `owngil' or `auto', the default), `preload', `max_requests' and the
+%% runtime options every member gets). The handle goes wherever a context does in
+%% call, eval, exec, async_call, cast, stream and new_env.
+-spec start_pool(atom(), map()) -> {ok, pool()} | {error, term()}.
+start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
+    case supervisor:start_child(?SUP, pyport_pool:child_spec(Opts#{name => Name})) of
+        {ok, _Pid} ->
+            {ok, #pyport_pool{name = Name, node = node()}};
+        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
+            {error, Reason};
+        {error, {already_started, _}} ->
+            {error, {already_started, Name}};
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc Stops a pool started with start_pool/2 and all its members.
+-spec stop_pool(pool()) -> ok | {error, not_found}.
+stop_pool(#pyport_pool{name = Name}) ->
+    Id = {pyport_pool, Name},
+    case supervisor:terminate_child(?SUP, Id) of
+        ok -> _ = supervisor:delete_child(?SUP, Id), ok;
+        {error, not_found} -> {error, not_found}
+    end.
+
+%% @doc The handle of a running pool, by name (one started in the user's own tree with
+%% pyport_pool:child_spec/1, say).
+-spec pool(atom()) -> {ok, pool()} | {error, not_found}.
+pool(Name) when is_atom(Name) ->
+    case lookup({pool, Name}) of
+        [_] -> {ok, #pyport_pool{name = Name, node = node()}};
+        [] -> {error, not_found}
+    end.
+
+%% @doc The pool's `mode' and `mode_reason', `size', `max_requests', how many members
+%% were `replaced', and `members': for each its `index', `node', `status' (`up',
+%% `down' or `draining'), `in_flight', `requests' (since it was last replaced),
+%% `os_pid' and `context' (a context handle).
+-spec pool_info(pool()) -> {ok, map()} | {error, term()}.
+pool_info(#pyport_pool{name = Name}) ->
+    pyport_pool:info(Name).
+
+%% The member a request on a pool goes to: the one that holds the env or an object
+%% handle the request uses (they stay on their member), else the least loaded one, on
+%% which it counts as in flight until Fun returns.
+on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
+    case affinity(Args, Opts) of
+        {ok, Ctx} ->
+            Fun(Ctx);
+        none ->
+            case pyport_pool:checkout(Name) of
+                {ok, I, Ctx} ->
+                    try
+                        Fun(Ctx)
+                    after
+                        pyport_pool:checkin(Name, I)
+                    end;
+                {error, _} = Error ->
+                    Error
+            end
+    end.
+
+affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id}}) ->
+    {ok, #pyport_ctx{key = Key, id = Id}};
+affinity(Args, _Opts) ->
+    first_ref(Args, 8).
+
+first_ref([#pyport_ref{key = Key, ctx = Id} | _], _) -> {ok, #pyport_ctx{key = Key, id = Id}};
+first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
+first_ref(_, _) -> none.
 
 %%% Helpers
 

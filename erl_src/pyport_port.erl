@@ -324,7 +324,7 @@ open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
         ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts) ++ atom_args(Opts)
-        ++ reply_args(Opts),
+        ++ reply_args(Opts) ++ none_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -364,6 +364,11 @@ reply_args(_) -> [].
 atom_args(#{max_atoms := N}) when is_integer(N), N >= 0 ->
     ["--max-atoms", integer_to_list(N)];
 atom_args(_) -> [].
+
+%% The atom Python's None comes back as (`nil' for Elixir); none, nil and undefined
+%% all go in as None whatever this is. The port program rejects other atoms at start.
+none_args(#{none := Atom}) when is_atom(Atom) -> ["--none-as", atom_to_list(Atom)];
+none_args(_) -> [].
 
 %% Resident bytes the OS process may use; past them it restarts (exit status 76).
 memory_args(#{max_memory := Bytes}) when is_integer(Bytes), Bytes > 0 ->

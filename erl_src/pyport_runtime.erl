@@ -23,6 +23,9 @@
 -export([start_link/1]).
 -export([child_spec/1]).
 -export([restarts/1]).
+-export([is_up/1]).
+-export([key/1]).
+-export([recycle/1]).
 -export([init/1]).
 -export([handle_call/3]).
 -export([handle_cast/2]).
@@ -40,7 +43,8 @@
 -define(STABLE_MS, 10000).
 -define(STOP_WAIT, 5000).
 
--type key() :: atom() | reference().
+%% a registered name, a reference, or a pool's `{pyport_pool, Name, ...}'
+-type key() :: atom() | reference() | tuple().
 -type context_spec() :: #{name => atom(),
                           mode => owngil | main,
                           preload => iodata(),
@@ -63,6 +67,7 @@
                   max_atoms => non_neg_integer(),
                   max_reply => pos_integer(),
                   max_mailbox => pos_integer(),
+                  none => none | nil | undefined,
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 
@@ -111,6 +116,34 @@ restarts(Key) ->
         error:badarg -> 0
     end.
 
+%% @doc Whether an OS process serves the runtime now (its port owner is alive: a
+%% caller told `runtime_down' by its monitor never finds it up a moment later).
+-spec is_up(key()) -> boolean().
+is_up(Key) ->
+    try ets:lookup(?TABLE, Key) of
+        [{_, Pid, _, _, _}] when is_pid(Pid) -> is_process_alive(Pid);
+        _ -> false
+    catch
+        error:badarg -> false
+    end.
+
+%% @doc The key of the runtime behind that handle.
+-spec key(pid()) -> {ok, key()} | {error, not_found}.
+key(Pid) ->
+    try ets:lookup(?TABLE, {pid, Pid}) of
+        [{_, Key}] -> {ok, Key};
+        [] -> {error, not_found}
+    catch
+        error:badarg -> {error, not_found}
+    end.
+
+%% @doc Replaces the runtime's OS process at once (no back-off, not counted as a
+%% crash): a pool's `max_requests'. Requests in flight get `runtime_down', so the
+%% caller drains first. Handles of the Opts contexts stay valid.
+-spec recycle(pid()) -> ok | {error, term()}.
+recycle(Pid) ->
+    gen_server:call(Pid, recycle, infinity).
+
 %%% gen_server callbacks
 
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
@@ -127,6 +160,15 @@ init(Opts0) ->
     end.
 
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
+handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
+    true = ets:insert(?TABLE, {Key, down, recycling}),
+    stop_port_owner(Pid),
+    S1 = restart(S#state{port_owner = undefined}),
+    Reply = case S1#state.port_owner of
+                undefined -> {error, restart_failed};
+                _ -> ok
+            end,
+    {reply, Reply, S1};
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 

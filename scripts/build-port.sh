@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 fail() { echo "pyport: $*" >&2; exit 1; }
+# A port program of the user's own (or the other-Python test run's) is used instead.
+[ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
 command -v cargo >/dev/null 2>&1 \
     || fail "cargo not found: the pyport port program is Rust; install Rust (rustup) and compile again"
 python=$(scripts/ensure-python.sh --prefer-installed) \

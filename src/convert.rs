@@ -36,6 +36,27 @@ pub struct Types {
 
 const ATOM_CACHE_MAX: usize = 4096;
 
+/// The atom Python's `None` becomes (runtime option `none`): `none` unless set once at
+/// start-up (`nil` for Elixir users). `none`, `nil` and `undefined` all decode to `None`.
+static NONE_ATOM: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Sets the atom for `None`; only `none`, `nil` and `undefined` are accepted.
+pub fn set_none_atom(name: &str) -> Result<(), String> {
+    let atom = match name {
+        "none" => "none",
+        "nil" => "nil",
+        "undefined" => "undefined",
+        other => return Err(format!("--none-as takes none, nil or undefined, not {other}")),
+    };
+    NONE_ATOM
+        .set(atom)
+        .map_err(|_| "--none-as given twice".to_string())
+}
+
+fn none_atom() -> &'static str {
+    NONE_ATOM.get().copied().unwrap_or("none")
+}
+
 impl Types {
     /// Reads the types from an imported `erlang` module.
     pub fn from_module(module: &Bound<'_, PyModule>) -> PyResult<Self> {
@@ -396,7 +417,7 @@ pub fn encode_term(
     }
     let py = obj.py();
     if obj.is_none() {
-        w.atom("none");
+        w.atom(none_atom());
     } else if let Ok(b) = obj.cast_exact::<PyBool>() {
         w.atom(if b.is_true() { "true" } else { "false" });
     } else if let Ok(s) = obj.cast_exact::<PyString>() {

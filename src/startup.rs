@@ -18,7 +18,7 @@ const DEFAULT_QUEUE: usize = 10_000;
 const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
 /// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
-/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`.
+/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`, `--none-as ATOM`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
@@ -48,6 +48,7 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
             "--max-atoms" => {
                 crate::atoms::set_max(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
             }
+            "--none-as" => crate::convert::set_none_atom(value()?)?,
             "--max-memory" => {
                 config.max_memory = Some(
                     value()?

@@ -18,7 +18,7 @@ all() ->
      fd1_writes_do_not_corrupt_frames,
      frame_too_large, several_runtimes, restart_after_kill, main_mode_context,
      python_exceptions, coroutine_awaited, owngil_parallelism, unknown_runtime,
-     overloaded_queue].
+     overloaded_queue, telemetry_events, no_telemetry_no_events].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -658,3 +658,83 @@ overloaded_queue(_Config) ->
     ok = gen_tcp:close(Conn),
     ok = gen_tcp:close(Listen),
     ok = pyport:stop_runtime(Rt).
+
+telemetry_events() ->
+    [{doc, "With a telemetry module loaded (a stand-in here: the package registry for "
+      "Erlang packages is not reachable), call/eval/exec emit [pyport, call, start] and "
+      "then stop, or exception for an error, with duration and context metadata."}].
+telemetry_events(Config) ->
+    Ctx = ?config(ctx, Config),
+    load_telemetry_standin(self()),
+    try
+        ?assertEqual({ok, 4.0}, pyport:call(Ctx, math, sqrt, [16])),
+        {start, #{monotonic_time := T0, system_time := _},
+         #{op := call, module := math, function := sqrt, context := Id,
+           runtime := pyport, telemetry_span_context := Span}} = telemetry_event(),
+        ?assert(is_integer(Id)),
+        {stop, #{duration := D, monotonic_time := T1},
+         #{op := call, result := ok, telemetry_span_context := Span}} = telemetry_event(),
+        ?assertEqual(T1 - T0, D),
+        ?assert(D > 0),
+        ?assertMatch({error, {python, <<"ZeroDivisionError">>, _, _}},
+                     pyport:eval(Ctx, <<"1/0">>)),
+        {start, _, #{op := eval}} = telemetry_event(),
+        {exception, #{duration := _},
+         #{op := eval, kind := error, stacktrace := [],
+           reason := {python, <<"ZeroDivisionError">>, _, _}}} = telemetry_event(),
+        ok = pyport:exec(Ctx, <<"x = 1">>),
+        {start, _, #{op := exec}} = telemetry_event(),
+        {stop, _, #{op := exec}} = telemetry_event(),
+        %% a call with bad arguments fails before any span starts
+        ?assertError(function_clause, pyport:call(Ctx, math, sqrt, not_a_list)),
+        receive {telemetry_event, _, _, _} = Stray -> ct:fail({unexpected, Stray})
+        after 0 -> ok
+        end
+    after
+        unload_telemetry_standin()
+    end.
+
+no_telemetry_no_events() ->
+    [{doc, "Without the telemetry module calls work and nothing is emitted."}].
+no_telemetry_no_events(Config) ->
+    ?assertEqual(false, erlang:module_loaded(telemetry)),
+    ?assertEqual({ok, 4.0}, pyport:call(?config(ctx, Config), math, sqrt, [16])),
+    receive {telemetry_event, _, _, _} = Stray -> ct:fail({unexpected, Stray})
+    after 0 -> ok
+    end.
+
+%% A stand-in `telemetry' with the one function pyport uses: it forwards each event
+%% to Sink.
+load_telemetry_standin(Sink) ->
+    persistent_term:put(pyport_telemetry_sink, Sink),
+    Source = "-module(telemetry).\n"
+             "-export([execute/3]).\n"
+             "execute([pyport, call, Event], Measurements, Meta) ->\n"
+             "    persistent_term:get(pyport_telemetry_sink) !\n"
+             "        {telemetry_event, Event, Measurements, Meta}, ok.\n",
+    Forms = forms(Source),
+    {ok, telemetry, Bin} = compile:forms(Forms, [binary, return_errors]),
+    {module, telemetry} = code:load_binary(telemetry, "telemetry.erl", Bin),
+    ok.
+
+unload_telemetry_standin() ->
+    _ = code:purge(telemetry),
+    true = code:delete(telemetry),
+    _ = code:purge(telemetry),
+    persistent_term:erase(pyport_telemetry_sink),
+    ok.
+
+forms(Source) ->
+    {ok, Tokens, _} = erl_scan:string(Source),
+    split_forms(Tokens, [], []).
+
+split_forms([], [], Acc) -> lists:reverse(Acc);
+split_forms([{dot, _} = Dot | Rest], Cur, Acc) ->
+    {ok, Form} = erl_parse:parse_form(lists:reverse([Dot | Cur])),
+    split_forms(Rest, [], [Form | Acc]);
+split_forms([T | Rest], Cur, Acc) -> split_forms(Rest, [T | Cur], Acc).
+
+telemetry_event() ->
+    receive {telemetry_event, Event, Measurements, Meta} -> {Event, Measurements, Meta}
+    after 5000 -> ct:fail(no_telemetry_event)
+    end.

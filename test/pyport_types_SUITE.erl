@@ -42,7 +42,7 @@ def depth(x):
 
 all() ->
     [small_ints, negative_ints_in_lists, bignums, floats, float_specials, booleans,
-     none_atoms, other_atoms, latin1_atom, utf8_binary_is_str, non_utf8_binary_is_bytes,
+     none_atoms, none_as_nil, none_option_checked, other_atoms, latin1_atom, utf8_binary_is_str, non_utf8_binary_is_bytes,
      bytes_tuple, bytes_like_from_python, charlists, long_byte_list, small_int_lists,
      tuples, maps_with_any_keys, pids_and_refs, opaque_terms, sets_become_lists,
      unconvertible_result, erlang_nesting_too_deep, python_nesting_too_deep,
@@ -139,6 +139,31 @@ none_atoms(Config) ->
     [?assertEqual(<<"NoneType">>, type_name(Config, A)) || A <- [none, nil, undefined]],
     [?assertEqual({ok, none}, echo(Config, A)) || A <- [none, nil, undefined]],
     ?assertEqual({ok, none}, eval(Config, <<"None">>)).
+
+none_as_nil() ->
+    [{doc, "With the runtime option none => nil, None comes back as nil (for Elixir), "
+      "nested too, and nil still goes in as None."}].
+none_as_nil(_Config) ->
+    {ok, R} = pyport:start_runtime(#{contexts => [#{name => c}], none => nil}),
+    try
+        {ok, Ctx} = pyport:context(R, c),
+        ?assertEqual({ok, nil}, pyport:eval(Ctx, <<"None">>)),
+        ?assertEqual({ok, [nil, #{<<"k">> => nil}, {nil}]},
+                     pyport:eval(Ctx, <<"[None, {'k': None}, (None,)]">>)),
+        ?assertEqual({ok, true}, pyport:eval(Ctx, <<"x is None">>, #{x => nil})),
+        ?assertEqual({ok, true}, pyport:eval(Ctx, <<"x is None">>, #{x => none})),
+        %% the atom none is None in Python, so it comes back as nil
+        ?assertEqual({ok, nil}, pyport:eval(Ctx, <<"x">>, #{x => none}))
+    after
+        pyport:stop_runtime(R)
+    end.
+
+none_option_checked() ->
+    [{doc, "Any other value of none is refused at start with an error that names it."}].
+none_option_checked(_Config) ->
+    {error, {start_error, Reason}} = pyport:start_runtime(#{none => null}),
+    ?assertNotEqual(nomatch, binary:match(iolist_to_binary(io_lib:format("~p", [Reason])),
+                                          <<"--none-as">>)).
 
 other_atoms() ->
     [{doc, "Other atoms are erlang.Atom (a str subclass) and come back as atoms."}].

@@ -1,0 +1,389 @@
+%% @doc Pools (pyport_pool): modes, dispatch, affinity, faults, max_requests, options,
+%% and a venv with numpy, against real runtimes.
+-module(pyport_pool_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+%% Which member answered: the OS pid (main) and the context's thread (owngil).
+-define(WHO, <<"import os, threading\n"
+               "def who():\n"
+               "    return (os.getpid(), threading.get_ident())\n"
+               "def slow(s):\n"
+               "    import time\n"
+               "    time.sleep(s)\n"
+               "    return who()\n"
+               "def spin(n):\n"
+               "    x = 0\n"
+               "    for i in range(n):\n"
+               "        x += i\n"
+               "    return x\n">>).
+
+all() ->
+    [start_stop, pool_goes_where_a_context_goes, least_loaded_dispatch, affinity,
+     owngil_mode, auto_mode_owngil, member_crash_restarts_alone, max_requests_replaces,
+     options_on_every_member, child_spec_in_own_tree, bad_options, cpu_scales_like_processes,
+     numpy_in_main_pool_and_auto_mode].
+
+init_per_suite(Config) ->
+    ok = pyport_ct:start_app(),
+    Config.
+
+end_per_suite(_Config) ->
+    pyport_ct:stop_app().
+
+%%% Helpers
+
+start(Name, Opts) ->
+    {ok, Pool} = pyport:start_pool(Name, maps:merge(#{preload => ?WHO}, Opts)),
+    Pool.
+
+who(Target) ->
+    {ok, {OsPid, Thread}} = pyport:call(Target, '__main__', who, []),
+    {OsPid, Thread}.
+
+members(Pool) ->
+    {ok, #{members := Members}} = pyport:pool_info(Pool),
+    Members.
+
+member_ctx(Pool, I) ->
+    #{context := Ctx} = lists:nth(I, members(Pool)),
+    Ctx.
+
+%% Waits until every member is up and none is in flight.
+await_full(Pool) ->
+    pyport_ct:wait_for(fun() ->
+                           Ms = members(Pool),
+                           case [M || #{status := up, in_flight := 0} = M <- Ms] of
+                               Ms -> {ok, Ms};
+                               _ -> {not_yet, Ms}
+                           end
+                       end, 1000).
+
+%%% Cases
+
+start_stop() ->
+    [{doc, "start_pool/2 in main mode with 2 members: calls work, pool_info/1 shows the "
+      "mode, its reason and two members in OS processes of their own; stop_pool/1 ends "
+      "them and later calls are {error, {pool_down, Name}}."}].
+start_stop(_Config) ->
+    Pool = start(p_start, #{size => 2, mode => main}),
+    ?assertEqual({ok, 4.0}, pyport:call(Pool, math, sqrt, [16])),
+    {ok, Info} = pyport:pool_info(Pool),
+    #{mode := main, mode_reason := Why, size := 2, members := [M1, M2]} = Info,
+    ?assert(is_binary(Why)),
+    #{os_pid := P1, node := Node, status := up} = M1,
+    #{os_pid := P2} = M2,
+    ?assertEqual(node(), Node),
+    ?assertNotEqual(P1, P2),
+    ?assertEqual({ok, Pool}, pyport:pool(p_start)),
+    ?assertEqual({error, {already_started, p_start}}, pyport:start_pool(p_start, #{})),
+    ok = pyport:stop_pool(Pool),
+    ?assertEqual({error, {pool_down, p_start}}, pyport:call(Pool, math, sqrt, [16])),
+    ?assertEqual({error, not_found}, pyport:pool(p_start)),
+    ?assertEqual({error, not_found}, pyport:stop_pool(Pool)),
+    pyport_ct:wait_for(fun() -> case [P || P <- [P1, P2], is_os_pid_alive(P)] of
+                                    [] -> {ok, gone};
+                                    Alive -> {alive, Alive}
+                                end
+                       end, 500).
+
+pool_goes_where_a_context_goes() ->
+    [{doc, "call, eval, exec, async_call/await, cast, stream, new_env and return => ref "
+      "all take a pool."}].
+pool_goes_where_a_context_goes(_Config) ->
+    Pool = start(p_api, #{size => 2, mode => main}),
+    ?assertEqual({ok, 3}, pyport:call(Pool, operator, add, [1, 2])),
+    ?assertEqual({ok, 6}, pyport:eval(Pool, <<"x * 2">>, #{x => 3})),
+    ?assertEqual(ok, pyport:exec(Pool, <<"import math">>)),
+    Ref = pyport:async_call(Pool, operator, mul, [6, 7]),
+    ?assertEqual({ok, 42}, pyport:await(Ref, 5000)),
+    ?assertMatch({error, {bad_request, args}}, pyport:await(pyport:async_call(Pool, m, f, x))),
+    Self = self(),
+    ok = pyport:cast(Pool, erlang, send, [Self, cast_arrived]),
+    receive cast_arrived -> ok after 5000 -> ct:fail(no_cast) end,
+    {ok, Stream} = pyport:stream(Pool, builtins, range, [5]),
+    ?assertEqual([0, 1, 2, 3, 4], take_all(Stream)),
+    {ok, Env} = pyport:new_env(Pool),
+    ok = pyport:exec(Pool, <<"y = 5">>, #{env => Env}),
+    [?assertEqual({ok, 5}, pyport:eval(Pool, <<"y">>, #{}, #{env => Env}))
+     || _ <- lists:seq(1, 10)],
+    {ok, List} = pyport:eval(Pool, <<"[1, 2]">>, #{}, #{return => ref}),
+    ?assertEqual({ok, none}, pyport:call_method(List, append, [3])),
+    ?assertEqual({ok, [1, 2, 3]}, pyport:to_term(List)),
+    ok = pyport:stop_pool(Pool).
+
+take_all(Stream) ->
+    case pyport:stream_next(Stream, 5000) of
+        {data, Item} -> [Item | take_all(Stream)];
+        done -> []
+    end.
+
+least_loaded_dispatch() ->
+    [{doc, "A call goes to the member with the fewest requests in flight: while one "
+      "member runs a 2 s call, 20 short calls all go to the other and each is answered "
+      "in well under the 2 s."}].
+least_loaded_dispatch(_Config) ->
+    Pool = start(p_load, #{size => 2, mode => main}),
+    Slow = pyport:async_call(Pool, '__main__', slow, [2]),
+    %% the slow call is in flight on one member
+    Busy = pyport_ct:wait_for(fun() ->
+                                  case [I || #{index := I, in_flight := 1} <- members(Pool)] of
+                                      [I] -> {ok, I};
+                                      Other -> {not_yet, Other}
+                                  end
+                              end, 500),
+    #{os_pid := BusyPid} = lists:nth(Busy, members(Pool)),
+    Times = [begin
+                 T0 = erlang:monotonic_time(millisecond),
+                 {OsPid, _} = who(Pool),
+                 {erlang:monotonic_time(millisecond) - T0, OsPid}
+             end || _ <- lists:seq(1, 20)],
+    ct:log("short calls while one member is busy (ms, os pid): ~p", [Times]),
+    [?assertNotEqual(BusyPid, OsPid) || {_, OsPid} <- Times],
+    ?assert(lists:max([Ms || {Ms, _} <- Times]) < 1000),
+    {ok, {BusyPid, _}} = pyport:await(Slow, 5000),
+    ok = pyport:stop_pool(Pool).
+
+affinity() ->
+    [{doc, "Envs and object handles made through a pool stay on their member: 40 uses "
+      "alternate with other calls and every one reaches the member that made it."}].
+affinity(_Config) ->
+    Pool = start(p_aff, #{size => 2, mode => main}),
+    {ok, Env} = pyport:new_env(Pool),
+    ok = pyport:exec(Pool, <<"import os\nhome = os.getpid()">>, #{env => Env}),
+    {ok, Obj} = pyport:eval(Pool, <<"__import__('os').getpid()">>, #{}, #{return => ref}),
+    {ok, Home} = pyport:to_term(Obj),
+    Seen = [begin
+                {ok, H} = pyport:eval(Pool, <<"home == __import__('os').getpid()">>, #{},
+                                      #{env => Env}),
+                %% a handle in the arguments sends the call to its member
+                {ok, Same} = pyport:call(Pool, operator, eq, [Obj, Home]),
+                {OtherPid, _} = who(Pool),
+                {H, Same, OtherPid}
+            end || _ <- lists:seq(1, 20)],
+    [?assertMatch({true, true, _}, S) || S <- Seen],
+    %% the other calls did spread over both members
+    ?assertEqual(2, length(lists:usort([P || {_, _, P} <- Seen]))),
+    ok = pyport:stop_pool(Pool).
+
+owngil_mode() ->
+    [{doc, "mode => owngil: the members are owngil contexts of one runtime (one OS "
+      "process, a thread each), and calls spread over them."}].
+owngil_mode(_Config) ->
+    Pool = start(p_owngil, #{size => 2, mode => owngil}),
+    {ok, #{mode := owngil, members := [#{os_pid := P}, #{os_pid := P}]}} =
+        pyport:pool_info(Pool),
+    Answers = lists:usort([who(Pool) || _ <- lists:seq(1, 20)]),
+    ?assertMatch([{P, _}, {P, _}], Answers),
+    ok = pyport:stop_pool(Pool).
+
+auto_mode_owngil() ->
+    [{doc, "mode => auto with a preload that runs in a sub-interpreter chooses owngil "
+      "and says why."}].
+auto_mode_owngil(_Config) ->
+    Pool = start(p_auto, #{size => 2}),
+    {ok, #{mode := owngil, mode_reason := Why}} = pyport:pool_info(Pool),
+    ?assertEqual(<<"preload runs in a sub-interpreter">>, Why),
+    ok = pyport:stop_pool(Pool).
+
+member_crash_restarts_alone() ->
+    [{doc, "A member whose OS process dies mid-call: that call gets "
+      "{error, {runtime_down, _}}, every call another process makes meanwhile "
+      "succeeds, and the pool is back to full size by itself with a new OS process."}].
+member_crash_restarts_alone(_Config) ->
+    Pool = start(p_crash, #{size => 2, mode => main,
+                            restart => #{min_delay => 10, max_delay => 50}}),
+    Crash = <<"def crash_soon():\n"
+              "    import threading, os, time\n"
+              "    threading.Timer(0.3, os.abort).start()\n"
+              "    time.sleep(10)\n">>,
+    [ok = pyport:exec(member_ctx(Pool, I), Crash) || I <- [1, 2]],
+    Before = [P || #{os_pid := P} <- members(Pool)],
+    Doomed = pyport:async_call(Pool, '__main__', crash_soon, []),
+    _ = pyport_ct:wait_for(fun() ->
+                               case [I || #{index := I, in_flight := 1} <- members(Pool)] of
+                                   [I] -> {ok, I};
+                                   Other -> {not_yet, Other}
+                               end
+                           end, 500),
+    %% one caller, one call at a time: the doomed member (one in flight) is never the
+    %% least loaded, so every one of its calls must succeed, before, during and after
+    Self = self(),
+    Caller = spawn_link(fun() -> Self ! {self(), call_until_stopped(Pool, [])} end),
+    ?assertMatch({error, {runtime_down, _}}, pyport:await(Doomed, 10000)),
+    Members = await_full(Pool),
+    Caller ! stop,
+    Results = receive {Caller, Rs} -> Rs end,
+    ct:log("~b calls during the crash and the restart", [length(Results)]),
+    ?assert(length(Results) > 0),
+    ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
+    After = [P || #{os_pid := P} <- Members],
+    ?assertEqual(1, length(After -- Before)),
+    ?assertEqual(2, length(lists:usort(After))),
+    ok = pyport:stop_pool(Pool).
+
+call_until_stopped(Pool, Acc) ->
+    receive
+        stop -> Acc
+    after 0 ->
+        call_until_stopped(Pool, [pyport:call(Pool, operator, add, [1, 1]) | Acc])
+    end.
+
+max_requests_replaces() ->
+    [{doc, "max_requests => 25 on 2 members: 400 calls from 4 processes all succeed, "
+      "members are drained and replaced (new OS processes) along the way."}].
+max_requests_replaces(_Config) ->
+    Pool = start(p_max, #{size => 2, mode => main, max_requests => 25}),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                              Rs = [pyport:call(Pool, '__main__', who, [])
+                                    || _ <- lists:seq(1, 100)],
+                              Self ! {self(), Rs}
+                          end) || _ <- [1, 2, 3, 4]],
+    Results = lists:append([receive {C, Rs} -> Rs end || C <- Callers]),
+    ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
+    OsPids = lists:usort([P || {ok, {P, _}} <- Results]),
+    {ok, #{replaced := Replaced}} = pyport:pool_info(Pool),
+    ct:log("400 calls: ~b OS processes served, ~b replacements", [length(OsPids), Replaced]),
+    ?assert(Replaced >= 10),
+    ?assert(length(OsPids) >= 10),
+    ok = pyport:stop_pool(Pool).
+
+options_on_every_member() ->
+    [{doc, "path, env and max_memory apply to every member."}].
+options_on_every_member(Config) ->
+    Dir = filename:join(?config(priv_dir, Config), "poolmods"),
+    ok = filelib:ensure_dir(filename:join(Dir, "x")),
+    ok = file:write_file(filename:join(Dir, "poolmod.py"), <<"VALUE = 'from path'\n">>),
+    Pool = start(p_opts, #{size => 2, mode => main, path => [Dir],
+                           env => [{"POOL_VAR", "set"}], max_memory => 512 * 1024 * 1024}),
+    [begin
+         Ctx = member_ctx(Pool, I),
+         ?assertEqual({ok, <<"from path">>}, pyport:eval(Ctx, <<"__import__('poolmod').VALUE">>)),
+         ?assertEqual({ok, <<"set">>}, pyport:eval(Ctx, <<"__import__('os').environ['POOL_VAR']">>)),
+         ?assertMatch({error, {python, <<"MemoryError">>, _, _}},
+                      pyport:eval(Ctx, <<"len(bytearray(10**11))">>))
+     end || I <- [1, 2]],
+    ok = pyport:stop_pool(Pool).
+
+child_spec_in_own_tree() ->
+    [{doc, "pyport_pool:child_spec/1 runs a pool under the user's supervisor; "
+      "pyport:pool/1 gives its handle."}].
+child_spec_in_own_tree(_Config) ->
+    Spec = pyport_pool:child_spec(#{name => p_tree, size => 1, mode => owngil}),
+    {ok, Sup} = supervisor:start_link(?MODULE, {own_tree, Spec}),
+    unlink(Sup),
+    {ok, Pool} = pyport:pool(p_tree),
+    ?assertEqual({ok, 3}, pyport:call(Pool, operator, add, [1, 2])),
+    Mref = erlang:monitor(process, Sup),
+    exit(Sup, shutdown),
+    receive {'DOWN', Mref, _, _, _} -> ok end,
+    ?assertEqual({error, not_found}, pyport:pool(p_tree)).
+
+%% The user's own supervisor of child_spec_in_own_tree.
+init({own_tree, Spec}) ->
+    {ok, {#{strategy => one_for_one}, [Spec]}}.
+
+bad_options() ->
+    [{doc, "A bad mode or a preload that fails in main mode too: start_pool/2 says why."}].
+bad_options(_Config) ->
+    ?assertEqual({error, {bad_option, {mode, sideways}}},
+                 pyport:start_pool(p_bad, #{mode => sideways})),
+    {error, Reason} = pyport:start_pool(p_bad, #{mode => auto, preload => <<"1/0">>}),
+    ?assertMatch({context_error, _, _}, Reason),
+    ?assertEqual({error, not_found}, pyport:pool(p_bad)).
+
+cpu_scales_like_processes() ->
+    [{doc, "CPU-bound pure Python on a 2-member main pool: two calls at once against "
+      "one, next to the same for two plain CPython processes, alternated 3 times; the "
+      "pool's speedup is at least 0.6x the control's (the host is noisy; the numbers "
+      "are logged, `make bench' has the careful ones)."}].
+cpu_scales_like_processes(_Config) ->
+    Pool = start(p_cpu, #{size => 2, mode => main}),
+    N = 3000000,
+    Python = binary_to_list(embedded_python()),
+    Code = "x=0\nfor i in range(" ++ integer_to_list(N) ++ "):\n    x+=i\n",
+    Rounds = [begin
+                  PoolOne = timed(fun() -> {ok, _} = pyport:call(Pool, '__main__', spin, [N]) end),
+                  PoolTwo = timed(fun() -> parallel(2, fun() ->
+                                      {ok, _} = pyport:call(Pool, '__main__', spin, [N])
+                                  end) end),
+                  CtlOne = timed(fun() -> run_python(Python, Code) end),
+                  CtlTwo = timed(fun() -> parallel(2, fun() -> run_python(Python, Code) end) end),
+                  {2 * PoolOne / PoolTwo, 2 * CtlOne / CtlTwo}
+              end || _ <- [1, 2, 3]],
+    ct:log("speedup of 2 calls at once (pool, two CPython processes): ~p", [Rounds]),
+    PoolSpeedup = median([P || {P, _} <- Rounds]),
+    CtlSpeedup = median([C || {_, C} <- Rounds]),
+    ?assert(PoolSpeedup >= 0.6 * CtlSpeedup),
+    ok = pyport:stop_pool(Pool).
+
+timed(Fun) ->
+    T0 = erlang:monotonic_time(microsecond),
+    _ = Fun(),
+    erlang:monotonic_time(microsecond) - T0.
+
+parallel(K, Fun) ->
+    Self = self(),
+    Pids = [spawn_link(fun() -> Fun(), Self ! {done, self()} end) || _ <- lists:seq(1, K)],
+    [receive {done, P} -> ok end || P <- Pids].
+
+run_python(Python, Code) ->
+    Port = open_port({spawn_executable, Python}, [{args, ["-c", Code]}, exit_status]),
+    receive {Port, {exit_status, 0}} -> ok end.
+
+median(Xs) ->
+    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
+
+numpy_in_main_pool_and_auto_mode() ->
+    [{doc, "A venv with numpy from the package index (made once, cached outside the "
+      "repo): mode => auto with preload `import numpy' picks main because numpy refuses "
+      "sub-interpreters, says so in pool_info/1, and numpy calls work on every member."}].
+numpy_in_main_pool_and_auto_mode(_Config) ->
+    case numpy_venv() of
+        {ok, Venv} ->
+            {ok, Pool} = pyport:start_pool(p_numpy, #{size => 2, venv => Venv,
+                                                      preload => <<"import numpy\n">>}),
+            {ok, #{mode := main, mode_reason := Why}} = pyport:pool_info(Pool),
+            ct:log("auto chose main: ~ts", [Why]),
+            ?assertNotEqual(nomatch, binary:match(Why, <<"subinterpreters">>)),
+            [?assertEqual({ok, 285}, pyport:eval(member_ctx(Pool, I),
+                                                 <<"int(numpy.arange(10).dot(numpy.arange(10)))">>))
+             || I <- [1, 2]],
+            ok = pyport:stop_pool(Pool);
+        {skip, _} = Skip ->
+            Skip
+    end.
+
+%% A venv of the Python the port program embeds, with numpy, cached outside the repo.
+numpy_venv() ->
+    Python = embedded_python(),
+    {ok, Tag} = pyport:eval(<<"'%d.%d.%d' % __import__('sys').version_info[:3]">>),
+    Cache = filename:join([os:getenv("HOME"), ".cache", "pyport",
+                           "venv-numpy-" ++ binary_to_list(Tag)]),
+    Marker = filename:join(Cache, "pyport-ready"),
+    case filelib:is_regular(Marker) of
+        true ->
+            {ok, Cache};
+        false ->
+            {Status, Out} = pyport_ct:shell("/tmp", "rm -rf " ++ Cache ++ " && "
+                                            ++ binary_to_list(Python)
+                                            ++ " -m venv " ++ Cache ++ " && " ++ Cache
+                                            ++ "/bin/pip install -q numpy && touch " ++ Marker),
+            case Status of
+                0 -> {ok, Cache};
+                _ -> {skip, {numpy_not_installable, lists:sublist(Out, 500)}}
+            end
+    end.
+
+%% The python3 executable of the CPython the port program embeds.
+embedded_python() ->
+    {ok, Python} = pyport:eval(<<"__import__('sysconfig').get_config_var('BINDIR') + '/python3'">>),
+    Python.
+
+is_os_pid_alive(OsPid) ->
+    os:cmd("kill -0 " ++ integer_to_list(OsPid) ++ " 2>/dev/null && echo yes") =:= "yes\n".
