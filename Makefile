@@ -37,7 +37,7 @@ test-erl:
 # so, when the machine has no other series. The dependency, Elixir, CLI and soak suites
 # build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
-	api types env ref callback async loop stream channel protocol reliability boundary)))
+	api types env ref callback async loop stream channel protocol reliability boundary pool)))
 comma = ,
 test-other-python: build
 	@other=$$(scripts/other-python.sh $(PYTHON)); \
@@ -61,6 +61,7 @@ demo: build
 bench: build
 	$(CARGO_ENV) cargo bench --bench session
 	escript benches/pyport_bench.escript
+	escript benches/pool_bench.escript
 
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build

@@ -17,7 +17,6 @@
                     "    import os\n"
                     "    os.abort()\n"
                     "ctypes.string_at(0)\n").
--define(SEGFAULT, {builtins, exec, [<<?CRASH_CODE>>]}).
 %% Fast back-off, so many crashes fit in a test.
 -define(FAST_RESTART, #{min_delay => 1, max_delay => 10}).
 
@@ -55,10 +54,9 @@ crash_loop_is_contained(_Config) ->
     {ok, C} = pyport:context(Crashy, a),
     {ok, S} = pyport:context(Steady, a),
     Checker = start_checker([S, default]),
-    {M, F, A} = ?SEGFAULT,
     lists:foreach(fun(I) ->
                       OsPid = pyport_ct:os_pid(Crashy),
-                      ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+                      ?assertMatch({error, {runtime_down, _}}, pyport:exec(C, <<?CRASH_CODE>>)),
                       pyport_ct:await_new_os_pid(Crashy, OsPid),
                       ?assertEqual({ok, I}, pyport:call(C, operator, add, [I, 0]))
                   end, lists:seq(1, 200)),
@@ -88,8 +86,7 @@ crashing_preload_backs_off(Config) ->
                                       restart => #{min_delay => 20, max_delay => 200}}),
     {ok, C} = pyport:context(Rt, a),
     ok = file:write_file(Marker, <<>>),
-    {M, F, A} = ?SEGFAULT,
-    ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+    ?assertMatch({error, {runtime_down, _}}, pyport:exec(C, <<?CRASH_CODE>>)),
     %% the restarts keep crashing in the preload: callers are answered at once
     Waits = [begin
                  T0 = erlang:monotonic_time(millisecond),
@@ -122,10 +119,9 @@ user_supervisor_never_gives_up(_Config) ->
     {ok, Sup} = supervisor:start_link(?MODULE, {strict, Spec}),
     [{_, Child, worker, _}] = supervisor:which_children(Sup),
     {ok, C} = pyport:context(Child, a),
-    {M, F, A} = ?SEGFAULT,
     lists:foreach(fun(_) ->
                       OsPid = pyport_ct:os_pid(Child),
-                      ?assertMatch({error, {runtime_down, _}}, pyport:call(C, M, F, A)),
+                      ?assertMatch({error, {runtime_down, _}}, pyport:exec(C, <<?CRASH_CODE>>)),
                       pyport_ct:await_new_os_pid(Child, OsPid)
                   end, lists:seq(1, 10)),
     ?assertEqual([{maps:get(id, Spec), Child, worker, [pyport_runtime]}],
