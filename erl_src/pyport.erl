@@ -51,6 +51,9 @@
 -export([channel_send/2]).
 -export([channel_close/1]).
 -export([new_env/1]).
+-export([new_env_owned/2]).
+-export([runtime_row/1]).
+-export([pool_member/1]).
 -export([drop_env/1]).
 -export([getattr/2]).
 -export([getattr/3]).
@@ -87,22 +90,30 @@
 -define(DEFAULT_CAPACITY, 1000).
 -define(REENTRANT_BIT, (1 bsl 63)).
 
--record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer()}).
+%% Every handle knows its node: used on another node of the cluster, the request runs
+%% on the handle's node (remote/3,4), so it never reaches another node's interpreter.
+-record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer(),
+                     node = node() :: node()}).
 %% `runtime' is the owner process that made the env: an env does not outlive the OS
 %% process it lives in, even when a restarted runtime reuses the key and context id.
 -record(pyport_env, {key :: pyport_runtime:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
                      runtime :: pid()}).
-%% This exact shape, `{pyport_ref, Key, CtxId, RefId}', is what the port program
+%% This exact shape, `{pyport_ref, Key, CtxId, RefId, Node}', is what the port program
 %% recognizes in arguments and replaces with the live object.
 -record(pyport_ref, {key :: pyport_runtime:key(),
                      ctx :: pos_integer(),
-                     id :: non_neg_integer()}).
+                     id :: non_neg_integer(),
+                     node = node() :: node()}).
 
 %% A pool (pyport_pool): goes wherever a context does in call, eval, exec, async_call,
 %% cast, stream and new_env.
 -record(pyport_pool, {name :: atom(), node :: node()}).
+
+%% A context or pool handle of another node (a guard).
+-define(REMOTE(T), ((is_record(T, pyport_ctx) andalso T#pyport_ctx.node =/= node())
+                    orelse (is_record(T, pyport_pool) andalso T#pyport_pool.node =/= node()))).
 
 -opaque ctx() :: #pyport_ctx{}.
 -opaque pool() :: #pyport_pool{}.
@@ -166,6 +177,8 @@ start_runtime(Opts) when is_map(Opts) ->
 
 %% @doc Stops a runtime started with start_runtime/1 (its port program exits).
 -spec stop_runtime(runtime()) -> ok | {error, not_found}.
+stop_runtime(Runtime) when is_pid(Runtime), node(Runtime) =/= node() ->
+    remote(node(Runtime), stop_runtime, [Runtime]);
 stop_runtime(Runtime) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
@@ -184,6 +197,8 @@ stop_runtime(Runtime) ->
                                 os_pid := integer(), contexts := [map()],
                                 atom() => term()}}
                        | {error, error()}.
+info(Runtime) when is_pid(Runtime), node(Runtime) =/= node() ->
+    remote(node(Runtime), info, [Runtime]);
 info(Runtime) ->
     with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_port:info(Pid, Timeout) end).
 
@@ -192,6 +207,8 @@ info(Runtime) ->
 %% @doc Creates a context: Opts are `name' (atom), `mode' (`owngil', the default, or
 %% `main'), `preload' (code run at creation) and `path' (extra sys.path entries).
 -spec new_context(runtime(), pyport_runtime:context_spec()) -> {ok, ctx()} | {error, error()}.
+new_context(Runtime, Opts) when is_pid(Runtime), node(Runtime) =/= node() ->
+    remote(node(Runtime), new_context, [Runtime, Opts]);
 new_context(Runtime, Opts) when is_map(Opts) ->
     with_runtime(Runtime,
                  fun(Key, Pid, Timeout) ->
@@ -203,6 +220,11 @@ new_context(Runtime, Opts) when is_map(Opts) ->
 
 %% @doc The context of that runtime with that name.
 -spec context(runtime(), atom()) -> {ok, ctx()} | {error, not_found}.
+context(Runtime, Name) when is_pid(Runtime), node(Runtime) =/= node() ->
+    case remote(node(Runtime), context, [Runtime, Name]) of
+        {error, {nodedown, _}} -> {error, not_found};
+        Reply -> Reply
+    end;
 context(Runtime, Name) when is_atom(Name) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
@@ -216,6 +238,8 @@ context(Runtime, Name) when is_atom(Name) ->
 
 %% @doc Ends a context. Stopping an unknown (or already stopped) context is `ok'.
 -spec stop_context(ctx()) -> ok | {error, error()}.
+stop_context(#pyport_ctx{node = Node} = Ctx) when Node =/= node() ->
+    remote(Node, stop_context, [Ctx]);
 stop_context(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, Pid, _Port, Timeout, _MaxFrame}} ->
@@ -233,6 +257,8 @@ stop_context(#pyport_ctx{key = Key, id = Id}) ->
 %% `{error, interrupted}'. An idle context is left alone. Code blocked inside C sees
 %% it only when it returns to Python.
 -spec interrupt(ctx()) -> ok | {error, error()}.
+interrupt(#pyport_ctx{node = Node} = Ctx) when Node =/= node() ->
+    remote(Node, interrupt, [Ctx]);
 interrupt(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, _Pid, Port, _, _}} ->
@@ -267,6 +293,11 @@ call(Ctx, Module, Function, Args, Kwargs) ->
 %% other keys go to the port program). A coroutine result is awaited.
 -spec call(target(), name(), name(), list(), map(), call_opts()) ->
           {ok, term()} | {error, error()}.
+call(Target, Module, Function, Args, Kwargs, Opts)
+  when ?REMOTE(Target), is_list(Args), is_map(Kwargs),
+       is_map(Opts) ->
+    remote(target_node(Target), call, [Target, Module, Function, Args, Kwargs, as_caller(Opts)],
+           Opts);
 call(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
     on_pool(Pool, Args, Opts, fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
@@ -299,6 +330,9 @@ eval(Ctx, Code, Locals) ->
 
 %% @doc Evaluates an expression with local variables and Opts (see call/6).
 -spec eval(target(), code(), map(), call_opts()) -> {ok, term()} | {error, error()}.
+eval(Target, Code, Locals, Opts)
+  when ?REMOTE(Target), is_map(Locals), is_map(Opts) ->
+    remote(target_node(Target), eval, [Target, Code, Locals, as_caller(Opts)], Opts);
 eval(#pyport_pool{} = Pool, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
     on_pool(Pool, maps:values(Locals), Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
 eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
@@ -320,6 +354,8 @@ exec(Ctx, Code) ->
 
 %% @doc Runs statements with Opts (see call/6).
 -spec exec(target(), code(), call_opts()) -> ok | {error, error()}.
+exec(Target, Code, Opts) when ?REMOTE(Target), is_map(Opts) ->
+    remote(target_node(Target), exec, [Target, Code, as_caller(Opts)], Opts);
 exec(#pyport_pool{} = Pool, Code, Opts) when is_map(Opts) ->
     on_pool(Pool, [], Opts, fun(Ctx) -> exec(Ctx, Code, Opts) end);
 exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
@@ -331,14 +367,21 @@ exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
 %% @doc A fresh globals namespace in that context, for `#{env => Env}' in the Opts of
 %% call, eval and exec. It is freed by drop_env/1 or when the calling process exits.
 -spec new_env(target()) -> {ok, env()} | {error, error()}.
-new_env(#pyport_pool{} = Pool) ->
-    on_pool(Pool, [], #{}, fun new_env/1);
-new_env(#pyport_ctx{key = Key, id = Id}) ->
+new_env(Target) ->
+    new_env_owned(Target, self()).
+
+%% @private new_env/1 for Owner, which may be a process of another node.
+-spec new_env_owned(target(), pid()) -> {ok, env()} | {error, error()}.
+new_env_owned(Target, Owner) when ?REMOTE(Target) ->
+    remote(target_node(Target), new_env_owned, [Target, Owner]);
+new_env_owned(#pyport_pool{} = Pool, Owner) ->
+    on_pool(Pool, [], #{}, fun(Ctx) -> new_env_owned(Ctx, Owner) end);
+new_env_owned(#pyport_ctx{key = Key, id = Id}, Owner) ->
     case runtime(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
             case runtime_request(Runtime, Id, {new_env}, #{}) of
                 {ok, EnvId} when is_integer(EnvId) ->
-                    gen_server:cast(Pid, {own, self(), Id, {env, EnvId}}),
+                    gen_server:cast(Pid, {own, Owner, Id, {env, EnvId}}),
                     {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}};
                 {ok, Other} ->
                     {error, {bad_reply, Other}};
@@ -352,6 +395,9 @@ new_env(#pyport_ctx{key = Key, id = Id}) ->
 %% @doc Frees an env (from any process). Dropping it again, or after its runtime or
 %% context is gone, is `ok' too.
 -spec drop_env(env()) -> ok.
+drop_env(#pyport_env{runtime = Pid} = Env) when node(Pid) =/= node() ->
+    _ = remote(node(Pid), drop_env, [Env]),
+    ok;
 drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
     case runtime(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
@@ -370,6 +416,8 @@ getattr(Ref, Name) ->
 
 %% @doc The attribute `Name' of the object, with Opts (`timeout', `return => ref').
 -spec getattr(pyref(), name(), call_opts()) -> {ok, term()} | {error, error()}.
+getattr(#pyport_ref{node = Node} = Ref, Name, Opts) when Node =/= node(), is_map(Opts) ->
+    remote(Node, getattr, [Ref, Name, as_caller(Opts)], Opts);
 getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts) when is_map(Opts) ->
     request(Key, Id, {getattr, RefId, name(Name)}, Opts).
 
@@ -386,18 +434,26 @@ call_method(Ref, Name, Args, Kwargs) ->
 %% @doc `Object.Name(*Args, **Kwargs)' with Opts (`timeout', `return => ref').
 -spec call_method(pyref(), name(), list(), map(), call_opts()) ->
           {ok, term()} | {error, error()}.
+call_method(#pyport_ref{node = Node} = Ref, Name, Args, Kwargs, Opts)
+  when Node =/= node(), is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    remote(Node, call_method, [Ref, Name, Args, Kwargs, as_caller(Opts)], Opts);
 call_method(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
     request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts).
 
 %% @doc The object converted to a term (`{error, {bad_term, _}}' if it has no Erlang form).
 -spec to_term(pyref()) -> {ok, term()} | {error, error()}.
+to_term(#pyport_ref{node = Node} = Ref) when Node =/= node() ->
+    remote(Node, to_term, [Ref]);
 to_term(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
     request(Key, Id, {to_term, RefId}, #{}).
 
 %% @doc Lets go of the object (from any process). Later uses of the handle give
 %% `{error, not_found}'; releasing it again is `ok'.
 -spec release(pyref()) -> ok.
+release(#pyport_ref{node = Node} = Ref) when Node =/= node() ->
+    _ = remote(Node, release, [Ref]),
+    ok;
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
     case runtime(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
@@ -514,6 +570,12 @@ cast(Ctx, Module, Function, Args) ->
         {error, _} = Error -> Error
     end.
 
+cast_checked(Target, Module, Function, Args) when ?REMOTE(Target) ->
+    Node = target_node(Target),
+    case lists:member(Node, nodes()) of
+        true -> erpc:cast(Node, ?MODULE, cast, [Target, Module, Function, Args]);
+        false -> ok
+    end;
 cast_checked(#pyport_pool{} = Pool, Module, Function, Args) ->
     on_pool(Pool, Args, #{}, fun(Ctx) -> cast_checked(Ctx, Module, Function, Args) end);
 cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
@@ -568,12 +630,28 @@ stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
         {error, _} = Error -> Error
     end.
 
+stream_checked(#pyport_pool{node = Node} = Pool, Module, Function, Args, Kwargs, Opts)
+  when Node =/= node() ->
+    case remote(Node, pool_member, [Pool]) of
+        {ok, Ctx} -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts);
+        {error, _} = Error -> Error
+    end;
 stream_checked(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts) ->
     on_pool(Pool, Args, Opts,
             fun(Ctx) -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts) end);
-stream_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts) ->
+stream_checked(#pyport_ctx{key = Key, id = Id, node = Node}, Module, Function, Args, Kwargs,
+               Opts) ->
+    %% A stream of another node's context is consumed here as well: the frames are
+    %% written there, and the messages and credit cross the distribution.
+    Row = case Node =:= node() of
+              true -> runtime(Key);
+              false -> remote(Node, runtime_row, [Key])
+          end,
+    stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts).
+
+stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts) ->
     Window = maps:get(window, Opts, ?DEFAULT_WINDOW),
-    case runtime(Key) of
+    case Row of
         {ok, _} when not (is_integer(Window) andalso Window > 0) ->
             {error, {bad_request, {window, Window}}};
         {ok, {_, Pid, Port, CallTimeout, MaxFrame}} ->
@@ -602,7 +680,7 @@ start_stream(Pid, Port, Id, Body, Window, MaxFrame) ->
             erlang:demonitor(Stream, [flush]),
             {error, {frame_too_large, Size, MaxFrame}};
         true ->
-            try erlang:port_command(Port, pyport_port:request_frame(Id, H, Body)) of
+            try pyport_port:write(Port, pyport_port:request_frame(Id, H, Body)) of
                 true ->
                     gen_server:cast(Pid, {own, self(), Id, {stream, H}}),
                     put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H,
@@ -637,6 +715,9 @@ stream_next(Stream, Timeout) ->
                 {pyport_stream, Stream, Final} ->
                     end_stream(Stream, State, Final),
                     Final;
+                {'DOWN', Stream, process, Pid, noconnection} ->
+                    erase({?MODULE, Stream}),
+                    {error, {nodedown, node(Pid)}};
                 {'DOWN', Stream, process, _, Reason} ->
                     erase({?MODULE, Stream}),
                     {error, {runtime_down, Reason}}
@@ -702,6 +783,8 @@ end_stream(Stream, #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid}, F
 %% before channel_send/2 answers `busy'. Opening a name again replaces the channel.
 -spec channel_open(ctx(), name(), #{capacity => pos_integer()}) ->
           {ok, channel()} | {error, error()}.
+channel_open(#pyport_ctx{node = Node} = Ctx, Name, Opts) when Node =/= node(), is_map(Opts) ->
+    remote(Node, channel_open, [Ctx, Name, Opts]);
 channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
     case runtime(Key) of
@@ -728,6 +811,8 @@ channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
 %% items are in it that Python has not taken, `{error, closed}' once it is closed (or
 %% its context or runtime is gone).
 -spec channel_send(channel(), term()) -> ok | busy | {error, closed | error()}.
+channel_send(#pyport_channel{runtime = Pid} = Chan, Term) when node(Pid) =/= node() ->
+    remote(node(Pid), channel_send, [Chan, Term]);
 channel_send(#pyport_channel{counters = Counters, capacity = Capacity} = Chan, Term) ->
     case counters:get(Counters, 2) of
         0 ->
@@ -757,6 +842,9 @@ channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counte
 %% @doc Closes the channel: Python takes what is left, then `receive()' raises
 %% `erlang.ChannelClosed' and `async for' ends. Closing again is `ok'.
 -spec channel_close(channel()) -> ok.
+channel_close(#pyport_channel{runtime = Pid} = Chan) when node(Pid) =/= node() ->
+    _ = remote(node(Pid), channel_close, [Chan]),
+    ok;
 channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
                               counters = Counters}) ->
     case counters:get(Counters, 2) of
@@ -911,6 +999,8 @@ start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
 
 %% @doc Stops a pool started with start_pool/2 and all its members.
 -spec stop_pool(pool()) -> ok | {error, not_found}.
+stop_pool(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
+    remote(Node, stop_pool, [Pool]);
 stop_pool(#pyport_pool{name = Name}) ->
     Id = {pyport_pool, Name},
     case supervisor:terminate_child(?SUP, Id) of
@@ -932,6 +1022,8 @@ pool(Name) when is_atom(Name) ->
 %% `down' or `draining'), `in_flight', `requests' (since it was last replaced),
 %% `os_pid' and `context' (a context handle).
 -spec pool_info(pool()) -> {ok, map()} | {error, term()}.
+pool_info(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
+    remote(Node, pool_info, [Pool]);
 pool_info(#pyport_pool{name = Name}) ->
     pyport_pool:info(Name).
 
@@ -963,6 +1055,54 @@ affinity(Args, _Opts) ->
 first_ref([#pyport_ref{key = Key, ctx = Id} | _], _) -> {ok, #pyport_ctx{key = Key, id = Id}};
 first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
 first_ref(_, _) -> none.
+
+%%% Handles of other nodes
+
+%% The request runs on the handle's node, over distribution, and its reply comes back.
+%% A node this one is not connected to is `{error, {nodedown, Node}}' at once (no
+%% connection attempt that could hang); one that goes down meanwhile, the same.
+remote(Node, Function, Args) ->
+    remote(Node, Function, Args, #{}).
+
+remote(Node, Function, Args, Opts) ->
+    case lists:member(Node, nodes()) of
+        false ->
+            {error, {nodedown, Node}};
+        true ->
+            try
+                erpc:call(Node, ?MODULE, Function, Args, remote_timeout(Opts))
+            catch
+                error:{erpc, noconnection} -> {error, {nodedown, Node}};
+                error:{erpc, timeout} -> {error, timeout};
+                error:{exception, undef, [{?MODULE, Function, _, _} | _]} ->
+                    {error, {runtime_down, {pyport_not_loaded, Node}}};
+                error:{exception, Reason, Stack} -> erlang:raise(error, Reason, Stack);
+                exit:{exception, Reason} -> exit(Reason)
+            end
+    end.
+
+%% The request's own timeout runs on the other node; this one only bounds a node that
+%% stops answering without going down.
+remote_timeout(#{timeout := T}) when is_integer(T) -> T + 5000;
+remote_timeout(_) -> infinity.
+
+%% The caller on this node stays the caller: `erlang.self()', and the owner of the envs
+%% and handles the request makes.
+as_caller(Opts) ->
+    Opts#{caller => maps:get(caller, Opts, self())}.
+
+target_node(#pyport_ctx{node = Node}) -> Node;
+target_node(#pyport_pool{node = Node}) -> Node.
+
+%% @private A member of a pool of this node, for a stream consumed on another node.
+-spec pool_member(pool()) -> {ok, ctx()} | {error, error()}.
+pool_member(Pool) ->
+    on_pool(Pool, [], #{}, fun(Ctx) -> {ok, Ctx} end).
+
+%% @private The runtime's row, for a stream consumed on another node.
+-spec runtime_row(pyport_runtime:key()) -> {ok, tuple()} | {error, error()}.
+runtime_row(Key) ->
+    runtime(Key).
 
 %%% Helpers
 

@@ -35,6 +35,7 @@
 -export([start_link/1]).
 -export([request_frame/3]).
 -export([cast_request/3]).
+-export([write/2]).
 -export([new_context/3]).
 -export([stop_context/3]).
 -export([info/2]).
@@ -919,12 +920,25 @@ free(Port, {Ctx, {ref, RefId}}) ->
 free(Port, {Ctx, {stream, H}}) ->
     cast_request(Port, Ctx, {stream_cancel, H, #{}}).
 
+%% @doc Writes a frame to the port, also to the port of a runtime on another node (a
+%% stream consumed here whose context lives there): `true', or `badarg' raised when
+%% the port is gone (or its node is).
+-spec write(port(), iodata()) -> true.
+write(Port, Frame) when node(Port) =:= node() ->
+    erlang:port_command(Port, Frame);
+write(Port, Frame) ->
+    try
+        erpc:call(node(Port), erlang, port_command, [Port, Frame], 5000)
+    catch
+        error:_ -> error(badarg)
+    end.
+
 %% @doc Writes a request that wants no reply (empty header) to context `Ctx';
 %% `Request' is a term or its encoding. False when the port is gone.
 -spec cast_request(port(), non_neg_integer(), term()) -> boolean().
 cast_request(Port, Ctx, Body) when is_binary(Body) ->
     try
-        erlang:port_command(Port, request_frame(Ctx, <<>>, Body))
+        write(Port, request_frame(Ctx, <<>>, Body))
     catch
         error:badarg -> false
     end;

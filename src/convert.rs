@@ -97,7 +97,7 @@ impl Types {
         drop(refs);
     }
 
-    /// The object behind `{pyport_ref, Key, Ctx, Id}`.
+    /// The object behind `{pyport_ref, Key, Ctx, Id, Node}`.
     fn resolve_ref<'py>(
         &self,
         py: Python<'py>,
@@ -256,12 +256,16 @@ pub fn decode_term<'py>(
                 r.u32()? as usize
             };
             let n = r.count(n, 1)?;
-            if n == 4 && r.peek_atom().as_deref() == Some("pyport_ref") {
+            // `{pyport_ref, Key, Ctx, Id, Node}` (Key and Node are the Erlang side's)
+            if (n == 4 || n == 5) && r.peek_atom().as_deref() == Some("pyport_ref") {
                 let mut probe = r.clone();
                 probe.atom()?;
                 probe.skip(depth + 1)?;
                 let ctx = etf::Term::read(&mut probe, depth + 1)?.as_u64();
                 let id = etf::Term::read(&mut probe, depth + 1)?.as_u64();
+                if n == 5 {
+                    probe.skip(depth + 1)?;
+                }
                 if let (Some(ctx), Some(id)) = (ctx, id) {
                     *r = probe;
                     return types.resolve_ref(py, ctx, id);

@@ -78,11 +78,11 @@ end_per_testcase(_Case, Config) ->
 %%% Cases
 
 return_ref_call() ->
-    [{doc, "call with return => ref answers {ok, {pyport_ref, Key, CtxId, RefId}}."}].
+    [{doc, "call with return => ref answers {ok, {pyport_ref, Key, CtxId, RefId, Node}}."}].
 return_ref_call(Config) ->
     Ctx = ?config(a, Config),
     {ok, Ref} = box(Ctx, 5),
-    ?assertMatch({pyport_ref, _, _, RefId} when is_integer(RefId), Ref),
+    ?assertMatch({pyport_ref, _, _, RefId, Node} when is_integer(RefId) andalso Node =:= node(), Ref),
     ?assertEqual({ok, 1}, n_alive(Ctx)),
     ok = pyport:release(Ref),
     ?assertEqual({ok, 0}, n_alive(Ctx)).
@@ -95,7 +95,7 @@ return_ref_eval(Config) ->
     ?assertEqual({ok, 7}, pyport:getattr(Ref, v)),
     %% a convertible value is still a handle when asked for one
     {ok, ListRef} = pyport:eval(Ctx, <<"[1, 2, 3]">>, #{}, #{return => ref}),
-    ?assertMatch({pyport_ref, _, _, _}, ListRef),
+    ?assertMatch({pyport_ref, _, _, _, _}, ListRef),
     ?assertEqual({ok, 3}, pyport:call_method(ListRef, '__len__', [])),
     ok = pyport:release(Ref),
     ok = pyport:release(ListRef).
@@ -190,7 +190,7 @@ handle_to_other_context(Config) ->
     A = ?config(a, Config),
     B = ?config(b, Config),
     {ok, Ref} = box(A, 5),
-    {pyport_ref, _, CtxId, _} = Ref,
+    {pyport_ref, _, CtxId, _, _} = Ref,
     ?assertEqual({error, {bad_term, {ref_wrong_context, CtxId}}},
                  pyport:call(B, '__main__', is_box, [Ref])),
     ?assertEqual({error, {bad_term, {ref_wrong_context, CtxId}}},
@@ -234,7 +234,7 @@ released_handle_errors() ->
 released_handle_errors(Config) ->
     Ctx = ?config(a, Config),
     {ok, Ref} = box(Ctx, 5),
-    {pyport_ref, _, _, RefId} = Ref,
+    {pyport_ref, _, _, RefId, _} = Ref,
     ok = pyport:release(Ref),
     ?assertEqual({error, not_found}, pyport:getattr(Ref, v)),
     ?assertEqual({error, not_found}, pyport:call_method(Ref, get, [])),

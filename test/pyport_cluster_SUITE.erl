@@ -1,0 +1,293 @@
+%% @doc Handles across nodes: peer nodes of this machine (OTP's `peer') use handles made
+%% here, and this node uses theirs; the requests run on the handle's node.
+-module(pyport_cluster_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+all() ->
+    [handle_used_where_pyport_is_not_started, handle_never_reaches_another_runtime,
+     every_operation_from_another_node, stream_with_credit_from_another_node,
+     handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
+     python_sends_to_another_node, callback_runs_on_the_runtime_node,
+     pool_from_another_node].
+
+init_per_suite(Config) ->
+    case start_distribution() of
+        ok ->
+            ok = pyport_ct:start_app(),
+            {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+            {ok, Ctx} = pyport:context(Rt, a),
+            [{rt, Rt}, {ctx, Ctx} | Config];
+        {error, Reason} ->
+            {skip, {no_distribution, Reason}}
+    end.
+
+end_per_suite(Config) ->
+    _ = pyport:stop_runtime(?config(rt, Config)),
+    pyport_ct:stop_app().
+
+%% Distribution for this node, with epmd started if needed.
+start_distribution() ->
+    case node() of
+        nonode@nohost ->
+            _ = case os:find_executable("epmd") of
+                    false -> ok;
+                    Epmd -> os:cmd(Epmd ++ " -daemon")
+                end,
+            case net_kernel:start(pyport_ct, #{name_domain => shortnames}) of
+                {ok, _} -> ok;
+                {error, _} = Error -> Error
+            end;
+        _ ->
+            ok
+    end.
+
+%% A peer node of this machine with this node's code path; pyport is loaded there but
+%% started only when asked.
+start_peer(Started) ->
+    Paths = lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]),
+    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(?MODULE), args => Paths}),
+    case Started of
+        true ->
+            ok = erpc:call(Node, application, load, [pyport]),
+            ok = erpc:call(Node, application, set_env, [pyport, default_runtime, true]),
+            {ok, _} = erpc:call(Node, application, ensure_all_started, [pyport]);
+        false ->
+            ok
+    end,
+    {Peer, Node}.
+
+stop_peer(Peer) ->
+    catch peer:stop(Peer),
+    ok.
+
+on(Node, Fun) ->
+    erpc:call(Node, Fun, 30000).
+
+os_pid(Rt) ->
+    pyport_ct:os_pid(Rt).
+
+%%% Cases
+
+handle_used_where_pyport_is_not_started() ->
+    [{doc, "A context handle made here, used on a peer where pyport is not started: "
+      "the call runs here (this runtime's OS process answers)."}].
+handle_used_where_pyport_is_not_started(Config) ->
+    Ctx = ?config(ctx, Config),
+    {Peer, Node} = start_peer(false),
+    try
+        ?assertEqual({ok, 4.0}, on(Node, fun() -> pyport:call(Ctx, math, sqrt, [16]) end)),
+        ?assertEqual({ok, os_pid(?config(rt, Config))},
+                     on(Node, fun() -> pyport:call(Ctx, os, getpid, []) end))
+    after
+        stop_peer(Peer)
+    end.
+
+handle_never_reaches_another_runtime() ->
+    [{doc, "With pyport started on the peer, whose default runtime has contexts with "
+      "the same ids as ours, our handle still reaches our interpreter: each side "
+      "answers with its own OS pid."}].
+handle_never_reaches_another_runtime(_Config) ->
+    {ok, Default} = pyport:context(pyport, default_1),
+    {Peer, Node} = start_peer(true),
+    try
+        Here = os_pid(pyport),
+        There = on(Node, fun() -> pyport_ct:os_pid(pyport) end),
+        ?assertNotEqual(Here, There),
+        ?assertEqual({ok, Here}, on(Node, fun() -> pyport:call(Default, os, getpid, []) end)),
+        {ok, TheirDefault} = on(Node, fun() -> pyport:context(pyport, default_1) end),
+        ?assertEqual({ok, There}, pyport:call(TheirDefault, os, getpid, [])),
+        ?assertNotEqual(Default, TheirDefault)
+    after
+        stop_peer(Peer)
+    end.
+
+every_operation_from_another_node() ->
+    [{doc, "From a peer, on a context of this node: eval, exec, async_call/await, cast, "
+      "envs, object handles, channels, info, new_context, stop_context, interrupt."}].
+every_operation_from_another_node(Config) ->
+    Ctx = ?config(ctx, Config),
+    Rt = ?config(rt, Config),
+    {Peer, Node} = start_peer(false),
+    try
+        Result = on(Node, fun() ->
+            Self = self(),
+            {ok, 3} = pyport:eval(Ctx, <<"x + y">>, #{x => 1, y => 2}),
+            ok = pyport:exec(Ctx, <<"def remote_f(v): return v * 2">>),
+            {ok, 42} = pyport:call(Ctx, '__main__', remote_f, [21]),
+            %% erlang.self() is the calling process, on the peer
+            {ok, Self} = pyport:eval(Ctx, <<"__import__('erlang').self()">>),
+            Ref = pyport:async_call(Ctx, operator, mul, [6, 7]),
+            {ok, 42} = pyport:await(Ref, 5000),
+            ok = pyport:cast(Ctx, erlang, send, [Self, cast_arrived]),
+            receive cast_arrived -> ok after 5000 -> error(no_cast) end,
+            {ok, Env} = pyport:new_env(Ctx),
+            ok = pyport:exec(Ctx, <<"z = 9">>, #{env => Env}),
+            {ok, 9} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
+            ok = pyport:drop_env(Env),
+            {ok, L} = pyport:eval(Ctx, <<"[1, 2]">>, #{}, #{return => ref}),
+            {ok, none} = pyport:call_method(L, append, [3]),
+            {ok, [1, 2, 3]} = pyport:to_term(L),
+            {ok, 3} = pyport:call(Ctx, builtins, len, [L]),
+            {ok, Doc} = pyport:getattr(L, '__doc__'),
+            true = is_binary(Doc),
+            ok = pyport:release(L),
+            {ok, Chan} = pyport:channel_open(Ctx, <<"remote_chan">>, #{}),
+            ok = pyport:channel_send(Chan, hello),
+            {ok, hello} = pyport:eval(Ctx, <<"__import__('erlang').channel('remote_chan').try_receive()">>),
+            ok = pyport:channel_close(Chan),
+            {ok, #{os_pid := OsPid}} = pyport:info(Rt),
+            {ok, New} = pyport:new_context(Rt, #{}),
+            {ok, 2} = pyport:eval(New, <<"1 + 1">>),
+            ok = pyport:stop_context(New),
+            ok = pyport:interrupt(Ctx),
+            OsPid
+        end),
+        ?assertEqual(os_pid(Rt), Result)
+    after
+        stop_peer(Peer)
+    end.
+
+stream_with_credit_from_another_node() ->
+    [{doc, "A stream of a context here, consumed on a peer: 1,000 items with a window "
+      "of 8, in order; Python never runs more than the window ahead."}].
+stream_with_credit_from_another_node(Config) ->
+    Ctx = ?config(ctx, Config),
+    ok = pyport:exec(Ctx, <<"produced = 0\n"
+                            "def counted(n):\n"
+                            "    global produced\n"
+                            "    for i in range(n):\n"
+                            "        produced = i + 1\n"
+                            "        yield i\n">>),
+    {Peer, Node} = start_peer(false),
+    try
+        Items = on(Node, fun() ->
+            {ok, S} = pyport:stream(Ctx, '__main__', counted, [1000], #{}, #{window => 8}),
+            {data, 0} = pyport:stream_next(S, 5000),
+            %% one item taken: the producer runs up to its window, and stops there
+            Produced = pyport_ct:wait_for(fun() ->
+                                              case pyport:eval(Ctx, <<"produced">>) of
+                                                  {ok, N} when N >= 8 -> {ok, N};
+                                                  Other -> {not_yet, Other}
+                                              end
+                                          end, 500),
+            ct:log("produced with one item taken, window 8: ~b", [Produced]),
+            true = Produced =< 9,
+            [0 | take_all(S)]
+        end),
+        ?assertEqual(lists:seq(0, 999), Items)
+    after
+        stop_peer(Peer)
+    end.
+
+take_all(S) ->
+    case pyport:stream_next(S, 5000) of
+        {data, I} -> [I | take_all(S)];
+        done -> []
+    end.
+
+handles_of_another_node_used_here() ->
+    [{doc, "A runtime pid, context handle and pool of a peer, used here."}].
+handles_of_another_node_used_here(_Config) ->
+    {Peer, Node} = start_peer(true),
+    try
+        {ok, Ctx} = on(Node, fun() -> pyport:context(pyport, default_1) end),
+        There = on(Node, fun() -> pyport_ct:os_pid(pyport) end),
+        ?assertEqual({ok, There}, pyport:call(Ctx, os, getpid, [])),
+        RtPid = on(Node, fun() -> whereis(pyport) end),
+        {ok, #{os_pid := There}} = pyport:info(RtPid),
+        {ok, Ctx} = pyport:context(RtPid, default_1),
+        {ok, Stream} = pyport:stream(Ctx, builtins, range, [3]),
+        ?assertEqual([{data, 0}, {data, 1}, {data, 2}, done],
+                     [pyport:stream_next(Stream, 5000) || _ <- [1, 2, 3, 4]])
+    after
+        stop_peer(Peer)
+    end.
+
+nodedown_at_once() ->
+    [{doc, "Once the peer is gone, its handles answer {error, {nodedown, Node}} at "
+      "once, and never reach an interpreter of this node."}].
+nodedown_at_once(_Config) ->
+    {Peer, Node} = start_peer(true),
+    {ok, Ctx} = on(Node, fun() -> pyport:context(pyport, default_1) end),
+    RtPid = on(Node, fun() -> whereis(pyport) end),
+    stop_peer(Peer),
+    T0 = erlang:monotonic_time(millisecond),
+    ?assertEqual({error, {nodedown, Node}}, pyport:call(Ctx, os, getpid, [])),
+    ?assertEqual({error, {nodedown, Node}}, pyport:eval(Ctx, <<"1">>)),
+    ?assertEqual({error, {nodedown, Node}}, pyport:info(RtPid)),
+    ?assertEqual({error, {nodedown, Node}}, pyport:await(pyport:async_call(Ctx, os, getpid, []), 5000)),
+    ?assert(erlang:monotonic_time(millisecond) - T0 < 1000).
+
+nodedown_in_flight() ->
+    [{doc, "A call in flight to a peer that goes down gets {error, {nodedown, Node}}."}].
+nodedown_in_flight(_Config) ->
+    {Peer, Node} = start_peer(true),
+    {ok, Ctx} = on(Node, fun() -> pyport:context(pyport, default_1) end),
+    ok = pyport:exec(Ctx, <<"def sleeper(p):\n"
+                            "    import erlang, time\n"
+                            "    erlang.send(p, 'started')\n"
+                            "    time.sleep(30)\n">>),
+    Ref = pyport:async_call(Ctx, '__main__', sleeper, [self()]),
+    receive <<"started">> -> ok after 10000 -> ct:fail(not_started) end,
+    stop_peer(Peer),
+    ?assertEqual({error, {nodedown, Node}}, pyport:await(Ref, 10000)).
+
+python_sends_to_another_node() ->
+    [{doc, "erlang.send from Python here to a process on a peer delivers."}].
+python_sends_to_another_node(Config) ->
+    Ctx = ?config(ctx, Config),
+    {Peer, Node} = start_peer(false),
+    try
+        Self = self(),
+        Receiver = erlang:spawn(Node, fun() ->
+                                          receive M -> Self ! {got, M} end
+                                      end),
+        {ok, none} = pyport:eval(Ctx, <<"__import__('erlang').send(p, ('hi', 1))">>,
+                                 #{p => Receiver}),
+        receive {got, Msg} -> ?assertEqual({<<"hi">>, 1}, Msg)
+        after 5000 -> ct:fail(not_delivered)
+        end
+    after
+        stop_peer(Peer)
+    end.
+
+callback_runs_on_the_runtime_node() ->
+    [{doc, "erlang.call in Python runs the function registered on the runtime's own "
+      "node (even when the request came from a peer), and that function may itself "
+      "call another node."}].
+callback_runs_on_the_runtime_node(Config) ->
+    Ctx = ?config(ctx, Config),
+    {Peer, Node} = start_peer(false),
+    try
+        ok = pyport:register_function(where, fun() -> {node(), erpc:call(Node, erlang, node, [])} end),
+        Here = node(),
+        ?assertEqual({ok, {Here, Node}},
+                     on(Node, fun() -> pyport:eval(Ctx, <<"__import__('erlang').call('where')">>) end))
+    after
+        pyport:unregister_function(where),
+        stop_peer(Peer)
+    end.
+
+pool_from_another_node() ->
+    [{doc, "A pool of this node used from a peer: call, stream and pool_info."}].
+pool_from_another_node(_Config) ->
+    {ok, Pool} = pyport:start_pool(cluster_pool, #{size => 2, mode => owngil}),
+    {Peer, Node} = start_peer(false),
+    try
+        ?assertEqual({ok, 3}, on(Node, fun() -> pyport:call(Pool, operator, add, [1, 2]) end)),
+        ?assertEqual([{data, 0}, {data, 1}, done],
+                     on(Node, fun() ->
+                                  {ok, S} = pyport:stream(Pool, builtins, range, [2]),
+                                  [pyport:stream_next(S, 5000) || _ <- [1, 2, 3]]
+                              end)),
+        {ok, #{members := Ms}} = on(Node, fun() -> pyport:pool_info(Pool) end),
+        ?assertEqual([node(), node()], [N || #{node := N} <- Ms])
+    after
+        stop_peer(Peer),
+        pyport:stop_pool(Pool)
+    end.
