@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -62,6 +62,10 @@ bench: build
 	$(CARGO_ENV) cargo bench --bench session
 	escript benches/pyport_bench.escript
 	escript benches/pool_bench.escript
+	escript benches/cluster_bench.escript
+
+bench-cluster: build
+	escript benches/cluster_bench.escript
 
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build

@@ -14,6 +14,13 @@
 %% arrays (requests in flight, member state, requests served), and each caller picks
 %% its member itself (checkout/2, checkin/2).
 %%
+%% `nodes' (default `[node()]'): `size' members on each of these nodes. The members on
+%% another node are a pool of that node's own (`Name@ThisNode', under its pyport
+%% supervisor, so pyport must be running there), whose members' contexts this pool
+%% calls directly (over distribution). A node that goes down takes its members out
+%% (their calls in flight get `{error, {nodedown, Node}}'); when it is up again, they
+%% are started there again. `max_requests' applies to the members on this node.
+%%
 %% `max_requests': the caller whose request is the member's last takes the member out
 %% of dispatch and tells this process, which waits until the member's requests in
 %% flight are answered, replaces its interpreter, and gives it work again. Callers that
@@ -26,6 +33,8 @@
 -export([checkout/1]).
 -export([checkin/2]).
 -export([info/1]).
+-export([start_part/2]).
+-export([stop_part/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([opts/0]).
@@ -36,15 +45,22 @@
 -define(DRAIN_POLL_MS, 5).
 -define(READY, 0).
 -define(DRAINING, 1).
+%% a member on a node that is down (or whose pyport is not running yet)
+-define(DOWN, 2).
+%% how often a node that is up but whose members could not start is tried again
+-define(NODE_RETRY_MS, 500).
 
 -type opts() :: #{name := atom(),
+                  nodes => [node()],
                   size => pos_integer(),
                   mode => main | owngil | auto,
                   preload => iodata(),
                   max_requests => pos_integer() | infinity,
                   atom() => term()}.
 
-%% The row callers read: members as a tuple of `{RuntimeKey, Ctx}', and atomics arrays
+%% The row callers read: members as a tuple of `{RuntimeKey, Ctx}' (this node) or
+%% `{remote, Node, Index, Ctx}' (the Index-th member of the pool's part on Node), and
+%% atomics arrays
 %% indexed by member: in flight, state, served (slot Size + 1 of `load' rotates ties).
 -record(row, {name :: atom(),
               members :: tuple(),
@@ -63,7 +79,9 @@
                 row :: #row{},
                 replaced = 0 :: non_neg_integer(),
                 %% callers waiting while every member is being replaced
-                waiting = [] :: [gen_server:from()]}).
+                waiting = [] :: [gen_server:from()],
+                %% the other nodes of `nodes', each running a part of the pool
+                remote_nodes = [] :: [node()]}).
 
 %%% API
 
@@ -121,24 +139,39 @@ info(Name) ->
 %%% gen_server callbacks
 
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
-init(#{name := Name} = Opts) ->
+init(#{name := Name} = Opts0) ->
     process_flag(trap_exit, true),
-    Size = maps:get(size, Opts, erlang:system_info(schedulers_online)),
-    case start_members(maps:get(mode, Opts, auto), Size, Opts) of
-        {ok, Mode, Why, Runtimes, Members} ->
-            logger:notice("pyport pool ~p: ~b members, mode ~p (~ts)", [Name, Size, Mode, Why],
-                          #{domain => [pyport]}),
+    Size = maps:get(size, Opts0, erlang:system_info(schedulers_online)),
+    Opts = Opts0#{size => Size},
+    Nodes = maps:get(nodes, Opts, [node()]),
+    Local = case lists:member(node(), Nodes) of
+                true -> start_members(maps:get(mode, Opts, auto), Size, Opts);
+                false -> {ok, maps:get(mode, Opts, auto), <<"no member on this node">>, #{}, []}
+            end,
+    case Local of
+        {ok, Mode, Why, Runtimes, LocalMembers} ->
+            Remote = [N || N <- Nodes, N =/= node()],
+            ok = net_kernel:monitor_nodes(Remote =/= []),
+            RemoteMembers = [{remote, N, I, undefined} || N <- Remote, I <- lists:seq(1, Size)],
+            Members = LocalMembers ++ RemoteMembers,
+            Total = length(Members),
+            logger:notice("pyport pool ~p: ~b members on ~b node(s), mode ~p (~ts)",
+                          [Name, Total, length(Nodes), Mode, Why], #{domain => [pyport]}),
             Row = #row{name = Name,
                        members = list_to_tuple(Members),
-                       load = atomics:new(Size + 1, [{signed, true}]),
-                       state = atomics:new(Size, []),
-                       served = atomics:new(Size, []),
+                       load = atomics:new(Total + 1, [{signed, true}]),
+                       state = atomics:new(Total, []),
+                       served = atomics:new(Total, []),
                        max_requests = maps:get(max_requests, Opts, infinity),
                        pid = self()},
+            [atomics:put(Row#row.state, I, ?DOWN)
+             || I <- lists:seq(length(LocalMembers) + 1, Total)],
             true = ets:insert_new(?TABLE, {{pool, Name}, Row})
                 orelse error({already_started, Name}),
-            {ok, #state{name = Name, opts = Opts, mode = Mode, mode_reason = Why,
-                        runtimes = Runtimes, row = Row}};
+            S = #state{name = Name, opts = Opts#{mode => Mode}, mode = Mode,
+                       mode_reason = Why, runtimes = Runtimes, row = Row,
+                       remote_nodes = Remote},
+            {ok, lists:foldl(fun join_node/2, S, Remote)};
         {error, Reason} ->
             {stop, Reason}
     end.
@@ -160,8 +193,21 @@ handle_cast(_Msg, S) ->
     {noreply, S}.
 
 -spec handle_info(term(), #state{}) -> {noreply, #state{}}.
+handle_info({replace, I}, #state{row = #row{members = Ms} = Row} = S)
+  when element(1, element(I, Ms)) =:= remote ->
+    %% max_requests applies to the members of this node only (see the module doc)
+    atomics:put(Row#row.served, I, 0),
+    atomics:put(Row#row.state, I, ?READY),
+    {noreply, S};
 handle_info({replace, I}, S) ->
     {noreply, drain(I, S)};
+handle_info({nodeup, Node}, S) ->
+    {noreply, join_node(Node, S)};
+handle_info({retry_node, Node}, S) ->
+    {noreply, join_node(Node, S)};
+handle_info({nodedown, Node}, #state{row = Row} = S) ->
+    [atomics:put(Row#row.state, I, ?DOWN) || I <- node_members(Node, Row)],
+    {noreply, S};
 handle_info({drain, I}, S) ->
     {noreply, drain(I, S)};
 handle_info({'EXIT', Pid, Reason}, #state{runtimes = Runtimes} = S)
@@ -173,9 +219,80 @@ handle_info(_Msg, S) ->
     {noreply, S}.
 
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{name = Name, runtimes = Runtimes}) ->
+terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remote}) ->
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
+    _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
+         || N <- Remote, lists:member(N, nodes())],
     lists:foreach(fun stop_runtime/1, maps:keys(Runtimes)).
+
+%%% Members on other nodes
+
+%% The part of pool Name that runs on another node is a pool of that node's own
+%% (`Name@HomeNode', under its pyport supervisor); this pool sends calls straight to
+%% its members. A node that is down (or has no pyport running) has its members marked
+%% down; when it is up again they are started there again.
+join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remote} = S) ->
+    case lists:member(Node, Remote) andalso lists:member(Node, nodes()) of
+        false ->
+            S;
+        true ->
+            Part = part_name(Name),
+            PartOpts = maps:without([nodes, name], Opts),
+            Started = try
+                          erpc:call(Node, pyport_pool, start_part, [Part, PartOpts], 60000)
+                      catch
+                          Class:Reason -> {error, {Class, Reason}}
+                      end,
+            case Started of
+                {ok, Ctxs} ->
+                    Changes = [{I, {remote, Node, J, Ctx}}
+                               || {I, {J, Ctx}} <- lists:zip(node_members(Node, Row), Ctxs)],
+                    Row1 = set_members(Name, Row, Changes),
+                    [atomics:put(Row1#row.state, I, ?READY) || {I, _} <- Changes],
+                    S#state{row = Row1};
+                {error, Why} ->
+                    logger:warning("pyport pool ~p: no members on ~p yet: ~0p",
+                                   [Name, Node, Why], #{domain => [pyport]}),
+                    _ = erlang:send_after(?NODE_RETRY_MS, self(), {retry_node, Node}),
+                    S
+            end
+    end.
+
+node_members(Node, #row{members = Ms}) ->
+    [I || I <- lists:seq(1, tuple_size(Ms)), is_member_of(Node, element(I, Ms))].
+
+is_member_of(Node, {remote, Node, _, _}) -> true;
+is_member_of(_, _) -> false.
+
+part_name(Name) ->
+    list_to_atom(atom_to_list(Name) ++ "@" ++ atom_to_list(node())).
+
+%% @private On the other node: starts (or finds) the part of a pool, and lists its
+%% members' contexts as `{Index, Ctx}'.
+-spec start_part(atom(), map()) -> {ok, [{pos_integer(), pyport:ctx()}]} | {error, term()}.
+start_part(Part, Opts) ->
+    Pool = case pyport:start_pool(Part, Opts) of
+               {ok, P} -> {ok, P};
+               {error, {already_started, _}} -> pyport:pool(Part);
+               {error, _} = Error -> Error
+           end,
+    case Pool of
+        {ok, Handle} ->
+            case pyport:pool_info(Handle) of
+                {ok, #{members := Ms}} -> {ok, [{I, C} || #{index := I, context := C} <- Ms]};
+                {error, _} = Error2 -> Error2
+            end;
+        {error, _} = Error3 ->
+            Error3
+    end.
+
+%% @private On the other node: stops the part of a pool.
+-spec stop_part(atom()) -> ok | {error, not_found}.
+stop_part(Part) ->
+    case pyport:pool(Part) of
+        {ok, Pool} -> pyport:stop_pool(Pool);
+        {error, _} = Error -> Error
+    end.
 
 %%% Members
 
@@ -254,7 +371,7 @@ member_ctx(Pid, I) ->
     Ctx.
 
 start_runtime(Opts) ->
-    RuntimeOpts = maps:without([name, size, mode, preload, max_requests], Opts),
+    RuntimeOpts = maps:without([name, size, mode, preload, max_requests, nodes], Opts),
     case pyport_runtime:start_link(RuntimeOpts) of
         {ok, Pid} ->
             {ok, Pid};
@@ -365,17 +482,21 @@ checkout(#row{members = Members} = Row, Size, Skip) ->
         none ->
             await_ready(Row, Size, Skip);
         I ->
-            {Key, Ctx} = element(I, Members),
-            case pyport_runtime:is_up(Key) of
-                true -> take(Row, I, Ctx, Size, Skip);
-                false -> checkout(Row, Size, [I | Skip])
+            case element(I, Members) of
+                {remote, _Node, _J, Ctx} ->
+                    take(Row, I, Ctx, Size, Skip);
+                {Key, Ctx} ->
+                    case pyport_runtime:is_up(Key) of
+                        true -> take(Row, I, Ctx, Size, Skip);
+                        false -> checkout(Row, Size, [I | Skip])
+                    end
             end
     end.
 
 %% No member is ready and up. While some are being replaced (max_requests), wait for
 %% one rather than fail the call; when all are down, say so at once.
 await_ready(#row{name = Name, state = St, pid = Pid}, Size, Skip) ->
-    Replacing = [I || I <- lists:seq(1, Size), atomics:get(St, I) =/= ?READY,
+    Replacing = [I || I <- lists:seq(1, Size), atomics:get(St, I) =:= ?DRAINING,
                       not lists:member(I, Skip)],
     case Replacing of
         [] ->
@@ -441,6 +562,15 @@ describe(#state{name = Name, mode = Mode, mode_reason = Why, row = Row, replaced
       members => [member_info(I, element(I, Members), Load, St, Served, OsPids)
                   || I <- lists:seq(1, Size)]}.
 
+member_info(I, {remote, Node, _J, Ctx}, Load, St, Served, _OsPids) ->
+    Status = case atomics:get(St, I) of
+                 ?READY -> up;
+                 ?DRAINING -> draining;
+                 ?DOWN -> down
+             end,
+    #{index => I, node => Node, context => Ctx, status => Status,
+      in_flight => atomics:get(Load, I), requests => atomics:get(Served, I),
+      os_pid => remote_os_pid(Node, Ctx)};
 member_info(I, {Key, Ctx}, Load, St, Served, OsPids) ->
     Status = case {pyport_runtime:is_up(Key), atomics:get(St, I)} of
                  {false, _} -> down;
@@ -456,6 +586,17 @@ os_pids(Runtimes) ->
       [{Key, OsPid} || Pid <- maps:keys(Runtimes),
                        {ok, #{os_pid := OsPid}} <- [catch_info(Pid)],
                        {ok, Key} <- [pyport_runtime:key(Pid)]]).
+
+%% The OS pid behind a context of another node (undefined when it cannot be told).
+remote_os_pid(_Node, undefined) ->
+    undefined;
+remote_os_pid(Node, Ctx) ->
+    try erpc:call(Node, pyport, eval, [Ctx, <<"__import__('os').getpid()">>], 5000) of
+        {ok, OsPid} -> OsPid;
+        _ -> undefined
+    catch
+        _:_ -> undefined
+    end.
 
 catch_info(Pid) ->
     try pyport:info(Pid) catch _:_ -> error end.

@@ -13,7 +13,7 @@ all() ->
      every_operation_from_another_node, stream_with_credit_from_another_node,
      handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
-     pool_from_another_node].
+     pool_from_another_node, pool_across_nodes].
 
 init_per_suite(Config) ->
     case start_distribution() of
@@ -49,8 +49,11 @@ start_distribution() ->
 %% A peer node of this machine with this node's code path; pyport is loaded there but
 %% started only when asked.
 start_peer(Started) ->
+    start_peer(Started, peer:random_name(?MODULE)).
+
+start_peer(Started, Name) ->
     Paths = lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]),
-    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(?MODULE), args => Paths}),
+    {ok, Peer, Node} = peer:start_link(#{name => Name, args => Paths}),
     case Started of
         true ->
             ok = erpc:call(Node, application, load, [pyport]),
@@ -290,4 +293,48 @@ pool_from_another_node(_Config) ->
     after
         stop_peer(Peer),
         pyport:stop_pool(Pool)
+    end.
+
+pool_across_nodes() ->
+    [{doc, "A pool with nodes => [here, peer], one main member each: calls reach both "
+      "nodes; the peer going down takes only its member out and every later call "
+      "succeeds here; the peer coming back (same name, pyport started) gets its "
+      "member again."}].
+pool_across_nodes(_Config) ->
+    Name = peer:random_name(?MODULE),
+    {Peer, Node} = start_peer(true, Name),
+    {ok, Pool} = pyport:start_pool(spread, #{nodes => [node(), Node], size => 1,
+                                             mode => main}),
+    try
+        {ok, #{size := 2, members := [#{node := Here, status := up},
+                                      #{node := Node, status := up, os_pid := TheirPid}]}} =
+            pyport:pool_info(Pool),
+        ?assertEqual(node(), Here),
+        Pids = lists:usort([begin {ok, P} = pyport:call(Pool, os, getpid, []), P end
+                            || _ <- lists:seq(1, 20)]),
+        ?assert(lists:member(TheirPid, Pids)),
+        ?assertEqual(2, length(Pids)),
+        stop_peer(Peer),
+        pyport_ct:wait_for(fun() -> member_status(Pool, 2, down) end, 500),
+        Results = [pyport:call(Pool, operator, add, [I, 1]) || I <- lists:seq(1, 50)],
+        ?assertEqual([{ok, I + 1} || I <- lists:seq(1, 50)], Results),
+        {Peer2, Node} = start_peer(true, Name),
+        try
+            pyport_ct:wait_for(fun() -> member_status(Pool, 2, up) end, 1000),
+            {ok, #{members := [_, #{os_pid := NewPid}]}} = pyport:pool_info(Pool),
+            Pids2 = lists:usort([begin {ok, P} = pyport:call(Pool, os, getpid, []), P end
+                                 || _ <- lists:seq(1, 20)]),
+            ?assert(lists:member(NewPid, Pids2))
+        after
+            stop_peer(Peer2)
+        end
+    after
+        pyport:stop_pool(Pool)
+    end.
+
+member_status(Pool, I, Want) ->
+    {ok, #{members := Ms}} = pyport:pool_info(Pool),
+    case lists:nth(I, Ms) of
+        #{status := Want} -> {ok, Want};
+        Other -> {not_yet, Other}
     end.

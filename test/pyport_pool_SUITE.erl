@@ -53,11 +53,11 @@ member_ctx(Pool, I) ->
     #{context := Ctx} = lists:nth(I, members(Pool)),
     Ctx.
 
-%% Waits until every member is up and none is in flight.
+%% Waits until every member is up.
 await_full(Pool) ->
     pyport_ct:wait_for(fun() ->
                            Ms = members(Pool),
-                           case [M || #{status := up, in_flight := 0} = M <- Ms] of
+                           case [M || #{status := up} = M <- Ms] of
                                Ms -> {ok, Ms};
                                _ -> {not_yet, Ms}
                            end
