@@ -516,14 +516,14 @@ take(#row{load = Load, state = St, served = Served, max_requests = Max, pid = Pi
     atomics:add(Load, I, 1),
     case atomics:get(St, I) of
         ?READY ->
-            case atomics:add_get(Served, I, 1) =:= Max of
-                true ->
-                    %% the member's last request: no more go to it from now on
-                    atomics:put(St, I, ?DRAINING),
-                    Pid ! {replace, I};
-                false ->
-                    ok
-            end,
+            _ = case atomics:add_get(Served, I, 1) =:= Max of
+                    true ->
+                        %% the member's last request: no more go to it from now on
+                        atomics:put(St, I, ?DRAINING),
+                        Pid ! {replace, I};
+                    false ->
+                        ok
+                end,
             {ok, I, Ctx};
         _ ->
             atomics:sub(Load, I, 1),

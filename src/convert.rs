@@ -46,7 +46,11 @@ pub fn set_none_atom(name: &str) -> Result<(), String> {
         "none" => "none",
         "nil" => "nil",
         "undefined" => "undefined",
-        other => return Err(format!("--none-as takes none, nil or undefined, not {other}")),
+        other => {
+            return Err(format!(
+                "--none-as takes none, nil or undefined, not {other}"
+            ))
+        }
     };
     NONE_ATOM
         .set(atom)
