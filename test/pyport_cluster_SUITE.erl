@@ -180,17 +180,11 @@ stream_with_credit_from_another_node(Config) ->
                                           end, 500),
             ct:log("produced with one item taken, window 8: ~b", [Produced]),
             true = Produced =< 9,
-            [0 | take_all(S)]
+            [0 | pyport_ct:stream_items(S)]
         end),
         ?assertEqual(lists:seq(0, 999), Items)
     after
         stop_peer(Peer)
-    end.
-
-take_all(S) ->
-    case pyport:stream_next(S, 5000) of
-        {data, I} -> [I | take_all(S)];
-        done -> []
     end.
 
 handles_of_another_node_used_here() ->

@@ -18,6 +18,7 @@
 -export([forward_logs/0]).
 -export([forward_logs_with_meta/0]).
 -export([rss_kib/1]).
+-export([stream_items/1]).
 -export([stop_forwarding_logs/0]).
 -export([log/2]).
 
@@ -172,3 +173,11 @@ log(#{level := Level, msg := Msg} = Event, #{config := #{pid := Pid} = Config}) 
 rss_kib(OsPid) ->
     Out = os:cmd("ps -o rss= -p " ++ integer_to_list(OsPid)),
     list_to_integer(string:trim(Out)).
+
+%% The items of a stream up to its end (each within 5 s).
+-spec stream_items(pyport:stream()) -> [term()].
+stream_items(Stream) ->
+    case pyport:stream_next(Stream, 5000) of
+        {data, Item} -> [Item | stream_items(Stream)];
+        done -> []
+    end.

@@ -53,6 +53,15 @@ member_ctx(Pool, I) ->
     #{context := Ctx} = lists:nth(I, members(Pool)),
     Ctx.
 
+%% Waits until exactly one member has a request in flight; returns its index.
+busy_member(Pool) ->
+    pyport_ct:wait_for(fun() ->
+                           case [I || #{index := I, in_flight := 1} <- members(Pool)] of
+                               [I] -> {ok, I};
+                               Other -> {not_yet, Other}
+                           end
+                       end, 500).
+
 %% Waits until every member is up.
 await_full(Pool) ->
     pyport_ct:wait_for(fun() ->
@@ -106,7 +115,7 @@ pool_goes_where_a_context_goes(_Config) ->
     ok = pyport:cast(Pool, erlang, send, [Self, cast_arrived]),
     receive cast_arrived -> ok after 5000 -> ct:fail(no_cast) end,
     {ok, Stream} = pyport:stream(Pool, builtins, range, [5]),
-    ?assertEqual([0, 1, 2, 3, 4], take_all(Stream)),
+    ?assertEqual([0, 1, 2, 3, 4], pyport_ct:stream_items(Stream)),
     {ok, Env} = pyport:new_env(Pool),
     ok = pyport:exec(Pool, <<"y = 5">>, #{env => Env}),
     [?assertEqual({ok, 5}, pyport:eval(Pool, <<"y">>, #{}, #{env => Env}))
@@ -116,12 +125,6 @@ pool_goes_where_a_context_goes(_Config) ->
     ?assertEqual({ok, [1, 2, 3]}, pyport:to_term(List)),
     ok = pyport:stop_pool(Pool).
 
-take_all(Stream) ->
-    case pyport:stream_next(Stream, 5000) of
-        {data, Item} -> [Item | take_all(Stream)];
-        done -> []
-    end.
-
 least_loaded_dispatch() ->
     [{doc, "A call goes to the member with the fewest requests in flight: while one "
       "member runs a 2 s call, 20 short calls all go to the other and each is answered "
@@ -130,12 +133,7 @@ least_loaded_dispatch(_Config) ->
     Pool = start(p_load, #{size => 2, mode => main}),
     Slow = pyport:async_call(Pool, '__main__', slow, [2]),
     %% the slow call is in flight on one member
-    Busy = pyport_ct:wait_for(fun() ->
-                                  case [I || #{index := I, in_flight := 1} <- members(Pool)] of
-                                      [I] -> {ok, I};
-                                      Other -> {not_yet, Other}
-                                  end
-                              end, 500),
+    Busy = busy_member(Pool),
     #{os_pid := BusyPid} = lists:nth(Busy, members(Pool)),
     Times = [begin
                  T0 = erlang:monotonic_time(millisecond),
@@ -204,12 +202,7 @@ member_crash_restarts_alone(_Config) ->
     [ok = pyport:exec(member_ctx(Pool, I), Crash) || I <- [1, 2]],
     Before = [P || #{os_pid := P} <- members(Pool)],
     Doomed = pyport:async_call(Pool, '__main__', crash_soon, []),
-    _ = pyport_ct:wait_for(fun() ->
-                               case [I || #{index := I, in_flight := 1} <- members(Pool)] of
-                                   [I] -> {ok, I};
-                                   Other -> {not_yet, Other}
-                               end
-                           end, 500),
+    _ = busy_member(Pool),
     %% one caller, one call at a time: the doomed member (one in flight) is never the
     %% least loaded, so every one of its calls must succeed, before, during and after
     Self = self(),
