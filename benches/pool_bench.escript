@@ -30,10 +30,10 @@ main(_Args) ->
     Rounds = [[{C, calls_per_s(P), speedup(P)} || {C, P} <- Pools]
               ++ [{control, none, control_speedup(Python)}]
               || _ <- lists:seq(1, ?ROUNDS)],
-    io:format("~-16s ~12s ~14s~n", ["pool", "calls/s", "CPU speedup"]),
+    io:format("~-20s ~12s ~14s~n", ["pool", "calls/s", "CPU speedup"]),
     [begin
          Row = [R || Round <- Rounds, {C, _, _} = R <- Round, C =:= Config],
-         io:format("~-16s ~12s ~14s~n",
+         io:format("~-20s ~12s ~14s~n",
                    [label(Config), fmt_rate(median([X || {_, X, _} <- Row])),
                     io_lib:format("~.2fx", [median([S || {_, _, S} <- Row])])])
      end || Config <- Configs ++ [control]],
@@ -104,5 +104,7 @@ parallel(K, Fun) ->
 median(Xs) ->
     lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
 
+fmt_rate(none) ->
+    "-";
 fmt_rate(X) ->
     integer_to_list(round(X)).
