@@ -1,0 +1,215 @@
+#!/usr/bin/env escript
+%% -*- erlang -*-
+%%! -noinput
+%%
+%% The plain call, stage by stage, in one run (`make bench' builds the C echo):
+%%   bare   a C {packet,4} echo spinning on stdin (benches/echo.c), port owned by the
+%%          caller: the floor of any port round trip on this host
+%%   relay  the same echo, port owned by another process that forwards each reply to
+%%          the caller's monitor alias (what a safe port owner costs at least)
+%%   raw    the pyport binary driven straight from the caller with raw request frames
+%%          (docs/protocol.md), operator.add(1, 2) on an owngil context
+%%   facade pyport:call(Ctx, operator, add, [1, 2]) through the facade and port owner
+%% then calls/s of 50 callers (relay over one echo, pyport over 2 contexts), and a
+%% 16 MiB binary echoed by the relay and by pyport (identity).
+%% Each stage runs in its own OS process, opened for it and closed after; stages are
+%% alternated round by round, ?ROUNDS rounds; medians of the rounds' medians.
+%%
+%%   escript benches/stages.escript ECHO_BINARY [ROUNDS]
+-mode(compile).
+
+-define(ROUNDS, 7).
+-define(CALLS, 5000).
+-define(WARMUP, 500).
+-define(CALLERS, 50).
+-define(RATE_CALLS, 50000).
+-define(BIG, 16 * 1024 * 1024).
+-define(BIG_ROUNDS, 3).
+
+main([Echo]) ->
+    main([Echo, integer_to_list(?ROUNDS)]);
+main([Echo, Rounds]) ->
+    Exe = setup(),
+    Results = [one_round(Echo, Exe) || _ <- lists:seq(1, list_to_integer(Rounds))],
+    report(Results),
+    halt(0);
+main(_) ->
+    io:format("usage: stages.escript ECHO_BINARY [ROUNDS]~n"),
+    halt(2).
+
+setup() ->
+    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
+    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
+    true = code:add_patha(Ebin),
+    ok = application:load(pyport),
+    ok = application:set_env(pyport, default_runtime, false),
+    {ok, _} = application:ensure_all_started(pyport),
+    ok = logger:set_primary_config(level, error),
+    case os:getenv("PYPORT_EXECUTABLE") of
+        Path when is_list(Path), Path =/= "" -> Path;
+        _ -> filename:join([Root, "priv", "pyport"])
+    end.
+
+one_round(Echo, Exe) ->
+    #{bare => with_echo(Echo, fun(Port) -> latency(fun() -> bare_call(Port) end) end),
+      relay => with_relay(Echo, fun(Relay) -> latency(fun() -> relay_call(Relay, <<"x">>) end) end),
+      raw => with_raw(Exe, fun(Port) -> latency(fun() -> raw_call(Port) end) end),
+      facade => with_runtime(Exe, fun([Ctx | _]) -> latency(fun() -> facade_call(Ctx) end) end),
+      relay_rate => with_relay(Echo, fun(Relay) ->
+                                          rate(fun(_) -> relay_call(Relay, <<"x">>) end)
+                                      end),
+      facade_rate => with_runtime(Exe, fun(Ctxs) ->
+                                            rate(fun(I) ->
+                                                     facade_call(lists:nth(I rem 2 + 1, Ctxs))
+                                                 end)
+                                        end),
+      relay_big => with_relay(Echo, fun(Relay) ->
+                                        Big = big(),
+                                        throughput(fun() -> relay_call(Relay, Big) end)
+                                    end),
+      facade_big => with_runtime(Exe, fun([Ctx | _]) ->
+                                          Big = big(),
+                                          throughput(fun() ->
+                                                         {ok, Big2} = pyport:call(Ctx, '__main__',
+                                                                                  identity, [Big]),
+                                                         ?BIG = byte_size(Big2)
+                                                     end)
+                                      end)}.
+
+big() ->
+    binary:copy(<<"0123456789abcdef">>, ?BIG div 16).
+
+%%% Stages
+
+with_echo(Echo, Fun) ->
+    Port = open_port({spawn_executable, Echo}, [{packet, 4}, binary, exit_status, use_stdio]),
+    try Fun(Port) after port_close(Port) end.
+
+bare_call(Port) ->
+    true = erlang:port_command(Port, <<"x">>),
+    receive {Port, {data, _}} -> ok end.
+
+%% The relay: owns the echo, forwards each reply to the alias in its header.
+with_relay(Echo, Fun) ->
+    Self = self(),
+    Relay = spawn_link(fun() ->
+                           Port = open_port({spawn_executable, Echo},
+                                            [{packet, 4}, binary, exit_status, use_stdio]),
+                           Self ! {relay, self(), Port},
+                           relay_loop(Port)
+                       end),
+    Port = receive {relay, Relay, P} -> P end,
+    try Fun({Relay, Port}) after unlink(Relay), exit(Relay, kill) end.
+
+relay_loop(Port) ->
+    receive
+        {Port, {data, <<HLen:16, H:HLen/binary, Payload/binary>>}} ->
+            Alias = binary_to_term(H),
+            Alias ! {Alias, Payload},
+            relay_loop(Port)
+    end.
+
+relay_call({Relay, Port}, Payload) ->
+    Mref = erlang:monitor(process, Relay, [{alias, reply_demonitor}]),
+    H = term_to_binary(Mref),
+    true = erlang:port_command(Port, [<<(byte_size(H)):16>>, H, Payload]),
+    receive
+        {Mref, _Reply} -> ok;
+        {'DOWN', Mref, _, _, Reason} -> error(Reason)
+    end.
+
+%% pyport's binary driven by the caller itself: hello, one context, raw frames.
+with_raw(Exe, Fun) ->
+    Port = open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio]),
+    try
+        receive {Port, {data, <<1, _/binary>>}} -> ok end,
+        H = term_to_binary(init),
+        Body = term_to_binary({new_context, 1, #{mode => owngil}}),
+        true = erlang:port_command(Port, [<<0:64, (byte_size(H)):16>>, H, Body]),
+        ok = raw_reply(Port),
+        Fun(Port)
+    after
+        port_close(Port)
+    end.
+
+raw_reply(Port) ->
+    receive
+        {Port, {data, <<0, HLen:16, _:HLen/binary, Payload/binary>>}} -> binary_to_term(Payload);
+        {Port, {data, _Event}} -> raw_reply(Port)
+    end.
+
+-define(RAW_BODY, term_to_binary({call, <<"operator">>, <<"add">>, [1, 2], #{}, #{}})).
+
+raw_call(Port) ->
+    H = term_to_binary(make_ref()),
+    true = erlang:port_command(Port, [<<1:64, (byte_size(H)):16>>, H, ?RAW_BODY]),
+    {ok, 3} = raw_reply(Port),
+    ok.
+
+with_runtime(Exe, Fun) ->
+    {ok, Rt} = pyport:start_runtime(#{executable => Exe,
+                                      contexts => [#{name => a}, #{name => b}]}),
+    {ok, A} = pyport:context(Rt, a),
+    {ok, B} = pyport:context(Rt, b),
+    [ok = pyport:exec(C, <<"def identity(x):\n    return x\n">>) || C <- [A, B]],
+    try Fun([A, B]) after pyport:stop_runtime(Rt) end.
+
+facade_call(Ctx) ->
+    {ok, 3} = pyport:call(Ctx, operator, add, [1, 2]),
+    ok.
+
+%%% Measures
+
+%% Median µs of ?CALLS calls after ?WARMUP.
+latency(Call) ->
+    [Call() || _ <- lists:seq(1, ?WARMUP)],
+    Times = [begin
+                 T0 = erlang:monotonic_time(nanosecond),
+                 Call(),
+                 erlang:monotonic_time(nanosecond) - T0
+             end || _ <- lists:seq(1, ?CALLS)],
+    median(Times) / 1000.
+
+%% Calls/s of ?CALLERS processes, ?RATE_CALLS calls in all; Call(I) for caller I.
+rate(Call) ->
+    Per = ?RATE_CALLS div ?CALLERS,
+    Self = self(),
+    T0 = erlang:monotonic_time(nanosecond),
+    Pids = [spawn_link(fun() ->
+                           [Call(I) || _ <- lists:seq(1, Per)],
+                           Self ! {done, self()}
+                       end) || I <- lists:seq(1, ?CALLERS)],
+    [receive {done, P} -> ok end || P <- Pids],
+    Per * ?CALLERS / ((erlang:monotonic_time(nanosecond) - T0) / 1.0e9).
+
+%% MB/s of ?BIG_ROUNDS echoes of ?BIG bytes (counted once each way).
+throughput(Call) ->
+    Call(),
+    T0 = erlang:monotonic_time(nanosecond),
+    [Call() || _ <- lists:seq(1, ?BIG_ROUNDS)],
+    2 * ?BIG * ?BIG_ROUNDS / ((erlang:monotonic_time(nanosecond) - T0) / 1000).
+
+%%% Report
+
+report(Results) ->
+    M = fun(Key) -> median([maps:get(Key, R) || R <- Results]) end,
+    Ratio = fun(A, B) -> median([maps:get(A, R) / maps:get(B, R) || R <- Results]) end,
+    io:format("~-44s ~10s ~s~n", ["stage (one caller, operator.add)", "us/call", "ratio"]),
+    io:format("~-44s ~10.1f~n", ["bare: C echo, port owned by the caller", M(bare)]),
+    io:format("~-44s ~10.1f ~.2fx bare~n", ["relay: C echo through an owner process", M(relay),
+                                            Ratio(relay, bare)]),
+    io:format("~-44s ~10.1f ~.2fx bare~n", ["raw: pyport binary, raw frames", M(raw),
+                                            Ratio(raw, bare)]),
+    io:format("~-44s ~10.1f ~.2fx relay~n", ["facade: pyport:call/4", M(facade),
+                                             Ratio(facade, relay)]),
+    io:format("~-44s ~10.0f~n", ["calls/s, 50 callers, relay echo", M(relay_rate)]),
+    io:format("~-44s ~10.0f ~.2fx relay~n", ["calls/s, 50 callers, pyport, 2 contexts",
+                                             M(facade_rate), Ratio(facade_rate, relay_rate)]),
+    io:format("~-44s ~10.0f~n", ["16 MiB echo MB/s, relay C echo", M(relay_big)]),
+    io:format("~-44s ~10.0f ~.2fx relay~n", ["16 MiB echo MB/s, pyport identity",
+                                             M(facade_big), Ratio(facade_big, relay_big)]),
+    io:format("(~b rounds, stages alternated; medians; ratios are medians of the "
+              "rounds' own ratios)~n", [length(Results)]).
+
+median(Xs) ->
+    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
