@@ -14,7 +14,7 @@ suite() ->
     [{timetrap, {minutes, 20}}].
 
 all() ->
-    [mix_dependency, elixir_example].
+    [mix_dependency, mix_release, elixir_example].
 
 init_per_suite(Config) ->
     case os:find_executable("mix") of
@@ -46,6 +46,24 @@ mix_dependency(Config) ->
     ?assert(filelib:is_regular(filename:join([Dir, "deps", "pyport", "priv", "pyport"]))),
     {0, Out} = pyport_ct:shell(Dir, Env ++ " mix run -e '{:ok, _} = Application.ensure_all_started(:pyport); "
                               "IO.inspect(:pyport.call(:math, :sqrt, [16]))'"),
+    ?assertNotEqual(nomatch, string:find(Out, "{:ok, 4.0}")).
+
+mix_release() ->
+    [{doc, "`mix release' of the Mix project from mix_dependency carries the port "
+           "binary: the release, moved to another directory, runs a Python call with "
+           "`bin/mixapp eval'."}].
+mix_release(Config) ->
+    Root = ?config(root, Config),
+    Dir = filename:join(?config(priv_dir, Config), "mixapp"),
+    filelib:is_regular(filename:join(Dir, "mix.exs")) orelse mix_dependency(Config),
+    Env = env(Root) ++ " MIX_ENV=prod",
+    {0, _} = pyport_ct:shell(Dir, Env ++ " mix release --overwrite"),
+    Moved = filename:join(?config(priv_dir, Config), "moved_mix_release"),
+    {0, _} = pyport_ct:shell(Dir, "rm -rf " ++ Moved ++ " && mv _build/prod/rel/mixapp " ++ Moved),
+    Released = filelib:wildcard(filename:join([Moved, "lib", "pyport-*", "priv", "pyport"])),
+    ?assertMatch([_], Released),
+    {0, Out} = pyport_ct:shell(Moved, "bin/mixapp eval '{:ok, _} = Application.ensure_all_started(:pyport); "
+                               "IO.inspect(:pyport.call(:math, :sqrt, [16]))'"),
     ?assertNotEqual(nomatch, string:find(Out, "{:ok, 4.0}")).
 
 elixir_example() ->
