@@ -202,12 +202,14 @@ report(Results) ->
                                             Ratio(raw, bare)]),
     io:format("~-44s ~10.1f ~.2fx relay~n", ["facade: pyport:call/4", M(facade),
                                              Ratio(facade, relay)]),
-    io:format("~-44s ~10.0f~n", ["calls/s, 50 callers, relay echo", M(relay_rate)]),
-    io:format("~-44s ~10.0f ~.2fx relay~n", ["calls/s, 50 callers, pyport, 2 contexts",
-                                             M(facade_rate), Ratio(facade_rate, relay_rate)]),
-    io:format("~-44s ~10.0f~n", ["16 MiB echo MB/s, relay C echo", M(relay_big)]),
-    io:format("~-44s ~10.0f ~.2fx relay~n", ["16 MiB echo MB/s, pyport identity",
-                                             M(facade_big), Ratio(facade_big, relay_big)]),
+    io:format("~-44s ~10w~n", ["calls/s, 50 callers, relay echo", round(M(relay_rate))]),
+    io:format("~-44s ~10w ~.2fx relay~n", ["calls/s, 50 callers, pyport, 2 contexts",
+                                             round(M(facade_rate)),
+                                             Ratio(facade_rate, relay_rate)]),
+    io:format("~-44s ~10w~n", ["16 MiB echo MB/s, relay C echo", round(M(relay_big))]),
+    io:format("~-44s ~10w ~.2fx relay~n", ["16 MiB echo MB/s, pyport identity",
+                                             round(M(facade_big)),
+                                             Ratio(facade_big, relay_big)]),
     io:format("(~b rounds, stages alternated; medians; ratios are medians of the "
               "rounds' own ratios)~n", [length(Results)]).
 

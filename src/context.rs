@@ -41,6 +41,12 @@ const SPIN_MIN_US: u32 = 5;
 /// which re-entrancy needs, are served. Under a load of callbacks, serving everything
 /// while waiting nested unrelated requests until Python's recursion limit.
 const MAX_NESTED_UNRELATED: usize = 16;
+/// For this long a spinning context tries stdin back to back; after that it yields the
+/// core between tries. The caller of a sequence of requests sends the next one within
+/// a few microseconds of its reply, and a yield can hand the core to another thread for
+/// far longer than that; but past this, the yields leave the cores to the BEAM.
+const EAGER_SPIN: Duration = Duration::from_micros(15);
+
 /// How often a spinning context polls the event loop's fds.
 const FD_POLL_WHILE_SPINNING: Duration = Duration::from_micros(50);
 
@@ -215,6 +221,7 @@ impl Mailbox {
             || !self.has_work(only_reentrant) && !ready() && !loop_work() && !async_results();
         let poll_fds = with_loop && reactor.has_fds();
         let mut next_fd_poll = Instant::now();
+        let eager_until = Instant::now() + EAGER_SPIN;
         inbox.spin_enter();
         loop {
             let now = Instant::now();
@@ -231,7 +238,9 @@ impl Mailbox {
             if !idle() {
                 break;
             }
-            std::thread::yield_now();
+            if now >= eager_until {
+                std::thread::yield_now();
+            }
         }
         if !idle() {
             inbox.spin_to_work();

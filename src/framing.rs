@@ -70,43 +70,54 @@ impl FrameReader {
         }
     }
 
-    /// Reads everything `src` has now (until `WouldBlock` or end of stream) and pushes
-    /// each complete frame to `out`. `EINTR` is retried.
+    /// Reads everything `src` has now and pushes each complete frame to `out`. `EINTR`
+    /// is retried. It stops at `WouldBlock`, at the end of the stream, or after a short
+    /// read: a pipe that gave less than asked for was emptied by that read, and
+    /// skipping the read that would only say so gets the frame to its context sooner
+    /// (bytes that come later make the pipe readable again, also for edge-triggered
+    /// polling).
     pub fn fill<R: Read>(&mut self, src: &mut R, out: &mut Vec<Inbound>) -> io::Result<Status> {
         loop {
-            let n = match self.read_some(src) {
-                Ok(0) => {
+            let (asked, got) = match self.read_some(src) {
+                (_, Ok(0)) => {
                     let clean = self.big.is_none() && self.start == self.end;
                     return Ok(Status::Closed { clean });
                 }
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Status::Open),
-                Err(e) => return Err(e),
+                (asked, Ok(n)) => (asked, n),
+                (_, Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
+                (_, Err(e)) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Status::Open),
+                (_, Err(e)) => return Err(e),
             };
-            self.advance(n, out);
+            self.advance(got, out);
+            if got < asked {
+                return Ok(Status::Open);
+            }
         }
     }
 
-    fn read_some<R: Read>(&mut self, src: &mut R) -> io::Result<usize> {
+    /// One read into the buffer that needs bytes now: how many bytes it asked for, and
+    /// the result.
+    fn read_some<R: Read>(&mut self, src: &mut R) -> (usize, io::Result<usize>) {
         match &mut self.big {
             Some(Big::Filling { frame, filled, len }) => {
                 if frame.len() == *filled {
                     let grown = (*filled * 2).max(*filled + STAGING).min(*len);
                     frame.resize(grown, 0);
                 }
-                src.read(&mut frame[*filled..])
+                let space = &mut frame[*filled..];
+                (space.len(), src.read(space))
             }
             Some(Big::Discarding { .. }) => {
                 self.start = 0;
                 self.end = 0;
-                src.read(&mut self.buf)
+                (self.buf.len(), src.read(&mut self.buf))
             }
             None => {
                 if self.end == self.buf.len() {
                     self.compact();
                 }
-                src.read(&mut self.buf[self.end..])
+                let space = &mut self.buf[self.end..];
+                (space.len(), src.read(space))
             }
         }
     }
@@ -376,6 +387,8 @@ mod tests {
         let mut r = FrameReader::new(1 << 30);
         let mut out = Vec::new();
         let mut src = &[0x3f, 0xff, 0xff, 0xff, 1, 2, 3][..];
+        // a short read ends a fill; the next one sees the end of the stream
+        assert_eq!(r.fill(&mut src, &mut out).unwrap(), Status::Open);
         assert_eq!(
             r.fill(&mut src, &mut out).unwrap(),
             Status::Closed { clean: false }
