@@ -9,15 +9,30 @@ use pyport::request::{Mode, Spec};
 use pyport::session::Session;
 
 fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {
+    call_body_opts(module, function, args, vec![])
+}
+
+fn call_body_opts(module: &str, function: &str, args: Vec<Term>, opts: Vec<(Term, Term)>) -> Vec<u8> {
     Term::Tuple(vec![
         Term::atom("call"),
         Term::Binary(module.as_bytes().to_vec()),
         Term::Binary(function.as_bytes().to_vec()),
         Term::List(args),
         Term::Map(vec![]),
-        Term::Map(vec![]),
+        Term::Map(opts),
     ])
     .encode()
+}
+
+/// The Opts pyport:call/4 sends: `#{caller => Pid, timeout => 5000}`.
+fn facade_opts() -> Vec<(Term, Term)> {
+    let mut pid = vec![88, 119, 13];
+    pid.extend_from_slice(b"nonode@nohost");
+    pid.extend_from_slice(&[0, 0, 0, 81, 0, 0, 0, 0, 0, 0, 0, 0]);
+    vec![
+        (Term::atom("caller"), Term::Other(pid)),
+        (Term::atom("timeout"), Term::Int(5000)),
+    ]
 }
 
 fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
@@ -65,6 +80,12 @@ fn main() {
             &session,
             "operator.add(1, 2)",
             &call_body("operator", "add", vec![Term::Int(1), Term::Int(2)]),
+        );
+        time(
+            py,
+            &session,
+            "operator.add(1, 2) with the facade's opts",
+            &call_body_opts("operator", "add", vec![Term::Int(1), Term::Int(2)], facade_opts()),
         );
         let list: Vec<Term> = (0..1000).map(Term::Int).collect();
         time(
