@@ -12,17 +12,21 @@
 %% call that raises (bad arguments) ends with `exception' too, and the error goes on.
 -module(pyport_telemetry).
 
+-export([enabled/0]).
 -export([span/2]).
 
 -define(EVENT, [pyport, call]).
 
-%% @doc Runs Fun() between the events, when telemetry is there.
+%% @doc Whether the `telemetry' module is loaded (callers check this first, so a call
+%% builds no metadata when nobody listens).
+-spec enabled() -> boolean().
+enabled() ->
+    erlang:function_exported(telemetry, execute, 3).
+
+%% @doc Runs Fun() between the events.
 -spec span(map(), fun(() -> Result)) -> Result.
 span(Meta, Fun) ->
-    case erlang:function_exported(telemetry, execute, 3) of
-        false -> Fun();
-        true -> traced(Meta#{telemetry_span_context => make_ref()}, Fun)
-    end.
+    traced(Meta#{telemetry_span_context => make_ref()}, Fun).
 
 traced(Meta, Fun) ->
     Start = erlang:monotonic_time(),
