@@ -58,8 +58,15 @@ fuzz: setup
 demo: build
 	escript scripts/demo.escript
 
-bench: build
+# The C echo of benches/stages.escript (the floor of a port round trip), built apart.
+ECHO = _build/bench/echo
+$(ECHO): benches/echo.c
+	mkdir -p $(dir $@)
+	cc -O2 -o $@ $<
+
+bench: build $(ECHO)
 	$(CARGO_ENV) cargo bench --bench session
+	escript benches/stages.escript $(ECHO)
 	escript benches/pyport_bench.escript
 	escript benches/pool_bench.escript
 	escript benches/cluster_bench.escript

@@ -15,7 +15,9 @@
 %% Each stage runs in its own OS process, opened for it and closed after; stages are
 %% alternated round by round, ?ROUNDS rounds; medians of the rounds' medians.
 %%
-%%   escript benches/stages.escript ECHO_BINARY [ROUNDS]
+%%   escript benches/stages.escript ECHO_BINARY [ROUNDS [OLD_PYPORT]]
+%% With OLD_PYPORT (another build of the port program), its raw and facade stages run
+%% in the same rounds too, for a before/after of the Rust side.
 -mode(compile).
 
 -define(ROUNDS, 7).
@@ -29,9 +31,13 @@
 main([Echo]) ->
     main([Echo, integer_to_list(?ROUNDS)]);
 main([Echo, Rounds]) ->
+    main([Echo, Rounds, none]);
+main([Echo, Rounds, Old]) ->
     Exe = setup(),
-    Results = [one_round(Echo, Exe) || _ <- lists:seq(1, list_to_integer(Rounds))],
+    Results = [maps:merge(one_round(Echo, Exe), old_round(Old))
+               || _ <- lists:seq(1, list_to_integer(Rounds))],
     report(Results),
+    report_old(Old, Results),
     halt(0);
 main(_) ->
     io:format("usage: stages.escript ECHO_BINARY [ROUNDS]~n"),
@@ -75,6 +81,31 @@ one_round(Echo, Exe) ->
                                                          ?BIG = byte_size(Big2)
                                                      end)
                                       end)}.
+
+old_round(none) ->
+    #{};
+old_round(Old) ->
+    #{old_raw => with_raw(Old, fun(Port) -> latency(fun() -> raw_call(Port) end) end),
+      old_facade => with_runtime(Old, fun([Ctx | _]) -> latency(fun() -> facade_call(Ctx) end) end),
+      old_facade_rate => with_runtime(Old, fun(Ctxs) ->
+                                                rate(fun(I) ->
+                                                         facade_call(lists:nth(I rem 2 + 1, Ctxs))
+                                                     end)
+                                            end)}.
+
+report_old(none, _) ->
+    ok;
+report_old(Old, Results) ->
+    M = fun(Key) -> median([maps:get(Key, R) || R <- Results]) end,
+    Ratio = fun(A, B) -> median([maps:get(A, R) / maps:get(B, R) || R <- Results]) end,
+    io:format("~nagainst ~s, same rounds (new/old: median of the rounds' ratios):~n", [Old]),
+    io:format("~-44s ~10.1f -> ~.1f  ~.2fx~n", ["raw us/call", M(old_raw), M(raw),
+                                                Ratio(raw, old_raw)]),
+    io:format("~-44s ~10.1f -> ~.1f  ~.2fx~n", ["facade us/call", M(old_facade), M(facade),
+                                                Ratio(facade, old_facade)]),
+    io:format("~-44s ~10w -> ~w  ~.2fx~n", ["calls/s, 50 callers", round(M(old_facade_rate)),
+                                            round(M(facade_rate)),
+                                            Ratio(facade_rate, old_facade_rate)]).
 
 big() ->
     binary:copy(<<"0123456789abcdef">>, ?BIG div 16).
