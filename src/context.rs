@@ -54,7 +54,8 @@ const FD_POLL_WHILE_SPINNING: Duration = Duration::from_micros(50);
 /// (see `router::Inbox`), and the writer of outbound frames.
 pub trait Inbox: Send + Sync {
     /// Reads and routes what stdin has, unless another thread is doing it right now.
-    fn try_pump(&self);
+    /// False when another thread is reading stdin right now.
+    fn try_pump(&self) -> bool;
     /// A context starts spinning (it takes stdin over from the router if need be).
     fn spin_enter(&self);
     /// A spinning context found work.
@@ -228,7 +229,7 @@ impl Mailbox {
             if !idle() || now >= until {
                 break;
             }
-            inbox.try_pump();
+            let pumped = inbox.try_pump();
             // The loop's fds (its self-pipe at least) are polled now and then, not on
             // every try: a syscall per try would slow the plain request's pick-up.
             if poll_fds && now >= next_fd_poll {
@@ -238,7 +239,9 @@ impl Mailbox {
             if !idle() {
                 break;
             }
-            if now >= eager_until {
+            // Another context thread reading stdin will route this one's requests to
+            // it: no need to hold the core meanwhile.
+            if !pumped || now >= eager_until {
                 std::thread::yield_now();
             }
         }

@@ -192,13 +192,15 @@ impl Inbox for Router {
     }
 
     /// Reads and routes what stdin has, unless another thread is doing it right now.
-    fn try_pump(&self) {
-        if let Ok(mut routing) = self.routing.try_lock() {
-            self.last_pump.store(self.now(), Ordering::Relaxed);
-            if let Err(e) = routing.pump() {
-                eprintln!("pyport: reading stdin: {e}");
-            }
+    fn try_pump(&self) -> bool {
+        let Ok(mut routing) = self.routing.try_lock() else {
+            return false;
+        };
+        self.last_pump.store(self.now(), Ordering::Relaxed);
+        if let Err(e) = routing.pump() {
+            eprintln!("pyport: reading stdin: {e}");
         }
+        true
     }
 
     /// A context starts spinning: it takes stdin over from the router if need be.
