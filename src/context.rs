@@ -650,7 +650,7 @@ fn answer(
     let (outer, outer_at) = deadline.current();
     let start = |timeout_ms: Option<u64>| {
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
-        deadline.begin(at).is_some()
+        deadline.begin(at, job.reentrant).is_some()
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
         session.serve(py, job.header(), job.body(), out, &start)

@@ -176,9 +176,10 @@ impl Deadline {
         watchdog().watch(Arc::downgrade(self));
     }
 
-    /// A request starts; `deadline` is when it must be done. Returns its sequence
-    /// number, or `None` if the deadline has already passed (the caller gave up).
-    pub fn begin(&self, deadline: Option<Instant>) -> Option<u64> {
+    /// A request starts; `deadline` is when it must be done; `on_behalf`: it is
+    /// re-entrant (see below). Returns its sequence number, or `None` if the deadline
+    /// has already passed (the caller gave up).
+    pub fn begin(&self, deadline: Option<Instant>, on_behalf: bool) -> Option<u64> {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed) + 1;
         let wd = watchdog();
         let at = match deadline {
@@ -186,12 +187,18 @@ impl Deadline {
             Some(d) if d <= Instant::now() => return None,
             Some(d) => wd.nanos(d).max(1),
         };
-        // A nested request (re-entrancy: it runs while an outer one waits in
-        // `erlang.call`) runs on the outer one's behalf: it gets the earlier of the two
-        // deadlines, so the outer deadline keeps running while it runs.
+        // A re-entrant request (one the Erlang code that an outer request called with
+        // `erlang.call` made) runs on the outer one's behalf: it gets the earlier of
+        // the two deadlines, so the outer deadline keeps running while it runs. An
+        // unrelated request served while the outer one waits keeps its own: the outer
+        // deadline, maybe past already, is not its business.
         let at = {
             let _switch = self.switching();
-            let outer_at = self.at.load(Ordering::SeqCst);
+            let outer_at = if on_behalf {
+                self.at.load(Ordering::SeqCst)
+            } else {
+                0
+            };
             let at = match (at, outer_at) {
                 (0, outer) => outer,
                 (own, 0) => own,
