@@ -58,15 +58,17 @@ fuzz: setup
 demo: build
 	escript scripts/demo.escript
 
-# The C echo of benches/stages.escript (the floor of a port round trip), built apart.
+# The C echo and stand-in of benches/stages.escript (the floors of a port round trip
+# and of the Erlang side), built apart.
 ECHO = _build/bench/echo
-$(ECHO): benches/echo.c
+STANDIN = _build/bench/standin
+_build/bench/%: benches/%.c
 	mkdir -p $(dir $@)
 	cc -O2 -o $@ $<
 
-bench: build $(ECHO)
+bench: build $(ECHO) $(STANDIN)
 	$(CARGO_ENV) cargo bench --bench session
-	escript benches/stages.escript $(ECHO)
+	escript benches/stages.escript $(ECHO) $(STANDIN)
 	escript benches/pyport_bench.escript
 	escript benches/pool_bench.escript
 	escript benches/cluster_bench.escript

@@ -10,12 +10,14 @@
 %%   raw    the pyport binary driven straight from the caller with raw request frames
 %%          (docs/protocol.md), operator.add(1, 2) on an owngil context
 %%   facade pyport:call(Ctx, operator, add, [1, 2]) through the facade and port owner
-%% then calls/s of 50 callers (relay over one echo, pyport over 2 contexts), and a
-%% 16 MiB binary echoed by the relay and by pyport (identity).
+%%   stand-in  pyport:call/4 over benches/standin.c, which answers every request at
+%%          once: the Erlang side's own floor (no Python, no Rust)
+%% then calls/s of 50 callers (relay over one echo, pyport over 2 contexts, pyport over
+%% the stand-in), and a 16 MiB binary echoed by the relay and by pyport (identity).
 %% Each stage runs in its own OS process, opened for it and closed after; stages are
 %% alternated round by round, ?ROUNDS rounds; medians of the rounds' medians.
 %%
-%%   escript benches/stages.escript ECHO_BINARY [ROUNDS [OLD_PYPORT]]
+%%   escript benches/stages.escript ECHO_BINARY STANDIN_BINARY [ROUNDS [OLD_PYPORT]]
 %% With OLD_PYPORT (another build of the port program), its raw and facade stages run
 %% in the same rounds too, for a before/after of the Rust side.
 -mode(compile).
@@ -28,19 +30,19 @@
 -define(BIG, 16 * 1024 * 1024).
 -define(BIG_ROUNDS, 3).
 
-main([Echo]) ->
-    main([Echo, integer_to_list(?ROUNDS)]);
-main([Echo, Rounds]) ->
-    main([Echo, Rounds, none]);
-main([Echo, Rounds, Old]) ->
+main([Echo, Standin]) ->
+    main([Echo, Standin, integer_to_list(?ROUNDS)]);
+main([Echo, Standin, Rounds]) ->
+    main([Echo, Standin, Rounds, none]);
+main([Echo, Standin, Rounds, Old]) ->
     Exe = setup(),
-    Results = [maps:merge(one_round(Echo, Exe), old_round(Old))
+    Results = [maps:merge(one_round(Echo, Exe), standin_round(Standin, old_round(Old)))
                || _ <- lists:seq(1, list_to_integer(Rounds))],
     report(Results),
     report_old(Old, Results),
     halt(0);
 main(_) ->
-    io:format("usage: stages.escript ECHO_BINARY [ROUNDS]~n"),
+    io:format("usage: stages.escript ECHO_BINARY STANDIN_BINARY [ROUNDS [OLD_PYPORT]]~n"),
     halt(2).
 
 setup() ->
@@ -81,6 +83,15 @@ one_round(Echo, Exe) ->
                                                          ?BIG = byte_size(Big2)
                                                      end)
                                       end)}.
+
+%% The facade over the stand-in: what the Erlang side costs by itself.
+standin_round(Standin, Acc) ->
+    Acc#{standin => with_runtime(Standin, fun([Ctx | _]) -> latency(fun() -> facade_call(Ctx) end) end,
+                                 false),
+         standin_rate => with_runtime(Standin,
+                                      fun(Ctxs) ->
+                                          rate(fun(I) -> facade_call(lists:nth(I rem 2 + 1, Ctxs)) end)
+                                      end, false)}.
 
 old_round(none) ->
     #{};
@@ -178,11 +189,14 @@ raw_call(Port) ->
     ok.
 
 with_runtime(Exe, Fun) ->
+    with_runtime(Exe, Fun, true).
+
+with_runtime(Exe, Fun, Python) ->
     {ok, Rt} = pyport:start_runtime(#{executable => Exe,
                                       contexts => [#{name => a}, #{name => b}]}),
     {ok, A} = pyport:context(Rt, a),
     {ok, B} = pyport:context(Rt, b),
-    [ok = pyport:exec(C, <<"def identity(x):\n    return x\n">>) || C <- [A, B]],
+    [ok = pyport:exec(C, <<"def identity(x):\n    return x\n">>) || C <- [A, B], Python],
     try Fun([A, B]) after pyport:stop_runtime(Rt) end.
 
 facade_call(Ctx) ->
@@ -233,10 +247,15 @@ report(Results) ->
                                             Ratio(raw, bare)]),
     io:format("~-44s ~10.1f ~.2fx relay~n", ["facade: pyport:call/4", M(facade),
                                              Ratio(facade, relay)]),
+    io:format("~-44s ~10.1f ~.2fx relay~n", ["stand-in: pyport:call/4, nothing behind it",
+                                             M(standin), Ratio(standin, relay)]),
     io:format("~-44s ~10w~n", ["calls/s, 50 callers, relay echo", round(M(relay_rate))]),
     io:format("~-44s ~10w ~.2fx relay~n", ["calls/s, 50 callers, pyport, 2 contexts",
                                              round(M(facade_rate)),
                                              Ratio(facade_rate, relay_rate)]),
+    io:format("~-44s ~10w ~.2fx relay~n", ["calls/s, 50 callers, over the stand-in",
+                                           round(M(standin_rate)),
+                                           Ratio(standin_rate, relay_rate)]),
     io:format("~-44s ~10w~n", ["16 MiB echo MB/s, relay C echo", round(M(relay_big))]),
     io:format("~-44s ~10w ~.2fx relay~n", ["16 MiB echo MB/s, pyport identity",
                                              round(M(facade_big)),
