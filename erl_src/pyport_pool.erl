@@ -245,8 +245,13 @@ join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remot
                       end,
             case Started of
                 {ok, Ctxs} ->
+                    %% a part left from an earlier run of this pool may have another
+                    %% size: the members beyond the shorter list stay down
+                    Slots = node_members(Node, Row),
+                    N = min(length(Slots), length(Ctxs)),
                     Changes = [{I, {remote, Node, J, Ctx}}
-                               || {I, {J, Ctx}} <- lists:zip(node_members(Node, Row), Ctxs)],
+                               || {I, {J, Ctx}} <- lists:zip(lists:sublist(Slots, N),
+                                                             lists:sublist(Ctxs, N))],
                     Row1 = set_members(Name, Row, Changes),
                     [atomics:put(Row1#row.state, I, ?READY) || {I, _} <- Changes],
                     S#state{row = Row1};
@@ -591,7 +596,8 @@ os_pids(Runtimes) ->
 remote_os_pid(_Node, undefined) ->
     undefined;
 remote_os_pid(Node, Ctx) ->
-    try erpc:call(Node, pyport, eval, [Ctx, <<"__import__('os').getpid()">>], 5000) of
+    try erpc:call(Node, pyport, eval, [Ctx, <<"__import__('os').getpid()">>, #{},
+                                       #{timeout => 1000}], 2000) of
         {ok, OsPid} -> OsPid;
         _ -> undefined
     catch
