@@ -989,15 +989,9 @@ decode(Reply) ->
 %% call, eval, exec, async_call, cast, stream and new_env.
 -spec start_pool(atom(), map()) -> {ok, pool()} | {error, term()}.
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
-    case supervisor:start_child(?SUP, pyport_pool:child_spec(Opts#{name => Name})) of
-        {ok, _Pid} ->
-            {ok, #pyport_pool{name = Name, node = node()}};
-        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
-            {error, Reason};
-        {error, {already_started, _}} ->
-            {error, {already_started, Name}};
-        {error, _} = Error ->
-            Error
+    case pyport_pool:start(Name, Opts) of
+        {ok, _Pid} -> {ok, #pyport_pool{name = Name, node = node()}};
+        {error, _} = Error -> Error
     end.
 
 %% @doc Stops a pool started with start_pool/2 and all its members.
@@ -1005,11 +999,7 @@ start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
 stop_pool(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
     remote(Node, stop_pool, [Pool]);
 stop_pool(#pyport_pool{name = Name}) ->
-    Id = {pyport_pool, Name},
-    case supervisor:terminate_child(?SUP, Id) of
-        ok -> _ = supervisor:delete_child(?SUP, Id), ok;
-        {error, not_found} -> {error, not_found}
-    end.
+    pyport_pool:stop(Name).
 
 %% @doc The handle of a running pool, by name (one started in the user's own tree with
 %% pyport_pool:child_spec/1, say).
@@ -1028,7 +1018,16 @@ pool(Name) when is_atom(Name) ->
 pool_info(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
     remote(Node, pool_info, [Pool]);
 pool_info(#pyport_pool{name = Name}) ->
-    pyport_pool:info(Name).
+    case pyport_pool:info(Name) of
+        {ok, #{members := Members} = Info} ->
+            {ok, Info#{members => [M#{context => member_ctx(C)} || #{context := C} = M <- Members]}};
+        {error, _} = Error ->
+            Error
+    end.
+
+%% A pool member's context as a handle.
+member_ctx({Key, Id, Node}) -> #pyport_ctx{key = Key, id = Id, node = Node};
+member_ctx(undefined) -> undefined.
 
 %% The member a request on a pool goes to: the one that holds the env or an object
 %% handle the request uses (they stay on their member), else the least loaded one, on
@@ -1039,9 +1038,9 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
             Fun(Ctx);
         none ->
             case pyport_pool:checkout(Name) of
-                {ok, I, Ctx} ->
+                {ok, I, Member} ->
                     try
-                        Fun(Ctx)
+                        Fun(member_ctx(Member))
                     after
                         pyport_pool:checkin(Name, I)
                     end;

@@ -28,6 +28,8 @@
 -module(pyport_pool).
 -behaviour(gen_server).
 
+-export([start/2]).
+-export([stop/1]).
 -export([start_link/1]).
 -export([child_spec/1]).
 -export([checkout/1]).
@@ -35,9 +37,11 @@
 -export([info/1]).
 -export([start_part/2]).
 -export([stop_part/1]).
+-export([os_pid/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([opts/0]).
+-export_type([member/0]).
 
 -define(TABLE, pyport_runtimes).
 -define(STOP_WAIT, 5000).
@@ -58,9 +62,13 @@
                   max_requests => pos_integer() | infinity,
                   atom() => term()}.
 
-%% The row callers read: members as a tuple of `{RuntimeKey, Ctx}' (this node) or
-%% `{remote, Node, Index, Ctx}' (the Index-th member of the pool's part on Node), and
-%% atomics arrays
+%% A member's context as `{RuntimeKey, ContextId, Node}' (`pyport' makes it a handle).
+-type member() :: {pyport_runtime:key(), pos_integer(), node()}.
+
+%% The row callers read: members as a tuple of `{RuntimeKey, ContextName}' (this node:
+%% the context is found by name, so a member replaced or restarted is found again) or
+%% `{remote, Node, Index, member()}' (the Index-th member of the pool's part on Node),
+%% and atomics arrays
 %% indexed by member: in flight, state, served (slot Size + 1 of `load' rotates ties).
 -record(row, {name :: atom(),
               members :: tuple(),
@@ -93,6 +101,30 @@
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
     gen_server:start_link(?MODULE, Opts, []).
 
+%% @doc Starts a pool under pyport's supervisor: `{ok, Pid}', or `{error, Reason}'
+%% (`{already_started, Name}' for a name taken).
+-spec start(atom(), map()) -> {ok, pid()} | {error, term()}.
+start(Name, Opts) ->
+    case supervisor:start_child(pyport_sup, child_spec(Opts#{name => Name})) of
+        {ok, Pid} ->
+            {ok, Pid};
+        {error, {already_started, _}} ->
+            {error, {already_started, Name}};
+        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
+            {error, Reason};  % the supervisor adds its child record to start errors
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc Stops a pool started with start/2 and all its members.
+-spec stop(atom()) -> ok | {error, not_found}.
+stop(Name) ->
+    Id = {?MODULE, Name},
+    case supervisor:terminate_child(pyport_sup, Id) of
+        ok -> _ = supervisor:delete_child(pyport_sup, Id), ok;
+        {error, not_found} -> {error, not_found}
+    end.
+
 %% @doc A child spec for the user's own supervision tree; the handle is then
 %% `pyport:pool(Name)'.
 -spec child_spec(opts()) -> supervisor:child_spec().
@@ -105,9 +137,9 @@ child_spec(#{name := Name} = Opts) when is_atom(Name) ->
       modules => [?MODULE]}.
 
 %% @doc Takes the ready member with the fewest requests in flight and counts one more
-%% request on it: `{ok, Index, Ctx}' or `{error, Reason}'. Members whose runtime is
+%% request on it: `{ok, Index, Member}' or `{error, Reason}'. Members whose runtime is
 %% down are passed over while another is up.
--spec checkout(atom()) -> {ok, pos_integer(), pyport:ctx()} | {error, term()}.
+-spec checkout(atom()) -> {ok, pos_integer(), member()} | {error, term()}.
 checkout(Name) ->
     case row(Name) of
         {ok, Row} -> checkout(Row, tuple_size(Row#row.members), []);
@@ -244,14 +276,14 @@ join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remot
                           Class:Reason -> {error, {Class, Reason}}
                       end,
             case Started of
-                {ok, Ctxs} ->
+                {ok, Members} ->
                     %% a part left from an earlier run of this pool may have another
                     %% size: the members beyond the shorter list stay down
                     Slots = node_members(Node, Row),
-                    N = min(length(Slots), length(Ctxs)),
-                    Changes = [{I, {remote, Node, J, Ctx}}
-                               || {I, {J, Ctx}} <- lists:zip(lists:sublist(Slots, N),
-                                                             lists:sublist(Ctxs, N))],
+                    N = min(length(Slots), length(Members)),
+                    Changes = [{I, {remote, Node, J, Member}}
+                               || {I, {J, Member}} <- lists:zip(lists:sublist(Slots, N),
+                                                                lists:sublist(Members, N))],
                     Row1 = set_members(Name, Row, Changes),
                     [atomics:put(Row1#row.state, I, ?READY) || {I, _} <- Changes],
                     S#state{row = Row1};
@@ -273,30 +305,39 @@ part_name(Name) ->
     list_to_atom(atom_to_list(Name) ++ "@" ++ atom_to_list(node())).
 
 %% @private On the other node: starts (or finds) the part of a pool, and lists its
-%% members' contexts as `{Index, Ctx}'.
--spec start_part(atom(), map()) -> {ok, [{pos_integer(), pyport:ctx()}]} | {error, term()}.
+%% members as `{Index, Member}'.
+-spec start_part(atom(), map()) -> {ok, [{pos_integer(), member()}]} | {error, term()}.
 start_part(Part, Opts) ->
-    Pool = case pyport:start_pool(Part, Opts) of
-               {ok, P} -> {ok, P};
-               {error, {already_started, _}} -> pyport:pool(Part);
-               {error, _} = Error -> Error
-           end,
-    case Pool of
-        {ok, Handle} ->
-            case pyport:pool_info(Handle) of
-                {ok, #{members := Ms}} -> {ok, [{I, C} || #{index := I, context := C} <- Ms]};
-                {error, _} = Error2 -> Error2
-            end;
-        {error, _} = Error3 ->
-            Error3
+    case start(Part, Opts) of
+        {ok, _} -> part_members(Part);
+        {error, {already_started, _}} -> part_members(Part);
+        {error, _} = Error -> Error
+    end.
+
+part_members(Part) ->
+    case info(Part) of
+        {ok, #{members := Ms}} -> {ok, [{I, M} || #{index := I, context := M} <- Ms]};
+        {error, _} = Error -> Error
     end.
 
 %% @private On the other node: stops the part of a pool.
 -spec stop_part(atom()) -> ok | {error, not_found}.
 stop_part(Part) ->
-    case pyport:pool(Part) of
-        {ok, Pool} -> pyport:stop_pool(Pool);
-        {error, _} = Error -> Error
+    stop(Part).
+
+%% @private The OS pid serving a runtime of this node (for pool_info on another node).
+-spec os_pid(pyport_runtime:key()) -> integer() | undefined.
+os_pid(Key) ->
+    case pyport_runtime:port_owner(Key) of
+        {ok, Owner, _} ->
+            try pyport_port:info(Owner, 1000) of
+                {ok, #{os_pid := OsPid}} -> OsPid;
+                _ -> undefined
+            catch
+                exit:_ -> undefined
+            end;
+        {error, _} ->
+            undefined
     end.
 
 %%% Members
@@ -333,7 +374,7 @@ start_owngil(Size, #{name := Name} = Opts, Why) ->
     Specs = [member_spec(I, owngil, Opts) || I <- lists:seq(1, Size)],
     case start_runtime(Opts#{key => {pyport_pool, Name}, contexts => Specs}) of
         {ok, Pid} ->
-            Members = [{{pyport_pool, Name}, member_ctx(Pid, I)} || I <- lists:seq(1, Size)],
+            Members = [{{pyport_pool, Name}, member_name(I)} || I <- lists:seq(1, Size)],
             {ok, owngil, Why, #{Pid => 0}, Members};
         {error, _} = Error ->
             Error
@@ -357,7 +398,7 @@ start_main(I, Size, Opts, Why, Runtimes, Members) ->
 start_main_member(I, #{name := Name} = Opts) ->
     Key = {pyport_pool, Name, I},
     case start_runtime(Opts#{key => Key, contexts => [member_spec(I, main, Opts)]}) of
-        {ok, Pid} -> {ok, Pid, {Key, member_ctx(Pid, I)}};
+        {ok, Pid} -> {ok, Pid, {Key, member_name(I)}};
         {error, _} = Error -> Error
     end.
 
@@ -370,10 +411,6 @@ member_spec(I, Mode, Opts) ->
 
 member_name(I) ->
     list_to_atom("member_" ++ integer_to_list(I)).
-
-member_ctx(Pid, I) ->
-    {ok, Ctx} = pyport:context(Pid, member_name(I)),
-    Ctx.
 
 start_runtime(Opts) ->
     RuntimeOpts = maps:without([name, size, mode, preload, max_requests, nodes], Opts),
@@ -446,30 +483,33 @@ drain(I, #state{row = #row{load = Load}} = S) ->
 %% with back-off, and callers pass over it while it is down.
 replace(I, #state{name = Name, mode = Mode, row = Row, runtimes = Runtimes,
                   replaced = N, waiting = Waiting} = S) ->
-    {Key, Ctx} = element(I, Row#row.members),
-    {Result, Row1} =
+    {Key, Context} = element(I, Row#row.members),
+    Result =
         case Mode of
             main ->
                 [Pid] = [P || {P, J} <- maps:to_list(Runtimes), J =:= I],
-                {pyport_runtime:recycle(Pid), Row};
+                pyport_runtime:recycle(Pid);
             owngil ->
-                _ = pyport:stop_context(Ctx),
-                case pyport:new_context(runtime_pid(Runtimes),
-                                        member_spec(I, owngil, S#state.opts)) of
-                    {ok, NewCtx} -> {ok, set_members(Name, Row, [{I, {Key, NewCtx}}])};
-                    {error, _} = Error -> {Error, Row}
+                %% a new context of that name: callers find it by name
+                case {pyport_runtime:port_owner(Key), pyport_runtime:context_id(Key, Context)} of
+                    {{ok, Owner, Timeout}, {ok, Id}} ->
+                        _ = pyport_port:stop_context(Owner, Id, Timeout),
+                        case pyport_port:new_context(Owner, member_spec(I, owngil, S#state.opts),
+                                                     Timeout) of
+                            {ok, _} -> ok;
+                            {error, _} = Error -> Error
+                        end;
+                    Other ->
+                        {error, Other}
                 end
         end,
+    Row1 = Row,
     Result =:= ok orelse logger:error("pyport pool ~p: member ~b was not replaced: ~0p",
                                       [Name, I, Result], #{domain => [pyport]}),
     atomics:put(Row1#row.served, I, 0),
     atomics:put(Row1#row.state, I, ?READY),
     [gen_server:reply(From, ok) || From <- Waiting],
     S#state{row = Row1, replaced = N + 1, waiting = []}.
-
-runtime_pid(Runtimes) ->
-    [Pid] = maps:keys(Runtimes),
-    Pid.
 
 %%% Dispatch (in the caller)
 
@@ -488,12 +528,13 @@ checkout(#row{members = Members} = Row, Size, Skip) ->
             await_ready(Row, Size, Skip);
         I ->
             case element(I, Members) of
-                {remote, _Node, _J, Ctx} ->
-                    take(Row, I, Ctx, Size, Skip);
-                {Key, Ctx} ->
-                    case pyport_runtime:is_up(Key) of
-                        true -> take(Row, I, Ctx, Size, Skip);
-                        false -> checkout(Row, Size, [I | Skip])
+                {remote, _Node, _J, Member} ->
+                    take(Row, I, Member, Size, Skip);
+                {Key, Context} ->
+                    case pyport_runtime:is_up(Key) andalso
+                         pyport_runtime:context_id(Key, Context) of
+                        {ok, Id} -> take(Row, I, {Key, Id, node()}, Size, Skip);
+                        _ -> checkout(Row, Size, [I | Skip])
                     end
             end
     end.
@@ -517,7 +558,7 @@ await_ready(#row{name = Name, state = St, pid = Pid}, Size, Skip) ->
 %% Counts the request, then looks at the state again: a member being drained that was
 %% ready a moment ago is given back, so the drain never misses a request.
 take(#row{load = Load, state = St, served = Served, max_requests = Max, pid = Pid} = Row,
-     I, Ctx, Size, Skip) ->
+     I, Member, Size, Skip) ->
     atomics:add(Load, I, 1),
     case atomics:get(St, I) of
         ?READY ->
@@ -529,7 +570,7 @@ take(#row{load = Load, state = St, served = Served, max_requests = Max, pid = Pi
                     false ->
                         ok
                 end,
-            {ok, I, Ctx};
+            {ok, I, Member};
         _ ->
             atomics:sub(Load, I, 1),
             checkout(Row, Size, [I | Skip])
@@ -567,42 +608,40 @@ describe(#state{name = Name, mode = Mode, mode_reason = Why, row = Row, replaced
       members => [member_info(I, element(I, Members), Load, St, Served, OsPids)
                   || I <- lists:seq(1, Size)]}.
 
-member_info(I, {remote, Node, _J, Ctx}, Load, St, Served, _OsPids) ->
+member_info(I, {remote, Node, _J, Member}, Load, St, Served, _OsPids) ->
     Status = case atomics:get(St, I) of
                  ?READY -> up;
                  ?DRAINING -> draining;
                  ?DOWN -> down
              end,
-    #{index => I, node => Node, context => Ctx, status => Status,
+    #{index => I, node => Node, context => Member, status => Status,
       in_flight => atomics:get(Load, I), requests => atomics:get(Served, I),
-      os_pid => remote_os_pid(Node, Ctx)};
-member_info(I, {Key, Ctx}, Load, St, Served, OsPids) ->
+      os_pid => remote_os_pid(Node, Member)};
+member_info(I, {Key, Context}, Load, St, Served, OsPids) ->
+    Member = case pyport_runtime:context_id(Key, Context) of
+                 {ok, Id} -> {Key, Id, node()};
+                 {error, _} -> undefined
+             end,
     Status = case {pyport_runtime:is_up(Key), atomics:get(St, I)} of
                  {false, _} -> down;
                  {true, ?READY} -> up;
                  {true, _} -> draining
              end,
-    #{index => I, node => node(), runtime => Key, context => Ctx, status => Status,
+    #{index => I, node => node(), runtime => Key, context => Member, status => Status,
       in_flight => atomics:get(Load, I), requests => atomics:get(Served, I),
       os_pid => maps:get(Key, OsPids, undefined)}.
 
 os_pids(Runtimes) ->
-    maps:from_list(
-      [{Key, OsPid} || Pid <- maps:keys(Runtimes),
-                       {ok, #{os_pid := OsPid}} <- [catch_info(Pid)],
-                       {ok, Key} <- [pyport_runtime:key(Pid)]]).
+    maps:from_list([{Key, os_pid(Key)} || Pid <- maps:keys(Runtimes),
+                                          {ok, Key} <- [pyport_runtime:key(Pid)]]).
 
 %% The OS pid behind a context of another node (undefined when it cannot be told).
 remote_os_pid(_Node, undefined) ->
     undefined;
-remote_os_pid(Node, Ctx) ->
-    try erpc:call(Node, pyport, eval, [Ctx, <<"__import__('os').getpid()">>, #{},
-                                       #{timeout => 1000}], 2000) of
-        {ok, OsPid} -> OsPid;
-        _ -> undefined
+remote_os_pid(Node, {Key, _Id, _}) ->
+    try
+        erpc:call(Node, ?MODULE, os_pid, [Key], 2000)
     catch
         _:_ -> undefined
     end.
 
-catch_info(Pid) ->
-    try pyport:info(Pid) catch _:_ -> error end.

@@ -36,6 +36,8 @@
 -export([request_frame/3]).
 -export([cast_request/3]).
 -export([write/2]).
+-export([restarts/1]).
+-export_type([key/0, context_spec/0, opts/0]).
 -export([new_context/3]).
 -export([stop_context/3]).
 -export([info/2]).
@@ -58,9 +60,33 @@
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
 
--type key() :: pyport_runtime:key().
--type context_spec() :: pyport_runtime:context_spec().
--type opts() :: pyport_runtime:opts().
+%% a registered name, a reference, or a pool's `{pyport_pool, Name, ...}'
+-type key() :: atom() | reference() | tuple().
+-type context_spec() :: #{name => atom(),
+                          mode => owngil | main,
+                          preload => iodata(),
+                          path => [file:filename_all()]}.
+-type opts() :: #{name => atom(),
+                  key => key(),
+                  %% set by pyport_runtime for its port owner: the runtime's own pid
+                  handle => pid(),
+                  executable => file:filename_all(),
+                  path => [file:filename_all()],
+                  venv => file:filename_all(),
+                  env => [{string(), string() | false}],
+                  contexts => [context_spec()],
+                  call_timeout => timeout(),
+                  start_timeout => non_neg_integer(),
+                  max_frame => pos_integer(),
+                  queue_capacity => pos_integer(),
+                  stuck_after => pos_integer() | infinity,
+                  max_memory => pos_integer(),
+                  max_atoms => non_neg_integer(),
+                  max_reply => pos_integer(),
+                  max_mailbox => pos_integer(),
+                  none => none | nil | undefined,
+                  restart => #{min_delay => non_neg_integer(),
+                               max_delay => non_neg_integer()}}.
 -type ctx_id() :: pos_integer().
 -type ctx_info() :: #{id := ctx_id(), name := atom(), mode := owngil | main}.
 -type action() :: {new_context, ctx_id(), ctx_info()}
@@ -640,7 +666,7 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
     Base = maps:with([protocol, max_frame, capabilities], Hello),
     (maps:remove(context_stats, maps:merge(Base, Info)))#{
         contexts => Described, runtime => S#state.handle,
-                              restarts => pyport_runtime:restarts(S#state.key),
+                              restarts => restarts(S#state.key),
                               owned => owned_counts(S)}.
 
 %% How many processes own envs, handles and streams, and how many of each are tracked.
@@ -919,6 +945,17 @@ free(Port, {Ctx, {ref, RefId}}) ->
     cast_request(Port, Ctx, {release, RefId, #{}});
 free(Port, {Ctx, {stream, H}}) ->
     cast_request(Port, Ctx, {stream_cancel, H, #{}}).
+
+%% @doc How many times the runtime's OS process was replaced (the row its
+%% `pyport_runtime' keeps).
+-spec restarts(key()) -> non_neg_integer().
+restarts(Key) ->
+    try ets:lookup(?TABLE, {restarts, Key}) of
+        [{_, N}] -> N;
+        [] -> 0
+    catch
+        error:badarg -> 0
+    end.
 
 %% @doc Writes a frame to the port, also to the port of a runtime on another node (a
 %% stream consumed here whose context lives there): `true', or `badarg' raised when

@@ -26,6 +26,8 @@
 -export([is_up/1]).
 -export([key/1]).
 -export([recycle/1]).
+-export([context_id/2]).
+-export([port_owner/1]).
 -export([init/1]).
 -export([handle_call/3]).
 -export([handle_cast/2]).
@@ -43,33 +45,10 @@
 -define(STABLE_MS, 10000).
 -define(STOP_WAIT, 5000).
 
-%% a registered name, a reference, or a pool's `{pyport_pool, Name, ...}'
--type key() :: atom() | reference() | tuple().
--type context_spec() :: #{name => atom(),
-                          mode => owngil | main,
-                          preload => iodata(),
-                          path => [file:filename_all()]}.
--type opts() :: #{name => atom(),
-                  key => key(),
-                  %% set by this module for its port owner: the runtime's own pid
-                  handle => pid(),
-                  executable => file:filename_all(),
-                  path => [file:filename_all()],
-                  venv => file:filename_all(),
-                  env => [{string(), string() | false}],
-                  contexts => [context_spec()],
-                  call_timeout => timeout(),
-                  start_timeout => non_neg_integer(),
-                  max_frame => pos_integer(),
-                  queue_capacity => pos_integer(),
-                  stuck_after => pos_integer() | infinity,
-                  max_memory => pos_integer(),
-                  max_atoms => non_neg_integer(),
-                  max_reply => pos_integer(),
-                  max_mailbox => pos_integer(),
-                  none => none | nil | undefined,
-                  restart => #{min_delay => non_neg_integer(),
-                               max_delay => non_neg_integer()}}.
+%% The types live with the port owner, which this module starts (arrows point one way).
+-type key() :: pyport_port:key().
+-type context_spec() :: pyport_port:context_spec().
+-type opts() :: pyport_port:opts().
 
 -record(state, {
     key :: key(),
@@ -109,12 +88,7 @@ child_spec(Opts) when is_map(Opts) ->
 %% @doc How many times the runtime's OS process was replaced.
 -spec restarts(key()) -> non_neg_integer().
 restarts(Key) ->
-    try ets:lookup(?TABLE, {restarts, Key}) of
-        [{_, N}] -> N;
-        [] -> 0
-    catch
-        error:badarg -> 0
-    end.
+    pyport_port:restarts(Key).
 
 %% @doc Whether an OS process serves the runtime now (its port owner is alive: a
 %% caller told `runtime_down' by its monitor never finds it up a moment later).
@@ -135,6 +109,27 @@ key(Pid) ->
         [] -> {error, not_found}
     catch
         error:badarg -> {error, not_found}
+    end.
+
+%% @doc The id of the runtime's context with that name.
+-spec context_id(key(), atom()) -> {ok, pos_integer()} | {error, not_found}.
+context_id(Key, Name) ->
+    try ets:lookup(?TABLE, {ctx, Key, Name}) of
+        [{_, Id}] -> {ok, Id};
+        [] -> {error, not_found}
+    catch
+        error:badarg -> {error, not_found}
+    end.
+
+%% @doc The port owner serving the runtime now, and its call timeout.
+-spec port_owner(key()) -> {ok, pid(), timeout()} | {error, term()}.
+port_owner(Key) ->
+    try ets:lookup(?TABLE, Key) of
+        [{_, Pid, _Port, Timeout, _MaxFrame}] when is_pid(Pid) -> {ok, Pid, Timeout};
+        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
+        [] -> {error, {runtime_down, noproc}}
+    catch
+        error:badarg -> {error, {runtime_down, noproc}}
     end.
 
 %% @doc Replaces the runtime's OS process at once (no back-off, not counted as a

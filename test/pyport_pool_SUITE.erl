@@ -24,7 +24,7 @@
 
 all() ->
     [start_stop, pool_goes_where_a_context_goes, least_loaded_dispatch, affinity,
-     owngil_mode, auto_mode_owngil, member_crash_restarts_alone, max_requests_replaces,
+     owngil_mode, owngil_max_requests_and_restart, auto_mode_owngil, member_crash_restarts_alone, max_requests_replaces,
      options_on_every_member, child_spec_in_own_tree, bad_options, cpu_scales_like_processes,
      numpy_in_main_pool_and_auto_mode].
 
@@ -177,6 +177,37 @@ owngil_mode(_Config) ->
         pyport:pool_info(Pool),
     Answers = lists:usort([who(Pool) || _ <- lists:seq(1, 20)]),
     ?assertMatch([{P, _}, {P, _}], Answers),
+    ok = pyport:stop_pool(Pool).
+
+owngil_max_requests_and_restart() ->
+    [{doc, "An owngil pool with max_requests => 10: 200 calls from 2 processes all "
+      "succeed while members are replaced by new contexts; after the runtime's OS "
+      "process is killed and restarted, the pool finds its members again (by name) "
+      "and serves."}].
+owngil_max_requests_and_restart(_Config) ->
+    Pool = start(p_owngil_max, #{size => 2, mode => owngil, max_requests => 10}),
+    Self = self(),
+    Callers = [spawn_link(fun() ->
+                              Rs = [pyport:call(Pool, '__main__', who, []) || _ <- lists:seq(1, 100)],
+                              Self ! {self(), Rs}
+                          end) || _ <- [1, 2]],
+    Results = lists:append([receive {C, Rs} -> Rs end || C <- Callers]),
+    ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
+    {ok, #{replaced := Replaced, members := [#{os_pid := OsPid} | _]}} = pyport:pool_info(Pool),
+    ct:log("200 calls, ~b replacements, ~b threads served",
+           [Replaced, length(lists:usort([T || {ok, {_, T}} <- Results]))]),
+    ?assert(Replaced >= 10),
+    _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+    pyport_ct:wait_for(fun() ->
+                           case members(Pool) of
+                               [#{os_pid := P, status := up}, #{status := up}] when P =/= OsPid ->
+                                   {ok, P};
+                               Other ->
+                                   {not_yet, Other}
+                           end
+                       end, 1000),
+    ?assertEqual([{ok, 3} || _ <- lists:seq(1, 20)],
+                 [pyport:call(Pool, operator, add, [1, 2]) || _ <- lists:seq(1, 20)]),
     ok = pyport:stop_pool(Pool).
 
 auto_mode_owngil() ->
