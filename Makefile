@@ -62,7 +62,7 @@ demo: build
 # and of the Erlang side), built apart.
 ECHO = _build/bench/echo
 STANDIN = _build/bench/standin
-_build/bench/%: benches/%.c
+_build/bench/%: benches/%.c benches/port_loop.h
 	mkdir -p $(dir $@)
 	cc -O2 -o $@ $<
 

@@ -4,12 +4,7 @@
  * It says hello ({hello, #{protocol => 1}}), answers `ok' to every control request
  * (context 0: new_context...) and {ok, 3} to every context request with a header, and
  * spins on a non-blocking stdin like benches/echo.c. Frames: docs/protocol.md. */
-#include <errno.h>
-#include <fcntl.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
+#include "port_loop.h"
 
 /* External Term Format: 131 version; 104 small tuple; 119 small UTF-8 atom; 116 map;
  * 97 small integer. */
@@ -19,22 +14,9 @@ static const unsigned char HELLO[] = {131, 104, 2, 119, 5, 'h', 'e', 'l', 'l', '
 static const unsigned char OK3[] = {131, 104, 2, 119, 2, 'o', 'k', 97, 3};
 static const unsigned char OK[] = {131, 119, 2, 'o', 'k'};
 
-static int write_all(const unsigned char *p, size_t n) {
-    while (n > 0) {
-        ssize_t w = write(1, p, n);
-        if (w < 0) {
-            if (errno == EINTR || errno == EAGAIN) continue;
-            return -1;
-        }
-        p += w;
-        n -= (size_t)w;
-    }
-    return 0;
-}
-
 /* <<Len:32, Kind, HLen:16, Header, Payload>> */
-static int frame(unsigned char kind, const unsigned char *h, uint16_t hlen,
-                 const unsigned char *p, size_t plen) {
+static int frame_out(unsigned char kind, const unsigned char *h, uint16_t hlen,
+                     const unsigned char *p, size_t plen) {
     unsigned char out[7 + 65535 + 64];
     uint32_t len = 3 + (uint32_t)hlen + (uint32_t)plen;
     out[0] = len >> 24; out[1] = len >> 16; out[2] = len >> 8; out[3] = len;
@@ -44,40 +26,19 @@ static int frame(unsigned char kind, const unsigned char *h, uint16_t hlen,
     return write_all(out, 4 + len);
 }
 
+/* Context 0 (control) gets `ok', any other context {ok, 3}; casts (no header) nothing. */
+static int answer(const unsigned char *frame, uint32_t len) {
+    const unsigned char *f = frame + 4;
+    if (len < 10) return 0;
+    uint64_t ctx = 0;
+    for (int i = 0; i < 8; i++) ctx = (ctx << 8) | f[i];
+    uint16_t hlen = (uint16_t)((f[8] << 8) | f[9]);
+    if (hlen == 0 || 10 + (uint32_t)hlen > len) return 0;
+    return ctx == 0 ? frame_out(0, f + 10, hlen, OK, sizeof OK)
+                    : frame_out(0, f + 10, hlen, OK3, sizeof OK3);
+}
+
 int main(void) {
-    if (frame(1, NULL, 0, HELLO, sizeof HELLO) < 0) return 1;
-    fcntl(0, F_SETFL, fcntl(0, F_GETFL) | O_NONBLOCK);
-    size_t cap = 1 << 20, len = 0;
-    unsigned char *buf = malloc(cap);
-    if (!buf) return 1;
-    for (;;) {
-        ssize_t n = read(0, buf + len, cap - len);
-        if (n == 0) return 0;
-        if (n < 0) {
-            if (errno == EAGAIN || errno == EINTR) continue; /* spin */
-            return 1;
-        }
-        len += (size_t)n;
-        size_t off = 0;
-        while (len - off >= 4) {
-            uint32_t flen = ((uint32_t)buf[off] << 24) | ((uint32_t)buf[off + 1] << 16) |
-                            ((uint32_t)buf[off + 2] << 8) | buf[off + 3];
-            if (flen + 4 > cap) return 1; /* the benchmark sends small requests only */
-            if (len - off - 4 < flen) break;
-            const unsigned char *f = buf + off + 4;
-            if (flen >= 10) {
-                uint64_t ctx = 0;
-                for (int i = 0; i < 8; i++) ctx = (ctx << 8) | f[i];
-                uint16_t hlen = (uint16_t)((f[8] << 8) | f[9]);
-                if (hlen > 0 && 10 + (uint32_t)hlen <= flen) {
-                    int r = ctx == 0 ? frame(0, f + 10, hlen, OK, sizeof OK)
-                                     : frame(0, f + 10, hlen, OK3, sizeof OK3);
-                    if (r < 0) return 1;
-                }
-            }
-            off += 4 + flen;
-        }
-        memmove(buf, buf + off, len - off);
-        len -= off;
-    }
+    if (frame_out(1, NULL, 0, HELLO, sizeof HELLO) < 0) return 1;
+    return serve_frames(answer);
 }
