@@ -12,7 +12,12 @@ fn call_body(module: &str, function: &str, args: Vec<Term>) -> Vec<u8> {
     call_body_opts(module, function, args, vec![])
 }
 
-fn call_body_opts(module: &str, function: &str, args: Vec<Term>, opts: Vec<(Term, Term)>) -> Vec<u8> {
+fn call_body_opts(
+    module: &str,
+    function: &str,
+    args: Vec<Term>,
+    opts: Vec<(Term, Term)>,
+) -> Vec<u8> {
     Term::Tuple(vec![
         Term::atom("call"),
         Term::Binary(module.as_bytes().to_vec()),
@@ -85,7 +90,12 @@ fn main() {
             py,
             &session,
             "operator.add(1, 2) with the facade's opts",
-            &call_body_opts("operator", "add", vec![Term::Int(1), Term::Int(2)], facade_opts()),
+            &call_body_opts(
+                "operator",
+                "add",
+                vec![Term::Int(1), Term::Int(2)],
+                facade_opts(),
+            ),
         );
         let list: Vec<Term> = (0..1000).map(Term::Int).collect();
         time(
