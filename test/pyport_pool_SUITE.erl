@@ -366,11 +366,13 @@ median(Xs) ->
 numpy_in_main_pool_and_auto_mode() ->
     [{doc, "A venv with numpy from the package index (made once, cached outside the "
       "repo): mode => auto with preload `import numpy' picks main because numpy refuses "
-      "sub-interpreters, says so in pool_info/1, and numpy calls work on every member."}].
+      "sub-interpreters, says so in pool_info/1, and numpy calls work on every member; "
+      "max_memory (1 GiB) makes an 80 GB numpy array a MemoryError on each member."}].
 numpy_in_main_pool_and_auto_mode(_Config) ->
     case numpy_venv() of
         {ok, Venv} ->
             {ok, Pool} = pyport:start_pool(p_numpy, #{size => 2, venv => Venv,
+                                                      max_memory => 1024 * 1024 * 1024,
                                                       preload => <<"import numpy\n">>}),
             {ok, #{mode := main, mode_reason := Why}} = pyport:pool_info(Pool),
             ct:log("auto chose main: ~ts", [Why]),
@@ -378,6 +380,14 @@ numpy_in_main_pool_and_auto_mode(_Config) ->
             [?assertEqual({ok, 285}, pyport:eval(member_ctx(Pool, I),
                                                  <<"int(numpy.arange(10).dot(numpy.arange(10)))">>))
              || I <- [1, 2]],
+            %% max_memory holds for numpy's allocations too: 80 GB is refused, and the
+            %% member serves on
+            [begin
+                 {error, {python, Type, _, _}} =
+                     pyport:eval(member_ctx(Pool, I), <<"numpy.ones(10**10).sum()">>),
+                 ?assertNotEqual(nomatch, binary:match(Type, <<"MemoryError">>)),
+                 ?assertEqual({ok, 3.0}, pyport:eval(member_ctx(Pool, I), <<"float(numpy.ones(3).sum())">>))
+             end || I <- [1, 2]],
             ok = pyport:stop_pool(Pool);
         {skip, _} = Skip ->
             Skip
