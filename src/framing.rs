@@ -70,13 +70,19 @@ impl FrameReader {
         }
     }
 
-    /// Reads everything `src` has now and pushes each complete frame to `out`. `EINTR`
-    /// is retried. It stops at `WouldBlock`, at the end of the stream, or after a short
-    /// read: a pipe that gave less than asked for was emptied by that read, and
-    /// skipping the read that would only say so gets the frame to its context sooner
-    /// (bytes that come later make the pipe readable again, also for edge-triggered
-    /// polling).
-    pub fn fill<R: Read>(&mut self, src: &mut R, out: &mut Vec<Inbound>) -> io::Result<Status> {
+    /// Reads what `src` has now and pushes each complete frame to `out`. `EINTR` is
+    /// retried. It stops at `WouldBlock` or at the end of the stream; with
+    /// `stop_short`, also after a short read: a pipe that gave less than asked for was
+    /// emptied by that read, and skipping the read that would only say so gets the frame
+    /// to its context sooner. Only a reader that will read again soon may stop short
+    /// (a spinning context): the end of the stream may stand right behind those bytes,
+    /// and an edge-triggered poll would not say so twice.
+    pub fn fill<R: Read>(
+        &mut self,
+        src: &mut R,
+        out: &mut Vec<Inbound>,
+        stop_short: bool,
+    ) -> io::Result<Status> {
         loop {
             let (asked, got) = match self.read_some(src) {
                 (_, Ok(0)) => {
@@ -89,7 +95,7 @@ impl FrameReader {
                 (_, Err(e)) => return Err(e),
             };
             self.advance(got, out);
-            if got < asked {
+            if stop_short && got < asked {
                 return Ok(Status::Open);
             }
         }
@@ -341,7 +347,7 @@ mod tests {
         let mut r = FrameReader::new(max);
         let mut out = Vec::new();
         loop {
-            if let Status::Closed { clean } = r.fill(&mut src, &mut out).unwrap() {
+            if let Status::Closed { clean } = r.fill(&mut src, &mut out, true).unwrap() {
                 return (out, Status::Closed { clean });
             }
         }
@@ -383,14 +389,28 @@ mod tests {
     }
 
     #[test]
+    fn a_draining_fill_sees_the_end_right_behind_the_last_frame() {
+        // The router thread's poll is edge-triggered: the end of the stream that comes
+        // with the last bytes is not reported again, so its one fill must see it.
+        let mut r = FrameReader::new(1 << 20);
+        let mut out = Vec::new();
+        let mut src = &packet(b"last")[..];
+        assert_eq!(
+            r.fill(&mut src, &mut out, false).unwrap(),
+            Status::Closed { clean: true }
+        );
+        assert_eq!(out, vec![Inbound::Frame(b"last".to_vec())]);
+    }
+
+    #[test]
     fn a_huge_announced_length_is_not_allocated_before_its_bytes() {
         let mut r = FrameReader::new(1 << 30);
         let mut out = Vec::new();
         let mut src = &[0x3f, 0xff, 0xff, 0xff, 1, 2, 3][..];
-        // a short read ends a fill; the next one sees the end of the stream
-        assert_eq!(r.fill(&mut src, &mut out).unwrap(), Status::Open);
+        // a short read ends a fill that may stop short; the next one sees the end
+        assert_eq!(r.fill(&mut src, &mut out, true).unwrap(), Status::Open);
         assert_eq!(
-            r.fill(&mut src, &mut out).unwrap(),
+            r.fill(&mut src, &mut out, true).unwrap(),
             Status::Closed { clean: false }
         );
         match &r.big {

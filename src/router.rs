@@ -147,7 +147,7 @@ impl Router {
         loop {
             {
                 let mut routing = self.lock();
-                routing.pump()?;
+                routing.pump(false)?;
                 if routing.closed {
                     return Ok(());
                 }
@@ -197,7 +197,7 @@ impl Inbox for Router {
             return false;
         };
         self.last_pump.store(self.now(), Ordering::Relaxed);
-        if let Err(e) = routing.pump() {
+        if let Err(e) = routing.pump(true) {
             eprintln!("pyport: reading stdin: {e}");
         }
         true
@@ -295,11 +295,16 @@ struct Routing {
 
 impl Routing {
     /// Reads stdin until `WouldBlock` and routes every complete frame.
-    fn pump(&mut self) -> io::Result<()> {
+    /// `spinning`: the caller is a spinning context thread, which reads again soon and
+    /// so may stop at a short read (see `FrameReader::fill`); the router thread, woken
+    /// by an edge-triggered poll, reads until `WouldBlock` or the end.
+    fn pump(&mut self, spinning: bool) -> io::Result<()> {
         if self.closed {
             return Ok(());
         }
-        let status = self.reader.fill(&mut self.input, &mut self.inbound)?;
+        let status = self
+            .reader
+            .fill(&mut self.input, &mut self.inbound, spinning)?;
         let mut inbound = std::mem::take(&mut self.inbound);
         for item in inbound.drain(..) {
             self.route(item);

@@ -186,8 +186,23 @@ fn start_error(writer: &Writer, reason: &str) -> i32 {
     2
 }
 
+/// The port program never outlives the Erlang side: its parent (the VM's
+/// `erl_child_setup`, which ends with the VM) going away kills it, whatever state its
+/// threads are in. The normal way out is the end of stdin; this is the backstop.
+fn die_with_parent() {
+    // SAFETY: plain prctl/getppid calls on this process.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+        // the parent may have gone before the call: then we are adopted already
+        if libc::getppid() == 1 {
+            libc::_exit(1);
+        }
+    }
+}
+
 /// Runs the port program; returns the exit code.
 pub fn main(args: Vec<String>) -> i32 {
+    die_with_parent();
     let (input, output) = match take_protocol_fds() {
         Ok(fds) => fds,
         Err(e) => {

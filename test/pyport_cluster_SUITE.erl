@@ -13,7 +13,7 @@ all() ->
      every_operation_from_another_node, stream_with_credit_from_another_node,
      handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
-     pool_from_another_node, pool_across_nodes].
+     pool_from_another_node, pool_across_nodes, port_programs_die_with_their_node].
 
 init_per_suite(Config) ->
     case start_distribution() of
@@ -332,3 +332,27 @@ member_status(Pool, I, Want) ->
         #{status := Want} -> {ok, Want};
         Other -> {not_yet, Other}
     end.
+
+port_programs_die_with_their_node() ->
+    [{doc, "A node killed with SIGKILL leaves no port program behind: the runtimes' OS "
+      "processes end too (end of stdin, and the parent-death signal as a backstop)."}].
+port_programs_die_with_their_node(_Config) ->
+    {Peer, Node} = start_peer(true),
+    {ok, Rt} = erpc:call(Node, pyport, start_runtime, [#{contexts => [#{name => a}]}]),
+    OsPids = [begin
+                  {ok, #{os_pid := P}} = erpc:call(Node, pyport, info, [R]),
+                  P
+              end || R <- [pyport, Rt]],
+    ?assert(lists:all(fun os_process_alive/1, OsPids)),
+    BeamOsPid = erpc:call(Node, os, getpid, []),
+    unlink(Peer),  % the peer's controller goes down with the node
+    _ = os:cmd("kill -9 " ++ BeamOsPid),
+    pyport_ct:wait_for(fun() ->
+                           case [P || P <- OsPids, os_process_alive(P)] of
+                               [] -> {ok, gone};
+                               Left -> {left, Left}
+                           end
+                       end, 500).
+
+os_process_alive(OsPid) ->
+    os:cmd("kill -0 " ++ integer_to_list(OsPid) ++ " 2>/dev/null && echo yes") =:= "yes\n".
