@@ -323,9 +323,10 @@ bad_options(_Config) ->
 
 cpu_scales_like_processes() ->
     [{doc, "CPU-bound pure Python on a 2-member main pool: two calls at once against "
-      "one, next to the same for two plain CPython processes, alternated 3 times; the "
-      "pool's speedup is at least 0.6x the control's (the host is noisy; the numbers "
-      "are logged, `make bench' has the careful ones)."}].
+      "one, next to the same for two plain CPython processes in the same round, 5 "
+      "rounds; the median of the rounds' pool/control ratios is at least 0.5 (a wide "
+      "margin: the host is noisy; the numbers are logged, `make bench' has the careful "
+      "ones)."}].
 cpu_scales_like_processes(_Config) ->
     Pool = start(p_cpu, #{size => 2, mode => main}),
     N = 3000000,
@@ -339,11 +340,9 @@ cpu_scales_like_processes(_Config) ->
                   CtlOne = timed(fun() -> run_python(Python, Code) end),
                   CtlTwo = timed(fun() -> parallel(2, fun() -> run_python(Python, Code) end) end),
                   {2 * PoolOne / PoolTwo, 2 * CtlOne / CtlTwo}
-              end || _ <- [1, 2, 3]],
+              end || _ <- lists:seq(1, 5)],
     ct:log("speedup of 2 calls at once (pool, two CPython processes): ~p", [Rounds]),
-    PoolSpeedup = median([P || {P, _} <- Rounds]),
-    CtlSpeedup = median([C || {_, C} <- Rounds]),
-    ?assert(PoolSpeedup >= 0.6 * CtlSpeedup),
+    ?assert(median([P / C || {P, C} <- Rounds]) >= 0.5),
     ok = pyport:stop_pool(Pool).
 
 timed(Fun) ->
