@@ -22,7 +22,7 @@ use mio::{Poll, Waker};
 use pyo3::prelude::*;
 
 use crate::erlang_module::{self, Link};
-use crate::error::{panic_message, Error};
+use crate::error::{panic_message, stop_error, Error};
 use crate::event_loop::{Reactor, WAKE};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
@@ -660,8 +660,7 @@ fn answer(
     // and this reply comes first.
     let result = result.map(|r| {
         r.map_err(|e| match e {
-            Error::Python { ref kind, .. } if kind == "erlang.CallTimeout" => Error::Timeout,
-            Error::Python { ref kind, .. } if kind == "erlang.Interrupted" => Error::Interrupted,
+            Error::Python { ref kind, .. } => stop_error(kind).unwrap_or(e),
             other => other,
         })
     });

@@ -52,6 +52,17 @@ pub enum BadTerm {
     RefNotFound(u64),
 }
 
+/// What the caller sees of the `erlang` exceptions pyport raises to stop a request
+/// (`CallTimeout`, `Interrupted`; the class name qualified or not): `timeout` and
+/// `interrupted`. Other exceptions: `None`.
+pub fn stop_error(class: &str) -> Option<Error> {
+    match class.strip_prefix("erlang.").unwrap_or(class) {
+        "CallTimeout" => Some(Error::Timeout),
+        "Interrupted" => Some(Error::Interrupted),
+        _ => None,
+    }
+}
+
 impl From<DecodeError> for Error {
     fn from(e: DecodeError) -> Self {
         Error::BadTerm(match e {

@@ -400,8 +400,13 @@ enum Reply<'a, 'py> {
 /// An exception object as the error an Erlang caller sees.
 fn exception_error(py: Python<'_>, exc: &Bound<'_, PyAny>) -> Error {
     let err = PyErr::from_value(exc.clone());
-    if err.get_type(py).name().is_ok_and(|n| n == "CallTimeout") {
-        return Error::Timeout;
+    if let Some(stopped) = err
+        .get_type(py)
+        .name()
+        .ok()
+        .and_then(|n| crate::error::stop_error(&n.to_string_lossy()))
+    {
+        return stopped;
     }
     crate::pyerr::to_error(py, &err)
 }
