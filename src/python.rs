@@ -159,6 +159,15 @@ impl SubInterpreter {
     }
 }
 
+/// Puts `dirs`, in order, at the front of the current interpreter's `sys.path`.
+pub fn prepend_sys_path(py: Python<'_>, dirs: &[String]) -> PyResult<()> {
+    let sys_path = py.import("sys")?.getattr("path")?;
+    for (i, dir) in dirs.iter().enumerate() {
+        sys_path.call_method1("insert", (i, dir))?;
+    }
+    Ok(())
+}
+
 /// Runs `f` with this thread detached from its interpreter (GIL released), like
 /// `Python::detach`, for closures that touch no Python object but are not `Send`.
 pub fn detached<R>(_py: Python<'_>, f: impl FnOnce() -> R) -> R {

@@ -125,11 +125,8 @@ impl Session {
         link: Arc<Link>,
         reactor: Rc<Reactor>,
     ) -> Result<Self, Error> {
+        crate::python::prepend_sys_path(py, &spec.path)?;
         let sys = py.import("sys")?;
-        let path = sys.getattr("path")?;
-        for (i, dir) in spec.path.iter().enumerate() {
-            path.call_method1("insert", (i, dir))?;
-        }
         let erlang = erlang_module(py)?;
         erlang.call_method0("_install_output")?;
         erlang.call_method0("_install_logging")?;

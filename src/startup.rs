@@ -5,8 +5,6 @@ use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::Arc;
 
-use pyo3::prelude::*;
-
 use crate::erlang_module::erlang_module;
 use crate::python::{self, PythonInfo};
 use crate::router::{Config, Router};
@@ -217,10 +215,7 @@ pub fn main(args: Vec<String>) -> i32 {
     };
     let path = config.path.clone();
     let info = match python::init_main(|py| {
-        let sys_path = py.import("sys")?.getattr("path")?;
-        for (i, dir) in path.iter().enumerate() {
-            sys_path.call_method1("insert", (i, dir))?;
-        }
+        python::prepend_sys_path(py, &path)?;
         erlang_module(py).map(drop)
     }) {
         Ok(info) => info,
