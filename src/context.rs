@@ -133,9 +133,7 @@ impl Mailbox {
             q.push_back(job);
             self.queued.store(q.len(), Ordering::SeqCst);
         }
-        if self.sleeping.load(Ordering::SeqCst) {
-            let _ = self.waker.wake();
-        }
+        self.wake_if_sleeping();
         Ok(())
     }
 
