@@ -54,7 +54,7 @@ pub enum DecodeError {
     TooDeep,
     /// Bytes left over after the term.
     Trailing(usize),
-    /// A float that is not finite or does not parse.
+    /// A float in the old text format (`FLOAT_EXT`) that does not parse.
     BadFloat,
 }
 
