@@ -432,16 +432,16 @@ stop_runtime(Pid) ->
     end.
 
 %% A runtime process died (its OS process crashing is handled inside it; this is the
-%% process itself): start it again under the same key, so the members' handles hold.
+%% process itself): start it again under the same key and context names, which is all
+%% the row holds of its members, so the row stands as it is.
 runtime_exited(Pid, Reason, #state{name = Name, runtimes = Runtimes, opts = Opts,
-                                   mode = Mode, row = Row} = S) ->
+                                   mode = Mode} = S) ->
     logger:warning("pyport pool ~p: a member runtime exited (~0p); starting it again",
                    [Name, Reason], #{domain => [pyport]}),
     {I, Runtimes1} = maps:take(Pid, Runtimes),
-    Size = tuple_size(Row#row.members),
-    case restart_runtime(Mode, I, Size, Opts) of
-        {ok, NewPid, Members} ->
-            S#state{runtimes = Runtimes1#{NewPid => I}, row = set_members(Name, Row, Members)};
+    case restart_runtime(Mode, I, maps:get(size, Opts), Opts) of
+        {ok, NewPid} ->
+            S#state{runtimes = Runtimes1#{NewPid => I}};
         {error, Why} ->
             logger:error("pyport pool ~p: the runtime did not start again: ~0p", [Name, Why],
                          #{domain => [pyport]}),
@@ -450,16 +450,13 @@ runtime_exited(Pid, Reason, #state{name = Name, runtimes = Runtimes, opts = Opts
 
 restart_runtime(main, I, _Size, Opts) ->
     case start_main_member(I, Opts) of
-        {ok, Pid, Member} -> {ok, Pid, [{I, Member}]};
+        {ok, Pid, _Member} -> {ok, Pid};
         {error, _} = Error -> Error
     end;
 restart_runtime(owngil, _I, Size, Opts) ->
     case start_owngil(Size, Opts, <<>>) of
-        {ok, _, _, Runtimes, Members} ->
-            [Pid] = maps:keys(Runtimes),
-            {ok, Pid, lists:zip(lists:seq(1, Size), Members)};
-        {error, _} = Error ->
-            Error
+        {ok, _, _, Runtimes, _Members} -> {ok, hd(maps:keys(Runtimes))};
+        {error, _} = Error -> Error
     end.
 
 set_members(Name, #row{members = Members} = Row, Changes) ->
@@ -503,13 +500,12 @@ replace(I, #state{name = Name, mode = Mode, row = Row, runtimes = Runtimes,
                         {error, Other}
                 end
         end,
-    Row1 = Row,
     Result =:= ok orelse logger:error("pyport pool ~p: member ~b was not replaced: ~0p",
                                       [Name, I, Result], #{domain => [pyport]}),
-    atomics:put(Row1#row.served, I, 0),
-    atomics:put(Row1#row.state, I, ?READY),
+    atomics:put(Row#row.served, I, 0),
+    atomics:put(Row#row.state, I, ?READY),
     [gen_server:reply(From, ok) || From <- Waiting],
-    S#state{row = Row1, replaced = N + 1, waiting = []}.
+    S#state{replaced = N + 1, waiting = []}.
 
 %%% Dispatch (in the caller)
 
