@@ -89,6 +89,13 @@
 -define(DEFAULT_WINDOW, 64).
 -define(DEFAULT_CAPACITY, 1000).
 -define(REENTRANT_BIT, (1 bsl 63)).
+%% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
+%% alone, with no metadata map or closure built.
+-define(TRACED(Meta, Expr),
+        case pyport_telemetry:enabled() of
+            false -> Expr;
+            true -> pyport_telemetry:span(Meta, fun() -> Expr end)
+        end).
 
 %% Every handle knows its node: used on another node of the cluster, the request runs
 %% on the handle's node (remote/3,4), so it never reaches another node's interpreter.
@@ -303,15 +310,9 @@ call(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts)
     on_pool(Pool, Args, Opts, fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
 call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    Req = {call, name(Module), name(Function), Args, Kwargs},
-    case pyport_telemetry:enabled() of
-        false ->
-            request(Key, Id, Req, Opts);
-        true ->
-            pyport_telemetry:span(#{runtime => Key, context => Id, op => call,
-                                    module => Module, function => Function},
-                                  fun() -> request(Key, Id, Req, Opts) end)
-    end.
+    ?TRACED(#{runtime => Key, context => Id, op => call, module => Module,
+              function => Function},
+            request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts)).
 
 %% @doc Evaluates an expression in a context of the default runtime.
 -spec eval(code()) -> {ok, term()} | {error, error()}.
@@ -339,8 +340,8 @@ eval(Target, Code, Locals, Opts)
 eval(#pyport_pool{} = Pool, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
     on_pool(Pool, maps:values(Locals), Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
 eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
-    traced(#{runtime => Key, context => Id, op => eval},
-           fun() -> request(Key, Id, {eval, code(Code), Locals}, Opts) end).
+    ?TRACED(#{runtime => Key, context => Id, op => eval},
+            request(Key, Id, {eval, code(Code), Locals}, Opts)).
 
 %% @doc Runs statements in the `__main__' namespace of a context of the default runtime.
 -spec exec(code()) -> ok | {error, error()}.
@@ -362,8 +363,8 @@ exec(Target, Code, Opts) when ?REMOTE(Target), is_map(Opts) ->
 exec(#pyport_pool{} = Pool, Code, Opts) when is_map(Opts) ->
     on_pool(Pool, [], Opts, fun(Ctx) -> exec(Ctx, Code, Opts) end);
 exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
-    traced(#{runtime => Key, context => Id, op => exec},
-           fun() -> request(Key, Id, {exec, code(Code)}, Opts) end).
+    ?TRACED(#{runtime => Key, context => Id, op => exec},
+            request(Key, Id, {exec, code(Code)}, Opts)).
 
 %%% Process-local environments
 
@@ -1057,13 +1058,6 @@ affinity(Args, _Opts) ->
 first_ref([#pyport_ref{key = Key, ctx = Id} | _], _) -> {ok, #pyport_ctx{key = Key, id = Id}};
 first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
 first_ref(_, _) -> none.
-
-%% Fun() inside a telemetry span when telemetry is loaded.
-traced(Meta, Fun) ->
-    case pyport_telemetry:enabled() of
-        false -> Fun();
-        true -> pyport_telemetry:span(Meta, Fun)
-    end.
 
 %%% Handles of other nodes
 
