@@ -1050,12 +1050,14 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
             end
     end.
 
-affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id}}) ->
-    {ok, #pyport_ctx{key = Key, id = Id}};
+affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, runtime = Pid}}) ->
+    {ok, #pyport_ctx{key = Key, id = Id, node = node(Pid)}};
 affinity(Args, _Opts) ->
     first_ref(Args, 8).
 
-first_ref([#pyport_ref{key = Key, ctx = Id} | _], _) -> {ok, #pyport_ctx{key = Key, id = Id}};
+%% The context keeps the handle's node: a member of a pool may live on another node.
+first_ref([#pyport_ref{key = Key, ctx = Id, node = Node} | _], _) ->
+    {ok, #pyport_ctx{key = Key, id = Id, node = Node}};
 first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
 first_ref(_, _) -> none.
 

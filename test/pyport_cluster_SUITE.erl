@@ -291,7 +291,8 @@ pool_from_another_node(_Config) ->
 
 pool_across_nodes() ->
     [{doc, "A pool with nodes => [here, peer], one main member each: calls reach both "
-      "nodes; the peer going down takes only its member out and every later call "
+      "nodes, and envs and handles made through the pool stay on their member, also on "
+      "the peer; the peer going down takes only its member out and every later call "
       "succeeds here; the peer coming back (same name, pyport started) gets its "
       "member again."}].
 pool_across_nodes(_Config) ->
@@ -308,6 +309,17 @@ pool_across_nodes(_Config) ->
                             || _ <- lists:seq(1, 20)]),
         ?assert(lists:member(TheirPid, Pids)),
         ?assertEqual(2, length(Pids)),
+        %% envs and handles made through the pool stay on their member, also the one on
+        %% the peer (ties go round-robin: 4 envs land on both members)
+        EnvPids = [begin
+                       {ok, Env} = pyport:new_env(Pool),
+                       ok = pyport:exec(Pool, <<"import os\nhome = os.getpid()">>, #{env => Env}),
+                       {ok, Home} = pyport:eval(Pool, <<"home">>, #{}, #{env => Env}),
+                       {ok, Obj} = pyport:eval(Pool, <<"[home]">>, #{}, #{env => Env, return => ref}),
+                       ?assertEqual({ok, [Home]}, pyport:call(Pool, builtins, list, [Obj])),
+                       Home
+                   end || _ <- [1, 2, 3, 4]],
+        ?assert(lists:member(TheirPid, EnvPids)),
         stop_peer(Peer),
         pyport_ct:wait_for(fun() -> member_status(Pool, 2, down) end, 500),
         Results = [pyport:call(Pool, operator, add, [I, 1]) || I <- lists:seq(1, 50)],
