@@ -235,9 +235,9 @@ context(Runtime, Name) when is_pid(Runtime), node(Runtime) =/= node() ->
 context(Runtime, Name) when is_atom(Name) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
-            case lookup({ctx, Key, Name}) of
-                [{_, Id}] -> {ok, #pyport_ctx{key = Key, id = Id}};
-                [] -> {error, not_found}
+            case pyport_runtime:context_id(Key, Name) of
+                {ok, Id} -> {ok, #pyport_ctx{key = Key, id = Id}};
+                {error, _} = Error -> Error
             end;
         {error, _} ->
             {error, not_found}
@@ -1138,9 +1138,9 @@ with_runtime(Runtime, Fun) ->
 runtime_key(Name) when is_atom(Name) ->
     {ok, Name};
 runtime_key(Pid) when is_pid(Pid) ->
-    case lookup({pid, Pid}) of
-        [{_, Key}] -> {ok, Key};
-        [] -> {error, {runtime_down, noproc}}
+    case pyport_runtime:key(Pid) of
+        {ok, Key} -> {ok, Key};
+        {error, not_found} -> {error, {runtime_down, noproc}}
     end.
 
 %% The runtime's row: `{Key, PortOwner, Port, CallTimeout, MaxFrame}'.

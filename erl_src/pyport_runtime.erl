@@ -94,42 +94,42 @@ restarts(Key) ->
 %% caller told `runtime_down' by its monitor never finds it up a moment later).
 -spec is_up(key()) -> boolean().
 is_up(Key) ->
-    try ets:lookup(?TABLE, Key) of
-        [{_, Pid, _, _, _}] when is_pid(Pid) -> is_process_alive(Pid);
-        _ -> false
-    catch
-        error:badarg -> false
+    case port_owner(Key) of
+        {ok, Pid, _} -> is_process_alive(Pid);
+        {error, _} -> false
     end.
 
 %% @doc The key of the runtime behind that handle.
 -spec key(pid()) -> {ok, key()} | {error, not_found}.
 key(Pid) ->
-    try ets:lookup(?TABLE, {pid, Pid}) of
+    case lookup({pid, Pid}) of
         [{_, Key}] -> {ok, Key};
         [] -> {error, not_found}
-    catch
-        error:badarg -> {error, not_found}
     end.
 
 %% @doc The id of the runtime's context with that name.
 -spec context_id(key(), atom()) -> {ok, pos_integer()} | {error, not_found}.
 context_id(Key, Name) ->
-    try ets:lookup(?TABLE, {ctx, Key, Name}) of
+    case lookup({ctx, Key, Name}) of
         [{_, Id}] -> {ok, Id};
         [] -> {error, not_found}
-    catch
-        error:badarg -> {error, not_found}
     end.
 
 %% @doc The port owner serving the runtime now, and its call timeout.
 -spec port_owner(key()) -> {ok, pid(), timeout()} | {error, term()}.
 port_owner(Key) ->
-    try ets:lookup(?TABLE, Key) of
+    case lookup(Key) of
         [{_, Pid, _Port, Timeout, _MaxFrame}] when is_pid(Pid) -> {ok, Pid, Timeout};
         [{_, down, Reason}] -> {error, {runtime_down, Reason}};
         [] -> {error, {runtime_down, noproc}}
+    end.
+
+%% The table's rows under Key; none when pyport is not started (no table).
+lookup(Key) ->
+    try
+        ets:lookup(?TABLE, Key)
     catch
-        error:badarg -> {error, {runtime_down, noproc}}
+        error:badarg -> []
     end.
 
 %% @doc Replaces the runtime's OS process at once (no back-off, not counted as a
