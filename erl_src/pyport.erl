@@ -82,7 +82,6 @@
 
 -define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
--define(SUP, pyport_sup).
 -define(DEFAULT_RUNTIME, pyport).
 %% Binary arguments larger than this are not copied into the request frame.
 -define(IOVEC_THRESHOLD, 65536).
@@ -173,14 +172,7 @@
 %% `pyport_runtime:start_link/1'.
 -spec start_runtime(pyport_runtime:opts()) -> {ok, pid()} | {error, term()}.
 start_runtime(Opts) when is_map(Opts) ->
-    case supervisor:start_child(?SUP, pyport_runtime:child_spec(Opts)) of
-        {ok, Pid} ->
-            {ok, Pid};
-        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
-            {error, Reason};  % the supervisor adds its child record to start errors
-        {error, _} = Error ->
-            Error
-    end.
+    pyport_sup:start_child(pyport_runtime:child_spec(Opts)).
 
 %% @doc Stops a runtime started with start_runtime/1 (its port program exits).
 -spec stop_runtime(runtime()) -> ok | {error, not_found}.
@@ -189,11 +181,7 @@ stop_runtime(Runtime) when is_pid(Runtime), node(Runtime) =/= node() ->
 stop_runtime(Runtime) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
-            Id = {pyport_runtime, Key},
-            case supervisor:terminate_child(?SUP, Id) of
-                ok -> _ = supervisor:delete_child(?SUP, Id), ok;
-                {error, not_found} -> {error, not_found}
-            end;
+            pyport_sup:stop_child({pyport_runtime, Key});
         {error, _} ->
             {error, not_found}
     end.

@@ -105,25 +105,15 @@ start_link(#{name := Name} = Opts) when is_atom(Name) ->
 %% (`{already_started, Name}' for a name taken).
 -spec start(atom(), map()) -> {ok, pid()} | {error, term()}.
 start(Name, Opts) ->
-    case supervisor:start_child(pyport_sup, child_spec(Opts#{name => Name})) of
-        {ok, Pid} ->
-            {ok, Pid};
-        {error, {already_started, _}} ->
-            {error, {already_started, Name}};
-        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
-            {error, Reason};  % the supervisor adds its child record to start errors
-        {error, _} = Error ->
-            Error
+    case pyport_sup:start_child(child_spec(Opts#{name => Name})) of
+        {error, {already_started, _}} -> {error, {already_started, Name}};
+        Result -> Result
     end.
 
 %% @doc Stops a pool started with start/2 and all its members.
 -spec stop(atom()) -> ok | {error, not_found}.
 stop(Name) ->
-    Id = {?MODULE, Name},
-    case supervisor:terminate_child(pyport_sup, Id) of
-        ok -> _ = supervisor:delete_child(pyport_sup, Id), ok;
-        {error, not_found} -> {error, not_found}
-    end.
+    pyport_sup:stop_child({?MODULE, Name}).
 
 %% @doc A child spec for the user's own supervision tree; the handle is then
 %% `pyport:pool(Name)'.

@@ -9,6 +9,8 @@
 -behaviour(supervisor).
 
 -export([start_link/0]).
+-export([start_child/1]).
+-export([stop_child/1]).
 -export([init/1]).
 
 -define(TABLE, pyport_runtimes).
@@ -24,6 +26,28 @@ init([]) ->
     ?FUNCTIONS = ets:new(?FUNCTIONS, [named_table, public, set, {read_concurrency, true}]),
     Flags = #{strategy => one_for_one, intensity => 5, period => 10},
     {ok, {Flags, default_runtime()}}.
+
+%% @doc Starts a child (a runtime or a pool) under this supervisor: `{ok, Pid}' or
+%% `{error, Reason}' as the child's start gave it (without the child record the
+%% supervisor adds).
+-spec start_child(supervisor:child_spec()) -> {ok, pid()} | {error, term()}.
+start_child(Spec) ->
+    case supervisor:start_child(?MODULE, Spec) of
+        {ok, Pid} ->
+            {ok, Pid};
+        {error, {Reason, Child}} when is_tuple(Child), element(1, Child) =:= child ->
+            {error, Reason};
+        {error, _} = Error ->
+            Error
+    end.
+
+%% @doc Stops the child with that id and forgets it.
+-spec stop_child(term()) -> ok | {error, not_found}.
+stop_child(Id) ->
+    case supervisor:terminate_child(?MODULE, Id) of
+        ok -> _ = supervisor:delete_child(?MODULE, Id), ok;
+        {error, not_found} -> {error, not_found}
+    end.
 
 %% The default runtime: `{default_runtime, true | false | Opts}' in the application env.
 default_runtime() ->
