@@ -1027,11 +1027,11 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
             Fun(Ctx);
         none ->
             case pyport_pool:checkout(Name) of
-                {ok, I, Member} ->
+                {ok, Ticket, Member} ->
                     try
                         Fun(member_ctx(Member))
                     after
-                        pyport_pool:checkin(Name, I)
+                        pyport_pool:checkin(Ticket)
                     end;
                 {error, _} = Error ->
                     Error

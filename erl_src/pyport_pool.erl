@@ -33,7 +33,7 @@
 -export([start_link/1]).
 -export([child_spec/1]).
 -export([checkout/1]).
--export([checkin/2]).
+-export([checkin/1]).
 -export([info/1]).
 -export([start_part/2]).
 -export([stop_part/1]).
@@ -42,6 +42,7 @@
 
 -export_type([opts/0]).
 -export_type([member/0]).
+-export_type([ticket/0]).
 
 -define(TABLE, pyport_runtimes).
 -define(STOP_WAIT, 5000).
@@ -64,6 +65,8 @@
 
 %% A member's context as `{RuntimeKey, ContextId, Node}' (`pyport' makes it a handle).
 -type member() :: {pyport_runtime:key(), pos_integer(), node()}.
+%% What checkin/1 needs of a checkout/1: the in-flight counters and the member's index.
+-opaque ticket() :: {atomics:atomics_ref(), pos_integer()}.
 
 %% The row callers read: members as a tuple of `{RuntimeKey, ContextName}' (this node:
 %% the context is found by name, so a member replaced or restarted is found again) or
@@ -127,22 +130,21 @@ child_spec(#{name := Name} = Opts) when is_atom(Name) ->
       modules => [?MODULE]}.
 
 %% @doc Takes the ready member with the fewest requests in flight and counts one more
-%% request on it: `{ok, Index, Member}' or `{error, Reason}'. Members whose runtime is
-%% down are passed over while another is up.
--spec checkout(atom()) -> {ok, pos_integer(), member()} | {error, term()}.
+%% request on it: `{ok, Ticket, Member}' (the ticket goes back with checkin/1) or
+%% `{error, Reason}'. Members whose runtime is down are passed over while another is up.
+-spec checkout(atom()) -> {ok, ticket(), member()} | {error, term()}.
 checkout(Name) ->
     case row(Name) of
         {ok, Row} -> checkout(Row, tuple_size(Row#row.members), []);
         {error, _} = Error -> Error
     end.
 
-%% @doc The request taken with checkout/1 is answered.
--spec checkin(atom(), pos_integer()) -> ok.
-checkin(Name, Index) ->
-    case row(Name) of
-        {ok, #row{load = Load}} -> atomics:sub(Load, Index, 1);
-        {error, _} -> ok
-    end.
+%% @doc The request taken with checkout/1 is answered. The ticket holds the very
+%% counter it was counted on, so no second look-up is needed (and a pool started again
+%% meanwhile is not miscounted).
+-spec checkin(ticket()) -> ok.
+checkin({Load, Index}) ->
+    atomics:sub(Load, Index, 1).
 
 %% @doc The pool's mode (and why), size and members.
 -spec info(atom()) -> {ok, map()} | {error, term()}.
@@ -556,7 +558,7 @@ take(#row{load = Load, state = St, served = Served, max_requests = Max, pid = Pi
                     false ->
                         ok
                 end,
-            {ok, I, Member};
+            {ok, {Load, I}, Member};
         _ ->
             atomics:sub(Load, I, 1),
             checkout(Row, Size, [I | Skip])
