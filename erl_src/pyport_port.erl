@@ -56,6 +56,8 @@
 -define(DEFAULT_MAX_ATOMS, 5000).
 -define(MAX_CALLBACKS, 100).
 -define(DEFAULT_MAX_MAILBOX, 10000).
+%% How often a destination refused for a full mailbox is looked at again.
+-define(BUSY_CHECK_MS, 10).
 -define(PROTOCOL_VERSION, 1).
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
@@ -113,8 +115,12 @@
     atom_limit_logged = false :: boolean(),
     %% callback processes running (by monitor), and the callbacks waiting for a turn
     callbacks = #{} :: #{reference() => true},
-    %% messages a process may have queued before Python's sends to it are refused
+    %% messages a process may have queued before Python's sends to it are refused; the
+    %% destinations refused now, by context and Python's number for them; and how many
+    %% sends were dropped
     max_mailbox = ?DEFAULT_MAX_MAILBOX :: pos_integer(),
+    busy = #{} :: #{{ctx_id(), non_neg_integer()} => pid()},
+    sends_dropped = 0 :: non_neg_integer(),
     callback_queue = queue:new() :: queue:queue({binary(), {boolean(), non_neg_integer()}}),
     %% processes owning envs and handles: their monitor and their items
     owners = #{} :: #{pid() => {reference(), #{owned() => true}}},
@@ -188,7 +194,7 @@ init_runtime(Key, Opts) ->
                 {error, Reason} ->
                     {stop, Reason};
                 {ok, Port} ->
-                    case start_port(Key, Port, Contexts, Deadline, Opts) of
+                    case start_port(Key, Port, Contexts, Deadline) of
                         {ok, Hello} ->
                             S = #state{key = Key, port = Port, hello = Hello,
                                        handle = maps:get(handle, Opts, self()),
@@ -256,6 +262,8 @@ handle_info({Alias, Payload}, #state{pending = Pending} = S)
     {{From, Action}, Rest} = maps:take(Alias, Pending),
     _ = unalias(Alias),
     {noreply, complete(Action, From, binary_to_term(Payload), S#state{pending = Rest})};
+handle_info(check_busy, S) ->
+    {noreply, check_busy(S)};
 handle_info({'DOWN', Mref, process, _Pid, _Reason}, #state{callbacks = Running} = S)
   when is_map_key(Mref, Running) ->
     {noreply, callback_done(Mref, S)};
@@ -274,10 +282,8 @@ frame(1, _H, Payload, _Safe,
     {noreply, S};
 frame(2, _H, Payload, Safe, #state{max_atoms = Max} = S) ->
     {noreply, start_callback({Payload, {Safe, Max}}, S)};
-frame(3, _H, Payload, Safe, #state{key = Key, port = Port, max_atoms = Max,
-                                   max_mailbox = MaxMailbox} = S) ->
-    deliver(Key, Port, Payload, {Safe, Max}, MaxMailbox),
-    {noreply, S};
+frame(3, _H, Payload, Safe, S) ->
+    {noreply, deliver(Payload, Safe, S)};
 frame(Kind, _H, _Payload, _Safe, #state{key = Key} = S) ->
     logger:warning("pyport runtime ~p: a frame of unknown kind ~p from the port",
                    [Key, Kind], #{domain => [pyport]}),
@@ -421,9 +427,10 @@ path_args(Opts) ->
 to_list(P) when is_binary(P) -> unicode:characters_to_list(P);
 to_list(P) -> P.
 
-%% Waits for hello, then creates the Opts contexts (all requested at once). Their
-%% preload code may already call Erlang (kind 2) or send messages (kind 3).
-start_port(Key, Port, Contexts, Deadline, Opts) ->
+%% Waits for hello, then creates the contexts (all requested at once). Their
+%% preload code may already call Erlang (kind 2), which is served here; the messages
+%% it sends (kind 3) stay queued until the gen_server loop delivers them.
+start_port(Key, Port, Contexts, Deadline) ->
     case await_hello(Key, Port, Deadline) of
         {ok, Hello} ->
             lists:foreach(fun({Id, Body}) ->
@@ -432,8 +439,7 @@ start_port(Key, Port, Contexts, Deadline, Opts) ->
             Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
             MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
             MaxAtoms = maps:get(max_atoms, Hello, ?DEFAULT_MAX_ATOMS),
-            MaxMailbox = maps:get(max_mailbox, Opts, ?DEFAULT_MAX_MAILBOX),
-            case await_contexts({Key, Names, MaxFrame, MaxAtoms, MaxMailbox}, Port,
+            case await_contexts({Key, Names, MaxFrame, MaxAtoms}, Port,
                                 Contexts, Deadline) of
                 ok -> {ok, Hello};
                 {error, _} = Error -> Error
@@ -464,7 +470,7 @@ await_hello(Key, Port, Deadline) ->
 
 await_contexts(_Known, _Port, [], _Deadline) ->
     ok;
-await_contexts({Key, Names, MaxFrame, MaxAtoms, MaxMailbox} = Known, Port, Waiting,
+await_contexts({Key, Names, MaxFrame, MaxAtoms} = Known, Port, Waiting,
                Deadline) ->
     receive
         {Port, {data, <<0, HLen:16, H:HLen/binary, Payload/binary>>}} ->
@@ -480,10 +486,6 @@ await_contexts({Key, Names, MaxFrame, MaxAtoms, MaxMailbox} = Known, Port, Waiti
         {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
           when Kind band 16#7f =:= 2 ->
             callback(Key, Port, MaxFrame, Payload, {Kind band 16#80 =/= 0, MaxAtoms}),
-            await_contexts(Known, Port, Waiting, Deadline);
-        {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
-          when Kind band 16#7f =:= 3 ->
-            deliver(Key, Port, Payload, {Kind band 16#80 =/= 0, MaxAtoms}, MaxMailbox),
             await_contexts(Known, Port, Waiting, Deadline);
         {Port, {exit_status, Status}} ->
             {error, {port_exit, Status}};
@@ -667,6 +669,7 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
     (maps:remove(context_stats, maps:merge(Base, Info)))#{
         contexts => Described, runtime => S#state.handle,
                               restarts => restarts(S#state.key),
+                              sends_dropped => S#state.sends_dropped,
                               owned => owned_counts(S)}.
 
 %% How many processes own envs, handles and streams, and how many of each are tracked.
@@ -849,25 +852,56 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
 
 %% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
 %% one sender keep their order. A name that is not registered (or not even an atom)
-%% drops the message, as `!' to a dead pid would.
-deliver(Key, Port, Payload, Safe, MaxMailbox) ->
-    case decode(Payload, Safe) of
+%% drops the message, as `!' to a dead pid would. Python numbers its destinations
+%% (DestId). A local process with `max_mailbox' messages queued is busy: the message is
+%% dropped (and counted), the context is told once (`send_busy'), and its sends to
+%% that destination raise `erlang.Busy' until check_busy/1 clears it (`send_clear');
+%% sends already on their way meanwhile are dropped and counted.
+deliver(Payload, Safe, #state{key = Key, port = Port, max_atoms = Max,
+                              max_mailbox = MaxMailbox, busy = Busy,
+                              sends_dropped = Dropped} = S) ->
+    case decode(Payload, {Safe, Max}) of
         {error, _} ->
-            ok;  % atoms past the budget: dropped (logged once by atom_limit_reached/1)
-        {ok, {Ctx, Seq, Dest, Msg}} when is_integer(Ctx), is_integer(Seq) ->
+            S;  % atoms past the budget: dropped (logged once by atom_limit_reached/1)
+        {ok, {Ctx, DestId, Dest, Msg}} when is_integer(Ctx), is_integer(DestId) ->
             case destination(Dest) of
                 undefined ->
-                    ok;
+                    S;
+                _ when is_map_key({Ctx, DestId}, Busy) ->
+                    S#state{sends_dropped = Dropped + 1};
                 To ->
-                    case mailbox_full(To, MaxMailbox) of
-                        true -> cast_request(Port, Ctx, {send_busy, Seq});
-                        false -> send_message(To, Msg)
+                    case mailbox_len(To) >= MaxMailbox of
+                        true ->
+                            _ = cast_request(Port, Ctx, {send_busy, DestId}),
+                            map_size(Busy) =:= 0 andalso
+                                erlang:send_after(?BUSY_CHECK_MS, self(), check_busy),
+                            S#state{busy = Busy#{{Ctx, DestId} => To},
+                                    sends_dropped = Dropped + 1};
+                        false ->
+                            send_message(To, Msg),
+                            S
                     end
             end;
         {ok, Other} ->
             logger:warning("pyport runtime ~p: malformed send from the port: ~P",
-                           [Key, Other, 20], #{domain => [pyport]})
+                           [Key, Other, 20], #{domain => [pyport]}),
+            S
     end.
+
+%% Every ?BUSY_CHECK_MS while some destination is busy: one whose queue is down to half
+%% the bound, or whose process is gone, is cleared.
+check_busy(#state{port = Port, busy = Busy, max_mailbox = MaxMailbox} = S) ->
+    Still = maps:filter(fun({Ctx, DestId}, To) ->
+                                case mailbox_len(To) > MaxMailbox div 2 of
+                                    true ->
+                                        true;
+                                    false ->
+                                        _ = cast_request(Port, Ctx, {send_clear, DestId}),
+                                        false
+                                end
+                        end, Busy),
+    map_size(Still) > 0 andalso erlang:send_after(?BUSY_CHECK_MS, self(), check_busy),
+    S#state{busy = Still}.
 
 %% A pid, or the pid registered under an existing atom (a name never makes an atom).
 destination(Dest) when is_pid(Dest) ->
@@ -883,15 +917,15 @@ destination(Dest) when is_binary(Dest) ->
 destination(_) ->
     undefined.
 
-%% Past `max_mailbox' messages in a local process's queue, Python's sends to it are
-%% dropped and Python is told (`erlang.Busy'), so a flood cannot fill the node.
-mailbox_full(Pid, Max) when node(Pid) =:= node() ->
+%% The queue of a local process (0 once it is gone, and for a remote one: its node
+%% bounds what it takes in).
+mailbox_len(Pid) when node(Pid) =:= node() ->
     case erlang:process_info(Pid, message_queue_len) of
-        {message_queue_len, N} -> N >= Max;
-        undefined -> false
+        {message_queue_len, N} -> N;
+        undefined -> 0
     end;
-mailbox_full(_Pid, _Max) ->
-    false.
+mailbox_len(_Pid) ->
+    0.
 
 send_message(Dest, Msg) ->
     try

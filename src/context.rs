@@ -297,10 +297,15 @@ impl Mailbox {
         ])
     }
 
-    /// Erlang dropped this context's send `seq`: its destination is busy.
-    pub fn send_busy(&self, seq: u64) {
+    /// Erlang dropped a send of this context to destination `id`: it is busy (`busy`
+    /// true) until Erlang clears it (false).
+    pub fn send_busy(&self, id: u64, busy: bool) {
         if let Some(link) = self.link.get() {
-            link.sends.busy(seq);
+            if busy {
+                link.sends.busy(id);
+            } else {
+                link.sends.clear(id);
+            }
         }
     }
 

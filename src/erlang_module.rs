@@ -591,17 +591,16 @@ fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyR
             ));
         }
     }
-    if link.sends.is_busy(&dest_bytes) {
+    let Some(dest_id) = link.sends.dest_id(&dest_bytes) else {
         let busy = erlang_module(py)?.getattr("Busy")?;
         return Err(PyErr::from_value(busy.call1((dest,))?));
-    }
-    let seq = link.sends.sent(&dest_bytes);
+    };
     let mut payload = Vec::with_capacity(64 + dest_bytes.len());
     let safe = {
         let mut w = etf::Writer::new(&mut payload);
         w.tuple_header(4);
         w.int(link.ctx as i64);
-        w.int(seq as i64);
+        w.int(dest_id as i64);
         w.raw(&dest_bytes);
         convert::encode_term(&types, term, &mut w, 1).map_err(to_pyerr)?;
         w.needs_safe_decode
@@ -611,15 +610,16 @@ fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyR
     Ok(())
 }
 
-/// How long a destination Erlang reported as busy refuses further `erlang.send`s.
-const BUSY_FOR: std::time::Duration = std::time::Duration::from_millis(100);
-/// Recent sends remembered, to find the destination Erlang reports busy by number.
-const SENDS_REMEMBERED: usize = 4096;
+/// Destinations given a number; past this many, those not busy are forgotten (and get a
+/// new number on their next send).
+const DESTS_REMEMBERED: usize = 4096;
 
-/// `erlang.send` and the destinations Erlang found busy: when a process's mailbox is
-/// over the runtime's bound, the port owner drops the message and answers
-/// `{send_busy, SendSeq}`; sends to that destination then raise `erlang.Busy` in
-/// Python for [`BUSY_FOR`] (after which the owner looks at the mailbox again).
+/// `erlang.send`'s destinations, by number, and those Erlang found busy. Each send
+/// carries its destination's number. When a process's mailbox is over the runtime's
+/// bound, the port owner drops the message and answers `{send_busy, DestId}`: sends to
+/// that destination then raise `erlang.Busy` in Python until the owner answers
+/// `{send_clear, DestId}` (it looks at the mailbox again every few milliseconds, and
+/// clears once it has drained to half the bound or its process is gone).
 #[derive(Default)]
 pub struct Sends {
     inner: Mutex<SendsInner>,
@@ -628,8 +628,8 @@ pub struct Sends {
 #[derive(Default)]
 struct SendsInner {
     next: u64,
-    recent: std::collections::VecDeque<(u64, Vec<u8>)>,
-    busy: HashMap<Vec<u8>, std::time::Instant>,
+    ids: HashMap<Vec<u8>, u64>,
+    busy: std::collections::HashSet<u64>,
 }
 
 impl Sends {
@@ -637,42 +637,33 @@ impl Sends {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn is_busy(&self, dest: &[u8]) -> bool {
-        let mut s = self.lock();
-        match s.busy.get(dest) {
-            Some(until) if *until > std::time::Instant::now() => true,
-            Some(_) => {
-                s.busy.remove(dest);
-                false
-            }
-            None => false,
+    /// The number of `dest` for a send, or `None` while it is busy.
+    fn dest_id(&self, dest: &[u8]) -> Option<u64> {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        if let Some(&id) = s.ids.get(dest) {
+            return (!s.busy.contains(&id)).then_some(id);
         }
-    }
-
-    /// Numbers a send to `dest`.
-    fn sent(&self, dest: &[u8]) -> u64 {
-        let mut s = self.lock();
+        if s.ids.len() >= DESTS_REMEMBERED {
+            let busy = &s.busy;
+            s.ids.retain(|_, id| busy.contains(id));
+        }
         s.next += 1;
-        let seq = s.next;
-        if s.recent.len() == SENDS_REMEMBERED {
-            s.recent.pop_front();
-        }
-        s.recent.push_back((seq, dest.to_vec()));
-        seq
+        s.ids.insert(dest.to_vec(), s.next);
+        Some(s.next)
     }
 
-    /// Erlang dropped send `seq`: its destination's mailbox is over the bound.
-    pub fn busy(&self, seq: u64) {
+    /// Erlang dropped a send to destination `id`: its mailbox is over the bound.
+    pub fn busy(&self, id: u64) {
         let mut s = self.lock();
-        let Some(dest) = s
-            .recent
-            .iter()
-            .find(|(n, _)| *n == seq)
-            .map(|(_, d)| d.clone())
-        else {
-            return;
-        };
-        s.busy.insert(dest, std::time::Instant::now() + BUSY_FOR);
+        if s.ids.values().any(|&known| known == id) {
+            s.busy.insert(id);
+        }
+    }
+
+    /// Erlang found destination `id`'s mailbox drained (or its process gone).
+    pub fn clear(&self, id: u64) {
+        self.lock().busy.remove(&id);
     }
 }
 

@@ -247,8 +247,9 @@ enum Direct {
     ChannelClose(u64),
     /// `{interrupt}`: stop the request the context runs now.
     Interrupt,
-    /// `{send_busy, SendSeq}`: that `erlang.send` was dropped, its destination is busy.
-    SendBusy(u64),
+    /// `{send_busy, DestId}`: an `erlang.send` to that destination was dropped, it is
+    /// busy; `{send_clear, DestId}`: it is not any more.
+    SendBusy(u64, bool),
 }
 
 /// The [`Direct`] frame in `body`, if it is one; anything else goes to the context.
@@ -269,7 +270,8 @@ fn direct(body: &[u8]) -> Option<Direct> {
         ("channel_send", 3) => Direct::ChannelSend(id(&mut r)?, r.term_slice().ok()?.to_vec()),
         ("channel_close", 2) => Direct::ChannelClose(id(&mut r)?),
         ("interrupt", 1) => Direct::Interrupt,
-        ("send_busy", 2) => Direct::SendBusy(id(&mut r)?),
+        ("send_busy", 2) => Direct::SendBusy(id(&mut r)?, true),
+        ("send_clear", 2) => Direct::SendBusy(id(&mut r)?, false),
         _ => return None,
     };
     r.finish().ok()?;
@@ -369,7 +371,7 @@ impl Routing {
             Some(Direct::ChannelSend(id, term)) => return mailbox.deliver_channel(id, Some(term)),
             Some(Direct::ChannelClose(id)) => return mailbox.deliver_channel(id, None),
             Some(Direct::Interrupt) => return mailbox.interrupt(),
-            Some(Direct::SendBusy(seq)) => return mailbox.send_busy(seq),
+            Some(Direct::SendBusy(id, busy)) => return mailbox.send_busy(id, busy),
             None => {}
         }
         if let Err((job, err)) = mailbox.push(job) {
