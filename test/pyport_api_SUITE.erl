@@ -12,7 +12,8 @@ all() ->
     [default_runtime, start_stop_runtime, start_runtime_bad_executable,
      start_runtime_bad_preload, info, contexts, duplicate_context_name, preload_and_path,
      venv_and_env, start_link_directly, child_spec_in_own_tree, call_kwargs, names_as_binaries, dotted_module, builtins, exec_then_call_main,
-     eval_locals, exec_returns_ok, timeout_then_next_call, timeout_late_reply_dropped,
+     eval_locals, exec_returns_ok, timeout_then_next_call, timeout_values,
+     timeout_late_reply_dropped,
      timeout_interrupts_python, python_output_logged, python_output_unterminated_line,
      python_output_metadata,
      fd1_writes_do_not_corrupt_frames,
@@ -289,6 +290,28 @@ timeout_then_next_call(Config) ->
                  pyport:call(Ctx, time, sleep, [0.5], #{}, #{timeout => 50})),
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
     ?assertEqual({ok, 7}, pyport:call(Ctx, operator, add, [3, 4])),
+    pyport_ct:assert_no_messages().
+
+timeout_values() ->
+    [{doc, "Every timeout `receive' takes works, each a request body of its own shape "
+           "(0, one byte, 32-bit, past 2^31, infinity; with and without other options); any "
+           "other is {error, {bad_request, {timeout, T}}}, not a crash."}].
+timeout_values(Config) ->
+    Ctx = ?config(ctx, Config),
+    ok = pyport:exec(Ctx, <<"import erlang\ndef me(x):\n    return (erlang.self(), x)\n">>),
+    Self = self(),
+    [?assertEqual({ok, {Self, T}}, pyport:call(Ctx, '__main__', me, [T], #{}, Opts))
+     || T <- [255, 256, 5000, 1 bsl 31 - 1, 1 bsl 31, 16#ffffffff, infinity],
+        Opts <- [#{timeout => T}, #{timeout => T, kwargs_unused => true}]],
+    %% 0 is a valid timeout too (the answer may or may not be in time)
+    ?assertMatch({R, _} when R =:= ok; R =:= error,
+                 pyport:call(Ctx, operator, add, [1, 2], #{}, #{timeout => 0})),
+    [?assertEqual({error, {bad_request, {timeout, T}}},
+                  pyport:call(Ctx, operator, add, [1, 2], #{}, #{timeout => T}))
+     || T <- [-1, 1 bsl 32, 1.5, forever]],
+    {ok, Env} = pyport:new_env(Ctx),
+    ?assertEqual({error, {bad_request, {timeout, -5}}},
+                 pyport:eval(Ctx, <<"1">>, #{}, #{timeout => -5, env => Env})),
     pyport_ct:assert_no_messages().
 
 timeout_interrupts_python() ->
