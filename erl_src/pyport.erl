@@ -371,12 +371,10 @@ new_env_owned(#pyport_pool{} = Pool, Owner) ->
 new_env_owned(#pyport_ctx{key = Key, id = Id}, Owner) ->
     case runtime(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
-            case runtime_request(Runtime, Id, {new_env}, #{}) of
-                {ok, EnvId} when is_integer(EnvId) ->
+            case new_id(Runtime, Id, {new_env}) of
+                {ok, EnvId} ->
                     gen_server:cast(Pid, {own, Owner, Id, {env, EnvId}}),
                     {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}};
-                {ok, Other} ->
-                    {error, {bad_reply, Other}};
                 {error, _} = Error ->
                     Error
             end;
@@ -666,24 +664,15 @@ stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts) ->
 start_stream(Pid, Port, Id, Body, Window, MaxFrame) ->
     Stream = erlang:monitor(process, Pid, [{alias, demonitor}]),
     H = term_to_binary({pyport_stream, Stream}),
-    Size = 10 + byte_size(H) + iolist_size(Body),
-    if
-        Size > MaxFrame ->
+    case write_request(Port, Id, H, Body, MaxFrame) of
+        ok ->
+            gen_server:cast(Pid, {own, self(), Id, {stream, H}}),
+            put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H, owner = Pid,
+                                                 batch = max(1, Window div 2)}),
+            {ok, Stream};
+        {error, _} = Error ->
             erlang:demonitor(Stream, [flush]),
-            {error, {frame_too_large, Size, MaxFrame}};
-        true ->
-            try pyport_port:write(Port, pyport_port:request_frame(Id, H, Body)) of
-                true ->
-                    gen_server:cast(Pid, {own, self(), Id, {stream, H}}),
-                    put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H,
-                                                         owner = Pid,
-                                                         batch = max(1, Window div 2)}),
-                    {ok, Stream}
-            catch
-                error:badarg ->
-                    erlang:demonitor(Stream, [flush]),
-                    {error, {runtime_down, port_closed}}
-            end
+            Error
     end.
 
 %% @doc Takes the next message of the stream (waiting as long as it takes).
@@ -783,15 +772,13 @@ channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
         {ok, _} when not (is_integer(Capacity) andalso Capacity > 0) ->
             {error, {bad_request, {capacity, Capacity}}};
         {ok, {_, Pid, Port, _, MaxFrame} = Runtime} ->
-            case runtime_request(Runtime, Id, {channel_open, name(Name), Capacity}, #{}) of
-                {ok, ChanId} when is_integer(ChanId) ->
+            case new_id(Runtime, Id, {channel_open, name(Name), Capacity}) of
+                {ok, ChanId} ->
                     Counters = counters:new(2, [atomics]),
                     gen_server:cast(Pid, {channel, Id, ChanId, Counters}),
                     {ok, #pyport_channel{key = Key, ctx = Id, id = ChanId, port = Port,
                                          runtime = Pid, max_frame = MaxFrame,
                                          capacity = Capacity, counters = Counters}};
-                {ok, Other} ->
-                    {error, {bad_reply, Other}};
                 {error, _} = Error ->
                     Error
             end;
@@ -871,6 +858,14 @@ runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
             Error
     end.
 
+%% A request answered with the id of something it made (an env, a channel).
+new_id(Runtime, Id, Req) ->
+    case runtime_request(Runtime, Id, Req, #{}) of
+        {ok, New} when is_integer(New) -> {ok, New};
+        {ok, Other} -> {error, {bad_reply, Other}};
+        {error, _} = Error -> Error
+    end.
+
 %% A request made by the Erlang function Python called with `erlang.call' (or by a
 %% process it started with async_call/4,5,6) to the context waiting for it carries the
 %% re-entrant bit: that context serves it however deep its waits are nested.
@@ -913,32 +908,38 @@ returned(Reply, _Key, _Id, _Pid, _Owner, _Opts) ->
 %% call; one that arrived just before is taken out of the mailbox here.
 send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
     Mref = erlang:monitor(process, Pid, [{alias, reply_demonitor}]),
-    H = term_to_binary(Mref),
+    case write_request(Port, Id, term_to_binary(Mref), Body, MaxFrame) of
+        ok ->
+            receive
+                {Mref, Reply} ->
+                    decode(Reply);
+                {'DOWN', Mref, _, _, Reason} ->
+                    {error, {runtime_down, Reason}}
+            after Timeout ->
+                erlang:demonitor(Mref, [flush]),
+                receive
+                    {Mref, Reply} -> decode(Reply)
+                after 0 ->
+                    {error, timeout}
+                end
+            end;
+        {error, _} = Error ->
+            erlang:demonitor(Mref, [flush]),
+            Error
+    end.
+
+%% Writes a request frame with header H (also to a port of another node): `ok', or why
+%% not.
+write_request(Port, Id, H, Body, MaxFrame) ->
     Size = 10 + byte_size(H) + iolist_size(Body),
     if
         Size > MaxFrame ->
-            erlang:demonitor(Mref, [flush]),
             {error, {frame_too_large, Size, MaxFrame}};
         true ->
-            try erlang:port_command(Port, pyport_port:request_frame(Id, H, Body)) of
-                true ->
-                    receive
-                        {Mref, Reply} ->
-                            decode(Reply);
-                        {'DOWN', Mref, _, _, Reason} ->
-                            {error, {runtime_down, Reason}}
-                    after Timeout ->
-                        erlang:demonitor(Mref, [flush]),
-                        receive
-                            {Mref, Reply} -> decode(Reply)
-                        after 0 ->
-                            {error, timeout}
-                        end
-                    end
+            try pyport_port:write(Port, pyport_port:request_frame(Id, H, Body)) of
+                true -> ok
             catch
-                error:badarg ->
-                    erlang:demonitor(Mref, [flush]),
-                    {error, {runtime_down, port_closed}}
+                error:badarg -> {error, {runtime_down, port_closed}}
             end
     end.
 
