@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -75,6 +75,10 @@ bench: build $(ECHO) $(STANDIN)
 
 bench-cluster: build
 	escript benches/cluster_bench.escript
+
+# The Erlang side's pieces under 50 callers, one at a time (docs/benchmarks.md).
+bench-pieces: build $(STANDIN)
+	escript benches/pieces.escript $(STANDIN)
 
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build

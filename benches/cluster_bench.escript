@@ -10,6 +10,7 @@
 %% Medians of ?ROUNDS rounds. Both nodes share this machine's cores, so the 2-node pool
 %% shows the cost of the hop, not more cores. Run `make build' first.
 -mode(compile).
+-include("bench.hrl").
 
 -define(ROUNDS, 5).
 -define(LATENCY_CALLS, 2000).
@@ -17,15 +18,10 @@
 -define(CALLS, 20000).
 
 main(_Args) ->
-    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
-    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
-    true = code:add_patha(Ebin),
     _ = os:cmd("epmd -daemon"),
     {ok, _} = net_kernel:start(pyport_bench, #{name_domain => shortnames}),
-    ok = application:load(pyport),
-    ok = application:set_env(pyport, default_runtime, false),
-    {ok, _} = application:ensure_all_started(pyport),
-    ok = logger:set_primary_config(level, error),
+    _ = start_pyport(),
+    Ebin = pyport_ebin(),
     {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(), args => ["-pa", Ebin]}),
     ok = erpc:call(Node, application, load, [pyport]),
     ok = erpc:call(Node, application, set_env, [pyport, default_runtime, false]),
@@ -71,6 +67,3 @@ rate(Pool) ->
                        end) || _ <- lists:seq(1, ?CALLERS)],
     [receive {done, P} -> ok end || P <- Pids],
     ?CALLS * 1000000 / (erlang:monotonic_time(microsecond) - T0).
-
-median(Xs) ->
-    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).

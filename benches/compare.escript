@@ -14,6 +14,7 @@
 %%   escript benches/compare.escript NEW_BINARY OLD_BINARY [ROUNDS]
 %% (`make bench-compare OLD=path/to/old/pyport' builds priv/pyport and runs it.)
 -mode(compile).
+-include("bench.hrl").
 
 -define(LATENCY_CALLS, 5000).
 -define(CALLERS, 50).
@@ -23,22 +24,13 @@
 main([New, Old]) ->
     main([New, Old, "7"]);
 main([New, Old, Rounds]) ->
-    setup(),
+    _ = start_pyport(),
     Pairs = [round_pair(New, Old) || _ <- lists:seq(1, list_to_integer(Rounds))],
     report(Pairs),
     halt(0);
 main(_) ->
     io:format("usage: compare.escript NEW_BINARY OLD_BINARY [ROUNDS]~n"),
     halt(2).
-
-setup() ->
-    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
-    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
-    true = code:add_patha(Ebin),
-    ok = application:load(pyport),
-    ok = application:set_env(pyport, default_runtime, false),
-    {ok, _} = application:ensure_all_started(pyport),
-    ok.
 
 round_pair(New, Old) ->
     {measure(New), measure(Old)}.
@@ -117,7 +109,3 @@ report(Pairs) ->
       end, [latency_us, latency_with_loop_us, calls_per_s, speedup]),
     io:format("~p rounds, alternated; latency lower is better, the others higher.~n",
               [length(Pairs)]).
-
-median(L) ->
-    S = lists:sort(L),
-    lists:nth((length(S) + 1) div 2, S).

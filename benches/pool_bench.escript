@@ -9,6 +9,7 @@
 %% Each measurement is taken ?ROUNDS times, the configurations alternated round by
 %% round, and the median is printed. Run `make build' first; `make bench' runs it.
 -mode(compile).
+-include("bench.hrl").
 
 -define(ROUNDS, 5).
 -define(CALLERS, 50).
@@ -23,7 +24,7 @@ def spin(n):
 ">>).
 
 main(_Args) ->
-    setup(),
+    _ = start_pyport(),
     Configs = [{Mode, Size} || Mode <- [main, owngil], Size <- [1, 2]],
     Pools = [{C, start(C)} || C <- Configs],
     Python = embedded_python(element(2, hd(Pools))),
@@ -41,15 +42,6 @@ main(_Args) ->
               "loop over the time of two at once)~n", [?ROUNDS, ?SPIN]),
     [ok = pyport:stop_pool(P) || {_, P} <- Pools],
     halt(0).
-
-setup() ->
-    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
-    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
-    true = code:add_patha(Ebin),
-    ok = application:load(pyport),
-    ok = application:set_env(pyport, default_runtime, false),
-    {ok, _} = application:ensure_all_started(pyport),
-    ok = logger:set_primary_config(level, error).
 
 start({Mode, Size} = C) ->
     Name = list_to_atom(lists:flatten(io_lib:format("bench_~s_~b", [Mode, Size]))),
@@ -100,9 +92,6 @@ parallel(K, Fun) ->
     Self = self(),
     Pids = [spawn_link(fun() -> Fun(), Self ! {done, self()} end) || _ <- lists:seq(1, K)],
     [receive {done, P} -> ok end || P <- Pids].
-
-median(Xs) ->
-    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
 
 fmt_rate(none) ->
     "-";

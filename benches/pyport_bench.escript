@@ -24,6 +24,7 @@
 %% port programs write to stderr goes to a file (named at the end if there was any),
 %% and only errors of pyport's logger events are printed, so the output is the table.
 -mode(compile).
+-include("bench.hrl").
 
 -define(LATENCY_CALLS, 10000).
 -define(WARMUP_CALLS, 2000).
@@ -131,15 +132,8 @@ main(_Args) ->
     halt(0).
 
 setup() ->
-    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
-    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
-    filelib:is_dir(Ebin) orelse die("~s not found: run `rebar3 compile` first", [Ebin]),
-    true = code:add_patha(Ebin),
-    ok = application:load(pyport),
-    ok = application:set_env(pyport, default_runtime, false),
-    {ok, _} = application:ensure_all_started(pyport),
-    ok = logger:set_primary_config(level, error),
-    Stderr = quiet_executable(Root),
+    _ = start_pyport(),
+    Stderr = quiet_executable(bench_root()),
     ok = pyport:register_function(pyport_bench_echo, fun(X) -> X end),
     {ok, #{python_version := Version}} = start_and_info(),
     io:format("pyport bench: OTP ~s, Python ~s, ~p schedulers, ~p logical processors~n~n",
@@ -411,9 +405,6 @@ echo_requests(Sock, N) ->
     ok = gen_tcp:send(Sock, ?TCP_LINE),
     {ok, ?TCP_LINE} = gen_tcp:recv(Sock, 0, 30000),
     echo_requests(Sock, N - 1).
-
-median(List) ->
-    percentile(lists:sort(List), 50).
 
 percentile(Sorted, P) ->
     Index = max(1, min(length(Sorted), round(P / 100 * length(Sorted)))),

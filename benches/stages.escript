@@ -21,6 +21,7 @@
 %% With OLD_PYPORT (another build of the port program), its raw and facade stages run
 %% in the same rounds too, for a before/after of the Rust side.
 -mode(compile).
+-include("bench.hrl").
 
 -define(ROUNDS, 7).
 -define(CALLS, 5000).
@@ -35,7 +36,7 @@ main([Echo, Standin]) ->
 main([Echo, Standin, Rounds]) ->
     main([Echo, Standin, Rounds, none]);
 main([Echo, Standin, Rounds, Old]) ->
-    Exe = setup(),
+    Exe = start_pyport(),
     Results = [maps:merge(one_round(Echo, Exe), standin_round(Standin, old_round(Old)))
                || _ <- lists:seq(1, list_to_integer(Rounds))],
     report(Results),
@@ -44,19 +45,6 @@ main([Echo, Standin, Rounds, Old]) ->
 main(_) ->
     io:format("usage: stages.escript ECHO_BINARY STANDIN_BINARY [ROUNDS [OLD_PYPORT]]~n"),
     halt(2).
-
-setup() ->
-    Root = filename:dirname(filename:dirname(filename:absname(escript:script_name()))),
-    Ebin = filename:join([Root, "_build", "default", "lib", "pyport", "ebin"]),
-    true = code:add_patha(Ebin),
-    ok = application:load(pyport),
-    ok = application:set_env(pyport, default_runtime, false),
-    {ok, _} = application:ensure_all_started(pyport),
-    ok = logger:set_primary_config(level, error),
-    case os:getenv("PYPORT_EXECUTABLE") of
-        Path when is_list(Path), Path =/= "" -> Path;
-        _ -> filename:join([Root, "priv", "pyport"])
-    end.
 
 one_round(Echo, Exe) ->
     #{bare => with_echo(Echo, fun(Port) -> latency(fun() -> bare_call(Port) end) end),
@@ -262,6 +250,3 @@ report(Results) ->
                                              Ratio(facade_big, relay_big)]),
     io:format("(~b rounds, stages alternated; medians; ratios are medians of the "
               "rounds' own ratios)~n", [length(Results)]).
-
-median(Xs) ->
-    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
