@@ -77,8 +77,8 @@ bench-cluster: build
 	escript benches/cluster_bench.escript
 
 # The Erlang side's pieces under 50 callers, one at a time (docs/benchmarks.md).
-bench-pieces: build $(STANDIN)
-	escript benches/pieces.escript $(STANDIN)
+bench-pieces: build $(ECHO) $(STANDIN)
+	escript benches/pieces.escript $(STANDIN) 7 $(ECHO)
 
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build

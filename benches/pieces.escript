@@ -10,7 +10,12 @@
 %% added at a time. Variants alternate round by round; medians of the rounds, and each
 %% variant's ratio to the facade in the same round (median).
 %%
-%%   escript benches/pieces.escript STANDIN_BINARY [ROUNDS]     (make bench-pieces)
+%% With ECHO_BINARY (benches/echo.c), the relay floor of stages.escript runs in the same
+%% rounds: a bare receive loop owning the C echo, forwarding each reply to the alias in
+%% its header, sent the same request body as the floor.
+%%
+%%   escript benches/pieces.escript STANDIN_BINARY [ROUNDS [ECHO_BINARY]]
+%%   (make bench-pieces)
 -mode(compile).
 -include("bench.hrl").
 
@@ -22,7 +27,24 @@
 main([Standin]) ->
     main([Standin, integer_to_list(?ROUNDS)]);
 main([Standin, Rounds]) ->
+    main([Standin, Rounds, none]);
+main([Standin, Rounds, Echo]) ->
     _ = start_pyport(),
+    Names = [Name || {Name, _} <- variants(undefined, undefined, undefined)]
+        ++ ["relay: the floor through a bare loop, C echo" || Echo =/= none],
+    Results = [round(Standin, Echo) || _ <- lists:seq(1, list_to_integer(Rounds))],
+    io:format("~b callers over 2 contexts of the stand-in, ~s rounds~n", [?CALLERS, Rounds]),
+    io:format("~-46s ~10s ~10s~n", ["", "calls/s", "/ facade"]),
+    [io:format("~-46s ~10b ~10.2f~n",
+               [Name, median([proplists:get_value(Name, R) || R <- Results]),
+                median([proplists:get_value(Name, R) / proplists:get_value("pyport:call/4", R)
+                        || R <- Results])])
+     || Name <- Names],
+    ok.
+
+%% One round: the variants over a stand-in opened for them, then (the stand-in closed:
+%% each C program spins a core while it runs) the relay over its echo.
+round(Standin, Echo) ->
     {ok, Rt} = pyport:start_runtime(#{executable => Standin,
                                       contexts => [#{name => a}, #{name => b}]}),
     {ok, A} = pyport:context(Rt, a),
@@ -31,27 +53,22 @@ main([Standin, Rounds]) ->
     %% runtime's row (owner, port) in pyport's table
     {pyport_ctx, Key, _, _} = A,
     [Row] = ets:lookup(pyport_runtimes, Key),
-    Facade = fun(I) -> {ok, 3} = pyport:call(element(I rem 2 + 1, {A, B}), operator, add, [1, 2]) end,
+    Rates = [{Name, rate(Call)} || {Name, Call} <- variants(A, B, Row)],
+    ok = pyport:stop_runtime(Rt),
+    Rates ++ [{"relay: the floor through a bare loop, C echo", relay_rate(Echo)}
+              || Echo =/= none].
+
+variants(A, B, Row) ->
     Piece = fun(Pieces) -> fun(I) -> floor_call(Row, I rem 2 + 1, Pieces) end end,
-    Variants =
-        [{"pyport:call/4", Facade},
-         {"floor", Piece([])},
-         {"floor + ETS look-up of the runtime", Piece([ets])},
-         {"floor + encoding, one 99-byte binary", Piece([encode_whole])},
-         {"floor + encoding, small pieces (pyport now)", Piece([encode_spliced])},
-         {"floor + receive with a timer", Piece([timer])},
-         {"floor + decoding the reply", Piece([decode])},
-         {"floor + all of the above (pieces)", Piece([ets, encode_spliced, timer, decode])}],
-    Results = [[{Name, rate(Call)} || {Name, Call} <- Variants]
-               || _ <- lists:seq(1, list_to_integer(Rounds))],
-    io:format("~b callers over 2 contexts of the stand-in, ~s rounds~n", [?CALLERS, Rounds]),
-    io:format("~-46s ~10s ~10s~n", ["", "calls/s", "/ facade"]),
-    [io:format("~-46s ~10b ~10.2f~n",
-               [Name, median([proplists:get_value(Name, R) || R <- Results]),
-                median([proplists:get_value(Name, R) / proplists:get_value("pyport:call/4", R)
-                        || R <- Results])])
-     || {Name, _} <- Variants],
-    ok = pyport:stop_runtime(Rt).
+    [{"pyport:call/4",
+      fun(I) -> {ok, 3} = pyport:call(element(I rem 2 + 1, {A, B}), operator, add, [1, 2]) end},
+     {"floor", Piece([])},
+     {"floor + ETS look-up of the runtime", Piece([ets])},
+     {"floor + encoding, one 99-byte binary", Piece([encode_whole])},
+     {"floor + encoding, small pieces (pyport now)", Piece([encode_spliced])},
+     {"floor + receive with a timer", Piece([timer])},
+     {"floor + decoding the reply", Piece([decode])},
+     {"floor + all of the above (pieces)", Piece([ets, encode_spliced, timer, decode])}].
 
 %% One request through the runtime's port owner, with the pieces asked for.
 floor_call({Key, Pid, Port, _, _} = Row0, Ctx, Pieces) ->
@@ -98,10 +115,45 @@ body(Pieces) ->
             end
     end.
 
+%% The relay of stages.escript: owns the echo, forwards each reply to the alias in its
+%% header.
+relay(Echo) ->
+    Self = self(),
+    Relay = spawn_link(fun() ->
+                           Port = open_port({spawn_executable, Echo},
+                                            [{packet, 4}, binary, exit_status, use_stdio]),
+                           Self ! {relay, self(), Port},
+                           relay_loop(Port)
+                       end),
+    receive {relay, Relay, Port} -> {Relay, Port} end.
+
+relay_loop(Port) ->
+    receive
+        {Port, {data, <<HLen:16, H:HLen/binary, Payload/binary>>}} ->
+            Alias = binary_to_term(H),
+            Alias ! {Alias, Payload},
+            relay_loop(Port)
+    end.
+
+relay_call({Relay, Port}) ->
+    Mref = erlang:monitor(process, Relay, [{alias, reply_demonitor}]),
+    H = term_to_binary(Mref),
+    true = erlang:port_command(Port, [<<(byte_size(H)):16>>, H, body([])]),
+    receive
+        {Mref, _} -> ok;
+        {'DOWN', Mref, _, _, Reason} -> error(Reason)
+    end.
+
 self_ext() ->
     case get(self_ext) of
         undefined -> <<131, Ext/binary>> = term_to_binary(self()), put(self_ext, Ext), Ext;
         Ext -> Ext
+    end.
+
+relay_rate(Echo) ->
+    {Relay, Port} = relay(Echo),
+    try rate(fun(_) -> relay_call({Relay, Port}) end)
+    after unlink(Relay), exit(Relay, kill)
     end.
 
 rate(Call) ->

@@ -88,6 +88,8 @@
 -define(DEFAULT_WINDOW, 64).
 -define(DEFAULT_CAPACITY, 1000).
 -define(REENTRANT_BIT, (1 bsl 63)).
+%% The process dictionary key of the runtime row a process used last (request/4).
+-define(LAST_RUNTIME, pyport_last_runtime).
 %% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
 %% alone, with no metadata map or closure built.
 -define(TRACED(Meta, Expr),
@@ -670,6 +672,9 @@ start_stream(Pid, Port, Id, Body, Window, MaxFrame) ->
             put({?MODULE, Stream}, #stream_state{port = Port, ctx = Id, id = H, owner = Pid,
                                                  batch = max(1, Window div 2)}),
             {ok, Stream};
+        not_written ->
+            erlang:demonitor(Stream, [flush]),
+            {error, {runtime_down, port_closed}};
         {error, _} = Error ->
             erlang:demonitor(Stream, [flush]),
             Error
@@ -840,13 +845,45 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
 %% Req is the request body without its trailing Opts map. The effective timeout and the
 %% caller are sent along in Opts (the port program interrupts code that overran, and
 %% `erlang.self()' is the caller); an env goes as its id.
+%%
+%% The runtime's row is kept in the process dictionary between requests (a look-up in
+%% pyport's table is about a tenth of a call's cost under load). The row stays true for
+%% the life of its port owner, and its port closes when the owner ends; so a request
+%% whose port turns out closed (the runtime restarted or stopped since) was not written,
+%% and is made again with the row looked up afresh. Nothing else checks the row: a
+%% check that the owner is alive waits for the signals this process sent it, which
+%% costs more than the look-up.
 request(Key, Id, Req, Opts) ->
-    case runtime(Key) of
-        {ok, Runtime} -> runtime_request(Runtime, Id, Req, Opts);
-        {error, _} = Error -> Error
+    case get(?LAST_RUNTIME) of
+        {Key, _, _, _, _} = Runtime ->
+            case try_runtime_request(Runtime, Id, Req, Opts) of
+                not_written ->
+                    _ = erase(?LAST_RUNTIME),
+                    request_looked_up(Key, Id, Req, Opts);
+                Reply ->
+                    Reply
+            end;
+        _ ->
+            request_looked_up(Key, Id, Req, Opts)
     end.
 
-runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
+request_looked_up(Key, Id, Req, Opts) ->
+    case runtime(Key) of
+        {ok, Runtime} ->
+            _ = put(?LAST_RUNTIME, Runtime),
+            runtime_request(Runtime, Id, Req, Opts);
+        {error, _} = Error ->
+            Error
+    end.
+
+runtime_request(Runtime, Id, Req, Opts) ->
+    case try_runtime_request(Runtime, Id, Req, Opts) of
+        not_written -> {error, {runtime_down, port_closed}};
+        Reply -> Reply
+    end.
+
+%% The request's reply, or `not_written' when the port was closed.
+try_runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
     Timeout = maps:get(timeout, Opts, CallTimeout),
     Owner = maps:get(caller, Opts, self()),
     case wire_opts(Key, Id, Pid, Opts#{timeout => Timeout, caller => Owner}) of
@@ -923,13 +960,13 @@ send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
                     {error, timeout}
                 end
             end;
-        {error, _} = Error ->
+        NotWritten ->
             erlang:demonitor(Mref, [flush]),
-            Error
+            NotWritten
     end.
 
-%% Writes a request frame with header H (also to a port of another node): `ok', or why
-%% not.
+%% Writes a request frame with header H (also to a port of another node): `ok',
+%% `not_written' when the port is closed, or `{error, frame_too_large...}'.
 write_request(Port, Id, H, Body, MaxFrame) ->
     Size = 10 + byte_size(H) + iolist_size(Body),
     if
@@ -939,7 +976,7 @@ write_request(Port, Id, H, Body, MaxFrame) ->
             try pyport_port:write(Port, pyport_port:request_frame(Id, H, Body)) of
                 true -> ok
             catch
-                error:badarg -> {error, {runtime_down, port_closed}}
+                error:badarg -> not_written
             end
     end.
 

@@ -17,7 +17,8 @@ all() ->
      timeout_interrupts_python, python_output_logged, python_output_unterminated_line,
      python_output_metadata,
      fd1_writes_do_not_corrupt_frames,
-     frame_too_large, several_runtimes, restart_after_kill, main_mode_context,
+     frame_too_large, several_runtimes, restart_after_kill, runtime_row_kept_per_process,
+     main_mode_context,
      python_exceptions, coroutine_awaited, owngil_parallelism, unknown_runtime,
      overloaded_queue, telemetry_events, no_telemetry_no_events].
 
@@ -495,6 +496,39 @@ several_runtimes(_Config) ->
                   end, Pids),
     [ok = pyport:stop_runtime(Pid) || Pid <- Pids],
     ok.
+
+runtime_row_kept_per_process() ->
+    [{doc, "A process keeps the runtime row of its last request: after the runtime was "
+           "stopped its next call is runtime_down, after a runtime of the same name "
+           "started again calls reach the new one, and calls alternating between two "
+           "runtimes each reach their own (by OS pid)."}].
+runtime_row_kept_per_process(_Config) ->
+    Name = pyport_api_row,
+    Start = fun() ->
+                {ok, _} = pyport:start_runtime(#{name => Name, contexts => [#{name => a}]}),
+                {ok, C} = pyport:context(Name, a),
+                ok = pyport:exec(C, <<"import os">>),
+                C
+            end,
+    Ctx = Start(),
+    {ok, OsPid} = pyport:eval(Ctx, <<"os.getpid()">>),
+    ok = pyport:stop_runtime(Name),
+    ?assertMatch({error, {runtime_down, _}}, pyport:eval(Ctx, <<"os.getpid()">>)),
+    Ctx2 = Start(),
+    {ok, OsPid2} = pyport:eval(Ctx2, <<"os.getpid()">>),
+    ?assertNotEqual(OsPid, OsPid2),
+    %% the old handle names the same runtime and context: it reaches the new process
+    ?assertEqual({ok, OsPid2}, pyport:eval(Ctx, <<"os.getpid()">>)),
+    {ok, _} = pyport:start_runtime(#{name => pyport_api_row2, contexts => [#{name => a}]}),
+    {ok, Other} = pyport:context(pyport_api_row2, a),
+    ok = pyport:exec(Other, <<"import os">>),
+    {ok, OtherOsPid} = pyport:eval(Other, <<"os.getpid()">>),
+    [?assertEqual([{ok, OsPid2}, {ok, OtherOsPid}],
+                  [pyport:eval(C, <<"os.getpid()">>) || C <- [Ctx2, Other]])
+     || _ <- lists:seq(1, 20)],
+    ok = pyport:stop_runtime(pyport_api_row2),
+    ok = pyport:stop_runtime(Name),
+    pyport_ct:assert_no_messages().
 
 restart_after_kill() ->
     [{doc, "Killing the OS process fails the pending caller with runtime_down; the "
