@@ -116,7 +116,10 @@ class Interrupted(BaseException):
 
 class Busy(Exception):
     """Raised by ``erlang.send`` while its destination's mailbox is over the runtime's
-    bound (``max_mailbox``): the message was not sent. ``args[0]`` is the destination."""
+    bound (``max_mailbox``): the message was not sent. ``args[0]`` is the destination.
+    Sends to it raise this until its queue is down to half the bound; the few sends
+    already on their way when the bound was reached are dropped (``sends_dropped`` in
+    ``pyport:info/1``)."""
 
 
 class ChannelClosed(Exception):
