@@ -653,6 +653,8 @@ stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts) ->
                 {ok, WireOpts} ->
                     Req = {stream, name(Module), name(Function), Args, Kwargs},
                     start_stream(Pid, Port, Id, encode(Req, WireOpts), Window, MaxFrame);
+                other_run ->
+                    {error, not_found};
                 {error, _} = Error ->
                     Error
             end;
@@ -849,15 +851,16 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
 %% The runtime's row is kept in the process dictionary between requests (a look-up in
 %% pyport's table is about a tenth of a call's cost under load). The row stays true for
 %% the life of its port owner, and its port closes when the owner ends; so a request
-%% whose port turns out closed (the runtime restarted or stopped since) was not written,
-%% and is made again with the row looked up afresh. Nothing else checks the row: a
-%% check that the owner is alive waits for the signals this process sent it, which
-%% costs more than the look-up.
+%% whose port turns out closed (the runtime restarted or stopped since), or whose env
+%% belongs to another run of the runtime than the kept row, was not written, and is
+%% made again with the row looked up afresh. Nothing else checks the row: a check that
+%% the owner is alive waits for the signals this process sent it, which costs more than
+%% the look-up.
 request(Key, Id, Req, Opts) ->
     case get(?LAST_RUNTIME) of
         {Key, _, _, _, _} = Runtime ->
             case try_runtime_request(Runtime, Id, Req, Opts) of
-                not_written ->
+                Stale when Stale =:= not_written; Stale =:= other_run ->
                     _ = erase(?LAST_RUNTIME),
                     request_looked_up(Key, Id, Req, Opts);
                 Reply ->
@@ -879,10 +882,12 @@ request_looked_up(Key, Id, Req, Opts) ->
 runtime_request(Runtime, Id, Req, Opts) ->
     case try_runtime_request(Runtime, Id, Req, Opts) of
         not_written -> {error, {runtime_down, port_closed}};
+        other_run -> {error, not_found};
         Reply -> Reply
     end.
 
-%% The request's reply, or `not_written' when the port was closed.
+%% The request's reply; `not_written' when the port was closed, `other_run' when its
+%% env was made by another run of the runtime (neither was sent).
 try_runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
     Timeout = maps:get(timeout, Opts, CallTimeout),
     Owner = maps:get(caller, Opts, self()),
@@ -891,8 +896,8 @@ try_runtime_request({Key, Pid, Port, CallTimeout, MaxFrame}, Id, Req, Opts) ->
             Body = encode(Req, WireOpts),
             Reply = send_request(Pid, Port, wire_ctx(Key, Id), Body, Timeout, MaxFrame),
             returned(Reply, Key, Id, Pid, Owner, Opts);
-        {error, _} = Error ->
-            Error
+        NotSent ->
+            NotSent
     end.
 
 %% A request answered with the id of something it made (an env, a channel).
@@ -923,7 +928,7 @@ wire_opts(Key, Id, Pid, #{env := Env} = Opts) ->
         #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid} ->
             {ok, Opts#{env => EnvId}};
         #pyport_env{key = Key, ctx = Id} ->
-            {error, not_found};  % made before the runtime restarted
+            other_run;  % made before the runtime restarted, or after the row was read
         _ ->
             {error, {env_wrong_context, Env}}
     end;
