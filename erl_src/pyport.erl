@@ -576,17 +576,13 @@ cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
             %% a cast has the runtime's call_timeout as its deadline too
             Body = encode({call, name(Module), name(Function), Args, #{}},
                           #{caller => self(), timeout => CallTimeout}),
-            Frame = pyport_port:request_frame(Id, <<>>, Body),
-            case iolist_size(Frame) =< MaxFrame of
-                true ->
-                    try erlang:port_command(Port, Frame) of
-                        true -> ok
-                    catch
-                        error:badarg -> ok
-                    end;
-                false ->
+            %% an empty header: no reply; a closed port loses the cast, as `!' would
+            case write_request(Port, Id, <<>>, Body, MaxFrame) of
+                {error, {frame_too_large, Size, MaxFrame}} ->
                     logger:warning("pyport:cast of ~p bytes is over max_frame ~p",
-                                   [iolist_size(Frame), MaxFrame], #{domain => [pyport]})
+                                   [Size, MaxFrame], #{domain => [pyport]});
+                _WrittenOrClosed ->
+                    ok
             end;
         {error, _} ->
             ok
