@@ -105,13 +105,15 @@ body(Pieces) ->
         {true, _} ->
             term_to_binary(erlang:append_element(Req, Opts));
         {_, true} ->
-            <<131, 104, Arity, Elems/binary>> = term_to_binary(Req),
-            [<<131, 104, (Arity + 1)>>, Elems, <<116, 2:32, 119, 7, "timeout">>,
-             <<98, ?TIMEOUT:32>>, <<119, 6, "caller">>, self_ext()];
+            pyport:encode(Req, Opts);
         _ ->
             case get(body) of
-                undefined -> put(body, term_to_binary(erlang:append_element(Req, Opts))), get(body);
-                Body -> Body
+                undefined ->
+                    Body = term_to_binary(erlang:append_element(Req, Opts)),
+                    put(body, Body),
+                    Body;
+                Body ->
+                    Body
             end
     end.
 
@@ -142,12 +144,6 @@ relay_call({Relay, Port}) ->
     receive
         {Mref, _} -> ok;
         {'DOWN', Mref, _, _, Reason} -> error(Reason)
-    end.
-
-self_ext() ->
-    case get(self_ext) of
-        undefined -> <<131, Ext/binary>> = term_to_binary(self()), put(self_ext, Ext), Ext;
-        Ext -> Ext
     end.
 
 relay_rate(Echo) ->

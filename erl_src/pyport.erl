@@ -54,6 +54,7 @@
 -export([new_env_owned/2]).
 -export([runtime_row/1]).
 -export([pool_member/1]).
+-export([encode/2]).
 -export([drop_env/1]).
 -export([getattr/2]).
 -export([getattr/3]).
@@ -988,6 +989,8 @@ write_request(Port, Id, H, Body, MaxFrame) ->
 %% part of a small request, and without it every piece stays under the 64 bytes past
 %% which a binary is allocated off the heap (an `operator.add(1, 2)' call: 240 ns ->
 %% 140 ns).
+%% @private Exported for benches/pieces.escript, which times it under load.
+-spec encode(tuple(), map()) -> iolist().
 encode(Req, Opts) ->
     [<<131, 104, Arity, First/binary>> | More] = encode(Req),
     [<<131, 104, (Arity + 1)>>, First | More] ++ [encode_opts(Opts)].
