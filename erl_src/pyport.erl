@@ -40,6 +40,7 @@
 -export([await/1]).
 -export([await/2]).
 -export([cast/4]).
+-export([cast_as/5]).
 -export([stream/4]).
 -export([stream/5]).
 -export([stream/6]).
@@ -101,28 +102,32 @@
 
 %% Every handle knows its node: used on another node of the cluster, the request runs
 %% on the handle's node (remote/3,4), so it never reaches another node's interpreter.
+%% The node is kept as `home', a process of that node (`init' when made here): a local
+%% pid follows the node's name, so a handle made before distribution started stays this
+%% node's, and one made on a node before it started distribution stays that node's.
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer(),
-                     node = node() :: node()}).
+                     home = whereis(init) :: pid()}).
 %% `runtime' is the owner process that made the env: an env does not outlive the OS
 %% process it lives in, even when a restarted runtime reuses the key and context id.
 -record(pyport_env, {key :: pyport_runtime:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
                      runtime :: pid()}).
-%% This exact shape, `{pyport_ref, Key, CtxId, RefId, Node}', is what the port program
+%% This exact shape, `{pyport_ref, Key, CtxId, RefId, Home}', is what the port program
 %% recognizes in arguments and replaces with the live object.
 -record(pyport_ref, {key :: pyport_runtime:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
-                     node = node() :: node()}).
+                     home = whereis(init) :: pid()}).
 
 %% A pool (pyport_pool): goes wherever a context does in call, eval, exec, async_call,
 %% cast, stream and new_env.
--record(pyport_pool, {name :: atom(), node :: node()}).
+-record(pyport_pool, {name :: atom(), home = whereis(init) :: pid()}).
 
 %% A context or pool handle of another node (a guard).
--define(REMOTE(T), ((is_record(T, pyport_ctx) andalso T#pyport_ctx.node =/= node())
-                    orelse (is_record(T, pyport_pool) andalso T#pyport_pool.node =/= node()))).
+-define(REMOTE(T), ((is_record(T, pyport_ctx) andalso node(T#pyport_ctx.home) =/= node())
+                    orelse (is_record(T, pyport_pool)
+                            andalso node(T#pyport_pool.home) =/= node()))).
 
 -opaque ctx() :: #pyport_ctx{}.
 -opaque pool() :: #pyport_pool{}.
@@ -198,7 +203,10 @@ stop_runtime(Runtime) ->
 info(Runtime) when is_pid(Runtime), node(Runtime) =/= node() ->
     remote(node(Runtime), info, [Runtime]);
 info(Runtime) ->
-    with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_port:info(Pid, Timeout) end).
+    case with_runtime(Runtime, fun(_Key, Pid, Timeout) -> pyport_port:info(Pid, Timeout) end) of
+        {ok, Info} -> {ok, Info#{node => node()}};
+        {error, _} = Error -> Error
+    end.
 
 %%% Contexts
 
@@ -236,8 +244,8 @@ context(Runtime, Name) when is_atom(Name) ->
 
 %% @doc Ends a context. Stopping an unknown (or already stopped) context is `ok'.
 -spec stop_context(ctx()) -> ok | {error, error()}.
-stop_context(#pyport_ctx{node = Node} = Ctx) when Node =/= node() ->
-    remote(Node, stop_context, [Ctx]);
+stop_context(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
+    remote(node(Home), stop_context, [Ctx]);
 stop_context(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, Pid, _Port, Timeout, _MaxFrame}} ->
@@ -255,8 +263,8 @@ stop_context(#pyport_ctx{key = Key, id = Id}) ->
 %% `{error, interrupted}'. An idle context is left alone. Code blocked inside C sees
 %% it only when it returns to Python.
 -spec interrupt(ctx()) -> ok | {error, error()}.
-interrupt(#pyport_ctx{node = Node} = Ctx) when Node =/= node() ->
-    remote(Node, interrupt, [Ctx]);
+interrupt(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
+    remote(node(Home), interrupt, [Ctx]);
 interrupt(#pyport_ctx{key = Key, id = Id}) ->
     case runtime(Key) of
         {ok, {_, _Pid, Port, _, _}} ->
@@ -409,8 +417,8 @@ getattr(Ref, Name) ->
 
 %% @doc The attribute `Name' of the object, with Opts (`timeout', `return => ref').
 -spec getattr(pyref(), name(), call_opts()) -> {ok, term()} | {error, error()}.
-getattr(#pyport_ref{node = Node} = Ref, Name, Opts) when Node =/= node(), is_map(Opts) ->
-    remote(Node, getattr, [Ref, Name, as_caller(Opts)], Opts);
+getattr(#pyport_ref{home = Home} = Ref, Name, Opts) when node(Home) =/= node(), is_map(Opts) ->
+    remote(node(Home), getattr, [Ref, Name, as_caller(Opts)], Opts);
 getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts) when is_map(Opts) ->
     request(Key, Id, {getattr, RefId, name(Name)}, Opts).
 
@@ -427,25 +435,25 @@ call_method(Ref, Name, Args, Kwargs) ->
 %% @doc `Object.Name(*Args, **Kwargs)' with Opts (`timeout', `return => ref').
 -spec call_method(pyref(), name(), list(), map(), call_opts()) ->
           {ok, term()} | {error, error()}.
-call_method(#pyport_ref{node = Node} = Ref, Name, Args, Kwargs, Opts)
-  when Node =/= node(), is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    remote(Node, call_method, [Ref, Name, Args, Kwargs, as_caller(Opts)], Opts);
+call_method(#pyport_ref{home = Home} = Ref, Name, Args, Kwargs, Opts)
+  when node(Home) =/= node(), is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    remote(node(Home), call_method, [Ref, Name, Args, Kwargs, as_caller(Opts)], Opts);
 call_method(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
     request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts).
 
 %% @doc The object converted to a term (`{error, {bad_term, _}}' if it has no Erlang form).
 -spec to_term(pyref()) -> {ok, term()} | {error, error()}.
-to_term(#pyport_ref{node = Node} = Ref) when Node =/= node() ->
-    remote(Node, to_term, [Ref]);
+to_term(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
+    remote(node(Home), to_term, [Ref]);
 to_term(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
     request(Key, Id, {to_term, RefId}, #{}).
 
 %% @doc Lets go of the object (from any process). Later uses of the handle give
 %% `{error, not_found}'; releasing it again is `ok'.
 -spec release(pyref()) -> ok.
-release(#pyport_ref{node = Node} = Ref) when Node =/= node() ->
-    _ = remote(Node, release, [Ref]),
+release(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
+    _ = remote(node(Home), release, [Ref]),
     ok;
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
     case runtime(Key) of
@@ -556,27 +564,30 @@ await(Ref, Timeout) ->
 %% @doc Runs `Module.Function(*Args)' without waiting for it; failures are logged by
 %% the runtime (domain `[pyport, python]'). Arguments of the wrong type are
 %% `{error, {bad_request, What}}' at once.
--spec cast(target(), name(), name(), list()) -> ok | {error, {bad_request, atom()}}.
+%% A handle of another node: the cast is handed over there before this returns (so it
+%% keeps its place before the caller's next request), and a node that is down is
+%% `{error, {nodedown, Node}}'.
+-spec cast(target(), name(), name(), list()) ->
+          ok | {error, {bad_request, atom()} | {nodedown, node()}}.
 cast(Ctx, Module, Function, Args) ->
     case check_call(Ctx, Module, Function, Args, #{}, #{}) of
-        ok -> cast_checked(Ctx, Module, Function, Args);
+        ok -> cast_as(Ctx, Module, Function, Args, self());
         {error, _} = Error -> Error
     end.
 
-cast_checked(Target, Module, Function, Args) when ?REMOTE(Target) ->
-    Node = target_node(Target),
-    case lists:member(Node, nodes()) of
-        true -> erpc:cast(Node, ?MODULE, cast, [Target, Module, Function, Args]);
-        false -> ok
-    end;
-cast_checked(#pyport_pool{} = Pool, Module, Function, Args) ->
-    on_pool(Pool, Args, #{}, fun(Ctx) -> cast_checked(Ctx, Module, Function, Args) end);
-cast_checked(#pyport_ctx{key = Key, id = Id}, Module, Function, Args) ->
+%% @private cast/4 for Caller (`erlang.self()' in Python), which a cast from another
+%% node keeps.
+-spec cast_as(target(), name(), name(), list(), pid()) -> ok | {error, {nodedown, node()}}.
+cast_as(Target, Module, Function, Args, Caller) when ?REMOTE(Target) ->
+    remote(target_node(Target), cast_as, [Target, Module, Function, Args, Caller]);
+cast_as(#pyport_pool{} = Pool, Module, Function, Args, Caller) ->
+    on_pool(Pool, Args, #{}, fun(Ctx) -> cast_as(Ctx, Module, Function, Args, Caller) end);
+cast_as(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Caller) ->
     case runtime(Key) of
         {ok, {_, _Pid, Port, CallTimeout, MaxFrame}} ->
             %% a cast has the runtime's call_timeout as its deadline too
             Body = encode({call, name(Module), name(Function), Args, #{}},
-                          #{caller => self(), timeout => CallTimeout}),
+                          #{caller => Caller, timeout => CallTimeout}),
             %% an empty header: no reply; a closed port loses the cast, as `!' would
             case write_request(Port, Id, <<>>, Body, MaxFrame) of
                 {error, {frame_too_large, Size, MaxFrame}} ->
@@ -619,22 +630,22 @@ stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
         {error, _} = Error -> Error
     end.
 
-stream_checked(#pyport_pool{node = Node} = Pool, Module, Function, Args, Kwargs, Opts)
-  when Node =/= node() ->
-    case remote(Node, pool_member, [Pool]) of
+stream_checked(#pyport_pool{home = Home} = Pool, Module, Function, Args, Kwargs, Opts)
+  when node(Home) =/= node() ->
+    case remote(node(Home), pool_member, [Pool]) of
         {ok, Ctx} -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts);
         {error, _} = Error -> Error
     end;
 stream_checked(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts) ->
     on_pool(Pool, Args, Opts,
             fun(Ctx) -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts) end);
-stream_checked(#pyport_ctx{key = Key, id = Id, node = Node}, Module, Function, Args, Kwargs,
+stream_checked(#pyport_ctx{key = Key, id = Id, home = Home}, Module, Function, Args, Kwargs,
                Opts) ->
     %% A stream of another node's context is consumed here as well: the frames are
     %% written there, and the messages and credit cross the distribution.
-    Row = case Node =:= node() of
+    Row = case node(Home) =:= node() of
               true -> runtime(Key);
-              false -> remote(Node, runtime_row, [Key])
+              false -> remote(node(Home), runtime_row, [Key])
           end,
     stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts).
 
@@ -768,8 +779,8 @@ end_stream(Stream, #stream_state{port = Port, ctx = Ctx, id = H, owner = Pid}, F
 %% before channel_send/2 answers `busy'. Opening a name again replaces the channel.
 -spec channel_open(ctx(), name(), #{capacity => pos_integer()}) ->
           {ok, channel()} | {error, error()}.
-channel_open(#pyport_ctx{node = Node} = Ctx, Name, Opts) when Node =/= node(), is_map(Opts) ->
-    remote(Node, channel_open, [Ctx, Name, Opts]);
+channel_open(#pyport_ctx{home = Home} = Ctx, Name, Opts) when node(Home) =/= node(), is_map(Opts) ->
+    remote(node(Home), channel_open, [Ctx, Name, Opts]);
 channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
     case runtime(Key) of
@@ -1064,14 +1075,14 @@ decode(Reply) ->
 -spec start_pool(atom(), map()) -> {ok, pool()} | {error, term()}.
 start_pool(Name, Opts) when is_atom(Name), is_map(Opts) ->
     case pyport_pool:start(Name, Opts) of
-        {ok, _Pid} -> {ok, #pyport_pool{name = Name, node = node()}};
+        {ok, _Pid} -> {ok, #pyport_pool{name = Name}};
         {error, _} = Error -> Error
     end.
 
 %% @doc Stops a pool started with start_pool/2 and all its members.
 -spec stop_pool(pool()) -> ok | {error, not_found}.
-stop_pool(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
-    remote(Node, stop_pool, [Pool]);
+stop_pool(#pyport_pool{home = Home} = Pool) when node(Home) =/= node() ->
+    remote(node(Home), stop_pool, [Pool]);
 stop_pool(#pyport_pool{name = Name}) ->
     pyport_pool:stop(Name).
 
@@ -1080,7 +1091,7 @@ stop_pool(#pyport_pool{name = Name}) ->
 -spec pool(atom()) -> {ok, pool()} | {error, not_found}.
 pool(Name) when is_atom(Name) ->
     case lookup({pool, Name}) of
-        [_] -> {ok, #pyport_pool{name = Name, node = node()}};
+        [_] -> {ok, #pyport_pool{name = Name}};
         [] -> {error, not_found}
     end.
 
@@ -1089,8 +1100,8 @@ pool(Name) when is_atom(Name) ->
 %% `down' or `draining'), `in_flight', `requests' (since it was last replaced),
 %% `os_pid' and `context' (a context handle).
 -spec pool_info(pool()) -> {ok, map()} | {error, term()}.
-pool_info(#pyport_pool{node = Node} = Pool) when Node =/= node() ->
-    remote(Node, pool_info, [Pool]);
+pool_info(#pyport_pool{home = Home} = Pool) when node(Home) =/= node() ->
+    remote(node(Home), pool_info, [Pool]);
 pool_info(#pyport_pool{name = Name}) ->
     case pyport_pool:info(Name) of
         {ok, #{members := Members} = Info} ->
@@ -1100,7 +1111,7 @@ pool_info(#pyport_pool{name = Name}) ->
     end.
 
 %% A pool member's context as a handle.
-member_ctx({Key, Id, Node}) -> #pyport_ctx{key = Key, id = Id, node = Node};
+member_ctx({Key, Id, Home}) -> #pyport_ctx{key = Key, id = Id, home = Home};
 member_ctx(undefined) -> undefined.
 
 %% The member a request on a pool goes to: the one that holds the env or an object
@@ -1124,13 +1135,13 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
     end.
 
 affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, runtime = Pid}}) ->
-    {ok, #pyport_ctx{key = Key, id = Id, node = node(Pid)}};
+    {ok, #pyport_ctx{key = Key, id = Id, home = Pid}};
 affinity(Args, _Opts) ->
     first_ref(Args, 8).
 
 %% The context keeps the handle's node: a member of a pool may live on another node.
-first_ref([#pyport_ref{key = Key, ctx = Id, node = Node} | _], _) ->
-    {ok, #pyport_ctx{key = Key, id = Id, node = Node}};
+first_ref([#pyport_ref{key = Key, ctx = Id, home = Home} | _], _) ->
+    {ok, #pyport_ctx{key = Key, id = Id, home = Home}};
 first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
 first_ref(_, _) -> none.
 
@@ -1143,7 +1154,7 @@ remote(Node, Function, Args) ->
     remote(Node, Function, Args, #{}).
 
 remote(Node, Function, Args, Opts) ->
-    case lists:member(Node, nodes()) of
+    case lists:member(Node, nodes([visible, hidden])) of
         false ->
             {error, {nodedown, Node}};
         true ->
@@ -1169,8 +1180,8 @@ remote_timeout(_) -> infinity.
 as_caller(Opts) ->
     Opts#{caller => maps:get(caller, Opts, self())}.
 
-target_node(#pyport_ctx{node = Node}) -> Node;
-target_node(#pyport_pool{node = Node}) -> Node.
+target_node(#pyport_ctx{home = Home}) -> node(Home);
+target_node(#pyport_pool{home = Home}) -> node(Home).
 
 %% @private A member of a pool of this node, for a stream consumed on another node.
 -spec pool_member(pool()) -> {ok, ctx()} | {error, error()}.

@@ -63,8 +63,9 @@
                   max_requests => pos_integer() | infinity,
                   atom() => term()}.
 
-%% A member's context as `{RuntimeKey, ContextId, Node}' (`pyport' makes it a handle).
--type member() :: {pyport_runtime:key(), pos_integer(), node()}.
+%% A member's context as `{RuntimeKey, ContextId, Home}' (`pyport' makes it a handle;
+%% Home is a process of the member's node, as in pyport's handles).
+-type member() :: {pyport_runtime:key(), pos_integer(), pid()}.
 %% What checkin/1 needs of a checkout/1: the in-flight counters and the member's index.
 -opaque ticket() :: {atomics:atomics_ref(), pos_integer()}.
 
@@ -175,7 +176,8 @@ init(#{name := Name} = Opts0) ->
     case Local of
         {ok, Mode, Why, Runtimes, LocalMembers} ->
             Remote = [N || N <- Nodes, N =/= node()],
-            ok = net_kernel:monitor_nodes(Remote =/= []),
+            ok = net_kernel:monitor_nodes(Remote =/= [], [{node_type, all}]),
+            [self() ! {connect, N} || N <- Remote],
             RemoteMembers = [{remote, N, I, undefined} || N <- Remote, I <- lists:seq(1, Size)],
             Members = LocalMembers ++ RemoteMembers,
             Total = length(Members),
@@ -225,12 +227,16 @@ handle_info({replace, I}, #state{row = #row{members = Ms} = Row} = S)
     {noreply, S};
 handle_info({replace, I}, S) ->
     {noreply, drain(I, S)};
-handle_info({nodeup, Node}, S) ->
+handle_info({nodeup, Node, _Info}, S) ->
     {noreply, join_node(Node, S)};
 handle_info({retry_node, Node}, S) ->
     {noreply, join_node(Node, S)};
-handle_info({nodedown, Node}, #state{row = Row} = S) ->
+handle_info({nodedown, Node, _Info}, #state{row = Row} = S) ->
     [atomics:put(Row#row.state, I, ?DOWN) || I <- node_members(Node, Row)],
+    self() ! {connect, Node},
+    {noreply, S};
+handle_info({connect, Node}, S) ->
+    connect(Node),
     {noreply, S};
 handle_info({drain, I}, S) ->
     {noreply, drain(I, S)};
@@ -246,7 +252,7 @@ handle_info(_Msg, S) ->
 terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remote}) ->
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
     _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
-         || N <- Remote, lists:member(N, nodes())],
+         || N <- Remote, lists:member(N, nodes([visible, hidden]))],
     lists:foreach(fun stop_runtime/1, maps:keys(Runtimes)).
 
 %%% Members on other nodes
@@ -256,7 +262,8 @@ terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remot
 %% its members. A node that is down (or has no pyport running) has its members marked
 %% down; when it is up again they are started there again.
 join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remote} = S) ->
-    case lists:member(Node, Remote) andalso lists:member(Node, nodes()) of
+    Connected = lists:member(Node, nodes([visible, hidden])),
+    case lists:member(Node, Remote) andalso Connected of
         false ->
             S;
         true ->
@@ -285,6 +292,22 @@ join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remot
                     _ = erlang:send_after(?NODE_RETRY_MS, self(), {retry_node, Node}),
                     S
             end
+    end.
+
+%% The pool connects to its nodes itself, and tries again ?NODE_RETRY_MS after each
+%% failed attempt (made by a process of its own: one can take seconds); the nodeup that
+%% follows starts the node's members.
+connect(Node) ->
+    Pool = self(),
+    case lists:member(Node, nodes([visible, hidden])) of
+        true ->
+            ok;
+        false ->
+            _ = spawn(fun() ->
+                          _ = net_kernel:connect_node(Node),
+                          erlang:send_after(?NODE_RETRY_MS, Pool, {connect, Node})
+                      end),
+            ok
     end.
 
 node_members(Node, #row{members = Ms}) ->
@@ -521,7 +544,7 @@ checkout(#row{members = Members} = Row, Size, Skip) ->
                 {Key, Context} ->
                     case pyport_runtime:is_up(Key) andalso
                          pyport_runtime:context_id(Key, Context) of
-                        {ok, Id} -> take(Row, I, {Key, Id, node()}, Size, Skip);
+                        {ok, Id} -> take(Row, I, {Key, Id, whereis(init)}, Size, Skip);
                         _ -> checkout(Row, Size, [I | Skip])
                     end
             end
@@ -607,7 +630,7 @@ member_info(I, {remote, Node, _J, Member}, Load, St, Served, _OsPids) ->
       os_pid => remote_os_pid(Node, Member)};
 member_info(I, {Key, Context}, Load, St, Served, OsPids) ->
     Member = case pyport_runtime:context_id(Key, Context) of
-                 {ok, Id} -> {Key, Id, node()};
+                 {ok, Id} -> {Key, Id, whereis(init)};
                  {error, _} -> undefined
              end,
     Status = case {pyport_runtime:is_up(Key), atomics:get(St, I)} of

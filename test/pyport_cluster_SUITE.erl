@@ -13,7 +13,8 @@ all() ->
      every_operation_from_another_node, stream_with_credit_from_another_node,
      handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
-     pool_from_another_node, pool_across_nodes, port_programs_die_with_their_node].
+     pool_from_another_node, pool_across_nodes, pool_connects_to_its_nodes,
+     handles_made_before_distribution, port_programs_die_with_their_node].
 
 init_per_suite(Config) ->
     case start_distribution() of
@@ -52,17 +53,22 @@ start_peer(Started) ->
     start_peer(Started, peer:random_name(?MODULE)).
 
 start_peer(Started, Name) ->
-    Paths = lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]),
-    {ok, Peer, Node} = peer:start_link(#{name => Name, args => Paths}),
+    {ok, Peer, Node} = peer:start_link(#{name => Name, args => code_path()}),
     case Started of
-        true ->
-            ok = erpc:call(Node, application, load, [pyport]),
-            ok = erpc:call(Node, application, set_env, [pyport, default_runtime, true]),
-            {ok, _} = erpc:call(Node, application, ensure_all_started, [pyport]);
-        false ->
-            ok
+        true -> start_pyport(fun(M, F, A) -> erpc:call(Node, M, F, A) end);
+        false -> ok
     end,
     {Peer, Node}.
+
+code_path() ->
+    lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]).
+
+%% pyport with its default runtime, started through Call (erpc or peer:call).
+start_pyport(Call) ->
+    ok = Call(application, load, [pyport]),
+    ok = Call(application, set_env, [pyport, default_runtime, true]),
+    {ok, _} = Call(application, ensure_all_started, [pyport]),
+    ok.
 
 stop_peer(Peer) ->
     catch peer:stop(Peer),
@@ -73,6 +79,9 @@ on(Node, Fun) ->
 
 os_pid(Rt) ->
     pyport_ct:os_pid(Rt).
+
+%% A context handle's runtime key and context id (the handle is a record).
+ctx_key_id({pyport_ctx, Key, Id, _Home}) -> {Key, Id}.
 
 %%% Cases
 
@@ -104,7 +113,18 @@ handle_never_reaches_another_runtime(_Config) ->
         ?assertEqual({ok, Here}, on(Node, fun() -> pyport:call(Default, os, getpid, []) end)),
         {ok, TheirDefault} = on(Node, fun() -> pyport:context(pyport, default_1) end),
         ?assertEqual({ok, There}, pyport:call(TheirDefault, os, getpid, [])),
-        ?assertNotEqual(Default, TheirDefault)
+        %% the premise: the same runtime name and context id on both nodes
+        ?assertEqual(ctx_key_id(Default), ctx_key_id(TheirDefault)),
+        %% an object handle of the peer, as an argument to our context, is refused
+        %% (ids start at a random base per context), never taken for one of ours
+        {ok, Ours} = pyport:eval(Default, <<"[1]">>, #{}, #{return => ref}),
+        {ok, Theirs} = on(Node, fun() ->
+                                    pyport:eval(TheirDefault, <<"[2]">>, #{}, #{return => ref})
+                                end),
+        ?assertEqual({ok, [1]}, pyport:call(Default, builtins, list, [Ours])),
+        ?assertMatch({error, {bad_term, _}}, pyport:call(Default, builtins, list, [Theirs])),
+        ?assertMatch({error, {bad_term, _}},
+                     on(Node, fun() -> pyport:call(TheirDefault, builtins, list, [Ours]) end))
     after
         stop_peer(Peer)
     end.
@@ -128,10 +148,17 @@ every_operation_from_another_node(Config) ->
             {ok, 42} = pyport:await(Ref, 5000),
             ok = pyport:cast(Ctx, erlang, send, [Self, cast_arrived]),
             receive cast_arrived -> ok after 5000 -> error(no_cast) end,
+            %% a cast keeps its caller too
+            ok = pyport:exec(Ctx, <<"def to_caller():\n"
+                                    "    import erlang\n"
+                                    "    erlang.send(erlang.self(), 'from_cast')\n">>),
+            ok = pyport:cast(Ctx, '__main__', to_caller, []),
+            receive <<"from_cast">> -> ok after 5000 -> error(cast_lost_its_caller) end,
             {ok, Env} = pyport:new_env(Ctx),
             ok = pyport:exec(Ctx, <<"z = 9">>, #{env => Env}),
             {ok, 9} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
             ok = pyport:drop_env(Env),
+            {error, _} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
             {ok, L} = pyport:eval(Ctx, <<"[1, 2]">>, #{}, #{return => ref}),
             {ok, none} = pyport:call_method(L, append, [3]),
             {ok, [1, 2, 3]} = pyport:to_term(L),
@@ -139,11 +166,13 @@ every_operation_from_another_node(Config) ->
             {ok, Doc} = pyport:getattr(L, '__doc__'),
             true = is_binary(Doc),
             ok = pyport:release(L),
+            {error, _} = pyport:to_term(L),
             {ok, Chan} = pyport:channel_open(Ctx, <<"remote_chan">>, #{}),
             ok = pyport:channel_send(Chan, hello),
             {ok, hello} = pyport:eval(Ctx, <<"__import__('erlang').channel('remote_chan').try_receive()">>),
             ok = pyport:channel_close(Chan),
-            {ok, #{os_pid := OsPid}} = pyport:info(Rt),
+            {ok, #{os_pid := OsPid, node := Home}} = pyport:info(Rt),
+            true = Home =/= node(),
             {ok, New} = pyport:new_context(Rt, #{}),
             {ok, 2} = pyport:eval(New, <<"1 + 1">>),
             ok = pyport:stop_context(New),
@@ -210,14 +239,30 @@ nodedown_at_once() ->
       "once, and never reach an interpreter of this node."}].
 nodedown_at_once(_Config) ->
     {Peer, Node} = start_peer(true),
-    {ok, Ctx} = on(Node, fun() -> pyport:context(pyport, default_1) end),
+    {Ctx, Ref, Pool} = on(Node, fun() ->
+                                    {ok, C} = pyport:context(pyport, default_1),
+                                    {ok, R} = pyport:eval(C, <<"[1]">>, #{}, #{return => ref}),
+                                    {ok, P} = pyport:start_pool(gone, #{size => 1}),
+                                    {C, R, P}
+                                end),
     RtPid = on(Node, fun() -> whereis(pyport) end),
     stop_peer(Peer),
     T0 = erlang:monotonic_time(millisecond),
-    ?assertEqual({error, {nodedown, Node}}, pyport:call(Ctx, os, getpid, [])),
-    ?assertEqual({error, {nodedown, Node}}, pyport:eval(Ctx, <<"1">>)),
-    ?assertEqual({error, {nodedown, Node}}, pyport:info(RtPid)),
-    ?assertEqual({error, {nodedown, Node}}, pyport:await(pyport:async_call(Ctx, os, getpid, []), 5000)),
+    Down = {error, {nodedown, Node}},
+    ?assertEqual(Down, pyport:call(Ctx, os, getpid, [])),
+    ?assertEqual(Down, pyport:eval(Ctx, <<"1">>)),
+    ?assertEqual(Down, pyport:exec(Ctx, <<"x = 1">>)),
+    ?assertEqual(Down, pyport:cast(Ctx, os, getpid, [])),
+    ?assertEqual(Down, pyport:stream(Ctx, builtins, range, [3])),
+    ?assertEqual(Down, pyport:new_env(Ctx)),
+    ?assertEqual(Down, pyport:stop_context(Ctx)),
+    ?assertEqual(Down, pyport:to_term(Ref)),
+    ?assertEqual(Down, pyport:call_method(Ref, append, [2])),
+    ?assertEqual(Down, pyport:call(Pool, os, getpid, [])),
+    ?assertEqual(Down, pyport:pool_info(Pool)),
+    ?assertEqual(Down, pyport:info(RtPid)),
+    ?assertEqual(Down, pyport:new_context(RtPid, #{})),
+    ?assertEqual(Down, pyport:await(pyport:async_call(Ctx, os, getpid, []), 5000)),
     ?assert(erlang:monotonic_time(millisecond) - T0 < 1000).
 
 nodedown_in_flight() ->
@@ -368,3 +413,60 @@ port_programs_die_with_their_node(_Config) ->
 
 os_process_alive(OsPid) ->
     os:cmd("kill -0 " ++ integer_to_list(OsPid) ++ " 2>/dev/null && echo yes") =:= "yes\n".
+
+pool_connects_to_its_nodes() ->
+    [{doc, "A pool whose nodes => [...] names a node this one is not connected to "
+      "connects to it itself, and its member there comes up."}].
+pool_connects_to_its_nodes(_Config) ->
+    %% the peer is controlled over its standard io, so no distribution connects us yet
+    {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(?MODULE),
+                                         connection => standard_io,
+                                         args => ["-setcookie", atom_to_list(erlang:get_cookie())
+                                                  | code_path()]}),
+    try
+        ok = start_pyport(fun(M, F, A) -> peer:call(Peer, M, F, A, 30000) end),
+        ?assertNot(lists:member(Node, nodes([visible, hidden]))),
+        {ok, Pool} = pyport:start_pool(reach, #{nodes => [node(), Node], size => 1,
+                                                 mode => owngil}),
+        try
+            pyport_ct:wait_for(fun() -> member_status(Pool, 2, up) end, 1000),
+            There = peer:call(Peer, pyport_ct, os_pid, [pyport]),
+            {ok, #{members := [_, #{node := Node, os_pid := MemberPid}]}} = pyport:pool_info(Pool),
+            ?assertNotEqual(There, os_pid(pyport)),
+            Pids = lists:usort([begin {ok, P} = pyport:call(Pool, os, getpid, []), P end
+                                || _ <- lists:seq(1, 20)]),
+            ?assert(lists:member(MemberPid, Pids))
+        after
+            pyport:stop_pool(Pool)
+        end
+    after
+        stop_peer(Peer)
+    end.
+
+handles_made_before_distribution() ->
+    [{doc, "Handles made on a node before it starts distribution (node() was "
+      "nonode@nohost) still work after net_kernel:start: context, object handle and "
+      "pool."}].
+handles_made_before_distribution(_Config) ->
+    {ok, Peer, nonode@nohost} = peer:start_link(#{connection => standard_io,
+                                                   args => code_path()}),
+    Name = list_to_atom(peer:random_name(?MODULE)),
+    try
+        ok = start_pyport(fun(M, F, A) -> peer:call(Peer, M, F, A, 30000) end),
+        Result = peer:call(Peer, erlang, apply, [fun() -> before_and_after(Name) end, []],
+                           30000),
+        ?assertEqual({ok, {[{ok, 3}, {ok, [1]}, {ok, 3}], true}}, Result)
+    after
+        stop_peer(Peer)
+    end.
+
+%% On the peer: handles made while not distributed, used once distribution is up.
+before_and_after(Name) ->
+    {ok, Ctx} = pyport:context(pyport, default_1),
+    {ok, Ref} = pyport:eval(Ctx, <<"[1]">>, #{}, #{return => ref}),
+    {ok, Pool} = pyport:start_pool(early, #{size => 1, mode => owngil}),
+    nonode@nohost = node(),
+    {ok, _} = net_kernel:start(Name, #{name_domain => shortnames}),
+    Results = [pyport:call(Ctx, operator, add, [1, 2]), pyport:to_term(Ref),
+               pyport:call(Pool, operator, add, [1, 2])],
+    {ok, {Results, node() =/= nonode@nohost}}.

@@ -82,7 +82,7 @@ return_ref_call() ->
 return_ref_call(Config) ->
     Ctx = ?config(a, Config),
     {ok, Ref} = box(Ctx, 5),
-    ?assertMatch({pyport_ref, _, _, RefId, Node} when is_integer(RefId) andalso Node =:= node(), Ref),
+    ?assertMatch({pyport_ref, _, _, RefId, Home} when is_integer(RefId) andalso node(Home) =:= node(), Ref),
     ?assertEqual({ok, 1}, n_alive(Ctx)),
     ok = pyport:release(Ref),
     ?assertEqual({ok, 0}, n_alive(Ctx)).
