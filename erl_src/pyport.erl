@@ -94,6 +94,9 @@
 -define(LAST_RUNTIME, pyport_last_runtime).
 %% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
 %% alone, with no metadata map or closure built.
+%% How many terms of a pool request's arguments are looked at for an object handle.
+-define(REF_SEARCH, 64).
+
 -define(TRACED(Meta, Expr),
         case pyport_telemetry:enabled() of
             false -> Expr;
@@ -306,7 +309,8 @@ call(Target, Module, Function, Args, Kwargs, Opts)
            Opts);
 call(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    on_pool(Pool, Args, Opts, fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
+    on_pool(Pool, [Args, Kwargs], Opts,
+            fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
 call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
   when is_list(Args), is_map(Kwargs), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => call, module => Module,
@@ -637,7 +641,7 @@ stream_checked(#pyport_pool{home = Home} = Pool, Module, Function, Args, Kwargs,
         {error, _} = Error -> Error
     end;
 stream_checked(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts) ->
-    on_pool(Pool, Args, Opts,
+    on_pool(Pool, [Args, Kwargs], Opts,
             fun(Ctx) -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts) end);
 stream_checked(#pyport_ctx{key = Key, id = Id, home = Home}, Module, Function, Args, Kwargs,
                Opts) ->
@@ -1115,12 +1119,21 @@ member_ctx({Key, Id, Home}) -> #pyport_ctx{key = Key, id = Id, home = Home};
 member_ctx(undefined) -> undefined.
 
 %% The member a request on a pool goes to: the one that holds the env or an object
-%% handle the request uses (they stay on their member), else the least loaded one, on
-%% which it counts as in flight until Fun returns.
+%% handle the request uses (they stay on their member), else the least loaded one. It
+%% counts as in flight on that member until Fun returns.
 on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
     case affinity(Args, Opts) of
-        {ok, Ctx} ->
-            Fun(Ctx);
+        {ok, #pyport_ctx{key = Key, id = Id, home = Home} = Ctx} ->
+            case pyport_pool:checkout_member(Name, Key, Id, node(Home)) of
+                {ok, Ticket} ->
+                    try
+                        Fun(Ctx)
+                    after
+                        pyport_pool:checkin(Ticket)
+                    end;
+                none ->
+                    Fun(Ctx)
+            end;
         none ->
             case pyport_pool:checkout(Name) of
                 {ok, Ticket, Member} ->
@@ -1137,13 +1150,36 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
 affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, runtime = Pid}}) ->
     {ok, #pyport_ctx{key = Key, id = Id, home = Pid}};
 affinity(Args, _Opts) ->
-    first_ref(Args, 8).
+    case find_ref([Args], ?REF_SEARCH) of
+        {found, #pyport_ref{key = Key, ctx = Id, home = Home}} ->
+            %% the context keeps the handle's node: a member may live on another node
+            {ok, #pyport_ctx{key = Key, id = Id, home = Home}};
+        _ ->
+            none
+    end.
 
-%% The context keeps the handle's node: a member of a pool may live on another node.
-first_ref([#pyport_ref{key = Key, ctx = Id, home = Home} | _], _) ->
-    {ok, #pyport_ctx{key = Key, id = Id, home = Home}};
-first_ref([_ | Args], Budget) when Budget > 0 -> first_ref(Args, Budget - 1);
-first_ref(_, _) -> none.
+%% The first object handle among Terms and inside their lists, tuples and map values,
+%% looking at no more than Budget terms (a request's arguments are scanned only this
+%% far for the member to send it to). Returns the budget left when none was found.
+find_ref(_, 0) ->
+    0;
+find_ref([], Budget) ->
+    Budget;
+find_ref([#pyport_ref{} = Ref | _], _) ->
+    {found, Ref};
+find_ref([T | Rest], Budget) ->
+    Inner = if
+                is_list(T) -> T;
+                is_tuple(T) -> tuple_to_list(T);
+                is_map(T) -> maps:values(T);
+                true -> []
+            end,
+    case find_ref(Inner, Budget - 1) of
+        {found, _} = Found -> Found;
+        Left -> find_ref(Rest, Left)
+    end;
+find_ref(_ImproperTail, Budget) ->
+    Budget.
 
 %%% Handles of other nodes
 

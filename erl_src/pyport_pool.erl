@@ -34,6 +34,7 @@
 -export([child_spec/1]).
 -export([checkout/1]).
 -export([checkin/1]).
+-export([checkout_member/4]).
 -export([info/1]).
 -export([start_part/2]).
 -export([stop_part/1]).
@@ -48,6 +49,9 @@
 -define(STOP_WAIT, 5000).
 %% how often a draining member's requests in flight are looked at
 -define(DRAIN_POLL_MS, 5).
+%% how long a member being replaced may take to finish what it runs (its calls, casts
+%% and streams) before it is replaced anyway (option `drain_timeout')
+-define(DRAIN_TIMEOUT, 60000).
 -define(READY, 0).
 -define(DRAINING, 1).
 %% a member on a node that is down (or whose pyport is not running yet)
@@ -61,6 +65,7 @@
                   mode => main | owngil | auto,
                   preload => iodata(),
                   max_requests => pos_integer() | infinity,
+                  drain_timeout => non_neg_integer(),
                   atom() => term()}.
 
 %% A member's context as `{RuntimeKey, ContextId, Home}' (`pyport' makes it a handle;
@@ -138,6 +143,41 @@ checkout(Name) ->
     case row(Name) of
         {ok, Row} -> checkout(Row, tuple_size(Row#row.members), []);
         {error, _} = Error -> Error
+    end.
+
+%% @doc Counts a request that must go to one member, the one whose context is `Key',
+%% `Id' on Node (it uses an env or object handle made there): in flight until
+%% checkin/1, as a request of checkout/1 is, so a member being replaced finishes it
+%% first. `none' when no member has that context (then it is not counted).
+-spec checkout_member(atom(), pyport_runtime:key(), pos_integer(), node()) ->
+          {ok, ticket()} | none.
+checkout_member(Name, Key, Id, Node) ->
+    case row(Name) of
+        {ok, #row{members = Ms, load = Load} = Row} ->
+            case member_index(Ms, {Key, Id, Node}, tuple_size(Ms)) of
+                none ->
+                    none;
+                I ->
+                    atomics:add(Load, I, 1),
+                    _ = atomics:get(Row#row.state, I) =:= ?READY andalso served(Row, I),
+                    {ok, {Load, I}}
+            end;
+        {error, _} ->
+            none
+    end.
+
+member_index(_Ms, _Ctx, 0) ->
+    none;
+member_index(Ms, {Key, Id, Node} = Ctx, I) ->
+    Match = case element(I, Ms) of
+                {remote, Node, _, {Key, Id, _}} -> true;
+                {Key, Context} when Node =:= node() ->
+                    pyport_runtime:context_id(Key, Context) =:= {ok, Id};
+                _ -> false
+            end,
+    case Match of
+        true -> I;
+        false -> member_index(Ms, Ctx, I - 1)
     end.
 
 %% @doc The request taken with checkout/1 is answered. The ticket holds the very
@@ -226,7 +266,7 @@ handle_info({replace, I}, #state{row = #row{members = Ms} = Row} = S)
     atomics:put(Row#row.state, I, ?READY),
     {noreply, S};
 handle_info({replace, I}, S) ->
-    {noreply, drain(I, S)};
+    {noreply, drain(I, erlang:monotonic_time(millisecond), S)};
 handle_info({nodeup, Node, _Info}, S) ->
     {noreply, join_node(Node, S)};
 handle_info({retry_node, Node}, S) ->
@@ -238,8 +278,8 @@ handle_info({nodedown, Node, _Info}, #state{row = Row} = S) ->
 handle_info({connect, Node}, S) ->
     connect(Node),
     {noreply, S};
-handle_info({drain, I}, S) ->
-    {noreply, drain(I, S)};
+handle_info({drain, I, Since}, S) ->
+    {noreply, drain(I, Since, S)};
 handle_info({'EXIT', Pid, Reason}, #state{runtimes = Runtimes} = S)
   when is_map_key(Pid, Runtimes) ->
     {noreply, runtime_exited(Pid, Reason, S)};
@@ -428,7 +468,8 @@ member_name(I) ->
     list_to_atom("member_" ++ integer_to_list(I)).
 
 start_runtime(Opts) ->
-    RuntimeOpts = maps:without([name, size, mode, preload, max_requests, nodes], Opts),
+    RuntimeOpts = maps:without([name, size, mode, preload, max_requests, drain_timeout, nodes],
+                                Opts),
     case pyport_runtime:start_link(RuntimeOpts) of
         {ok, Pid} ->
             {ok, Pid};
@@ -482,13 +523,40 @@ set_members(Name, #row{members = Members} = Row, Changes) ->
 
 %%% max_requests: drain, then replace
 
-drain(I, #state{row = #row{load = Load}} = S) ->
-    case atomics:get(Load, I) of
-        0 ->
+%% The member is out of dispatch; it is replaced once nothing runs on it: no request
+%% counted in flight, and its context neither runs nor queues anything (a cast, or a
+%% call another process made with an env of it) nor has a stream open. One that takes
+%% longer than `drain_timeout' is replaced anyway, and that is logged.
+drain(I, Since, #state{name = Name, opts = Opts, row = #row{load = Load}} = S) ->
+    Waited = erlang:monotonic_time(millisecond) - Since,
+    Limit = maps:get(drain_timeout, Opts, ?DRAIN_TIMEOUT),
+    case atomics:get(Load, I) =:= 0 andalso idle(element(I, S#state.row#row.members)) of
+        true ->
             replace(I, S);
-        _ ->
-            _ = erlang:send_after(?DRAIN_POLL_MS, self(), {drain, I}),
+        false when Waited >= Limit ->
+            logger:warning("pyport pool ~p: member ~b still busy after ~b ms; replaced",
+                           [Name, I, Waited], #{domain => [pyport]}),
+            replace(I, S);
+        false ->
+            _ = erlang:send_after(?DRAIN_POLL_MS, self(), {drain, I, Since}),
             S
+    end.
+
+%% Whether a member's context runs, queues or streams nothing (a runtime that is down
+%% runs nothing either).
+idle({Key, Context}) ->
+    case {pyport_runtime:port_owner(Key), pyport_runtime:context_id(Key, Context)} of
+        {{ok, Owner, Timeout}, {ok, Id}} ->
+            case pyport_port:info(Owner, Timeout) of
+                {ok, #{contexts := Contexts}} ->
+                    [] =:= [C || #{id := CId} = C <- Contexts, CId =:= Id,
+                                 maps:get(queued, C, 0) > 0 orelse maps:get(running, C, false)
+                                 orelse maps:get(streams, C, 0) > 0];
+                {error, _} ->
+                    true
+            end;
+        _ ->
+            true
     end.
 
 %% A replacement that fails to start is logged; the member's runtime keeps retrying
@@ -568,23 +636,26 @@ await_ready(#row{name = Name, state = St, pid = Pid}, Size, Skip) ->
 
 %% Counts the request, then looks at the state again: a member being drained that was
 %% ready a moment ago is given back, so the drain never misses a request.
-take(#row{load = Load, state = St, served = Served, max_requests = Max, pid = Pid} = Row,
-     I, Member, Size, Skip) ->
+take(#row{load = Load, state = St} = Row, I, Member, Size, Skip) ->
     atomics:add(Load, I, 1),
     case atomics:get(St, I) of
         ?READY ->
-            _ = case atomics:add_get(Served, I, 1) =:= Max of
-                    true ->
-                        %% the member's last request: no more go to it from now on
-                        atomics:put(St, I, ?DRAINING),
-                        Pid ! {replace, I};
-                    false ->
-                        ok
-                end,
+            served(Row, I),
             {ok, {Load, I}, Member};
         _ ->
             atomics:sub(Load, I, 1),
             checkout(Row, Size, [I | Skip])
+    end.
+
+%% One more request served by member I; the one that makes max_requests takes the
+%% member out of dispatch and has it replaced.
+served(#row{served = Served, max_requests = Max, state = St, pid = Pid}, I) ->
+    case atomics:add_get(Served, I, 1) =:= Max of
+        true ->
+            atomics:put(St, I, ?DRAINING),
+            Pid ! {replace, I};
+        false ->
+            ok
     end.
 
 %% The ready member with the fewest requests in flight, ties broken round-robin.

@@ -661,9 +661,15 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
               _ -> lists:sort(maps:keys(Contexts))
           end,
     Stats = maps:get(context_stats, Info, #{}),
+    %% open streams per context (a pool drains a member until they end)
+    Streams = lists:foldl(fun({Ctx, {stream, _}}, Acc) ->
+                                  maps:update_with(Ctx, fun(N) -> N + 1 end, 1, Acc);
+                             (_, Acc) ->
+                                  Acc
+                          end, #{}, maps:keys(S#state.owned)),
     Described = [maps:merge(maps:get(Id, Contexts, #{id => Id, name => undefined,
                                                      mode => unknown}),
-                            maps:get(Id, Stats, #{}))
+                            (maps:get(Id, Stats, #{}))#{streams => maps:get(Id, Streams, 0)})
                  || Id <- Ids],
     Base = maps:with([protocol, max_frame, capabilities], Hello),
     (maps:remove(context_stats, maps:merge(Base, Info)))#{

@@ -282,7 +282,7 @@ impl Mailbox {
         }
     }
 
-    /// `#{requests, errors, timeouts, queued}` for `pyport:info/1`.
+    /// `#{requests, errors, timeouts, queued, running}` for `pyport:info/1`.
     pub fn stats(&self) -> crate::etf::Term {
         use crate::etf::Term;
         let n = |a: &AtomicU64| Term::Int(a.load(Ordering::Relaxed) as i64);
@@ -293,6 +293,14 @@ impl Mailbox {
             (
                 Term::atom("queued"),
                 Term::Int(self.queued.load(Ordering::Relaxed) as i64),
+            ),
+            (
+                Term::atom("running"),
+                Term::atom(if self.deadline.current().0 != 0 {
+                    "true"
+                } else {
+                    "false"
+                }),
             ),
         ])
     }
@@ -609,15 +617,7 @@ impl Loop<'_> {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
-                let outcome = answer(
-                    py,
-                    self.session,
-                    &job,
-                    writer,
-                    &self.mailbox.deadline,
-                    &mut out,
-                );
-                self.mailbox.count(outcome);
+                answer(py, self.session, &job, writer, &self.mailbox, &mut out);
                 if out.capacity() <= MAX_KEPT_BUFFER {
                     out.clear();
                     self.out.replace(out);
@@ -642,14 +642,17 @@ enum Outcome {
 }
 
 /// Serves one request; a panic becomes an error reply and the context lives on.
+/// Serves `job` and writes its answer, counted in the mailbox's counters first (so
+/// `pyport:info/1` made after the reply arrived counts it).
 fn answer(
     py: Python<'_>,
     session: &Session,
     job: &Job,
     writer: &Writer,
-    deadline: &Deadline,
+    mailbox: &Mailbox,
     out: &mut Vec<u8>,
-) -> Outcome {
+) {
+    let deadline = &mailbox.deadline;
     let (outer, outer_at) = deadline.current();
     let start = |timeout_ms: Option<u64>| {
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
@@ -670,21 +673,21 @@ fn answer(
     let header = job.header();
     match result {
         Ok(Ok(Served::Now)) if !header.is_empty() => {
+            mailbox.count(Outcome::Ok);
             writer.send(out);
-            Outcome::Ok
         }
-        Ok(Ok(_)) => Outcome::Ok,
+        Ok(Ok(_)) => mailbox.count(Outcome::Ok),
         Ok(Err(e)) => {
-            writer.fail(header, session.id, "warning", &e);
-            match e {
+            mailbox.count(match e {
                 Error::Timeout => Outcome::Timeout,
                 _ => Outcome::Error,
-            }
+            });
+            writer.fail(header, session.id, "warning", &e);
         }
         Err(panic) => {
             let e = Error::Panic(panic_message(&*panic));
+            mailbox.count(Outcome::Error);
             writer.fail(header, session.id, "error", &e);
-            Outcome::Error
         }
     }
 }

@@ -24,7 +24,8 @@
 
 all() ->
     [start_stop, pool_goes_where_a_context_goes, least_loaded_dispatch, affinity,
-     owngil_mode, owngil_max_requests_and_restart, auto_mode_owngil, member_crash_restarts_alone, max_requests_replaces,
+     owngil_mode, owngil_max_requests_and_restart, auto_mode_owngil, auto_mode_main,
+     member_crash_restarts_alone, max_requests_replaces, max_requests_waits_for_work,
      options_on_every_member, child_spec_in_own_tree, bad_options, cpu_scales_like_processes,
      numpy_in_main_pool_and_auto_mode].
 
@@ -158,10 +159,14 @@ affinity(_Config) ->
     Seen = [begin
                 {ok, H} = pyport:eval(Pool, <<"home == __import__('os').getpid()">>, #{},
                                       #{env => Env}),
-                %% a handle in the arguments sends the call to its member
+                %% a handle in the arguments sends the call to its member, also one
+                %% inside a list or a tuple, or among the keyword arguments
                 {ok, Same} = pyport:call(Pool, operator, eq, [Obj, Home]),
+                {ok, Nested} = pyport:call(Pool, operator, eq, [[{1, Obj}], [{1, Home}]]),
+                %% (the keyword is an erlang.Atom, a str, so it comes back an atom)
+                {ok, #{x := Kw}} = pyport:call(Pool, builtins, dict, [], #{x => Obj}),
                 {OtherPid, _} = who(Pool),
-                {H, Same, OtherPid}
+                {H, Same andalso Nested andalso Kw =:= Home, OtherPid}
             end || _ <- lists:seq(1, 20)],
     [?assertMatch({true, true, _}, S) || S <- Seen],
     %% the other calls did spread over both members
@@ -219,6 +224,20 @@ auto_mode_owngil(_Config) ->
     ?assertEqual(<<"preload runs in a sub-interpreter">>, Why),
     ok = pyport:stop_pool(Pool).
 
+auto_mode_main() ->
+    [{doc, "mode => auto with a preload that a sub-interpreter refuses (readline, a "
+      "single-phase init extension of the standard library): main members, one OS "
+      "process each, and pool_info/1 gives the ImportError as the reason."}].
+auto_mode_main(_Config) ->
+    Pool = start(p_auto_main, #{size => 2, preload => <<"import readline\n", ?WHO/binary>>}),
+    {ok, #{mode := main, mode_reason := Why, members := [#{os_pid := P1}, #{os_pid := P2}]}} =
+        pyport:pool_info(Pool),
+    ct:log("reason: ~ts", [Why]),
+    ?assertMatch(<<"the preload fails in a sub-interpreter: ImportError", _/binary>>, Why),
+    ?assertNotEqual(P1, P2),
+    ?assertEqual({ok, true}, pyport:eval(Pool, <<"'readline' in __import__('sys').modules">>)),
+    ok = pyport:stop_pool(Pool).
+
 member_crash_restarts_alone() ->
     [{doc, "A member whose OS process dies mid-call: that call gets "
       "{error, {runtime_down, _}}, every call another process makes meanwhile "
@@ -227,8 +246,8 @@ member_crash_restarts_alone(_Config) ->
     Pool = start(p_crash, #{size => 2, mode => main,
                             restart => #{min_delay => 10, max_delay => 50}}),
     Crash = <<"def crash_soon():\n"
-              "    import threading, os, time\n"
-              "    threading.Timer(0.3, os.abort).start()\n"
+              "    import threading, ctypes, time\n"
+              "    threading.Timer(0.3, ctypes.string_at, [0]).start()  # SIGSEGV\n"
               "    time.sleep(10)\n">>,
     [ok = pyport:exec(member_ctx(Pool, I), Crash) || I <- [1, 2]],
     Before = [P || #{os_pid := P} <- members(Pool)],
@@ -236,6 +255,7 @@ member_crash_restarts_alone(_Config) ->
     _ = busy_member(Pool),
     %% one caller, one call at a time: the doomed member (one in flight) is never the
     %% least loaded, so every one of its calls must succeed, before, during and after
+    %% (a second such caller could tie with the doomed call and be sent there)
     Self = self(),
     Caller = spawn_link(fun() -> Self ! {self(), call_until_stopped(Pool, [])} end),
     ?assertMatch({error, {runtime_down, _}}, pyport:await(Doomed, 10000)),
@@ -260,6 +280,46 @@ call_until_stopped(Pool, Acc) ->
 max_requests_replaces() ->
     [{doc, "max_requests => 25 on 2 members: 400 calls from 4 processes all succeed, "
       "members are drained and replaced (new OS processes) along the way."}].
+max_requests_waits_for_work() ->
+    [{doc, "A member is replaced once what runs on it is done, whichever request "
+      "reached max_requests (3, one member): a cast still running (its message "
+      "arrives), a stream still producing (read to its end), a call with an env of "
+      "the member (answered). After each, the next call is served by a new OS "
+      "process."}].
+max_requests_waits_for_work(_Config) ->
+    Preload = <<?WHO/binary,
+                "def late_send(p):\n"
+                "    import erlang, time\n"
+                "    time.sleep(0.3)\n"
+                "    erlang.send(p, 'cast done')\n"
+                "def slow_items(n):\n"
+                "    import time\n"
+                "    for i in range(n):\n"
+                "        time.sleep(0.02)\n"
+                "        yield i\n">>,
+    Pool = start(p_max_work, #{size => 1, mode => main, max_requests => 3,
+                               preload => Preload}),
+    %% a cast is the last request: it runs 0.3 s after it is written
+    {P1, _} = who(Pool),
+    {P1, _} = who(Pool),
+    ok = pyport:cast(Pool, '__main__', late_send, [self()]),
+    receive <<"cast done">> -> ok after 10000 -> ct:fail(cast_lost) end,
+    %% a stream is the last request: 20 items, 20 ms apart
+    {P2, _} = who(Pool),
+    ?assertNotEqual(P1, P2),
+    {P2, _} = who(Pool),
+    {ok, S} = pyport:stream(Pool, '__main__', slow_items, [20], #{}, #{window => 4}),
+    ?assertEqual(lists:seq(0, 19), pyport_ct:stream_items(S)),
+    %% a call with an env of the member is the last request
+    {P3, _} = who(Pool),
+    ?assertNotEqual(P2, P3),
+    {ok, Env} = pyport:new_env(Pool),
+    ?assertEqual({ok, none}, pyport:call(Pool, time, sleep, [0.3], #{}, #{env => Env})),
+    {P4, _} = who(Pool),
+    ?assertNotEqual(P3, P4),
+    {ok, #{replaced := 3}} = pyport:pool_info(Pool),
+    ok = pyport:stop_pool(Pool).
+
 max_requests_replaces(_Config) ->
     Pool = start(p_max, #{size => 2, mode => main, max_requests => 25}),
     Self = self(),
@@ -278,7 +338,9 @@ max_requests_replaces(_Config) ->
     ok = pyport:stop_pool(Pool).
 
 options_on_every_member() ->
-    [{doc, "path, env and max_memory apply to every member."}].
+    [{doc, "path, env, max_memory and preload apply to every member: each member's OS "
+      "process has the address-space bound max_memory sets (4 x 512 MiB + 4 GiB), "
+      "which a pool without it lacks."}].
 options_on_every_member(Config) ->
     Dir = filename:join(?config(priv_dir, Config), "poolmods"),
     ok = filelib:ensure_dir(filename:join(Dir, "x")),
@@ -290,9 +352,24 @@ options_on_every_member(Config) ->
          ?assertEqual({ok, <<"from path">>}, pyport:eval(Ctx, <<"__import__('poolmod').VALUE">>)),
          ?assertEqual({ok, <<"set">>}, pyport:eval(Ctx, <<"__import__('os').environ['POOL_VAR']">>)),
          ?assertMatch({error, {python, <<"MemoryError">>, _, _}},
-                      pyport:eval(Ctx, <<"len(bytearray(10**11))">>))
+                      pyport:eval(Ctx, <<"len(bytearray(10**11))">>)),
+         %% the preload ran there: `who' is defined in the member's own context
+         {ok, {_, _}} = pyport:call(Ctx, '__main__', who, [])
      end || I <- [1, 2]],
-    ok = pyport:stop_pool(Pool).
+    Bound = integer_to_list(4 * 512 * 1024 * 1024 + (4 bsl 30)),
+    ?assertEqual([Bound, Bound], [address_space(P) || #{os_pid := P} <- members(Pool)]),
+    ok = pyport:stop_pool(Pool),
+    Plain = start(p_opts_plain, #{size => 1, mode => main}),
+    ?assertEqual(["unlimited"], [address_space(P) || #{os_pid := P} <- members(Plain)]),
+    ok = pyport:stop_pool(Plain).
+
+%% The soft `Max address space' limit of an OS process, as /proc shows it.
+address_space(OsPid) ->
+    {ok, Limits} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/limits"),
+    [Line] = [L || L <- string:split(Limits, "\n", all),
+                   string:prefix(L, "Max address space") =/= nomatch],
+    [_, _, _, Soft | _] = string:lexemes(Line, " "),
+    binary_to_list(Soft).
 
 child_spec_in_own_tree() ->
     [{doc, "pyport_pool:child_spec/1 runs a pool under the user's supervisor; "
@@ -324,9 +401,10 @@ bad_options(_Config) ->
 cpu_scales_like_processes() ->
     [{doc, "CPU-bound pure Python on a 2-member main pool: two calls at once against "
       "one, next to the same for two plain CPython processes in the same round, 5 "
-      "rounds; the median of the rounds' pool/control ratios is at least 0.5 (a wide "
-      "margin: the host is noisy; the numbers are logged, `make bench' has the careful "
-      "ones)."}].
+      "rounds. The pool's median speedup is at least 1.25 (one GIL for both would give "
+      "at most 1.0), unless the control's own median is under 1.25: then the host has "
+      "no second core to give and the case is skipped, saying so. The numbers are "
+      "logged; `make bench' has the careful ones."}].
 cpu_scales_like_processes(_Config) ->
     Pool = start(p_cpu, #{size => 2, mode => main}),
     N = 3000000,
@@ -342,8 +420,14 @@ cpu_scales_like_processes(_Config) ->
                   {2 * PoolOne / PoolTwo, 2 * CtlOne / CtlTwo}
               end || _ <- lists:seq(1, 5)],
     ct:log("speedup of 2 calls at once (pool, two CPython processes): ~p", [Rounds]),
-    ?assert(median([P / C || {P, C} <- Rounds]) >= 0.5),
-    ok = pyport:stop_pool(Pool).
+    ok = pyport:stop_pool(Pool),
+    PoolSpeedup = median([P || {P, _} <- Rounds]),
+    case median([C || {_, C} <- Rounds]) of
+        Control when Control < 1.25 ->
+            {skip, {no_second_core_free, {control_speedup, Control}}};
+        _ ->
+            ?assert(PoolSpeedup >= 1.25)
+    end.
 
 timed(Fun) ->
     T0 = erlang:monotonic_time(microsecond),
