@@ -34,8 +34,8 @@ test-erl:
 
 # The Common Test suites once more on another installed CPython series (pyenv's 3.12
 # when the default is 3.13), with a port program built for it apart; skipped, saying
-# so, when the machine has no other series. The dependency, Elixir, CLI and soak suites
-# build or time things and stay on the default.
+# so, when the machine has no other series. The dependency, build-script, Elixir, CLI
+# and soak suites build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
 	api types env ref callback async loop stream channel protocol reliability boundary pool)))
 comma = ,

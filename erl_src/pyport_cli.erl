@@ -7,12 +7,21 @@
 %%   pyport call MOD FUN [ARG...]   prints MOD.FUN(*ARGS); each ARG is a Python literal
 %%                                  if it parses as one, else a string
 %%   pyport doctor [MODULE...]      the Python found, OWN_GIL support, and whether each
-%%                                  module (default: those installed) imports in a
-%%                                  sub-interpreter or only in `main' mode
+%%                                  module imports in a sub-interpreter or only in
+%%                                  `main' mode
 %%   pyport bench                   headline numbers of this machine
 %%
-%% Options (before the command): `--port-binary PATH' (else $PYPORT_EXECUTABLE, else the
-%% binary built next to this escript). Exit status: 0 success, 1 a Python error, 2 usage.
+%% `doctor' without module names tries the installed ones: the top-level modules of
+%% the installed distributions (importlib.metadata), then the standard library's
+%% extension modules in lib-dynload, by the name one imports (`ssl' for `_ssl'; test
+%% and private-only ones left out). Those are what may refuse a sub-interpreter; the
+%% pure-Python standard library fails only through them. Each module gets a fresh
+%% sub-interpreter, so this takes a few seconds, plus the packages' own import times.
+%%
+%% Options (before the command): `--port-binary PATH', else $PYPORT_EXECUTABLE, else
+%% the binary a rebar3 build puts beside this escript (_build/PROFILE/bin/pyport and
+%% _build/PROFILE/lib/pyport/priv/pyport; a symlink to the escript is followed first).
+%% Exit status: 0 success, 1 a Python error, 2 usage (or no port binary).
 -module(pyport_cli).
 
 -export([main/1]).
@@ -61,11 +70,19 @@ def cli_run(path, args):
     return 0
 
 def cli_installed():
-    import pkgutil, site, sysconfig
-    dirs = set(site.getsitepackages() + [site.getusersitepackages()])
-    names = sorted({m.name for m in pkgutil.iter_modules() if m.module_finder.path in dirs
-                    and not m.name.startswith('_')})
-    return names or ['json', 'decimal', 'sqlite3', 'ssl', 'ctypes', 'readline']
+    import importlib.machinery, importlib.metadata, os, sysconfig
+    def public(name):
+        return name.isidentifier() and not name.startswith('_')
+    packages = sorted(n for n in importlib.metadata.packages_distributions() if public(n))
+    dynload = sysconfig.get_config_var('DESTSHARED') or ''
+    files = os.listdir(dynload) if os.path.isdir(dynload) else []
+    extensions = {f.split('.')[0] for f in files
+                  if f.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))}
+    def imported_as(name):
+        return name[1:] if name.startswith('_') and name[1:] in sys.stdlib_module_names else name
+    stdlib = sorted({n for n in map(imported_as, extensions)
+                     if public(n) and not n.startswith('xx')})  # xx*: CPython's examples
+    return [packages, stdlib]
 
 def cli_try_import(name):
     try:
@@ -95,27 +112,44 @@ options(["doctor" | Modules], Opts) -> {ok, Opts, {doctor, Modules}};
 options(["bench"], Opts) -> {ok, Opts, bench};
 options(_, _) -> usage.
 
-%% Starts pyport without its default runtime; the port binary comes from the options,
-%% the environment, or next to this escript (_build/default/{bin,lib/pyport/priv}).
+%% Starts pyport without its default runtime, on the port binary port_binary/1 finds.
 setup(Opts) ->
-    Exe = case Opts of
-              #{executable := E} -> E;
-              #{} ->
-                  case os:getenv("PYPORT_EXECUTABLE") of
-                      E when is_list(E), E =/= "" -> E;
-                      _ -> beside_escript()
-                  end
-          end,
-    filelib:is_regular(Exe) orelse fail(2, "pyport: no port binary at ~ts (use --port-binary)~n", [Exe]),
+    Exe = port_binary(Opts),
     os:putenv("PYPORT_EXECUTABLE", Exe),
     ok = application:load(pyport),
     ok = application:set_env(pyport, default_runtime, false),
     {ok, _} = application:ensure_all_started(pyport),
     ok.
 
+%% --port-binary, else $PYPORT_EXECUTABLE, else beside this escript; a path given that
+%% holds nothing is an error naming where it came from, not a fall-through.
+port_binary(#{executable := Exe}) ->
+    exists(Exe, "given by --port-binary");
+port_binary(#{}) ->
+    case os:getenv("PYPORT_EXECUTABLE") of
+        Exe when is_list(Exe), Exe =/= "" -> exists(Exe, "given by PYPORT_EXECUTABLE");
+        _ -> exists(beside_escript(), "beside this escript; use --port-binary or PYPORT_EXECUTABLE")
+    end.
+
+exists(Exe, From) ->
+    filelib:is_regular(Exe) orelse fail(2, "pyport: no port binary at ~ts (~ts)~n", [Exe, From]),
+    Exe.
+
+%% rebar3 puts the escript in _build/PROFILE/bin and pyport's priv in
+%% _build/PROFILE/lib/pyport/priv. The escript may be run through a symlink (from a
+%% bin directory on the PATH), so the layout is taken from where the link points.
 beside_escript() ->
-    Bin = filename:dirname(filename:absname(escript:script_name())),
+    Script = resolve_links(filename:absname(escript:script_name()), 40),
+    Bin = filename:dirname(Script),
     filename:join([filename:dirname(Bin), "lib", "pyport", "priv", "pyport"]).
+
+resolve_links(Path, 0) ->
+    Path;
+resolve_links(Path, N) ->
+    case file:read_link(Path) of
+        {ok, Target} -> resolve_links(filename:absname(Target, filename:dirname(Path)), N - 1);
+        {error, _} -> Path
+    end.
 
 context(Mode) ->
     case pyport:start_runtime(#{contexts => [#{name => cli, mode => Mode, preload => ?HELPERS}],
@@ -208,38 +242,63 @@ logger_drain() ->
 
 %%% doctor
 
-doctor(Modules0) ->
+doctor(Modules) ->
     {Rt, Main} = context(main),
     {ok, Info} = pyport:info(Rt),
     {ok, Exe} = pyport:eval(Main, <<"sys.executable">>),
     io:format("Python      ~ts (~ts)~n", [maps:get(python_version, Info), Exe]),
     OwnGil = maps:get(owngil, Info),
     io:format("OWN_GIL     ~ts~n", [yes_no(OwnGil)]),
-    Modules = case Modules0 of
-                  [] -> {ok, Ms} = pyport:call(Main, '__main__', cli_installed, []), Ms;
-                  _ -> [unicode:characters_to_binary(M) || M <- Modules0]
-              end,
-    io:format("~n~-28s ~-12s ~ts~n", ["module", "main", "owngil (sub-interpreter)"]),
-    Results = [doctor_module(Rt, Main, M, OwnGil) || M <- Modules],
-    case lists:all(fun(R) -> R end, Results) of
+    Sections = case Modules of
+                   [] ->
+                       {ok, [Packages, Stdlib]} = pyport:call(Main, '__main__', cli_installed, []),
+                       [{"installed packages", Packages},
+                        {"standard library extension modules", Stdlib}];
+                   _ ->
+                       [{"", [unicode:characters_to_binary(M) || M <- Modules]}]
+               end,
+    Results = [doctor_section(Rt, Main, Title, Names, OwnGil) || {Title, Names} <- Sections],
+    case lists:all(fun(R) -> R end, lists:append(Results)) of
         true -> 0;
         false -> 1
     end.
 
+doctor_section(Rt, Main, Title, Names, OwnGil) ->
+    io:format("~n~ts~-28s ~-12s ~ts~n",
+              [[[Title, $\n] || Title =/= ""], "module", "main", "owngil (sub-interpreter)"]),
+    case Names of
+        [] -> io:format("(none)~n");
+        _ -> ok
+    end,
+    [doctor_module(Rt, Main, M, OwnGil) || M <- Names].
+
 doctor_module(Rt, Main, Module, OwnGil) ->
-    {ok, InMain} = pyport:call(Main, '__main__', cli_try_import, [Module]),
+    InMain = try_import(Main, Module),
     InSub = case OwnGil of
                 true ->
                     %% a fresh sub-interpreter per module: nothing imported before
-                    {ok, C} = pyport:new_context(Rt, #{mode => owngil, preload => ?HELPERS}),
-                    {ok, R} = pyport:call(C, '__main__', cli_try_import, [Module]),
-                    ok = pyport:stop_context(C),
-                    R;
+                    case pyport:new_context(Rt, #{mode => owngil, preload => ?HELPERS}) of
+                        {ok, C} ->
+                            R = try_import(C, Module),
+                            _ = pyport:stop_context(C),
+                            R;
+                        {error, Reason} ->
+                            iolist_to_binary(io_lib:format("no context: ~0p", [Reason]))
+                    end;
                 false ->
                     <<"(no OWN_GIL)">>
             end,
-    io:format("~-28ts ~-12ts ~ts~n", [Module, short(InMain), InSub]),
+    %% padded, not cut: a long package name stays whole (its row just runs longer)
+    io:format("~ts ~ts ~ts~n", [string:pad(Module, 28), string:pad(short(InMain), 12), InSub]),
     InMain =:= <<"ok">>.
+
+%% <<"ok">> or what went wrong, in one line; a module that takes its context (or the
+%% runtime) down with it is reported, not a crash of the whole table.
+try_import(Context, Module) ->
+    case pyport:call(Context, '__main__', cli_try_import, [Module]) of
+        {ok, Result} -> Result;
+        {error, Reason} -> iolist_to_binary(io_lib:format("error: ~0p", [Reason]))
+    end.
 
 short(<<"ok">>) -> <<"ok">>;
 short(_) -> <<"fails">>.
