@@ -92,6 +92,8 @@ def cli_try_import(name):
         return '%s: %s' % (type(e).__name__, str(e).splitlines()[0] if str(e) else '')
 ">>).
 
+%% @doc The escript's entry point: runs one command (see the module doc) and halts
+%% with its exit code (0 done, 1 the Python side failed, 2 a usage or set-up error).
 -spec main([string()]) -> no_return().
 main(Args) ->
     case options(Args, #{}) of

@@ -203,6 +203,7 @@ info(Name) ->
 
 %%% gen_server callbacks
 
+%% @private gen_server callback.
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(#{name := Name} = Opts0) ->
     process_flag(trap_exit, true),
@@ -242,6 +243,7 @@ init(#{name := Name} = Opts0) ->
             {stop, Reason}
     end.
 
+%% @private gen_server callback.
 -spec handle_call(term(), gen_server:from(), #state{}) ->
           {reply, term(), #state{}} | {noreply, #state{}}.
 handle_call(info, _From, S) ->
@@ -254,10 +256,12 @@ handle_call(await_ready, From, #state{row = #row{state = St, members = Ms}} = S)
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
+%% @private gen_server callback.
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
+%% @private gen_server callback.
 -spec handle_info(term(), #state{}) -> {noreply, #state{}}.
 handle_info({replace, I}, #state{row = #row{members = Ms} = Row} = S)
   when element(1, element(I, Ms)) =:= remote ->
@@ -288,6 +292,7 @@ handle_info({'EXIT', _Pid, _Reason}, S) ->
 handle_info(_Msg, S) ->
     {noreply, S}.
 
+%% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remote}) ->
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,

@@ -171,6 +171,7 @@ gen_call(Pid, Request, Timeout) ->
 
 %%% gen_server callbacks
 
+%% @private gen_server callback.
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(Opts) ->
     process_flag(trap_exit, true),
@@ -212,6 +213,7 @@ init_runtime(Key, Opts) ->
             end
     end.
 
+%% @private gen_server callback.
 -spec handle_call(term(), gen_server:from(), #state{}) -> {noreply, #state{}}
                                                          | {reply, term(), #state{}}.
 handle_call({new_context, Spec}, From, S) ->
@@ -226,6 +228,7 @@ handle_call(info, From, S) ->
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
+%% @private gen_server callback.
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
 handle_cast({own, Pid, CtxId, Item}, S) when is_pid(Pid) ->
     {noreply, own(Pid, {CtxId, Item}, S)};
@@ -238,6 +241,7 @@ handle_cast({channel_closed, CtxId, ChanId}, #state{channels = Channels} = S) ->
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
+%% @private gen_server callback.
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
 handle_info({Port, {data, <<Kind, HLen:16, H:HLen/binary, Payload/binary>>}},
             #state{port = Port} = S) ->
@@ -326,6 +330,7 @@ decode(Payload, {true, Max}) ->
         error:badarg -> {error, {atom_limit, Max}}
     end.
 
+%% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port = Port, channels = Channels}) ->
     close(Port),

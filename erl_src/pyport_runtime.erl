@@ -141,6 +141,7 @@ recycle(Pid) ->
 
 %%% gen_server callbacks
 
+%% @private gen_server callback.
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(Opts0) ->
     process_flag(trap_exit, true),
@@ -154,6 +155,7 @@ init(Opts0) ->
             {stop, Reason}
     end.
 
+%% @private gen_server callback.
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
     true = ets:insert(?TABLE, {Key, down, recycling}),
@@ -167,10 +169,12 @@ handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
+%% @private gen_server callback.
 -spec handle_cast(term(), #state{}) -> {noreply, #state{}}.
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
+%% @private gen_server callback.
 -spec handle_info(term(), #state{}) -> {noreply, #state{}} | {stop, term(), #state{}}.
 handle_info({'EXIT', Pid, Reason}, #state{port_owner = Pid} = S) ->
     {noreply, port_owner_down(Reason, S#state{port_owner = undefined})};
@@ -179,6 +183,7 @@ handle_info(restart, #state{port_owner = undefined} = S) ->
 handle_info(_Msg, S) ->
     {noreply, S}.
 
+%% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
     stop_port_owner(Pid),

@@ -16,10 +16,12 @@
 -define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
 
+%% @doc Starts pyport's top supervisor, registered as `pyport_sup'.
 -spec start_link() -> {ok, pid()} | {error, term()}.
 start_link() ->
     supervisor:start_link({local, ?MODULE}, ?MODULE, []).
 
+%% @private Supervisor callback: one_for_one, with the default runtime when configured.
 -spec init([]) -> {ok, {supervisor:sup_flags(), [supervisor:child_spec()]}}.
 init([]) ->
     ?TABLE = ets:new(?TABLE, [named_table, public, set, {read_concurrency, true}]),

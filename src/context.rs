@@ -107,6 +107,8 @@ pub struct Mailbox {
     served: AtomicU64,
     errors: AtomicU64,
     timeouts: AtomicU64,
+    /// How many times the context got a new interpreter (stuck in C).
+    replaced: AtomicU64,
 }
 
 impl Mailbox {
@@ -268,6 +270,21 @@ impl Mailbox {
         }
     }
 
+    /// This mailbox replaces `old` (a stuck context's): the context's counters go on.
+    pub fn replaces(&self, old: &Mailbox) {
+        for (new, old) in [
+            (&self.served, &old.served),
+            (&self.errors, &old.errors),
+            (&self.timeouts, &old.timeouts),
+        ] {
+            new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        self.replaced.store(
+            old.replaced.load(Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
+    }
+
     fn count(&self, outcome: Outcome) {
         self.served.fetch_add(1, Ordering::Relaxed);
         match outcome {
@@ -282,7 +299,7 @@ impl Mailbox {
         }
     }
 
-    /// `#{requests, errors, timeouts, queued, running}` for `pyport:info/1`.
+    /// `#{requests, errors, timeouts, replaced, queued, running}` for `pyport:info/1`.
     pub fn stats(&self) -> crate::etf::Term {
         use crate::etf::Term;
         let n = |a: &AtomicU64| Term::Int(a.load(Ordering::Relaxed) as i64);
@@ -290,6 +307,7 @@ impl Mailbox {
             (Term::atom("requests"), n(&self.served)),
             (Term::atom("errors"), n(&self.errors)),
             (Term::atom("timeouts"), n(&self.timeouts)),
+            (Term::atom("replaced"), n(&self.replaced)),
             (
                 Term::atom("queued"),
                 Term::Int(self.queued.load(Ordering::Relaxed) as i64),
@@ -387,6 +405,7 @@ pub fn spawn(
         served: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         timeouts: AtomicU64::new(0),
+        replaced: AtomicU64::new(0),
     });
     let mb = mailbox.clone();
     std::thread::Builder::new()

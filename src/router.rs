@@ -520,6 +520,7 @@ impl Routing {
             arrived: Instant::now(),
             reentrant: false,
         };
+        mailbox.replaces(stuck);
         let queued = std::iter::once(start).chain(jobs);
         for job in queued {
             if let Err((job, err)) = mailbox.push(job) {

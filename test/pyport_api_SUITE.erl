@@ -118,7 +118,8 @@ info(_Config) ->
     %% served after the one that timed out, so that one is counted by now
     {ok, 3} = pyport:call(One, operator, add, [1, 2]),
     {ok, #{contexts := [Stats | _]}} = pyport:info(Pid),
-    ?assertMatch(#{requests := 4, errors := 2, timeouts := 1, queued := 0}, Stats),
+    ?assertMatch(#{requests := 4, errors := 2, timeouts := 1, queued := 0, running := false,
+                   streams := 0, replaced := 0}, Stats),
     ok = pyport:stop_runtime(Pid).
 
 contexts() ->
@@ -707,6 +708,8 @@ overloaded_queue(_Config) ->
     [Run({n, I}, fun() -> pyport:call(Ctx, operator, add, [I, 1]) end) || I <- lists:seq(1, 5)],
     Refused = [receive {{n, _}, R} -> R end || _ <- lists:seq(1, 3)],
     ?assertEqual([{error, overloaded}, {error, overloaded}, {error, overloaded}], Refused),
+    %% info/1 sees the two queued and the one running
+    {ok, #{contexts := [#{queued := 2, running := true}]}} = pyport:info(Rt),
     ok = gen_tcp:send(Conn, <<"x">>),
     Served = [receive {{n, _}, R} -> R end || _ <- lists:seq(1, 2)],
     ?assertEqual({ok, <<"done">>}, receive {busy, R} -> R end),

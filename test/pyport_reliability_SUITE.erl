@@ -316,6 +316,11 @@ stuck_in_c_is_replaced(_Config) ->
                                 end
                        end, 600),
     ?assertEqual({ok, 3}, pyport:call(A, operator, add, [1, 2])),
+    %% info/1 counts the replacement, and the context's counters went on across it:
+    %% the exec before it, the eval and the add after it (the stuck call ended on the
+    %% old interpreter, after the counters moved on; its caller's own timer answered)
+    {ok, #{contexts := [StatsA, #{replaced := 0}]}} = pyport:info(Rt),
+    ?assertMatch(#{name := a, replaced := 1, requests := 3}, StatsA),
     ok = pyport:stop_runtime(Rt).
 
 stuck_main_context_restarts_runtime() ->
