@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-memory bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -72,6 +72,7 @@ bench: build $(ECHO) $(STANDIN)
 	escript benches/pyport_bench.escript
 	escript benches/pool_bench.escript
 	escript benches/cluster_bench.escript
+	escript benches/memory.escript
 
 bench-cluster: build
 	escript benches/cluster_bench.escript
@@ -79,6 +80,11 @@ bench-cluster: build
 # The Erlang side's pieces under 50 callers, one at a time (docs/benchmarks.md).
 bench-pieces: build $(ECHO) $(STANDIN)
 	escript benches/pieces.escript $(STANDIN) 7 $(ECHO)
+
+# Resident memory of idle and of ended contexts (docs/architecture.md, "Memory"); on
+# another Python: PYPORT_PYTHON=... PYPORT_EXECUTABLE=<a port program built for it>.
+bench-memory: build
+	escript benches/memory.escript
 
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build
