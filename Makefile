@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-memory bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -80,6 +80,14 @@ bench-cluster: build
 # The Erlang side's pieces under 50 callers, one at a time (docs/benchmarks.md).
 bench-pieces: build $(ECHO) $(STANDIN)
 	escript benches/pieces.escript $(STANDIN) 7 $(ECHO)
+
+# The side-channel experiment: a 16 MiB reply through the pipe or a memfd (no pyport).
+bench-side-channel: _build/bench/side_channel
+	escript benches/side_channel.escript $< 9
+
+_build/bench/side_channel: benches/side_channel.c
+	mkdir -p $(dir $@)
+	cc -O2 -Wall -o $@ $<
 
 # Resident memory of idle and of ended contexts (docs/architecture.md, "Memory"); on
 # another Python: PYPORT_PYTHON=... PYPORT_EXECUTABLE=<a port program built for it>.
