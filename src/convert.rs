@@ -101,7 +101,7 @@ impl Types {
         drop(refs);
     }
 
-    /// The object behind `{pyport_ref, Key, Ctx, Id, Node}`.
+    /// The object behind `{pyport_ref, Key, Ctx, Id, Home}`.
     fn resolve_ref<'py>(
         &self,
         py: Python<'py>,
@@ -260,7 +260,7 @@ pub fn decode_term<'py>(
                 r.u32()? as usize
             };
             let n = r.count(n, 1)?;
-            // `{pyport_ref, Key, Ctx, Id, Node}` (Key and Node are the Erlang side's)
+            // `{pyport_ref, Key, Ctx, Id, Home}` (Key and Home are the Erlang side's)
             if (n == 4 || n == 5) && r.peek_atom().as_deref() == Some("pyport_ref") {
                 let mut probe = r.clone();
                 probe.atom()?;

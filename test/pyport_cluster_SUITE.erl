@@ -13,7 +13,8 @@ all() ->
      every_operation_from_another_node, stream_with_credit_from_another_node,
      handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
-     pool_from_another_node, pool_across_nodes, pool_connects_to_its_nodes,
+     pool_from_another_node, pool_across_nodes, pool_across_nodes_under_load,
+     pool_connects_to_its_nodes,
      handles_made_before_distribution, port_programs_die_with_their_node].
 
 init_per_suite(Config) ->
@@ -382,6 +383,55 @@ pool_across_nodes(_Config) ->
     after
         pyport:stop_pool(Pool)
     end.
+
+pool_across_nodes_under_load() ->
+    [{doc, "A pool over this node and a peer, one owngil member each: a call made while "
+      "one member is busy goes to the other node's member (least loaded across "
+      "nodes); when the peer goes down, the call in flight there gets "
+      "{error, {nodedown, Node}} at once, the one here finishes, and later calls "
+      "succeed here."}].
+pool_across_nodes_under_load(_Config) ->
+    {Peer, Node} = start_peer(true),
+    {ok, Pool} = pyport:start_pool(loaded, #{nodes => [node(), Node], size => 1,
+                                             mode => owngil}),
+    try
+        pyport_ct:wait_for(fun() -> member_status(Pool, 2, up) end, 1000),
+        Hold = <<"def hold(p, s):\n"
+                 "    import erlang, os, time\n"
+                 "    erlang.send(p, os.getpid())\n"
+                 "    time.sleep(s)\n"
+                 "    return os.getpid()\n">>,
+        [ok = pyport:exec(Ctx, Hold) || #{context := Ctx} <- members_of(Pool)],
+        Self = self(),
+        Call = fun(Tag) ->
+                   spawn_link(fun() ->
+                                  Self ! {Tag, pyport:call(Pool, '__main__', hold, [Self, 2])}
+                              end)
+               end,
+        Call(first),
+        First = receive P1 when is_integer(P1) -> P1 after 10000 -> ct:fail(first) end,
+        Call(second),
+        Second = receive P2 when is_integer(P2) -> P2 after 10000 -> ct:fail(second) end,
+        %% the second went to the member that was free, on the other node
+        ?assertNotEqual(First, Second),
+        [#{node := Home, os_pid := LocalPid}, #{node := Node}] = members_of(Pool),
+        ?assertEqual(node(), Home),
+        stop_peer(Peer),
+        Answers = [receive {Tag, R} -> R after 10000 -> ct:fail(Tag) end
+                   || Tag <- [first, second]],
+        ct:log("answers: ~p", [Answers]),
+        Down = {error, {nodedown, Node}},
+        ?assertEqual(lists:sort([Down, {ok, LocalPid}]), lists:sort(Answers)),
+        ?assertEqual([{ok, 3} || _ <- lists:seq(1, 10)],
+                     [pyport:call(Pool, operator, add, [1, 2]) || _ <- lists:seq(1, 10)])
+    after
+        stop_peer(Peer),
+        pyport:stop_pool(Pool)
+    end.
+
+members_of(Pool) ->
+    {ok, #{members := Ms}} = pyport:pool_info(Pool),
+    Ms.
 
 member_status(Pool, I, Want) ->
     {ok, #{members := Ms}} = pyport:pool_info(Pool),
