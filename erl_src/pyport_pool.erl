@@ -218,7 +218,7 @@ init(#{name := Name} = Opts0) ->
         {ok, Mode, Why, Runtimes, LocalMembers} ->
             Remote = [N || N <- Nodes, N =/= node()],
             ok = net_kernel:monitor_nodes(Remote =/= [], [{node_type, all}]),
-            [self() ! {connect, N} || N <- Remote],
+            _ = [self() ! {connect, N} || N <- Remote],
             RemoteMembers = [{remote, N, I, undefined} || N <- Remote, I <- lists:seq(1, Size)],
             Members = LocalMembers ++ RemoteMembers,
             Total = length(Members),
@@ -645,7 +645,7 @@ take(#row{load = Load, state = St} = Row, I, Member, Size, Skip) ->
     atomics:add(Load, I, 1),
     case atomics:get(St, I) of
         ?READY ->
-            served(Row, I),
+            _ = served(Row, I),
             {ok, {Load, I}, Member};
         _ ->
             atomics:sub(Load, I, 1),

@@ -279,10 +279,8 @@ impl Mailbox {
         ] {
             new.store(old.load(Ordering::Relaxed), Ordering::Relaxed);
         }
-        self.replaced.store(
-            old.replaced.load(Ordering::Relaxed) + 1,
-            Ordering::Relaxed,
-        );
+        self.replaced
+            .store(old.replaced.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
     }
 
     fn count(&self, outcome: Outcome) {
@@ -636,7 +634,7 @@ impl Loop<'_> {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
-                answer(py, self.session, &job, writer, &self.mailbox, &mut out);
+                answer(py, self.session, &job, writer, self.mailbox, &mut out);
                 if out.capacity() <= MAX_KEPT_BUFFER {
                     out.clear();
                     self.out.replace(out);
