@@ -15,7 +15,8 @@ all() ->
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
      pool_from_another_node, pool_across_nodes, pool_across_nodes_under_load,
      pool_connects_to_its_nodes,
-     handles_made_before_distribution, port_programs_die_with_their_node].
+     handles_made_before_distribution, owned_by_a_node_that_goes_down,
+     port_programs_die_with_their_node].
 
 init_per_suite(Config) ->
     case start_distribution() of
@@ -520,3 +521,36 @@ before_and_after(Name) ->
     Results = [pyport:call(Ctx, operator, add, [1, 2]), pyport:to_term(Ref),
                pyport:call(Pool, operator, add, [1, 2])],
     {ok, {Results, node() =/= nonode@nohost}}.
+
+owned_by_a_node_that_goes_down() ->
+    [{doc, "Envs and object handles that a process of a peer made on a context here are "
+      "freed when that node goes down (the owner's monitor fires with noconnection)."}].
+owned_by_a_node_that_goes_down(Config) ->
+    Ctx = ?config(ctx, Config),
+    Rt = ?config(rt, Config),
+    {Peer, Node} = start_peer(false),
+    Before = owned(Rt),
+    Self = self(),
+    Holder = erlang:spawn(Node, fun() ->
+                                    {ok, Env} = pyport:new_env(Ctx),
+                                    {ok, Ref} = pyport:eval(Ctx, <<"[1]">>, #{},
+                                                            #{return => ref}),
+                                    Self ! {made, Env, Ref},
+                                    receive stop -> ok end
+                                end),
+    receive {made, _, _} -> ok after 10000 -> ct:fail(not_made) end,
+    #{envs := E1, refs := R1, processes := P1} = owned(Rt),
+    ?assertEqual({1, 1, 1}, {E1 - maps:get(envs, Before), R1 - maps:get(refs, Before),
+                             P1 - maps:get(processes, Before)}),
+    ?assert(is_pid(Holder)),
+    stop_peer(Peer),
+    pyport_ct:wait_for(fun() ->
+                           case owned(Rt) of
+                               Before -> {ok, freed};
+                               Now -> {not_yet, Now}
+                           end
+                       end, 500).
+
+owned(Rt) ->
+    {ok, #{owned := Owned}} = pyport:info(Rt),
+    maps:with([envs, refs, processes], Owned).
