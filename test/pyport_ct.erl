@@ -10,6 +10,7 @@
 -export([await_new_os_pid/2]).
 -export([init_mode_group/4]).
 -export([repo_root/0]).
+-export([head_commit/0]).
 -export([shell/2]).
 -export([end_mode_group/1]).
 -export([start_runtime_ab/2]).
@@ -96,6 +97,13 @@ await_new_os_pid(Runtime, OsPid) ->
 -spec repo_root() -> file:filename().
 repo_root() ->
     filename:absname(filename:join([code:lib_dir(pyport), "..", "..", "..", ".."])).
+
+%% The commit this repository's checkout is at: dependency tests take pyport at it
+%% (not at main), so a branch tests its own code.
+-spec head_commit() -> string().
+head_commit() ->
+    {0, Out} = shell(repo_root(), "git rev-parse HEAD"),
+    string:trim(Out).
 
 %% Runs a shell command in Dir; returns its exit status and output (also logged).
 -spec shell(file:filename(), string()) -> {non_neg_integer(), string()}.

@@ -1,5 +1,5 @@
 %% @doc pyport as a dependency: a throwaway rebar3 application that depends on pyport
-%% (by git, from this repository's committed main) compiles with plain
+%% (by git, at this checkout's commit) compiles with plain
 %% `rebar3 compile', which builds the port binary, calls Python, and ships in a release
 %% that still works after it is moved elsewhere.
 -module(pyport_dep_SUITE).
@@ -57,11 +57,11 @@ write_app(App, Root) ->
     ok = filelib:ensure_dir(filename:join([App, "src", "x"])),
     ok = file:write_file(
            filename:join(App, "rebar.config"),
-           io_lib:format("{deps, [{pyport, {git, ~p, {branch, \"main\"}}}]}.~n"
+           io_lib:format("{deps, [{pyport, {git, ~p, {ref, ~p}}}]}.~n"
                          "{relx, [{release, {depapp, \"0.1.0\"}, [depapp]},~n"
                          "        {dev_mode, false}, {include_erts, false},~n"
                          "        {extended_start_script, true}]}.~n",
-                         ["file://" ++ Root])),
+                         ["file://" ++ Root, pyport_ct:head_commit()])),
     ok = file:write_file(
            filename:join([App, "src", "depapp.app.src"]),
            "{application, depapp, [{description, \"pyport as a dependency\"},\n"

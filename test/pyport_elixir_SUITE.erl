@@ -38,8 +38,8 @@ mix_dependency(Config) ->
                          "  use Mix.Project~n"
                          "  def project, do: [app: :mixapp, version: \"0.1.0\", deps: deps()]~n"
                          "  def application, do: [extra_applications: [:logger]]~n"
-                         "  defp deps, do: [{:pyport, git: ~p, branch: \"main\"}]~n"
-                         "end~n", ["file://" ++ Root])),
+                         "  defp deps, do: [{:pyport, git: ~p, ref: ~p}]~n"
+                         "end~n", ["file://" ++ Root, pyport_ct:head_commit()])),
     Env = env(Root),
     {0, _} = pyport_ct:shell(Dir, Env ++ " mix deps.get"),
     {0, _} = pyport_ct:shell(Dir, Env ++ " mix compile"),
