@@ -89,7 +89,10 @@ def cli_try_import(name):
         importlib.import_module(name)
         return 'ok'
     except BaseException as e:
-        return '%s: %s' % (type(e).__name__, str(e).splitlines()[0] if str(e) else '')
+        # the message's last line that says something: a long message (numpy's)
+        # ends with the cause, as a pool's mode_reason shows it too
+        said = [l.strip() for l in str(e).splitlines() if l.strip()]
+        return '%s: %s' % (type(e).__name__, said[-1] if said else '')
 ">>).
 
 %% @doc The escript's entry point: runs one command (see the module doc) and halts

@@ -108,7 +108,7 @@
 %% member.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    gen_server:start_link(?MODULE, Opts, []).
+    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc Starts a pool under pyport's supervisor: `{ok, Pid}', or `{error, Reason}'
 %% (`{already_started, Name}' for a name taken).
@@ -240,7 +240,7 @@ init(#{name := Name} = Opts0) ->
                        remote_nodes = Remote},
             {ok, lists:foldl(fun join_node/2, S, Remote)};
         {error, Reason} ->
-            {stop, Reason}
+            {stop, {shutdown, Reason}}
     end.
 
 %% @private gen_server callback.

@@ -33,6 +33,7 @@
 -behaviour(gen_server).
 
 -export([start_link/1]).
+-export([quiet_start/1]).
 -export([request_frame/3]).
 -export([cast_request/3]).
 -export([write/2]).
@@ -138,7 +139,13 @@
 %% created.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{key := _} = Opts) ->
-    gen_server:start_link(?MODULE, Opts, []).
+    quiet_start(gen_server:start_link(?MODULE, Opts, [])).
+
+%% @private A process that fails to start exits with `{shutdown, Reason}' (no crash
+%% report for a failure its starter is told of); the starter gets `{error, Reason}'.
+-spec quiet_start({ok, pid()} | {error, term()}) -> {ok, pid()} | {error, term()}.
+quiet_start({error, {shutdown, Reason}}) -> {error, Reason};
+quiet_start(Result) -> Result.
 
 %% @doc A request frame for the port (docs/protocol.md): the context id, the header
 %% (empty: no reply wanted) and the request's ETF.
@@ -180,7 +187,7 @@ init(Opts) ->
     process_flag(priority, high),
     process_flag(message_queue_data, off_heap),
     case ets:whereis(?TABLE) of
-        undefined -> {stop, pyport_not_started};
+        undefined -> {stop, {shutdown, pyport_not_started}};
         _ -> init_runtime(maps:get(key, Opts), Opts)
     end.
 
@@ -189,11 +196,11 @@ init_runtime(Key, Opts) ->
         + maps:get(start_timeout, Opts, ?DEFAULT_START_TIMEOUT),
     case opts_contexts(maps:get(contexts, Opts, [])) of
         {error, Reason} ->
-            {stop, Reason};
+            {stop, {shutdown, Reason}};
         {ok, Contexts} ->
             case open(Opts) of
                 {error, Reason} ->
-                    {stop, Reason};
+                    {stop, {shutdown, Reason}};
                 {ok, Port} ->
                     case start_port(Key, Port, Contexts, Deadline) of
                         {ok, Hello} ->
@@ -208,7 +215,7 @@ init_runtime(Key, Opts) ->
                             {ok, publish(Opts, Contexts, Hello, S)};
                         {error, Reason} ->
                             close(Port),
-                            {stop, Reason}
+                            {stop, {shutdown, Reason}}
                     end
             end
     end.

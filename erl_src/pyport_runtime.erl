@@ -68,9 +68,9 @@
 %% Opts cannot be created (later failures are restarted with back-off instead).
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    gen_server:start_link({local, Name}, ?MODULE, Opts, []);
+    pyport_port:quiet_start(gen_server:start_link({local, Name}, ?MODULE, Opts, []));
 start_link(Opts) when is_map(Opts) ->
-    gen_server:start_link(?MODULE, Opts, []).
+    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc A child spec for the user's own supervision tree. The runtime key (its
 %% registered name, else a reference made here) is fixed in the spec, so handles of
@@ -152,7 +152,7 @@ init(Opts0) ->
             true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
             {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
         {error, Reason} ->
-            {stop, Reason}
+            {stop, {shutdown, Reason}}
     end.
 
 %% @private gen_server callback.
