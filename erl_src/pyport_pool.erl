@@ -612,8 +612,13 @@ checkout(#row{members = Members} = Row, Size, Skip) ->
             await_ready(Row, Size, Skip);
         I ->
             case element(I, Members) of
-                {remote, _Node, _J, Member} ->
-                    take(Row, I, Member, Size, Skip);
+                {remote, Node, _J, Member} ->
+                    %% a node already gone is passed over before this pool has seen
+                    %% its nodedown (the request would only answer nodedown)
+                    case lists:member(Node, nodes([visible, hidden])) of
+                        true -> take(Row, I, Member, Size, Skip);
+                        false -> checkout(Row, Size, [I | Skip])
+                    end;
                 {Key, Context} ->
                     case pyport_runtime:is_up(Key) andalso
                          pyport_runtime:context_id(Key, Context) of

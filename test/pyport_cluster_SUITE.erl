@@ -367,6 +367,11 @@ pool_across_nodes(_Config) ->
                        Home
                    end || _ <- [1, 2, 3, 4]],
         ?assert(lists:member(TheirPid, EnvPids)),
+        %% calls made the moment the connection is gone, before the pool has seen its
+        %% nodedown, pass over the peer's member
+        true = erlang:disconnect_node(Node),
+        Now = [pyport:call(Pool, operator, add, [I, 1]) || I <- lists:seq(1, 20)],
+        ?assertEqual([{ok, I + 1} || I <- lists:seq(1, 20)], Now),
         stop_peer(Peer),
         pyport_ct:wait_for(fun() -> member_status(Pool, 2, down) end, 500),
         Results = [pyport:call(Pool, operator, add, [I, 1]) || I <- lists:seq(1, 50)],
