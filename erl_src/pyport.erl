@@ -92,11 +92,10 @@
 -define(REENTRANT_BIT, (1 bsl 63)).
 %% The process dictionary key of the runtime row a process used last (request/4).
 -define(LAST_RUNTIME, pyport_last_runtime).
-%% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
-%% alone, with no metadata map or closure built.
 %% How many terms of a pool request's arguments are looked at for an object handle.
 -define(REF_SEARCH, 64).
-
+%% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
+%% alone, with no metadata map or closure built.
 -define(TRACED(Meta, Expr),
         case pyport_telemetry:enabled() of
             false -> Expr;

@@ -297,7 +297,7 @@ handle_info(_Msg, S) ->
 terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remote}) ->
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
     _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
-         || N <- Remote, lists:member(N, nodes([visible, hidden]))],
+         || N <- Remote, connected(N)],
     lists:foreach(fun stop_runtime/1, maps:keys(Runtimes)).
 
 %%% Members on other nodes
@@ -307,8 +307,7 @@ terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remot
 %% its members. A node that is down (or has no pyport running) has its members marked
 %% down; when it is up again they are started there again.
 join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remote} = S) ->
-    Connected = lists:member(Node, nodes([visible, hidden])),
-    case lists:member(Node, Remote) andalso Connected of
+    case lists:member(Node, Remote) andalso connected(Node) of
         false ->
             S;
         true ->
@@ -344,7 +343,7 @@ join_node(Node, #state{name = Name, opts = Opts, row = Row, remote_nodes = Remot
 %% follows starts the node's members.
 connect(Node) ->
     Pool = self(),
-    case lists:member(Node, nodes([visible, hidden])) of
+    case connected(Node) of
         true ->
             ok;
         false ->
@@ -354,6 +353,10 @@ connect(Node) ->
                       end),
             ok
     end.
+
+%% Whether this node is connected to Node (hidden nodes too).
+connected(Node) ->
+    lists:member(Node, nodes([visible, hidden])).
 
 node_members(Node, #row{members = Ms}) ->
     [I || I <- lists:seq(1, tuple_size(Ms)), is_member_of(Node, element(I, Ms))].
@@ -615,7 +618,7 @@ checkout(#row{members = Members} = Row, Size, Skip) ->
                 {remote, Node, _J, Member} ->
                     %% a node already gone is passed over before this pool has seen
                     %% its nodedown (the request would only answer nodedown)
-                    case lists:member(Node, nodes([visible, hidden])) of
+                    case connected(Node) of
                         true -> take(Row, I, Member, Size, Skip);
                         false -> checkout(Row, Size, [I | Skip])
                     end;

@@ -312,11 +312,7 @@ impl Mailbox {
             ),
             (
                 Term::atom("running"),
-                Term::atom(if self.deadline.current().0 != 0 {
-                    "true"
-                } else {
-                    "false"
-                }),
+                Term::boolean(self.deadline.current().0 != 0),
             ),
         ])
     }

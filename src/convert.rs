@@ -427,7 +427,7 @@ pub fn encode_term(
     if obj.is_none() {
         w.atom(none_atom());
     } else if let Ok(b) = obj.cast_exact::<PyBool>() {
-        w.atom(if b.is_true() { "true" } else { "false" });
+        w.boolean(b.is_true());
     } else if let Ok(s) = obj.cast_exact::<PyString>() {
         w.binary(s.to_str()?.as_bytes());
     } else if obj.is_exact_instance_of::<PyInt>()

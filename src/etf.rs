@@ -401,6 +401,11 @@ impl<'a> Writer<'a> {
         }
     }
 
+    /// Erlang's `true` or `false`.
+    pub fn boolean(&mut self, b: bool) {
+        self.atom(if b { "true" } else { "false" });
+    }
+
     pub fn atom(&mut self, name: &str) {
         let b = name.as_bytes();
         if b.len() < 256 {
@@ -502,6 +507,11 @@ pub enum Term {
 impl Term {
     pub fn atom(s: &str) -> Term {
         Term::Atom(s.to_string())
+    }
+
+    /// Erlang's `true` or `false`.
+    pub fn boolean(b: bool) -> Term {
+        Term::atom(if b { "true" } else { "false" })
     }
 
     /// Decodes a whole term (version byte, one term, no trailing bytes).

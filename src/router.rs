@@ -604,10 +604,7 @@ impl Routing {
                 Term::atom("python_version"),
                 Term::Binary(self.python.version.clone().into_bytes()),
             ),
-            (
-                Term::atom("owngil"),
-                Term::atom(if self.python.owngil { "true" } else { "false" }),
-            ),
+            (Term::atom("owngil"), Term::boolean(self.python.owngil)),
             (Term::atom("os_pid"), Term::Int(std::process::id() as i64)),
             (
                 Term::atom("contexts"),

@@ -146,7 +146,7 @@ fn hello(writer: &Writer, info: &PythonInfo, config: &Config) {
         w.atom("python_version");
         w.binary(info.version.as_bytes());
         w.atom("owngil");
-        w.atom(if info.owngil { "true" } else { "false" });
+        w.boolean(info.owngil);
         w.atom("os_pid");
         w.int(std::process::id() as i64);
         w.atom("max_frame");
