@@ -478,13 +478,9 @@ member_name(I) ->
 start_runtime(Opts) ->
     RuntimeOpts = maps:without([name, size, mode, preload, max_requests, drain_timeout, nodes],
                                 Opts),
-    case pyport_runtime:start_link(RuntimeOpts) of
-        {ok, Pid} ->
-            {ok, Pid};
-        {error, _} = Error ->
-            receive {'EXIT', _, _} -> ok after 0 -> ok end,
-            Error
-    end.
+    %% a failed start's exit, and no other, is taken out of the mailbox there
+    %% (pyport_port:quiet_start/1)
+    pyport_runtime:start_link(RuntimeOpts).
 
 stop_runtime(Pid) ->
     exit(Pid, shutdown),

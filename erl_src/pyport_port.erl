@@ -143,9 +143,19 @@ start_link(#{key := _} = Opts) ->
 
 %% @private A process that fails to start exits with `{shutdown, Reason}' (no crash
 %% report for a failure its starter is told of); the starter gets `{error, Reason}'.
+%% A starter that traps exits also has the failed process's exit taken out of its
+%% mailbox when it has come: only that one (same reason), never another linked
+%% process's, which the starter must still see. One that comes later is the starter's
+%% to ignore.
 -spec quiet_start({ok, pid()} | {error, term()}) -> {ok, pid()} | {error, term()}.
-quiet_start({error, {shutdown, Reason}}) -> {error, Reason};
-quiet_start(Result) -> Result.
+quiet_start({error, {shutdown, Reason}}) ->
+    receive {'EXIT', _, {shutdown, Reason}} -> ok after 0 -> ok end,
+    {error, Reason};
+quiet_start({error, Reason} = Error) ->
+    receive {'EXIT', _, Reason} -> ok after 0 -> ok end,
+    Error;
+quiet_start(Started) ->
+    Started.
 
 %% @doc A request frame for the port (docs/protocol.md): the context id, the header
 %% (empty: no reply wanted) and the request's ETF.

@@ -147,7 +147,7 @@ init(Opts0) ->
     process_flag(trap_exit, true),
     Key = runtime_key(Opts0),
     Opts = Opts0#{key => Key, handle => self()},
-    case start_port_owner(Opts) of
+    case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
             {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
@@ -204,16 +204,6 @@ runtime_key(#{key := Key}) -> Key;
 runtime_key(#{name := Name}) when is_atom(Name) -> Name;
 runtime_key(_) -> make_ref().
 
-start_port_owner(Opts) ->
-    case pyport_port:start_link(Opts) of
-        {ok, Pid} ->
-            {ok, Pid};
-        {error, _} = Error ->
-            %% the failed start_link also sent us its exit
-            receive {'EXIT', _, _} -> ok after 0 -> ok end,
-            Error
-    end.
-
 %% The OS process is gone: callers are told at once, and a new one comes after the
 %% back-off delay.
 port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashes} = S) ->
@@ -239,7 +229,7 @@ delay(Crashes, Restart) ->
 restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
     true = ets:insert(?TABLE, {{restarts, Key}, N + 1}),
     S1 = S#state{restarts = N + 1, started_at = now_ms()},
-    case start_port_owner(Opts) of
+    case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             S1#state{port_owner = Pid};
         {error, Reason} ->
