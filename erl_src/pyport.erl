@@ -340,7 +340,7 @@ eval(Target, Code, Locals, Opts)
   when ?REMOTE(Target), is_map(Locals), is_map(Opts) ->
     remote(target_node(Target), eval, [Target, Code, Locals, as_caller(Opts)], Opts);
 eval(#pyport_pool{} = Pool, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
-    on_pool(Pool, maps:values(Locals), Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
+    on_pool(Pool, Locals, Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
 eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => eval},
             request(Key, Id, {eval, code(Code), Locals}, Opts)).
