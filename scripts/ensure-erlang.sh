@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs Erlang/OTP, rebar3, Common Test and Elixir (for the Mix and Elixir tests)
-# from Debian's packages when absent.
+# Installs Erlang/OTP, rebar3, Common Test, PropEr (the property model of
+# test/pyport_model_SUITE) and Elixir (for the Mix and Elixir tests) from Debian's
+# packages when absent.
 set -euo pipefail
 need=()
 command -v erl >/dev/null 2>&1 || need+=(erlang-base erlang-dev erlang-eunit erlang-tools erlang-syntax-tools erlang-dialyzer)
@@ -11,6 +12,12 @@ if command -v erl >/dev/null 2>&1; then
         || need+=(erlang-common-test)
 else
     need+=(erlang-common-test)
+fi
+if command -v erl >/dev/null 2>&1; then
+    erl -noshell -eval 'case code:lib_dir(proper) of {error, _} -> halt(1); _ -> halt(0) end.' \
+        || need+=(erlang-proper)
+else
+    need+=(erlang-proper)
 fi
 [ ${#need[@]} -eq 0 ] && exit 0
 echo "ensure-erlang: installing ${need[*]}" >&2
