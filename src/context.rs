@@ -4,7 +4,7 @@
 //! Frames are routed into a context's bounded [`Mailbox`], which wakes the thread only if
 //! it sleeps. A thread that runs out of work spins for a short, bounded while (GIL
 //! released, yielding the CPU between tries) before it sleeps in its own mio poll,
-//! because a sleeping thread costs tens of microseconds of wake-up latency (DESIGN.md).
+//! because a sleeping thread costs tens of microseconds of wake-up latency (docs/architecture.md, "Latency").
 //! While it spins it also reads stdin itself through the shared [`Inbox`]: a request for
 //! an idle context is then read, served and answered by that one thread, with no hop.
 //! (The router implements [`Inbox`]; this module knows it only by that trait, so the

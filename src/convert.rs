@@ -1,7 +1,7 @@
 //! Erlang terms <-> Python objects, decoded straight from ETF bytes into Python objects
 //! and encoded straight from Python objects into ETF bytes (no intermediate tree).
 //!
-//! The mapping is the table in docs (API.md, "Type mapping"). Everything here runs on the
+//! The mapping is the table in docs/api.md, "Type mapping". Everything here runs on the
 //! thread that owns the interpreter; the per-interpreter type objects live in [`Types`].
 
 use std::cell::RefCell;

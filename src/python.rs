@@ -1,7 +1,7 @@
 //! The CPython lifecycle through raw `pyo3::ffi`: starting the main interpreter, and
 //! creating and ending OWN_GIL sub-interpreters (pyo3 has no API for these).
 //!
-//! Rules (see DESIGN.md): the main interpreter pre-imports `_datetime` and `ctypes` on
+//! Rules (see docs/architecture.md): the main interpreter pre-imports `_datetime` and `ctypes` on
 //! Python < 3.14 before any sub-interpreter exists, then releases its GIL for good.
 //! Each sub-interpreter is created on, used by, and ended on one dedicated thread.
 

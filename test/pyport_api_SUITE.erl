@@ -318,7 +318,7 @@ timeout_values(Config) ->
 
 timeout_interrupts_python() ->
     [{doc, "After a timeout the runtime interrupts the Python code that overran, so "
-           "the context serves the next call soon (API.md, Errors)."}].
+           "the context serves the next call soon (docs/api.md, Errors)."}].
 timeout_interrupts_python(Config) ->
     Ctx = ?config(ctx, Config),
     ok = pyport:exec(Ctx, <<"import time\n"

@@ -1,4 +1,4 @@
-%% @doc The type mapping of API.md, every row in both directions.
+%% @doc The type mapping of docs/api.md, every row in both directions.
 -module(pyport_types_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
