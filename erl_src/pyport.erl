@@ -94,6 +94,15 @@
 -define(LAST_RUNTIME, pyport_last_runtime).
 %% How many terms of a pool request's arguments are looked at for an object handle.
 -define(REF_SEARCH, 64).
+%% The keys of a request's Opts (`caller' is set for a request made on behalf of
+%% another process: async_call/6, a handle of another node), a stream's, and a
+%% channel's. Any other key is `{error, {bad_option, Key}}' before anything is sent.
+-define(CALL_OPTIONS, [timeout, env, return, caller]).
+-define(STREAM_OPTIONS, [window | ?CALL_OPTIONS]).
+-define(CHANNEL_OPTIONS, [capacity]).
+-define(IS_NAME(N), (is_atom(N) orelse is_binary(N) orelse is_list(N))).
+-define(IS_CODE(C), (is_binary(C) orelse is_list(C))).
+-define(IS_TARGET(T), (is_record(T, pyport_ctx) orelse is_record(T, pyport_pool))).
 %% Expr inside a telemetry span when the telemetry module is loaded; otherwise Expr
 %% alone, with no metadata map or closure built.
 -define(TRACED(Meta, Expr),
@@ -257,7 +266,9 @@ stop_context(#pyport_ctx{key = Key, id = Id}) ->
             end;
         {error, _} = Error ->
             Error
-    end.
+    end;
+stop_context(_NotACtx) ->
+    {error, {bad_request, ctx}}.
 
 %% @doc Stops the request the context is running now: `erlang.Interrupted' (a
 %% `BaseException') is raised in it at its next bytecode boundary, or at once when it
@@ -274,13 +285,20 @@ interrupt(#pyport_ctx{key = Key, id = Id}) ->
             ok;
         {error, _} = Error ->
             Error
-    end.
+    end;
+interrupt(_NotACtx) ->
+    {error, {bad_request, ctx}}.
 
 %%% Calls
 
 %% @doc `Module.Function(*Args)' in a context of the default runtime (chosen by the
 %% caller's scheduler).
+%% A context or pool given where the module goes (`call(Ctx, len, Args)', meant as
+%% `call(Ctx, builtins, len, Args)') is `{error, {bad_request, module}}'.
 -spec call(name(), name(), list()) -> {ok, term()} | {error, error()}.
+call(Module, Function, Args) when not ?IS_NAME(Module); not ?IS_NAME(Function);
+                                  not is_list(Args) ->
+    bad_call(Module, Function, Args, #{}, #{});
 call(Module, Function, Args) ->
     case default_context() of
         {ok, Ctx} -> call(Ctx, Module, Function, Args, #{}, #{});
@@ -311,10 +329,25 @@ call(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts)
     on_pool(Pool, [Args, Kwargs], Opts,
             fun(Ctx) -> call(Ctx, Module, Function, Args, Kwargs, Opts) end);
 call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
-  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
+  when ?IS_NAME(Module), ?IS_NAME(Function), is_list(Args), is_map(Kwargs), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => call, module => Module,
               function => Function},
-            request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts)).
+            request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts));
+call(Target, Module, Function, Args, Kwargs, Opts) ->
+    bad_call(Target, Module, Function, Args, Kwargs, Opts).
+
+%% What is wrong with the arguments of a call no clause took.
+bad_call(Module, Function, Args, Kwargs, Opts) ->
+    case check_call(#pyport_pool{name = default}, Module, Function, Args, Kwargs, Opts) of
+        ok -> {error, {bad_request, module}};
+        {error, _} = Error -> Error
+    end.
+
+bad_call(Target, Module, Function, Args, Kwargs, Opts) ->
+    case check_call(Target, Module, Function, Args, Kwargs, Opts) of
+        ok -> {error, {bad_request, module}};
+        {error, _} = Error -> Error
+    end.
 
 %% @doc Evaluates an expression in a context of the default runtime.
 -spec eval(code()) -> {ok, term()} | {error, error()}.
@@ -341,9 +374,13 @@ eval(Target, Code, Locals, Opts)
     remote(target_node(Target), eval, [Target, Code, Locals, as_caller(Opts)], Opts);
 eval(#pyport_pool{} = Pool, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
     on_pool(Pool, Locals, Opts, fun(Ctx) -> eval(Ctx, Code, Locals, Opts) end);
-eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts) when is_map(Locals), is_map(Opts) ->
+eval(#pyport_ctx{key = Key, id = Id}, Code, Locals, Opts)
+  when ?IS_CODE(Code), is_map(Locals), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => eval},
-            request(Key, Id, {eval, code(Code), Locals}, Opts)).
+            request(Key, Id, {eval, code(Code), Locals}, Opts));
+eval(Target, Code, Locals, Opts) ->
+    bad_request([{ctx, ?IS_TARGET(Target)}, {code, ?IS_CODE(Code)},
+                 {locals, is_map(Locals)}, {opts, is_map(Opts)}]).
 
 %% @doc Runs statements in the `__main__' namespace of a context of the default runtime.
 -spec exec(code()) -> ok | {error, error()}.
@@ -364,9 +401,18 @@ exec(Target, Code, Opts) when ?REMOTE(Target), is_map(Opts) ->
     remote(target_node(Target), exec, [Target, Code, as_caller(Opts)], Opts);
 exec(#pyport_pool{} = Pool, Code, Opts) when is_map(Opts) ->
     on_pool(Pool, [], Opts, fun(Ctx) -> exec(Ctx, Code, Opts) end);
-exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when is_map(Opts) ->
+exec(#pyport_ctx{key = Key, id = Id}, Code, Opts) when ?IS_CODE(Code), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => exec},
-            request(Key, Id, {exec, code(Code)}, Opts)).
+            request(Key, Id, {exec, code(Code)}, Opts));
+exec(Target, Code, Opts) ->
+    bad_request([{ctx, ?IS_TARGET(Target)}, {code, ?IS_CODE(Code)}, {opts, is_map(Opts)}]).
+
+%% `{error, {bad_request, What}}' for the first check that failed.
+bad_request(Checks) ->
+    case [What || {What, false} <- Checks] of
+        [] -> {error, {bad_request, ctx}};
+        [What | _] -> {error, {bad_request, What}}
+    end.
 
 %%% Process-local environments
 
@@ -394,7 +440,9 @@ new_env_owned(#pyport_ctx{key = Key, id = Id}, Owner) ->
             end;
         {error, _} = Error ->
             Error
-    end.
+    end;
+new_env_owned(_NotATarget, _Owner) ->
+    {error, {bad_request, ctx}}.
 
 %% @doc Frees an env (from any process). Dropping it again, or after its runtime or
 %% context is gone, is `ok' too.
@@ -534,15 +582,32 @@ async_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
 %% Arguments that would make a request fail before it is sent: `{bad_request, What}'
 %% at once, rather than a crash in a process the caller does not see.
 check_call(Ctx, Module, Function, Args, Kwargs, Opts) ->
-    Checks = [{ctx, is_record(Ctx, pyport_ctx) orelse is_record(Ctx, pyport_pool)},
+    check_call(Ctx, Module, Function, Args, Kwargs, Opts, ?CALL_OPTIONS).
+
+check_call(Ctx, Module, Function, Args, Kwargs, Opts, Known) ->
+    Checks = [{ctx, ?IS_TARGET(Ctx)},
               {module, is_name(Module)},
               {function, is_name(Function)},
               {args, is_list(Args)},
               {kwargs, is_map(Kwargs)},
               {opts, is_map(Opts)}],
     case [What || {What, false} <- Checks] of
-        [] -> ok;
-        [What | _] -> {error, {bad_request, What}}
+        [] ->
+            case unknown_option(Opts, Known) of
+                none -> ok;
+                Key -> {error, {bad_option, Key}}
+            end;
+        [What | _] ->
+            {error, {bad_request, What}}
+    end.
+
+%% The first key of Opts that is not in Known, or `none'.
+unknown_option(Opts, _Known) when map_size(Opts) =:= 0 ->
+    none;
+unknown_option(Opts, Known) ->
+    case [K || K <- maps:keys(Opts), not lists:member(K, Known)] of
+        [] -> none;
+        [Key | _] -> Key
     end.
 
 is_name(Name) ->
@@ -628,7 +693,7 @@ stream(Ctx, Module, Function, Args, Kwargs) ->
 -spec stream(target(), name(), name(), list(), map(), call_opts()) ->
           {ok, stream()} | {error, error()}.
 stream(Ctx, Module, Function, Args, Kwargs, Opts) ->
-    case check_call(Ctx, Module, Function, Args, Kwargs, Opts) of
+    case check_call(Ctx, Module, Function, Args, Kwargs, Opts, ?STREAM_OPTIONS) of
         ok -> stream_checked(Ctx, Module, Function, Args, Kwargs, Opts);
         {error, _} = Error -> Error
     end.
@@ -786,14 +851,19 @@ channel_open(#pyport_ctx{home = Home} = Ctx, Name, Opts) when node(Home) =/= nod
     remote(node(Home), channel_open, [Ctx, Name, Opts]);
 channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
+    Unknown = unknown_option(Opts, ?CHANNEL_OPTIONS),
     case runtime(Key) of
+        {ok, _} when Unknown =/= none ->
+            {error, {bad_option, Unknown}};
         {ok, _} when not (is_integer(Capacity) andalso Capacity > 0) ->
             {error, {bad_request, {capacity, Capacity}}};
         {ok, {_, Pid, Port, _, MaxFrame} = Runtime} ->
             case new_id(Runtime, Id, {channel_open, name(Name), Capacity}) of
                 {ok, ChanId} ->
                     Counters = counters:new(2, [atomics]),
-                    gen_server:cast(Pid, {channel, Id, ChanId, Counters}),
+                    %% once this returns, the handle of the channel this one replaced
+                    %% (same name, same context) answers `{error, closed}'
+                    pyport_port:channel_opened(Pid, Id, ChanId, name(Name), Counters),
                     {ok, #pyport_channel{key = Key, ctx = Id, id = ChanId, port = Port,
                                          runtime = Pid, max_frame = MaxFrame,
                                          capacity = Capacity, counters = Counters}};
@@ -802,7 +872,9 @@ channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
             end;
         {error, _} = Error ->
             Error
-    end.
+    end;
+channel_open(Ctx, _Name, Opts) ->
+    bad_request([{ctx, is_record(Ctx, pyport_ctx)}, {opts, is_map(Opts)}]).
 
 %% @doc Sends a term to the channel without ever blocking: `busy' while `capacity'
 %% items are in it that Python has not taken, `{error, closed}' once it is closed (or
@@ -867,7 +939,15 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
 %% made again with the row looked up afresh. Nothing else checks the row: a check that
 %% the owner is alive waits for the signals this process sent it, which costs more than
 %% the look-up.
+request(Key, Id, Req, Opts) when map_size(Opts) =:= 0 ->
+    request_known(Key, Id, Req, Opts);
 request(Key, Id, Req, Opts) ->
+    case unknown_option(Opts, ?CALL_OPTIONS) of
+        none -> request_known(Key, Id, Req, Opts);
+        Unknown -> {error, {bad_option, Unknown}}
+    end.
+
+request_known(Key, Id, Req, Opts) ->
     case get(?LAST_RUNTIME) of
         {Key, _, _, _, _} = Runtime ->
             case try_runtime_request(Runtime, Id, Req, Opts) of
@@ -956,9 +1036,13 @@ returned(Reply, _Key, _Id, _Pid, _Owner, _Opts) ->
     Reply.
 
 %% The monitor (with an alias) and the receive stay in one function, so the receive
-%% skips the messages queued before the monitor was made. After a timeout the
-%% demonitor deactivates the alias: a late reply is dropped and can never reach a later
-%% call; one that arrived just before is taken out of the mailbox here.
+%% skips the messages queued before the monitor was made. The reply leaves no 'DOWN'
+%% behind, even when the runtime exits right after sending it: `reply_demonitor'
+%% removes the monitor as the reply's signal reaches this process, and the runtime's
+%% 'DOWN' (the port owner sends both) always comes after it and finds no monitor
+%% (pyport_contract_SUITE checks this with the caller suspended meanwhile). After a
+%% timeout the demonitor deactivates the alias: a late reply is dropped and can never
+%% reach a later call; one that arrived just before is taken out of the mailbox here.
 send_request(Pid, Port, Id, Body, Timeout, MaxFrame) ->
     Mref = erlang:monitor(process, Pid, [{alias, reply_demonitor}]),
     case write_request(Port, Id, term_to_binary(Mref), Body, MaxFrame) of
@@ -1120,7 +1204,13 @@ member_ctx(undefined) -> undefined.
 %% The member a request on a pool goes to: the one that holds the env or an object
 %% handle the request uses (they stay on their member), else the least loaded one. It
 %% counts as in flight on that member until Fun returns.
-on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
+on_pool(Pool, Args, Opts, Fun) ->
+    case unknown_option(Opts, ?STREAM_OPTIONS) of
+        none -> on_pool_checked(Pool, Args, Opts, Fun);
+        Unknown -> {error, {bad_option, Unknown}}
+    end.
+
+on_pool_checked(#pyport_pool{name = Name}, Args, Opts, Fun) ->
     case affinity(Args, Opts) of
         {ok, #pyport_ctx{key = Key, id = Id, home = Home} = Ctx} ->
             case pyport_pool:checkout_member(Name, Key, Id, node(Home)) of
@@ -1134,7 +1224,7 @@ on_pool(#pyport_pool{name = Name}, Args, Opts, Fun) ->
                     Fun(Ctx)
             end;
         none ->
-            case pyport_pool:checkout(Name) of
+            case pyport_pool:checkout(Name, maps:get(timeout, Opts, default)) of
                 {ok, Ticket, Member} ->
                     try
                         Fun(member_ctx(Member))

@@ -33,6 +33,7 @@
 -export([start_link/1]).
 -export([child_spec/1]).
 -export([checkout/1]).
+-export([checkout/2]).
 -export([checkin/1]).
 -export([checkout_member/4]).
 -export([info/1]).
@@ -58,6 +59,10 @@
 -define(DOWN, 2).
 %% how often a node that is up but whose members could not start is tried again
 -define(NODE_RETRY_MS, 500).
+-define(CALL_TIMEOUT, 30000).
+%% a runtime's max_atoms when none is given (as in pyport_port)
+-define(DEFAULT_MAX_ATOMS, 5000).
+-define(POOL_OPTIONS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
 
 -type opts() :: #{name := atom(),
                   nodes => [node()],
@@ -85,6 +90,8 @@
               state :: atomics:atomics_ref(),
               served :: atomics:atomics_ref(),
               max_requests :: pos_integer() | infinity,
+              %% how long a request without a `timeout' waits for a member being replaced
+              call_timeout :: timeout(),
               pid :: pid()}).
 
 -record(state, {name :: atom(),
@@ -131,7 +138,7 @@ child_spec(#{name := Name} = Opts) when is_atom(Name) ->
     #{id => {?MODULE, Name},
       start => {?MODULE, start_link, [Opts]},
       restart => permanent,
-      shutdown => ?STOP_WAIT + 1000,
+      shutdown => 2 * ?STOP_WAIT + 1000,
       type => worker,
       modules => [?MODULE]}.
 
@@ -140,8 +147,19 @@ child_spec(#{name := Name} = Opts) when is_atom(Name) ->
 %% `{error, Reason}'. Members whose runtime is down are passed over while another is up.
 -spec checkout(atom()) -> {ok, ticket(), member()} | {error, term()}.
 checkout(Name) ->
+    checkout(Name, infinity).
+
+%% @doc checkout/1 waiting at most Timeout ms for a member being replaced
+%% (`{error, timeout}' past it); `default' is the pool's `call_timeout'.
+-spec checkout(atom(), timeout() | default) -> {ok, ticket(), member()} | {error, term()}.
+checkout(Name, Timeout) ->
     case row(Name) of
-        {ok, Row} -> checkout(Row, tuple_size(Row#row.members), []);
+        {ok, #row{call_timeout = Default} = Row} ->
+            T = case Timeout of
+                    default -> Default;
+                    _ -> Timeout
+                end,
+            checkout(Row, tuple_size(Row#row.members), [], T);
         {error, _} = Error -> Error
     end.
 
@@ -207,6 +225,23 @@ info(Name) ->
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(#{name := Name} = Opts0) ->
     process_flag(trap_exit, true),
+    case check_opts(Opts0) of
+        ok -> init_pool(Name, Opts0);
+        {error, Reason} -> {stop, {shutdown, Reason}}
+    end.
+
+%% A pool's own keys and the runtime options every member gets (but `key', `handle'
+%% and `contexts', which the pool sets itself): any other key is
+%% `{error, {bad_option, Key}}', and a `venv' that is no virtualenv is refused as a
+%% runtime's is.
+check_opts(Opts) ->
+    Known = ?POOL_OPTIONS ++ (pyport_port:runtime_options() -- [key, handle, contexts]),
+    case [K || K <- maps:keys(Opts), not lists:member(K, Known)] of
+        [] -> pyport_port:check_opts(maps:with(pyport_port:runtime_options(), Opts));
+        [Key | _] -> {error, {bad_option, Key}}
+    end.
+
+init_pool(Name, Opts0) ->
     Size = maps:get(size, Opts0, erlang:system_info(schedulers_online)),
     Opts = Opts0#{size => Size},
     Nodes = maps:get(nodes, Opts, [node()]),
@@ -230,6 +265,7 @@ init(#{name := Name} = Opts0) ->
                        state = atomics:new(Total, []),
                        served = atomics:new(Total, []),
                        max_requests = maps:get(max_requests, Opts, infinity),
+                       call_timeout = maps:get(call_timeout, Opts, ?CALL_TIMEOUT),
                        pid = self()},
             [atomics:put(Row#row.state, I, ?DOWN)
              || I <- lists:seq(length(LocalMembers) + 1, Total)],
@@ -263,33 +299,52 @@ handle_cast(_Msg, S) ->
 
 %% @private gen_server callback.
 -spec handle_info(term(), #state{}) -> {noreply, #state{}}.
-handle_info({replace, I}, #state{row = #row{members = Ms} = Row} = S)
+handle_info(Msg, S) ->
+    {noreply, S1} = member_event(Msg, S),
+    {noreply, wake_waiting(S1)}.
+
+%% Callers waiting in await_ready are answered once a member is ready, and also once no
+%% member is being replaced any more (all down: they are told so); whatever changed
+%% the members' states (a replacement, a remote member back, a node gone).
+wake_waiting(#state{waiting = []} = S) ->
+    S;
+wake_waiting(#state{waiting = Waiting, row = #row{state = St, members = Ms}} = S) ->
+    States = [atomics:get(St, I) || I <- lists:seq(1, tuple_size(Ms))],
+    case lists:member(?READY, States) orelse not lists:member(?DRAINING, States) of
+        true ->
+            [gen_server:reply(From, ok) || From <- Waiting],
+            S#state{waiting = []};
+        false ->
+            S
+    end.
+
+member_event({replace, I}, #state{row = #row{members = Ms} = Row} = S)
   when element(1, element(I, Ms)) =:= remote ->
     %% max_requests applies to the members of this node only (see the module doc)
     atomics:put(Row#row.served, I, 0),
     atomics:put(Row#row.state, I, ?READY),
     {noreply, S};
-handle_info({replace, I}, S) ->
+member_event({replace, I}, S) ->
     {noreply, drain(I, erlang:monotonic_time(millisecond), S)};
-handle_info({nodeup, Node, _Info}, S) ->
+member_event({nodeup, Node, _Info}, S) ->
     {noreply, join_node(Node, S)};
-handle_info({retry_node, Node}, S) ->
+member_event({retry_node, Node}, S) ->
     {noreply, join_node(Node, S)};
-handle_info({nodedown, Node, _Info}, #state{row = Row} = S) ->
+member_event({nodedown, Node, _Info}, #state{row = Row} = S) ->
     [atomics:put(Row#row.state, I, ?DOWN) || I <- node_members(Node, Row)],
     self() ! {connect, Node},
     {noreply, S};
-handle_info({connect, Node}, S) ->
+member_event({connect, Node}, S) ->
     connect(Node),
     {noreply, S};
-handle_info({drain, I, Since}, S) ->
+member_event({drain, I, Since}, S) ->
     {noreply, drain(I, Since, S)};
-handle_info({'EXIT', Pid, Reason}, #state{runtimes = Runtimes} = S)
+member_event({'EXIT', Pid, Reason}, #state{runtimes = Runtimes} = S)
   when is_map_key(Pid, Runtimes) ->
     {noreply, runtime_exited(Pid, Reason, S)};
-handle_info({'EXIT', _Pid, _Reason}, S) ->
+member_event({'EXIT', _Pid, _Reason}, S) ->
     {noreply, S};
-handle_info(_Msg, S) ->
+member_event(_Msg, S) ->
     {noreply, S}.
 
 %% @private gen_server callback.
@@ -298,7 +353,7 @@ terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remot
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
     _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
          || N <- Remote, connected(N)],
-    lists:foreach(fun stop_runtime/1, maps:keys(Runtimes)).
+    pyport_port:stop_linked(maps:keys(Runtimes)).
 
 %%% Members on other nodes
 
@@ -454,16 +509,27 @@ start_main(I, Size, Opts, Why, Runtimes, Members) ->
         {ok, Pid, Member} ->
             start_main(I + 1, Size, Opts, Why, Runtimes#{Pid => I}, [Member | Members]);
         {error, _} = Error ->
-            lists:foreach(fun stop_runtime/1, maps:keys(Runtimes)),
+            pyport_port:stop_linked(maps:keys(Runtimes)),
             Error
     end.
 
 start_main_member(I, #{name := Name} = Opts) ->
     Key = {pyport_pool, Name, I},
-    case start_runtime(Opts#{key => Key, contexts => [member_spec(I, main, Opts)]}) of
+    case start_runtime(Opts#{key => Key, contexts => [member_spec(I, main, Opts)],
+                             max_atoms => atom_share(I, Opts)}) of
         {ok, Pid} -> {ok, Pid, {Key, member_name(I)}};
         {error, _} = Error -> Error
     end.
+
+%% The pool's `max_atoms' (default that of a runtime) is the budget of all its members
+%% on this node together: a member runtime of its own (mode `main') gets its share, so
+%% the members do not multiply it. (An `owngil' pool is one runtime: it has it all.)
+atom_share(I, #{size := Size} = Opts) ->
+    Max = maps:get(max_atoms, Opts, ?DEFAULT_MAX_ATOMS),
+    Max div Size + case I =< Max rem Size of
+                       true -> 1;
+                       false -> 0
+                   end.
 
 member_spec(I, Mode, Opts) ->
     Spec = #{name => member_name(I), mode => Mode},
@@ -476,20 +542,11 @@ member_name(I) ->
     list_to_atom("member_" ++ integer_to_list(I)).
 
 start_runtime(Opts) ->
-    RuntimeOpts = maps:without([name, size, mode, preload, max_requests, drain_timeout, nodes],
-                                Opts),
+    RuntimeOpts = maps:without(?POOL_OPTIONS, Opts),
     %% a failed start's exit, and no other, is taken out of the mailbox there
     %% (pyport_port:quiet_start/1)
     pyport_runtime:start_link(RuntimeOpts).
 
-stop_runtime(Pid) ->
-    exit(Pid, shutdown),
-    receive
-        {'EXIT', Pid, _} -> ok
-    after ?STOP_WAIT ->
-        exit(Pid, kill),
-        receive {'EXIT', Pid, _} -> ok end
-    end.
 
 %% A runtime process died (its OS process crashing is handled inside it; this is the
 %% process itself): start it again under the same key and context names, which is all
@@ -605,47 +662,57 @@ row(Name) ->
     end.
 
 %% Tries members from the least loaded up; Skip holds those found down.
-checkout(#row{members = Members} = Row, Size, Skip) ->
+checkout(#row{members = Members} = Row, Size, Skip, Timeout) ->
     case least_loaded(Row, Size, Skip) of
         none ->
-            await_ready(Row, Size, Skip);
+            await_ready(Row, Size, Skip, Timeout);
         I ->
             case element(I, Members) of
                 {remote, Node, _J, Member} ->
                     %% a node already gone is passed over before this pool has seen
                     %% its nodedown (the request would only answer nodedown)
                     case connected(Node) of
-                        true -> take(Row, I, Member, Size, Skip);
-                        false -> checkout(Row, Size, [I | Skip])
+                        true -> take(Row, I, Member, Size, Skip, Timeout);
+                        false -> checkout(Row, Size, [I | Skip], Timeout)
                     end;
                 {Key, Context} ->
                     case pyport_runtime:is_up(Key) andalso
                          pyport_runtime:context_id(Key, Context) of
-                        {ok, Id} -> take(Row, I, {Key, Id, whereis(init)}, Size, Skip);
-                        _ -> checkout(Row, Size, [I | Skip])
+                        {ok, Id} -> take(Row, I, {Key, Id, whereis(init)}, Size, Skip, Timeout);
+                        _ -> checkout(Row, Size, [I | Skip], Timeout)
                     end
             end
     end.
 
 %% No member is ready and up. While some are being replaced (max_requests), wait for
-%% one rather than fail the call; when all are down, say so at once.
-await_ready(#row{name = Name, state = St, pid = Pid}, Size, Skip) ->
+%% one rather than fail the call, at most Timeout (the request's); when all are down,
+%% say so at once. The pool answers every waiter as soon as a member is ready again or
+%% none is being replaced any more (wake_waiting/1).
+await_ready(#row{name = Name, state = St, pid = Pid}, Size, Skip, Timeout) ->
     Replacing = [I || I <- lists:seq(1, Size), atomics:get(St, I) =:= ?DRAINING,
                       not lists:member(I, Skip)],
     case Replacing of
         [] ->
             {error, {runtime_down, no_member_up}};
         _ ->
-            try gen_server:call(Pid, await_ready, infinity) of
-                ok -> checkout(Name)
+            Deadline = deadline(Timeout),
+            try gen_server:call(Pid, await_ready, Timeout) of
+                ok -> checkout(Name, left(Deadline))
             catch
+                exit:{timeout, _} -> {error, timeout};
                 exit:_ -> {error, {runtime_down, no_member_up}}
             end
     end.
 
+deadline(infinity) -> infinity;
+deadline(Ms) -> erlang:monotonic_time(millisecond) + Ms.
+
+left(infinity) -> infinity;
+left(Deadline) -> max(0, Deadline - erlang:monotonic_time(millisecond)).
+
 %% Counts the request, then looks at the state again: a member being drained that was
 %% ready a moment ago is given back, so the drain never misses a request.
-take(#row{load = Load, state = St} = Row, I, Member, Size, Skip) ->
+take(#row{load = Load, state = St} = Row, I, Member, Size, Skip, Timeout) ->
     atomics:add(Load, I, 1),
     case atomics:get(St, I) of
         ?READY ->
@@ -653,7 +720,7 @@ take(#row{load = Load, state = St} = Row, I, Member, Size, Skip) ->
             {ok, {Load, I}, Member};
         _ ->
             atomics:sub(Load, I, 1),
-            checkout(Row, Size, [I | Skip])
+            checkout(Row, Size, [I | Skip], Timeout)
     end.
 
 %% One more request served by member I; the one that makes max_requests takes the

@@ -34,6 +34,10 @@
 
 -export([start_link/1]).
 -export([quiet_start/1]).
+-export([check_opts/1]).
+-export([stop_linked/1]).
+-export([atoms_spent/1]).
+-export([runtime_options/0]).
 -export([request_frame/3]).
 -export([cast_request/3]).
 -export([write/2]).
@@ -42,6 +46,7 @@
 -export([new_context/3]).
 -export([stop_context/3]).
 -export([info/2]).
+-export([channel_opened/5]).
 -export([init/1]).
 -export([handle_call/3]).
 -export([handle_cast/2]).
@@ -57,11 +62,24 @@
 -define(DEFAULT_MAX_ATOMS, 5000).
 -define(MAX_CALLBACKS, 100).
 -define(DEFAULT_MAX_MAILBOX, 10000).
+%% How long the OS process may take to exit when asked to before it is killed, and how
+%% long a process stopped with stop_linked/1 may take to end before it is killed. The
+%% first (twice: the exit after the kill too) stays well within the second, and the
+%% second within the supervisors' shutdown time (pyport_runtime, pyport_pool).
+-define(EXIT_GRACE, 1500).
+-define(STOP_WAIT, 5000).
 %% How often a destination refused for a full mailbox is looked at again.
 -define(BUSY_CHECK_MS, 10).
 -define(PROTOCOL_VERSION, 1).
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
+%% The keys of a runtime's Opts (`key' and `handle' are set by `pyport_runtime') and of
+%% a context spec. Any other key is `{error, {bad_option, Key}}' at start.
+-define(RUNTIME_OPTIONS, [name, key, handle, executable, path, venv, env, contexts,
+                          call_timeout, start_timeout, max_frame, queue_capacity,
+                          stuck_after, max_memory, max_atoms, max_reply, max_mailbox,
+                          none, restart]).
+-define(CONTEXT_OPTIONS, [name, mode, preload, path]).
 
 %% a registered name, a reference, or a pool's `{pyport_pool, Name, ...}'
 -type key() :: atom() | reference() | tuple().
@@ -128,7 +146,9 @@
     %% each item's owner
     owned = #{} :: #{owned() => pid()},
     %% open channels: the counters their handles share (items untaken, closed flag)
-    channels = #{} :: #{{ctx_id(), pos_integer()} => counters:counters_ref()}
+    channels = #{} :: #{{ctx_id(), pos_integer()} => counters:counters_ref()},
+    %% the open channel of each name, by context
+    channel_names = #{} :: #{{ctx_id(), binary()} => pos_integer()}
 }).
 
 %%% API
@@ -157,6 +177,45 @@ quiet_start({error, Reason} = Error) ->
 quiet_start(Started) ->
     Started.
 
+%% @doc Checks a runtime's Opts before anything starts: `{error, {bad_option, Key}}'
+%% for a key no runtime knows (a misspelt `call_timout' would otherwise be ignored),
+%% `{error, {bad_option, {venv, Dir}}}' for a `venv' that is no virtualenv (no
+%% `lib/python*/site-packages' under it), and `{error, {bad_option, Key}}' for a
+%% context spec in `contexts' with an unknown key.
+-spec check_opts(map()) -> ok | {error, {bad_option, term()}}.
+check_opts(Opts) ->
+    case unknown_key(Opts, ?RUNTIME_OPTIONS) of
+        none -> check_venv(Opts);
+        Key -> {error, {bad_option, Key}}
+    end.
+
+%% @private The keys a runtime's Opts may have (for a pool, which passes them on).
+-spec runtime_options() -> [atom()].
+runtime_options() ->
+    ?RUNTIME_OPTIONS.
+
+check_venv(#{venv := Dir}) ->
+    case venv_site_packages(Dir) of
+        [] -> {error, {bad_option, {venv, Dir}}};
+        _ -> ok
+    end;
+check_venv(_) ->
+    ok.
+
+venv_site_packages(Dir) ->
+    try
+        filelib:wildcard(filename:join([to_list(Dir), "lib", "python*", "site-packages"]))
+    catch
+        error:_ -> []
+    end.
+
+%% The first key of Map that is not in Known, or `none'.
+unknown_key(Map, Known) ->
+    case [K || K <- maps:keys(Map), not lists:member(K, Known)] of
+        [] -> none;
+        [Key | _] -> Key
+    end.
+
 %% @doc A request frame for the port (docs/protocol.md): the context id, the header
 %% (empty: no reply wanted) and the request's ETF.
 -spec request_frame(non_neg_integer(), binary(), iodata()) -> iolist().
@@ -177,6 +236,17 @@ stop_context(Pid, Id, Timeout) ->
 -spec info(pid(), timeout()) -> {ok, map()} | {error, term()}.
 info(Pid, Timeout) ->
     gen_call(Pid, info, Timeout).
+
+%% @doc A channel was opened: its handles share Counters. A channel of the same name in
+%% that context is replaced (the port program closed it): its handles answer
+%% `{error, closed}' from the moment this returns.
+-spec channel_opened(pid(), ctx_id(), pos_integer(), binary(), counters:counters_ref()) -> ok.
+channel_opened(Pid, CtxId, ChanId, Name, Counters) ->
+    case gen_call(Pid, {channel, CtxId, ChanId, Name, Counters}, infinity) of
+        ok -> ok;
+        {error, _} -> counters:put(Counters, 2, 1)  % the runtime is gone, and the channel
+    end,
+    ok.
 
 gen_call(Pid, Request, Timeout) ->
     try
@@ -212,12 +282,11 @@ init_runtime(Key, Opts) ->
                 {error, Reason} ->
                     {stop, {shutdown, Reason}};
                 {ok, Port} ->
-                    case start_port(Key, Port, Contexts, Deadline) of
+                    case start_port(Key, Port, Contexts, max_atoms(Opts), Deadline) of
                         {ok, Hello} ->
                             S = #state{key = Key, port = Port, hello = Hello,
                                        handle = maps:get(handle, Opts, self()),
-                                       max_atoms = maps:get(max_atoms, Hello,
-                                                            ?DEFAULT_MAX_ATOMS),
+                                       max_atoms = max_atoms(Opts),
                                        max_mailbox = maps:get(max_mailbox, Opts,
                                                               ?DEFAULT_MAX_MAILBOX),
                                        max_frame = maps:get(max_frame, Hello,
@@ -242,6 +311,14 @@ handle_call({stop_context, Id}, From, S) when is_integer(Id) ->
     {noreply, control({stop_context, Id}, {stop_context, Id}, From, S)};
 handle_call(info, From, S) ->
     {noreply, control(info, info, From, S)};
+handle_call({channel, CtxId, ChanId, Name, Counters}, _From,
+            #state{channels = Channels, channel_names = Names} = S) ->
+    Channels1 = case Names of
+                    #{{CtxId, Name} := Old} -> close_channel({CtxId, Old}, Channels);
+                    #{} -> Channels
+                end,
+    {reply, ok, S#state{channels = Channels1#{{CtxId, ChanId} => Counters},
+                        channel_names = Names#{{CtxId, Name} => ChanId}}};
 handle_call(_Request, _From, S) ->
     {reply, {error, {bad_request, unknown_call}}, S}.
 
@@ -251,10 +328,12 @@ handle_cast({own, Pid, CtxId, Item}, S) when is_pid(Pid) ->
     {noreply, own(Pid, {CtxId, Item}, S)};
 handle_cast({disown, CtxId, Item}, S) ->
     {noreply, disown({CtxId, Item}, S)};
-handle_cast({channel, CtxId, ChanId, Counters}, #state{channels = Channels} = S) ->
-    {noreply, S#state{channels = Channels#{{CtxId, ChanId} => Counters}}};
-handle_cast({channel_closed, CtxId, ChanId}, #state{channels = Channels} = S) ->
-    {noreply, S#state{channels = maps:remove({CtxId, ChanId}, Channels)}};
+handle_cast({channel_closed, CtxId, ChanId}, #state{channels = Channels,
+                                                   channel_names = Names} = S) ->
+    {noreply, S#state{channels = maps:remove({CtxId, ChanId}, Channels),
+                      channel_names = maps:filter(fun({C, _}, Id) ->
+                                                                not (C =:= CtxId andalso Id =:= ChanId)
+                                                        end, Names)}};
 handle_cast(_Msg, S) ->
     {noreply, S}.
 
@@ -350,7 +429,7 @@ decode(Payload, {true, Max}) ->
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port = Port, channels = Channels}) ->
-    close(Port),
+    stop_os_process(Port),
     maps:foreach(fun(_, Counters) -> counters:put(Counters, 2, 1) end, Channels),
     unpublish(Key, self()),
     ok.
@@ -415,10 +494,36 @@ reply_args(#{max_reply := Bytes}) when is_integer(Bytes), Bytes > 0 ->
     ["--max-reply", integer_to_list(Bytes)];
 reply_args(_) -> [].
 
-%% New atoms Python may create in the node over the runtime's life.
-atom_args(#{max_atoms := N}) when is_integer(N), N >= 0 ->
-    ["--max-atoms", integer_to_list(N)];
-atom_args(_) -> [].
+%% New atoms Python may create in the node over the runtime's life: this OS process
+%% gets what the runtime's earlier ones left (atoms_spent/1).
+atom_args(#{key := Key} = Opts) ->
+    ["--max-atoms", integer_to_list(max(0, max_atoms(Opts) - atoms_spent(Key)))].
+
+max_atoms(#{max_atoms := N}) when is_integer(N), N >= 0 -> N;
+max_atoms(_) -> ?DEFAULT_MAX_ATOMS.
+
+%% @doc New atoms the runtime's Python made in the node so far, over all its OS
+%% processes (the row `{{atoms, Key}, N}', removed by `pyport_runtime' when it stops).
+-spec atoms_spent(key()) -> non_neg_integer().
+atoms_spent(Key) ->
+    try ets:lookup(?TABLE, {atoms, Key}) of
+        [{_, N}] -> N;
+        [] -> 0
+    catch
+        error:badarg -> 0
+    end.
+
+%% The port program counted a name it is about to send as an atom: it spends the
+%% runtime's budget if the node does not have that atom yet (the frame that makes it
+%% comes after this event).
+atom_admitted(Key, Name) ->
+    try binary_to_existing_atom(Name, utf8) of
+        _ -> ok
+    catch
+        error:badarg ->
+            _ = ets:update_counter(?TABLE, {atoms, Key}, 1, {{atoms, Key}, 0}),
+            ok
+    end.
 
 %% The atom Python's None comes back as (`nil' for Elixir); none, nil and undefined
 %% all go in as None whatever this is. The port program rejects other atoms at start.
@@ -440,8 +545,7 @@ stuck_args(_) -> [].
 %% `--path' for each entry of `path', then the site-packages of `venv'.
 path_args(Opts) ->
     Venv = case maps:find(venv, Opts) of
-               {ok, Dir} -> filelib:wildcard(filename:join([to_list(Dir), "lib", "python*",
-                                                            "site-packages"]));
+               {ok, Dir} -> venv_site_packages(Dir);
                error -> []
            end,
     lists:append([["--path", to_list(P)] || P <- maps:get(path, Opts, []) ++ Venv]).
@@ -452,7 +556,7 @@ to_list(P) -> P.
 %% Waits for hello, then creates the contexts (all requested at once). Their
 %% preload code may already call Erlang (kind 2), which is served here; the messages
 %% it sends (kind 3) stay queued until the gen_server loop delivers them.
-start_port(Key, Port, Contexts, Deadline) ->
+start_port(Key, Port, Contexts, MaxAtoms, Deadline) ->
     case await_hello(Key, Port, Deadline) of
         {ok, Hello} ->
             lists:foreach(fun({Id, Body}) ->
@@ -460,7 +564,6 @@ start_port(Key, Port, Contexts, Deadline) ->
                           end, Contexts),
             Names = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
             MaxFrame = maps:get(max_frame, Hello, ?DEFAULT_MAX_FRAME),
-            MaxAtoms = maps:get(max_atoms, Hello, ?DEFAULT_MAX_ATOMS),
             case await_contexts({Key, Names, MaxFrame, MaxAtoms}, Port,
                                 Contexts, Deadline) of
                 ok -> {ok, Hello};
@@ -547,6 +650,41 @@ forget_names(Key) ->
     true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
     true = ets:delete(?TABLE, {contexts, Key}).
 
+%% Asks the port program to exit (`shutdown') and waits for its exit status: a stop
+%% returns once the OS process is gone. One that has not exited after ?EXIT_GRACE (a
+%% thread blocked in C that the exit waits for, a process that does not read) is
+%% killed (SIGKILL) by its OS pid. A port that is already closed has exited.
+stop_os_process(Port) ->
+    case erlang:port_info(Port, os_pid) of
+        {os_pid, OsPid} ->
+            _ = cast_request(Port, 0, shutdown),
+            receive
+                {Port, {exit_status, _}} -> ok
+            after ?EXIT_GRACE ->
+                _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
+                receive {Port, {exit_status, _}} -> ok after ?EXIT_GRACE -> ok end
+            end,
+            close(Port);
+        undefined ->
+            ok
+    end.
+
+%% @doc Stops linked processes that trap exits (port owners, runtimes): asks each to
+%% stop (`shutdown') at once, then waits for their exits; one that takes longer than
+%% ?STOP_WAIT is killed. Returns once all are gone. The caller traps exits.
+-spec stop_linked([pid()]) -> ok.
+stop_linked(Pids) ->
+    lists:foreach(fun(Pid) -> exit(Pid, shutdown) end, Pids),
+    Deadline = erlang:monotonic_time(millisecond) + ?STOP_WAIT,
+    lists:foreach(fun(Pid) ->
+                      receive
+                          {'EXIT', Pid, _} -> ok
+                      after remaining(Deadline) ->
+                          exit(Pid, kill),
+                          receive {'EXIT', Pid, _} -> ok end
+                      end
+                  end, Pids).
+
 close(Port) ->
     try
         port_close(Port)
@@ -558,6 +696,14 @@ close(Port) ->
 
 %% Validates a context spec and turns it into the body map of `new_context'.
 context_body(Spec) when is_map(Spec) ->
+    case unknown_key(Spec, ?CONTEXT_OPTIONS) of
+        none -> context_body_checked(Spec);
+        Key -> {error, {bad_option, Key}}
+    end;
+context_body(Spec) ->
+    {error, {bad_context_spec, Spec}}.
+
+context_body_checked(Spec) ->
     try
         Mode = maps:get(mode, Spec, owngil),
         true = Mode =:= owngil orelse Mode =:= main,
@@ -578,9 +724,7 @@ context_body(Spec) when is_map(Spec) ->
         {ok, Body}
     catch
         error:_ -> {error, {bad_context_spec, Spec}}
-    end;
-context_body(Spec) ->
-    {error, {bad_context_spec, Spec}}.
+    end.
 
 text(Text) ->
     case unicode:characters_to_binary(Text) of
@@ -668,13 +812,21 @@ forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
     forget_owned(Id, forget_channels(Id, S#state{contexts = maps:remove(Id, Contexts),
                                                  names = maps:without(Named, Names)})).
 
+%% The handles of a channel that is gone answer `{error, closed}'.
+close_channel(Chan, Channels) ->
+    case maps:take(Chan, Channels) of
+        {Counters, Rest} -> counters:put(Counters, 2, 1), Rest;
+        error -> Channels
+    end.
+
 %% A stopped context closed its channels: their handles answer `{error, closed}'.
 forget_channels(Id, #state{channels = Channels} = S) ->
     {Gone, Left} = maps:fold(fun({Ctx, _}, C, {G, L}) when Ctx =:= Id -> {[C | G], L};
                                 (K, C, {G, L}) -> {G, L#{K => C}}
                              end, {[], #{}}, Channels),
     lists:foreach(fun(C) -> counters:put(C, 2, 1) end, Gone),
-    S#state{channels = Left}.
+    Names = maps:filter(fun({Ctx, _}, _) -> Ctx =/= Id end, S#state.channel_names),
+    S#state{channels = Left, channel_names = Names}.
 
 %% The port program's info, with each context described by what this process knows.
 info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
@@ -698,6 +850,8 @@ info_map(Info, #state{hello = Hello, contexts = Contexts} = S) ->
         contexts => Described, runtime => S#state.handle,
                               restarts => restarts(S#state.key),
                               sends_dropped => S#state.sends_dropped,
+                              max_atoms => S#state.max_atoms,
+                              atoms_spent => atoms_spent(S#state.key),
                               owned => owned_counts(S)}.
 
 %% How many processes own envs, handles and streams, and how many of each are tracked.
@@ -743,6 +897,8 @@ event(Payload, Key, Contexts, Channels) ->
     case decode(Payload) of
         {log, _, _, _} = Log ->
             log(Key, Contexts, Log);
+        {atom_admitted, Name} when is_binary(Name) ->
+            atom_admitted(Key, Name);
         {channel_ack, Ctx, ChanId, N} ->
             case Channels of
                 #{{Ctx, ChanId} := Counters} -> counters:sub(Counters, 1, N);

@@ -17,6 +17,8 @@
 %%   {{pid, Pid}, Key}        the handle -> the key
 %%   {Key, down, Reason}       while no OS process serves (`pyport_port' replaces it)
 %%   {{restarts, Key}, N}      restarts so far
+%%   {{atoms, Key}, N}         new atoms its Python made in the node, over all its OS
+%%                             processes (max_atoms; counted by `pyport_port')
 -module(pyport_runtime).
 -behaviour(gen_server).
 
@@ -147,6 +149,12 @@ init(Opts0) ->
     process_flag(trap_exit, true),
     Key = runtime_key(Opts0),
     Opts = Opts0#{key => Key, handle => self()},
+    case pyport_port:check_opts(Opts0) of
+        ok -> start_first(Key, Opts);
+        {error, Reason} -> {stop, {shutdown, Reason}}
+    end.
+
+start_first(Key, Opts) ->
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
@@ -191,6 +199,7 @@ terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
         true = ets:delete(?TABLE, Key),
         true = ets:delete(?TABLE, {pid, self()}),
         true = ets:delete(?TABLE, {restarts, Key}),
+        true = ets:delete(?TABLE, {atoms, Key}),
         true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
         true = ets:delete(?TABLE, {contexts, Key})
     catch
@@ -238,16 +247,11 @@ restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
             schedule_restart(S1)
     end.
 
+%% The port owner stops its OS process and returns once that is gone.
 stop_port_owner(undefined) ->
     ok;
 stop_port_owner(Pid) ->
-    exit(Pid, shutdown),
-    receive
-        {'EXIT', Pid, _} -> ok
-    after ?STOP_WAIT ->
-        exit(Pid, kill),
-        receive {'EXIT', Pid, _} -> ok end
-    end.
+    pyport_port:stop_linked([Pid]).
 
 now_ms() ->
     erlang:monotonic_time(millisecond).

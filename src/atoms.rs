@@ -7,6 +7,12 @@
 //! already exist in the node still decode, and one that does not is refused
 //! (`{error, {bad_term, {atom_limit, Max}}}`) instead of growing the atom table, which
 //! the VM cannot shrink and which aborts the node when full.
+//!
+//! The budget is the runtime's over its whole life, across restarts of its OS process:
+//! Erlang keeps the count and starts each OS process with what is left (`--max-atoms`).
+//! So every name counted here is reported to Erlang (an `{atom_admitted, Name}` event,
+//! written before the frame that carries the atom), and Erlang counts it when the node
+//! does not have that atom yet.
 
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
@@ -21,6 +27,15 @@ struct Budget {
 }
 
 static BUDGET: OnceLock<Budget> = OnceLock::new();
+
+type Report = Box<dyn Fn(&str) + Send + Sync>;
+static REPORT: OnceLock<Report> = OnceLock::new();
+
+/// Sets what is told of each name counted (at start-up, once): it runs before the name
+/// is admitted, so what it writes goes out before the frame that carries the atom.
+pub fn report_with(report: impl Fn(&str) + Send + Sync + 'static) {
+    let _ = REPORT.set(Box::new(report));
+}
 
 /// Sets the budget (at start-up, once).
 pub fn set_max(max: usize) {
@@ -52,6 +67,10 @@ pub fn admit(name: &str) -> bool {
     }
     if names.len() >= b.max {
         return false;
+    }
+    // Reported under the lock: another thread cannot send the atom before the report.
+    if let Some(report) = REPORT.get() {
+        report(name);
     }
     names.insert(name.into());
     true

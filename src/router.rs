@@ -295,6 +295,15 @@ struct Routing {
     me: std::sync::Weak<Router>,
 }
 
+/// `shutdown`: the runtime stops. The process exits at once, from whichever thread read
+/// the request, whatever its contexts are doing (one may be blocked in C): Python is
+/// not finalized (that could hang on a stuck context), and the OS reclaims the rest.
+/// Erlang waits for the exit status, so a stop returns once the process is gone.
+fn shutdown() -> ! {
+    // SAFETY: ends the process without running atexit handlers or destructors.
+    unsafe { libc::_exit(0) }
+}
+
 impl Routing {
     /// Reads stdin until `WouldBlock` and routes every complete frame.
     /// `spinning`: the caller is a spinning context thread, which reads again soon and
@@ -403,6 +412,7 @@ impl Routing {
                 self.info(&job);
                 Ok(())
             }
+            Term::Atom(a) if a == "shutdown" => shutdown(),
             _ => Err((job, Error::BadRequest("unknown control request".into()))),
         };
         if let Err((job, err)) = result {

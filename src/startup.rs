@@ -209,6 +209,14 @@ pub fn main(args: Vec<String>) -> i32 {
         }
     };
     let writer = Arc::new(Writer::new(output));
+    let reporter = writer.clone();
+    crate::atoms::report_with(move |name| {
+        reporter.event(|w| {
+            w.tuple_header(2);
+            w.atom("atom_admitted");
+            w.binary(name.as_bytes());
+        })
+    });
     let config = match parse_args(&args) {
         Ok(c) => c,
         Err(e) => return start_error(&writer, &e),
