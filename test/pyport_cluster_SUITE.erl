@@ -14,7 +14,7 @@ all() ->
      handles_of_another_node_used_here, nodedown_at_once, nodedown_in_flight,
      python_sends_to_another_node, callback_runs_on_the_runtime_node,
      pool_from_another_node, pool_across_nodes, pool_across_nodes_under_load,
-     pool_connects_to_its_nodes,
+     pool_connects_to_its_nodes, pool_waiter_woken_by_a_remote_member,
      handles_made_before_distribution, owned_by_a_node_that_goes_down,
      port_programs_die_with_their_node].
 
@@ -438,6 +438,54 @@ pool_across_nodes_under_load(_Config) ->
 members_of(Pool) ->
     {ok, #{members := Ms}} = pyport:pool_info(Pool),
     Ms.
+
+pool_waiter_woken_by_a_remote_member() ->
+    [{doc, "A caller that finds the pool's only member (on a peer) being replaced under "
+      "max_requests waits for it, and is answered as soon as it is ready again (it "
+      "waited forever when the pool handled the member's `replace' after the caller "
+      "started waiting); with a `timeout', it waits no longer than that."},
+     {timetrap, {minutes, 2}}].
+pool_waiter_woken_by_a_remote_member(_Config) ->
+    {Peer, Node} = start_peer(true),
+    {ok, Pool} = pyport:start_pool(waiter, #{nodes => [Node], size => 1, mode => owngil,
+                                             max_requests => 1000}),
+    try
+        pyport_ct:wait_for(fun() -> member_status(Pool, 1, up) end, 1000),
+        [{_, Row}] = ets:lookup(pyport_runtimes, {pool, waiter}),
+        State = element(5, Row),               % the members' states (atomics)
+        PoolPid = lists:last(tuple_to_list(Row)),
+        %% the interleaving of two callers: one's request was the member's last (it
+        %% marks the member draining, then tells the pool), the other looks meanwhile
+        atomics:put(State, 1, 1),
+        erlang:trace(PoolPid, true, ['receive']),
+        {Caller, Mref} = spawn_monitor(fun() -> exit(pyport:call(Pool, operator, add, [1, 2])) end),
+        receive
+            {trace, PoolPid, 'receive', {'$gen_call', {Caller, _}, await_ready}} -> ok
+        after 10000 ->
+            ct:fail(caller_not_waiting)
+        end,
+        erlang:trace(PoolPid, false, ['receive']),
+        flush_trace(PoolPid),
+        _ = sys:get_state(PoolPid),            % the pool has the caller waiting
+        PoolPid ! {replace, 1},                % what the first caller sends
+        receive
+            {'DOWN', Mref, process, Caller, Result} -> ?assertEqual({ok, 3}, Result)
+        after 10000 ->
+            ct:fail(caller_waits_forever)
+        end,
+        %% with a timeout, the wait is bounded by it
+        atomics:put(State, 1, 1),
+        ?assertEqual({error, timeout},
+                     pyport:call(Pool, operator, add, [1, 2], #{}, #{timeout => 300})),
+        PoolPid ! {replace, 1},
+        pyport_ct:wait_for(fun() -> member_status(Pool, 1, up) end, 1000)
+    after
+        pyport:stop_pool(Pool),
+        stop_peer(Peer)
+    end.
+
+flush_trace(Pid) ->
+    receive {trace, Pid, _, _} -> flush_trace(Pid) after 0 -> ok end.
 
 member_status(Pool, I, Want) ->
     {ok, #{members := Ms}} = pyport:pool_info(Pool),

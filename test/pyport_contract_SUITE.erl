@@ -9,6 +9,9 @@
 -compile(export_all).
 -compile(nowarn_export_all).
 
+suite() ->
+    [{timetrap, {minutes, 3}}].
+
 all() ->
     [unknown_call_option, unknown_runtime_option, unknown_context_option,
      unknown_pool_option, venv_that_does_not_exist, valid_options_still_work,
