@@ -336,12 +336,10 @@ call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
 call(Target, Module, Function, Args, Kwargs, Opts) ->
     bad_call(Target, Module, Function, Args, Kwargs, Opts).
 
-%% What is wrong with the arguments of a call no clause took.
+%% What is wrong with the arguments of a call no clause took (call/3 has no target:
+%% any stands in for the default runtime's).
 bad_call(Module, Function, Args, Kwargs, Opts) ->
-    case check_call(#pyport_pool{name = default}, Module, Function, Args, Kwargs, Opts) of
-        ok -> {error, {bad_request, module}};
-        {error, _} = Error -> Error
-    end.
+    bad_call(#pyport_ctx{key = ?DEFAULT_RUNTIME, id = 1}, Module, Function, Args, Kwargs, Opts).
 
 bad_call(Target, Module, Function, Args, Kwargs, Opts) ->
     case check_call(Target, Module, Function, Args, Kwargs, Opts) of
@@ -446,7 +444,7 @@ new_env_owned(_NotATarget, _Owner) ->
 
 %% @doc Frees an env (from any process). Dropping it again, or after its runtime or
 %% context is gone, is `ok' too.
--spec drop_env(env()) -> ok.
+-spec drop_env(env()) -> ok | {error, {bad_request, env}}.
 drop_env(#pyport_env{runtime = Pid} = Env) when node(Pid) =/= node() ->
     _ = remote(node(Pid), drop_env, [Env]),
     ok;
@@ -457,7 +455,9 @@ drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
             gen_server:cast(Pid, {disown, Id, {env, EnvId}});
         _ ->
             ok  % the runtime (and the env with it) is gone
-    end.
+    end;
+drop_env(_NotAnEnv) ->
+    {error, {bad_request, env}}.
 
 %%% Object handles
 
@@ -470,8 +470,12 @@ getattr(Ref, Name) ->
 -spec getattr(pyref(), name(), call_opts()) -> {ok, term()} | {error, error()}.
 getattr(#pyport_ref{home = Home} = Ref, Name, Opts) when node(Home) =/= node(), is_map(Opts) ->
     remote(node(Home), getattr, [Ref, Name, as_caller(Opts)], Opts);
-getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts) when is_map(Opts) ->
-    request(Key, Id, {getattr, RefId, name(Name)}, Opts).
+getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts)
+  when ?IS_NAME(Name), is_map(Opts) ->
+    request(Key, Id, {getattr, RefId, name(Name)}, Opts);
+getattr(Ref, Name, Opts) ->
+    bad_request([{ref, is_record(Ref, pyport_ref)}, {name, ?IS_NAME(Name)},
+                 {opts, is_map(Opts)}]).
 
 %% @doc `Object.Name(*Args)'.
 -spec call_method(pyref(), name(), list()) -> {ok, term()} | {error, error()}.
@@ -490,19 +494,24 @@ call_method(#pyport_ref{home = Home} = Ref, Name, Args, Kwargs, Opts)
   when node(Home) =/= node(), is_list(Args), is_map(Kwargs), is_map(Opts) ->
     remote(node(Home), call_method, [Ref, Name, Args, Kwargs, as_caller(Opts)], Opts);
 call_method(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Args, Kwargs, Opts)
-  when is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts).
+  when ?IS_NAME(Name), is_list(Args), is_map(Kwargs), is_map(Opts) ->
+    request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts);
+call_method(Ref, Name, Args, Kwargs, Opts) ->
+    bad_request([{ref, is_record(Ref, pyport_ref)}, {name, ?IS_NAME(Name)},
+                 {args, is_list(Args)}, {kwargs, is_map(Kwargs)}, {opts, is_map(Opts)}]).
 
 %% @doc The object converted to a term (`{error, {bad_term, _}}' if it has no Erlang form).
 -spec to_term(pyref()) -> {ok, term()} | {error, error()}.
 to_term(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
     remote(node(Home), to_term, [Ref]);
 to_term(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
-    request(Key, Id, {to_term, RefId}, #{}).
+    request(Key, Id, {to_term, RefId}, #{});
+to_term(_NotARef) ->
+    {error, {bad_request, ref}}.
 
 %% @doc Lets go of the object (from any process). Later uses of the handle give
 %% `{error, not_found}'; releasing it again is `ok'.
--spec release(pyref()) -> ok.
+-spec release(pyref()) -> ok | {error, {bad_request, ref}}.
 release(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
     _ = remote(node(Home), release, [Ref]),
     ok;
@@ -513,7 +522,9 @@ release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
             gen_server:cast(Pid, {disown, Id, {ref, RefId}});
         {error, _} ->
             ok
-    end.
+    end;
+release(_NotARef) ->
+    {error, {bad_request, ref}}.
 
 %%% Python calling Erlang
 
@@ -605,10 +616,7 @@ check_call(Ctx, Module, Function, Args, Kwargs, Opts, Known) ->
 unknown_option(Opts, _Known) when map_size(Opts) =:= 0 ->
     none;
 unknown_option(Opts, Known) ->
-    case [K || K <- maps:keys(Opts), not lists:member(K, Known)] of
-        [] -> none;
-        [Key | _] -> Key
-    end.
+    pyport_port:unknown_key(Opts, Known).
 
 is_name(Name) ->
     is_atom(Name) orelse is_binary(Name)
@@ -879,7 +887,8 @@ channel_open(Ctx, _Name, Opts) ->
 %% @doc Sends a term to the channel without ever blocking: `busy' while `capacity'
 %% items are in it that Python has not taken, `{error, closed}' once it is closed (or
 %% its context or runtime is gone).
--spec channel_send(channel(), term()) -> ok | busy | {error, closed | error()}.
+-spec channel_send(channel(), term()) ->
+          ok | busy | {error, closed | {bad_request, channel} | error()}.
 channel_send(#pyport_channel{runtime = Pid} = Chan, Term) when node(Pid) =/= node() ->
     remote(node(Pid), channel_send, [Chan, Term]);
 channel_send(#pyport_channel{counters = Counters, capacity = Capacity} = Chan, Term) ->
@@ -891,7 +900,9 @@ channel_send(#pyport_channel{counters = Counters, capacity = Capacity} = Chan, T
             end;
         _ ->
             {error, closed}
-    end.
+    end;
+channel_send(_NotAChannel, _Term) ->
+    {error, {bad_request, channel}}.
 
 channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counters,
                               max_frame = MaxFrame}, Term) ->
@@ -910,7 +921,7 @@ channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counte
 
 %% @doc Closes the channel: Python takes what is left, then `receive()' raises
 %% `erlang.ChannelClosed' and `async for' ends. Closing again is `ok'.
--spec channel_close(channel()) -> ok.
+-spec channel_close(channel()) -> ok | {error, {bad_request, channel}}.
 channel_close(#pyport_channel{runtime = Pid} = Chan) when node(Pid) =/= node() ->
     _ = remote(node(Pid), channel_close, [Chan]),
     ok;
@@ -923,13 +934,17 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
             gen_server:cast(Pid, {channel_closed, Ctx, Id});
         _ ->
             ok
-    end.
+    end;
+channel_close(_NotAChannel) ->
+    {error, {bad_request, channel}}.
 
 %%% The call path
 
-%% Req is the request body without its trailing Opts map. The effective timeout and the
-%% caller are sent along in Opts (the port program interrupts code that overran, and
-%% `erlang.self()' is the caller); an env goes as its id.
+%% Req is the request body without its trailing Opts map. Opts is checked for unknown
+%% keys first, at no cost for the plain shapes (none, or only a timeout). The
+%% effective timeout and the caller are sent along in Opts (the port program
+%% interrupts code that overran, and `erlang.self()' is the caller); an env goes as
+%% its id.
 %%
 %% The runtime's row is kept in the process dictionary between requests (a look-up in
 %% pyport's table is about a tenth of a call's cost under load). The row stays true for
@@ -940,6 +955,8 @@ channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
 %% the owner is alive waits for the signals this process sent it, which costs more than
 %% the look-up.
 request(Key, Id, Req, Opts) when map_size(Opts) =:= 0 ->
+    request_known(Key, Id, Req, Opts);
+request(Key, Id, Req, #{timeout := _} = Opts) when map_size(Opts) =:= 1 ->
     request_known(Key, Id, Req, Opts);
 request(Key, Id, Req, Opts) ->
     case unknown_option(Opts, ?CALL_OPTIONS) of

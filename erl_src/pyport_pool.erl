@@ -59,9 +59,6 @@
 -define(DOWN, 2).
 %% how often a node that is up but whose members could not start is tried again
 -define(NODE_RETRY_MS, 500).
--define(CALL_TIMEOUT, 30000).
-%% a runtime's max_atoms when none is given (as in pyport_port)
--define(DEFAULT_MAX_ATOMS, 5000).
 -define(POOL_OPTIONS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
 
 -type opts() :: #{name := atom(),
@@ -236,9 +233,9 @@ init(#{name := Name} = Opts0) ->
 %% runtime's is.
 check_opts(Opts) ->
     Known = ?POOL_OPTIONS ++ (pyport_port:runtime_options() -- [key, handle, contexts]),
-    case [K || K <- maps:keys(Opts), not lists:member(K, Known)] of
-        [] -> pyport_port:check_opts(maps:with(pyport_port:runtime_options(), Opts));
-        [Key | _] -> {error, {bad_option, Key}}
+    case pyport_port:unknown_key(Opts, Known) of
+        none -> pyport_port:check_opts(maps:with(pyport_port:runtime_options(), Opts));
+        Key -> {error, {bad_option, Key}}
     end.
 
 init_pool(Name, Opts0) ->
@@ -265,7 +262,7 @@ init_pool(Name, Opts0) ->
                        state = atomics:new(Total, []),
                        served = atomics:new(Total, []),
                        max_requests = maps:get(max_requests, Opts, infinity),
-                       call_timeout = maps:get(call_timeout, Opts, ?CALL_TIMEOUT),
+                       call_timeout = pyport_port:call_timeout(Opts),
                        pid = self()},
             [atomics:put(Row#row.state, I, ?DOWN)
              || I <- lists:seq(length(LocalMembers) + 1, Total)],
@@ -525,7 +522,7 @@ start_main_member(I, #{name := Name} = Opts) ->
 %% on this node together: a member runtime of its own (mode `main') gets its share, so
 %% the members do not multiply it. (An `owngil' pool is one runtime: it has it all.)
 atom_share(I, #{size := Size} = Opts) ->
-    Max = maps:get(max_atoms, Opts, ?DEFAULT_MAX_ATOMS),
+    Max = pyport_port:max_atoms(Opts),
     Max div Size + case I =< Max rem Size of
                        true -> 1;
                        false -> 0

@@ -38,6 +38,9 @@
 -export([stop_linked/1]).
 -export([atoms_spent/1]).
 -export([runtime_options/0]).
+-export([unknown_key/2]).
+-export([max_atoms/1]).
+-export([call_timeout/1]).
 -export([request_frame/3]).
 -export([cast_request/3]).
 -export([write/2]).
@@ -209,7 +212,8 @@ venv_site_packages(Dir) ->
         error:_ -> []
     end.
 
-%% The first key of Map that is not in Known, or `none'.
+%% @doc The first key of an Opts map that is not in Known, or `none'.
+-spec unknown_key(map(), [atom()]) -> term().
 unknown_key(Map, Known) ->
     case [K || K <- maps:keys(Map), not lists:member(K, Known)] of
         [] -> none;
@@ -499,8 +503,15 @@ reply_args(_) -> [].
 atom_args(#{key := Key} = Opts) ->
     ["--max-atoms", integer_to_list(max(0, max_atoms(Opts) - atoms_spent(Key)))].
 
+%% @doc A runtime's `max_atoms' (its default when Opts has none).
+-spec max_atoms(map()) -> non_neg_integer().
 max_atoms(#{max_atoms := N}) when is_integer(N), N >= 0 -> N;
 max_atoms(_) -> ?DEFAULT_MAX_ATOMS.
+
+%% @doc A runtime's `call_timeout' (its default when Opts has none).
+-spec call_timeout(map()) -> timeout().
+call_timeout(Opts) ->
+    maps:get(call_timeout, Opts, ?DEFAULT_CALL_TIMEOUT).
 
 %% @doc New atoms the runtime's Python made in the node so far, over all its OS
 %% processes (the row `{{atoms, Key}, N}', removed by `pyport_runtime' when it stops).
@@ -632,7 +643,7 @@ publish(Opts, Contexts, Hello, #state{key = Key, port = Port} = S) ->
     true = ets:insert(?TABLE, [{{ctx, Key, Name}, Id} || {Name, Id} <- maps:to_list(Names)]),
     true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple([Id || {Id, _} <- Contexts])}),
     MaxFrame = maps:get(max_frame, Hello, max_frame(Opts)),
-    CallTimeout = maps:get(call_timeout, Opts, ?DEFAULT_CALL_TIMEOUT),
+    CallTimeout = call_timeout(Opts),
     true = ets:insert(?TABLE, {Key, self(), Port, CallTimeout, MaxFrame}),
     S#state{contexts = Infos, names = Names}.
 

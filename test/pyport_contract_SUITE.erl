@@ -165,6 +165,13 @@ context_where_the_module_goes(Config) ->
     ?assertEqual({error, {bad_request, ctx}}, pyport:stop_context(not_a_ctx)),
     ?assertEqual({error, {bad_request, ctx}}, pyport:interrupt(not_a_ctx)),
     ?assertEqual({error, {bad_request, ctx}}, pyport:channel_open(not_a_ctx, q, #{})),
+    ?assertEqual({error, {bad_request, ref}}, pyport:getattr(Ctx, real)),
+    ?assertEqual({error, {bad_request, ref}}, pyport:call_method(Ctx, m, [])),
+    ?assertEqual({error, {bad_request, ref}}, pyport:to_term(Ctx)),
+    ?assertEqual({error, {bad_request, ref}}, pyport:release(Ctx)),
+    ?assertEqual({error, {bad_request, env}}, pyport:drop_env(Ctx)),
+    ?assertEqual({error, {bad_request, channel}}, pyport:channel_send(Ctx, x)),
+    ?assertEqual({error, {bad_request, channel}}, pyport:channel_close(Ctx)),
     pyport_ct:assert_no_messages().
 
 %%% Stops
