@@ -80,13 +80,21 @@ pub fn admit(name: &str) -> bool {
 mod tests {
     use super::*;
 
+    static REPORTED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
     #[test]
-    fn names_are_counted_once_and_refused_past_the_budget() {
+    fn names_are_counted_and_reported_once_and_refused_past_the_budget() {
         set_max(2);
+        report_with(|name| REPORTED.lock().unwrap().push(name.to_string()));
         assert!(admit("a"));
         assert!(admit("a"));
         assert!(admit("b"));
         assert!(!admit("c"));
         assert!(admit("a"), "a counted name stays admitted");
+        assert_eq!(
+            *REPORTED.lock().unwrap(),
+            ["a", "b"],
+            "each counted name once"
+        );
     }
 }
