@@ -95,8 +95,10 @@ exec_function_called_with_env(Config) ->
     ?assertEqual({ok, 9}, pyport:call(Ctx, <<"__main__">>, <<"scale">>, [], #{x => 3},
                                       #{env => E1})),
     {ok, E3} = pyport:new_env(Ctx),
-    ?assertMatch({error, _}, pyport:call(Ctx, '__main__', scale, [2], #{}, #{env => E3})),
-    ?assertMatch({error, _}, pyport:call(Ctx, '__main__', scale, [2])),
+    ?assertMatch({error, {python, <<"NameError">>, _, _}},
+                 pyport:call(Ctx, '__main__', scale, [2], #{}, #{env => E3})),
+    ?assertMatch({error, {python, <<"NameError">>, _, _}},
+                 pyport:call(Ctx, '__main__', scale, [2])),
     %% ordinary modules are the same with or without an env
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2], #{}, #{env => E3})),
     [ok = pyport:drop_env(E) || E <- [E1, E2, E3]].

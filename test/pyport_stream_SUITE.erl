@@ -386,10 +386,10 @@ context_stopped_mid_stream(Config) ->
     Final = final_after_data(Ref, 10),
     Ms = now_ms() - T0,
     ct:log("stream ended with ~p, ~b ms after stop_context", [Final, Ms]),
-    ?assertMatch({error, _}, Final),
-    ?assertNotEqual({error, timeout}, Final),
+    ?assertEqual({error, {context_down, stopped}}, Final),
     ?assert(Ms < 5000),
-    ?assertMatch({error, _}, first_error(pyport:stream(Ctx, '__main__', count, [3]))),
+    ?assertEqual({error, {context_down, unknown_context}},
+                 first_error(pyport:stream(Ctx, '__main__', count, [3]))),
     ?assertEqual({done, [0, 1]}, stream_all(?config(a, Config), count, [2])).
 
 %%% Helpers
