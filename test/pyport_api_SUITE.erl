@@ -61,7 +61,7 @@ start_stop_runtime(_Config) ->
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
     Mref = erlang:monitor(process, Pid),
     ?assertEqual(ok, pyport:stop_runtime(Pid)),
-    receive {'DOWN', Mref, process, Pid, _} -> ok end,
+    receive {'DOWN', Mref, process, Pid, _} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     ?assertMatch({error, {runtime_down, _}}, pyport:call(Ctx, operator, add, [1, 2])),
     ?assertEqual({error, {runtime_down, noproc}}, pyport:info(Pid)),
     ?assertEqual({error, not_found}, pyport:stop_runtime(Pid)),
@@ -216,7 +216,8 @@ child_spec_in_own_tree(_Config) ->
     unlink(Sup),
     SupRef = erlang:monitor(process, Sup),
     exit(Sup, shutdown),
-    receive {'DOWN', SupRef, process, Sup, _} -> ok end,
+    receive {'DOWN', SupRef, process, Sup, _} -> ok
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     ?assertEqual({error, {runtime_down, noproc}}, pyport:call(Ctx, operator, add, [1, 2])).
 
 %% supervisor callback for child_spec_in_own_tree
@@ -569,7 +570,8 @@ restart_after_kill(_Config) ->
     after 10000 ->
         ct:fail(caller_not_failed)
     end,
-    receive {'DOWN', Mref, process, Owner, Reason} -> ?assertMatch({port_exit, _}, Reason) end,
+    receive {'DOWN', Mref, process, Owner, Reason} -> ?assertMatch({port_exit, _}, Reason)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     NewOsPid = pyport_ct:await_new_os_pid(Name, OsPid),
     ?assertNotEqual(OsPid, NewOsPid),
     ?assertEqual(Pid, whereis(Name)),
@@ -683,7 +685,7 @@ run_work(Contexts, Size, Calls) ->
                                || _ <- lists:seq(1, PerContext)],
                               Self ! {done, self()}
                           end) || Ctx <- Contexts],
-    [receive {done, W} -> ok end || W <- Workers].
+    [receive {done, W} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end || W <- Workers].
 
 unknown_runtime() ->
     [{doc, "A runtime that does not exist gives errors, not crashes."}].
@@ -715,16 +717,19 @@ overloaded_queue(_Config) ->
     Run = fun(Tag, F) -> spawn_link(fun() -> Self ! {Tag, F()} end) end,
     Run(busy, fun() -> pyport:call(Ctx, '__main__', busy, [Self, Port]) end),
     {ok, Conn} = gen_tcp:accept(Listen, 10000),
-    receive started -> ok end,
+    receive started -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     %% the context is busy: two requests fit in its queue, three do not
     [Run({n, I}, fun() -> pyport:call(Ctx, operator, add, [I, 1]) end) || I <- lists:seq(1, 5)],
-    Refused = [receive {{n, _}, R} -> R end || _ <- lists:seq(1, 3)],
+    Refused = [receive {{n, _}, R} -> R
+        after 60000 -> ct:fail({no_message, ?LINE}) end || _ <- lists:seq(1, 3)],
     ?assertEqual([{error, overloaded}, {error, overloaded}, {error, overloaded}], Refused),
     %% info/1 sees the two queued and the one running
     {ok, #{contexts := [#{queued := 2, running := true}]}} = pyport:info(Rt),
     ok = gen_tcp:send(Conn, <<"x">>),
-    Served = [receive {{n, _}, R} -> R end || _ <- lists:seq(1, 2)],
-    ?assertEqual({ok, <<"done">>}, receive {busy, R} -> R end),
+    Served = [receive {{n, _}, R} -> R
+        after 60000 -> ct:fail({no_message, ?LINE}) end || _ <- lists:seq(1, 2)],
+    ?assertEqual({ok, <<"done">>}, receive {busy, R} -> R
+        after 60000 -> ct:fail({no_message, ?LINE}) end),
     ?assertMatch([{ok, _}, {ok, _}], Served),
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2])),
     ok = gen_tcp:close(Conn),

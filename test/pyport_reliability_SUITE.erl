@@ -130,7 +130,7 @@ user_supervisor_never_gives_up(_Config) ->
     unlink(Sup),
     Mref = erlang:monitor(process, Sup),
     exit(Sup, shutdown),
-    receive {'DOWN', Mref, process, Sup, _} -> ok end.
+    receive {'DOWN', Mref, process, Sup, _} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end.
 
 %% supervisor callback
 init({strict, Spec}) ->
@@ -539,4 +539,5 @@ check_call(Ctx) -> pyport:call(Ctx, operator, add, [1, 2]).
 
 stop_checker(Pid) ->
     Pid ! {stop, self()},
-    receive {checked, Pid, N, Failures} -> {N, Failures} end.
+    receive {checked, Pid, N, Failures} -> {N, Failures}
+        after 60000 -> ct:fail({no_message, ?LINE}) end.
