@@ -40,6 +40,10 @@ def spinner(key):
 def stop_spinner(key):
     STATE.pop(key + ':task').cancel()
 
+def stop_spinners():
+    for key in [k for k in STATE if k.endswith(':task')]:
+        STATE.pop(key).cancel()
+
 def wait_in_call(name):
     return erlang.call(name)
 
@@ -87,8 +91,9 @@ def break_selector():
     loop.call_soon(lambda: None)
 
 def mend_selector():
-    loop = asyncio.get_event_loop()
-    loop._selector.select = STATE.pop('selector')
+    select = STATE.pop('selector', None)
+    if select is not None:
+        asyncio.get_event_loop()._selector.select = select
 
 async def anap(s, v):
     await asyncio.sleep(s)
@@ -96,6 +101,8 @@ async def anap(s, v):
 ">>).
 
 -define(HOLD, pyport_dl_hold).
+%% Holds its caller for 2 s, telling nobody (its caller's deadline is far shorter).
+-define(SLOW, pyport_dl_slow).
 -define(ROUNDS, 30).
 
 suite() ->
@@ -135,10 +142,18 @@ init_per_testcase(_Case, Config) ->
                                                  after 10000 -> gave_up
                                                  end
                                          end),
+    ok = pyport:register_function(?SLOW, fun() ->
+                                                 receive never -> never
+                                                 after 2000 -> slow
+                                                 end
+                                         end),
     pyport_ct:contexts_ab(?config(runtime, Config), Config).
 
-end_per_testcase(_Case, _Config) ->
+end_per_testcase(_Case, Config) ->
     ok = pyport:unregister_function(?HOLD),
+    ok = pyport:unregister_function(?SLOW),
+    [{ok, none} = pyport:call(?config(C, Config), '__main__', F, [])
+     || C <- [a, b], F <- [stop_spinners, mend_selector]],
     pyport_ct:assert_no_messages().
 
 %%% Cases
@@ -152,8 +167,7 @@ timeout_spares_loop_task(Config) ->
     Key = key(Config, task_timeout),
     {ok, none} = pyport:call(A, '__main__', start_spinner, [Key]),
     [begin
-         ?assertEqual({error, timeout}, held_call(A, #{timeout => 100})),
-         release_holder()
+         ?assertEqual({error, timeout}, slow_call(A, #{timeout => 100}))
      end || _ <- lists:seq(1, ?ROUNDS)],
     settle(Config),
     assert_spinning(A, Key).
@@ -183,12 +197,15 @@ timeout_spares_stream_pump() ->
            "items: its pump, run by the loop during those waits, was not interrupted."}].
 timeout_spares_stream_pump(Config) ->
     A = ?config(a, Config),
-    {ok, Stream} = pyport:stream(A, '__main__', busy_gen, [], #{}, #{timeout => infinity}),
     Test = self(),
-    Consumer = spawn_link(fun() -> consume(Test, Stream, 0) end),
+    %% a stream is read by the process that started it
+    Consumer = spawn_link(fun() ->
+                                  {ok, Stream} = pyport:stream(A, '__main__', busy_gen, [],
+                                                               #{}, #{timeout => infinity}),
+                                  consume(Test, Stream, 0)
+                          end),
     [begin
-         ?assertEqual({error, timeout}, held_call(A, #{timeout => 100})),
-         release_holder()
+         ?assertEqual({error, timeout}, slow_call(A, #{timeout => 100}))
      end || _ <- lists:seq(1, ?ROUNDS)],
     settle(Config),
     Consumer ! {stop, Test},
@@ -196,8 +213,7 @@ timeout_spares_stream_pump(Config) ->
                       after 10000 -> ct:fail(consumer_stuck)
                       end,
     ct:log("the consumer took ~b items", [Items]),
-    ?assertEqual(streaming, Result),
-    ok = pyport:stream_cancel(Stream).
+    ?assertEqual(streaming, Result).
 
 timeout_spares_nested_request() ->
     [{doc, "While requests wait in erlang.call past their 100 ms timeout, another "
@@ -213,8 +229,7 @@ timeout_spares_nested_request(Config) ->
     Test = self(),
     Caller = spawn_link(fun() -> call_busy(Test, A, 0, []) end),
     [begin
-         ?assertEqual({error, timeout}, held_call(A, #{timeout => 100})),
-         release_holder()
+         ?assertEqual({error, timeout}, slow_call(A, #{timeout => 100}))
      end || _ <- lists:seq(1, ?ROUNDS)],
     Caller ! {stop, Test},
     {Calls, Failures} = receive {called, Caller, N, F} -> {N, F}
@@ -321,12 +336,9 @@ raising_loop_step_backs_off(Config) ->
 key(Config, Name) ->
     iolist_to_binary(io_lib:format("~p:~p", [?config(mode, Config), Name])).
 
-%% A call that waits in erlang.call on the held function, with Opts.
-held_call(Ctx, Opts) ->
-    pyport:call(Ctx, '__main__', wait_in_call, [?HOLD], #{}, Opts).
-
-release_holder() ->
-    receive {held, H} -> H ! release after 10000 -> ct:fail(not_held) end.
+%% A call that waits in erlang.call on the slow function, with Opts.
+slow_call(Ctx, Opts) ->
+    pyport:call(Ctx, '__main__', wait_in_call, [?SLOW], #{}, Opts).
 
 %% Waits until no request runs on the context (every wait above has unwound in
 %% Python, so no late interrupt can still be on its way); bounded retries.
@@ -348,7 +360,9 @@ assert_spinning(Ctx, Key) ->
 
 consume(Test, Stream, N) ->
     receive
-        {stop, Test} -> Test ! {consumed, self(), N, streaming}
+        {stop, Test} ->
+            ok = pyport:stream_cancel(Stream),
+            Test ! {consumed, self(), N, streaming}
     after 0 ->
         case pyport:stream_next(Stream, 10000) of
             {data, _} -> consume(Test, Stream, N + 1);
