@@ -603,8 +603,14 @@ impl Loop<'_> {
             // its pause does (`due`).
             let with_loop = may_step && !lp.backing_off();
             detached(py, || {
-                self.mailbox
-                    .wait(self.inbox, &lp.reactor, done, only_reentrant, with_loop, due)
+                self.mailbox.wait(
+                    self.inbox,
+                    &lp.reactor,
+                    done,
+                    only_reentrant,
+                    with_loop,
+                    due,
+                )
             });
         }
     }

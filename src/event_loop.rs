@@ -564,9 +564,11 @@ impl EventLoop {
                     } else {
                         format!(" ({failed} steps in a row; next step in {pause:?})")
                     };
-                    self.outlet
-                        .writer
-                        .log("error", 0, &format!("event loop step raised: {err}{again}"));
+                    self.outlet.writer.log(
+                        "error",
+                        0,
+                        &format!("event loop step raised: {err}{again}"),
+                    );
                 }
             }
         }

@@ -499,9 +499,8 @@ extern "C" fn interrupt(arg: *mut c_void) -> c_int {
     // would be hit), nor while it is parked in a wait (the code running then is a task,
     // a stream pump or a nested request; the wait raises the stop itself), nor after
     // its wait raised it already.
-    let aimed = || {
-        d.code.load(Ordering::SeqCst) == seq && d.delivered.load(Ordering::SeqCst) != seq
-    };
+    let aimed =
+        || d.code.load(Ordering::SeqCst) == seq && d.delivered.load(Ordering::SeqCst) != seq;
     if !aimed() {
         return 0;
     }
