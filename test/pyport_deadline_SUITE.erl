@@ -20,18 +20,21 @@ import asyncio, time, erlang
 
 STATE = globals().get('STATE', {})
 
-async def _spin(key):
+async def _spin(key, sleeps):
     try:
         while True:
-            sum(range(20000))
+            if sleeps:
+                time.sleep(0.0005)
+            else:
+                sum(range(20000))
             STATE[key] = STATE.get(key, 0) + 1
             await asyncio.sleep(0)
     except BaseException as e:
         STATE[key + ':died'] = type(e).__name__
         raise
 
-async def start_spinner(key):
-    STATE[key + ':task'] = asyncio.get_running_loop().create_task(_spin(key))
+async def start_spinner(key, sleeps=False):
+    STATE[key + ':task'] = asyncio.get_running_loop().create_task(_spin(key, sleeps))
 
 def spinner(key):
     task = STATE[key + ':task']
@@ -115,7 +118,7 @@ groups() ->
     [{owngil, [], cases()}, {main, [], cases()}].
 
 cases() ->
-    [timeout_spares_loop_task, interrupt_spares_loop_task, timeout_spares_stream_pump,
+    [timeout_spares_loop_task, timeout_spares_sleeping_task, interrupt_spares_loop_task, timeout_spares_stream_pump,
      timeout_spares_nested_request, outer_deadline_passed_during_nested_request,
      outer_deadline_passed_in_wait_is_timeout,
      coroutine_deadline_counts_from_arrival, raising_loop_step_backs_off].
@@ -169,6 +172,20 @@ timeout_spares_loop_task(Config) ->
     [begin
          ?assertEqual({error, timeout}, slow_call(A, #{timeout => 100}))
      end || _ <- lists:seq(1, ?ROUNDS)],
+    settle(Config),
+    assert_spinning(A, Key).
+
+timeout_spares_sleeping_task() ->
+    [{doc, "A background task calls time.sleep (briefly) again and again. Requests "
+           "that wait in erlang.call past their 100 ms timeout do not make the task's "
+           "time.sleep raise CallTimeout: only a request's own sleep is tied to its "
+           "deadline."}].
+timeout_spares_sleeping_task(Config) ->
+    A = ?config(a, Config),
+    Key = key(Config, task_sleep),
+    {ok, none} = pyport:call(A, '__main__', start_spinner, [Key], #{sleeps => true}),
+    [?assertEqual({error, timeout}, slow_call(A, #{timeout => 100}))
+     || _ <- lists:seq(1, ?ROUNDS)],
     settle(Config),
     assert_spinning(A, Key).
 
