@@ -1,13 +1,13 @@
 //! Deadlines: interrupts Python code that runs past its request's `timeout`.
 //!
 //! Each context publishes the deadline of the request it runs (atomics in its
-//! [`Deadline`]). One watchdog thread sleeps until the earliest deadline; it is poked only
-//! when a new deadline is earlier than the one it sleeps for, so the usual 30 s deadlines
-//! cost two atomic stores per request. At a deadline it asks the interpreter to run
-//! [`interrupt`] at its next bytecode boundary (`_PyEval_AddPendingCall`, CPython's
-//! own mechanism for signals, reaching the target in well under a millisecond), which
-//! raises `erlang.CallTimeout` in the overrunning code if that request is still running.
-//! Code blocked in C (a blocking socket, a C library) is not interrupted until it
+//! [`Deadline`]). One watchdog thread sleeps until the earliest deadline; it is poked
+//! only when a new deadline is earlier than the one it sleeps for, so the usual 30 s
+//! deadlines cost an uncontended lock and a few atomic stores per request. At a deadline
+//! it asks the interpreter to run [`interrupt`] at its next bytecode boundary
+//! (`_PyEval_AddPendingCall`, CPython's own mechanism for signals, reaching the target
+//! in well under a millisecond), which raises `erlang.CallTimeout` in the overrunning
+//! code if that request's own code is what runs then. Code blocked in C (a blocking socket, a C library) is not interrupted until it
 //! returns; the waits pyport owns (`time.sleep` on a context thread, `erlang.call`,
 //! channel receives) watch the same state and give up at once.
 //!
