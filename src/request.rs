@@ -62,6 +62,27 @@ impl Job {
     pub fn body(&self) -> &[u8] {
         &self.frame[self.body..]
     }
+
+    /// Whether the job gives back what another request took (`stream_cancel`,
+    /// `stream_credit`, `drop_env`, `release`, sent with no reply wanted): a full queue
+    /// takes it all the same, since refusing it would leave the stream running (or
+    /// stalled), the env or the object alive, with nobody left to ask again. There are
+    /// at most as many as there are things to give back.
+    pub fn gives_back(&self) -> bool {
+        if !matches!(self.kind, Kind::Request) || self.header.0 != self.header.1 {
+            return false;
+        }
+        let Ok(mut r) = etf::Reader::new(self.body()) else {
+            return false;
+        };
+        if r.tuple_header().is_err() {
+            return false;
+        }
+        matches!(
+            r.atom().as_deref(),
+            Ok("stream_cancel" | "stream_credit" | "drop_env" | "release")
+        )
+    }
 }
 
 /// The options of a request that this side acts on (others are ignored).
