@@ -70,6 +70,7 @@ main(_Args) ->
 kinds() ->
     [call, eval, exec, async_call, cast, coroutine, timeout, stream_done,
      stream_cancel_early, stream_cancel_mid, channel, channel_drained, channel_reopen,
+     channel_replaced,
      env, ref, callback, send].
 
 ops(timeout, N) -> max(100, N div 10);
@@ -170,6 +171,10 @@ op(channel_reopen, Ctx, I) ->
     {ok, Ch2} = pyport:channel_open(Ctx, q, #{capacity => 4}),
     ok = pyport:channel_close(Ch2),
     ok = pyport:channel_close(Ch1),
+    paced(Ctx, I);
+op(channel_replaced, Ctx, I) ->
+    %% opened again and again under one name, never closed by Erlang
+    {ok, _} = pyport:channel_open(Ctx, q, #{capacity => 4}),
     paced(Ctx, I);
 op(env, Ctx, I) ->
     {ok, Env} = pyport:new_env(Ctx),
