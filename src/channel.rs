@@ -274,3 +274,91 @@ fn ack(writer: &Writer, ctx: u64, id: u64, n: usize) {
         w.int(n as i64);
     });
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> Writer {
+        Writer::new(std::fs::File::create("/dev/null").unwrap())
+    }
+
+    fn take_all(ch: &Channels, w: &Writer, id: u64) -> usize {
+        let mut n = 0;
+        while let Take::Item(_) = ch.take(1, id, w) {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn closed_and_empty_is_freed_and_still_reads_closed() {
+        let (ch, w) = (Channels::default(), writer());
+        let id = ch.open("q", 4);
+        ch.close(id);
+        assert_eq!(ch.count(), 0);
+        assert_eq!(ch.lookup("q"), Some(id));
+        assert!(matches!(ch.take(1, id, &w), Take::Unknown));
+        assert!(ch.ready(id));
+    }
+
+    #[test]
+    fn closed_with_items_stays_until_drained() {
+        let (ch, w) = (Channels::default(), writer());
+        let id = ch.open("q", 4);
+        ch.push(id, vec![131, 97, 1]);
+        ch.push(id, vec![131, 97, 2]);
+        ch.close(id);
+        assert_eq!(ch.count(), 1);
+        assert_eq!(take_all(&ch, &w, id), 2);
+        assert_eq!(ch.count(), 0);
+    }
+
+    #[test]
+    fn replaced_channel_goes_unless_python_holds_it() {
+        let (ch, w) = (Channels::default(), writer());
+        let old = ch.open("q", 4);
+        ch.push(old, vec![131, 97, 1]);
+        let new = ch.open("q", 4);
+        assert_eq!(ch.count(), 1, "nobody can reach the replaced one");
+        ch.close(new);
+
+        let held = ch.open("q", 4);
+        assert_eq!(ch.lookup("q"), Some(held)); // a Python Channel object
+        ch.push(held, vec![131, 97, 1]);
+        ch.open("q", 4);
+        assert_eq!(ch.count(), 2, "a Python object still takes from it");
+        assert_eq!(take_all(&ch, &w, held), 1);
+        assert_eq!(ch.count(), 1);
+        ch.release(held);
+        assert_eq!(ch.count(), 1);
+
+        let dropped = ch.lookup("q").unwrap();
+        ch.push(dropped, vec![131, 97, 1]);
+        ch.open("q", 4);
+        assert_eq!(ch.count(), 2);
+        ch.release(dropped);
+        assert_eq!(ch.count(), 1);
+    }
+
+    #[test]
+    fn closed_names_are_bounded() {
+        let ch = Channels::default();
+        for i in 0..RETIRED_NAMES + 10 {
+            let id = ch.open(&format!("n{i}"), 4);
+            ch.push(id, vec![131, 97, 1]);
+            ch.close(id);
+        }
+        assert_eq!(ch.count(), RETIRED_NAMES);
+        assert_eq!(ch.lookup("n0"), None);
+        assert!(ch.lookup(&format!("n{}", RETIRED_NAMES + 9)).is_some());
+        assert!(ch.lock().names.len() <= RETIRED_NAMES);
+        // one name over and over: its stale entries do not hold anything
+        for _ in 0..3 * RETIRED_NAMES {
+            let id = ch.open("same", 4);
+            ch.close(id);
+        }
+        assert!(ch.lock().retired.len() <= RETIRED_NAMES);
+        assert!(ch.lock().names.len() <= RETIRED_NAMES + 1);
+    }
+}

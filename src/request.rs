@@ -299,4 +299,40 @@ mod tests {
         ));
         assert!(shape(&call(Term::Map(vec![]))).is_ok());
     }
+
+    fn job(header: &[u8], body: &[u8]) -> Job {
+        let mut frame = vec![0; 10];
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(body);
+        Job {
+            header: (10, 10 + header.len()),
+            body: 10 + header.len(),
+            frame,
+            kind: Kind::Request,
+            arrived: Instant::now(),
+            reentrant: false,
+        }
+    }
+
+    #[test]
+    fn frames_that_give_back_are_told_apart() {
+        let give = |op: &str| {
+            Term::Tuple(vec![Term::atom(op), Term::Int(7), Term::Map(vec![])]).encode()
+        };
+        for op in ["stream_cancel", "drop_env", "release"] {
+            assert!(job(b"", &give(op)).gives_back(), "{op}");
+            // one that wants a reply is an ordinary request
+            assert!(!job(b"h", &give(op)).gives_back(), "{op}");
+        }
+        let credit = Term::Tuple(vec![
+            Term::atom("stream_credit"),
+            Term::Binary(b"s".to_vec()),
+            Term::Int(1),
+            Term::Map(vec![]),
+        ])
+        .encode();
+        assert!(job(b"", &credit).gives_back());
+        assert!(!job(b"", &call(Term::Map(vec![]))).gives_back(), "a cast");
+        assert!(!job(b"", &[131, 104]).gives_back(), "malformed");
+    }
 }
