@@ -126,8 +126,7 @@ impl Mailbox {
         }
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) && !job.gives_back()
-            {
+            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) && !job.gives_back() {
                 return Err((job, Error::Overloaded));
             }
             if job.reentrant {
@@ -318,9 +317,11 @@ impl Mailbox {
             ),
             (
                 Term::atom("open"),
-                Term::Int(self.link.get().map_or(0, |l| {
-                    l.open_requests.load(Ordering::Relaxed) as i64
-                })),
+                Term::Int(
+                    self.link
+                        .get()
+                        .map_or(0, |l| l.open_requests.load(Ordering::Relaxed) as i64),
+                ),
             ),
             (
                 Term::atom("channels"),

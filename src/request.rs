@@ -316,9 +316,8 @@ mod tests {
 
     #[test]
     fn frames_that_give_back_are_told_apart() {
-        let give = |op: &str| {
-            Term::Tuple(vec![Term::atom(op), Term::Int(7), Term::Map(vec![])]).encode()
-        };
+        let give =
+            |op: &str| Term::Tuple(vec![Term::atom(op), Term::Int(7), Term::Map(vec![])]).encode();
         for op in ["stream_cancel", "drop_env", "release"] {
             assert!(job(b"", &give(op)).gives_back(), "{op}");
             // one that wants a reply is an ordinary request
