@@ -149,6 +149,9 @@ class Channel:
     def __deepcopy__(self, memo):
         return self
 
+    def __reduce__(self):
+        raise TypeError("an erlang.Channel belongs to its context: it cannot be pickled")
+
     def receive(self, timeout=None):
         """The next item, waiting for it (the context keeps serving other requests
         meanwhile). Raises ``TimeoutError`` after ``timeout`` seconds, and
