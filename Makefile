@@ -37,7 +37,7 @@ test-erl:
 # so, when the machine has no other series. The dependency, build-script, Elixir, CLI
 # and soak suites build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
-	api types env ref callback async loop stream channel protocol reliability boundary pool)))
+	api types env ref callback async loop stream channel churn protocol reliability boundary pool)))
 comma = ,
 test-other-python: build
 	@other=$$(scripts/other-python.sh $(PYTHON)); \
@@ -47,9 +47,11 @@ test-other-python: build
 	PYPORT_PYTHON=$$other PYPORT_EXECUTABLE=$(CURDIR)/target/other-python/release/pyport \
 	    $(REBAR) ct --suite $(OTHER_SUITES)
 
-# The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes.
+# The soak test at full size: 1,000 processes x 1,000 mixed requests, three crashes;
+# then the churn benchmark: bytes per request of every kind (docs/reliability.md).
 soak: build
 	PYPORT_PYTHON=$(PYTHON) PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
+	PYPORT_PYTHON=$(PYTHON) escript benches/churn.escript
 
 # The decoders and the frame reader against a million random and mutated inputs each.
 fuzz: setup

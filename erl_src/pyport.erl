@@ -443,15 +443,19 @@ new_env_owned(_NotATarget, _Owner) ->
     {error, {bad_request, ctx}}.
 
 %% @doc Frees an env (from any process). Dropping it again, or after its runtime or
-%% context is gone, is `ok' too.
+%% context is gone, is `ok' too. Returns at once: the context drops the env in its
+%% turn (before any later request of the caller to that context), also when its queue
+%% is full.
 -spec drop_env(env()) -> ok | {error, {bad_request, env}}.
 drop_env(#pyport_env{runtime = Pid} = Env) when node(Pid) =/= node() ->
     _ = remote(node(Pid), drop_env, [Env]),
     ok;
 drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
     case runtime(Key) of
-        {ok, {_, Pid, _, _, _} = Runtime} ->
-            _ = runtime_request(Runtime, Id, {drop_env, EnvId}, #{}),
+        {ok, {_, Pid, Port, _, _}} ->
+            %% no reply wanted: a reply could be refused (a full queue) or dropped
+            %% unrun (a deadline passed in the queue), and the env would live on
+            _ = pyport_port:cast_request(Port, Id, {drop_env, EnvId, #{}}),
             gen_server:cast(Pid, {disown, Id, {env, EnvId}});
         _ ->
             ok  % the runtime (and the env with it) is gone
@@ -510,15 +514,15 @@ to_term(_NotARef) ->
     {error, {bad_request, ref}}.
 
 %% @doc Lets go of the object (from any process). Later uses of the handle give
-%% `{error, not_found}'; releasing it again is `ok'.
+%% `{error, not_found}'; releasing it again is `ok'. Returns at once, like drop_env/1.
 -spec release(pyref()) -> ok | {error, {bad_request, ref}}.
 release(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
     _ = remote(node(Home), release, [Ref]),
     ok;
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
     case runtime(Key) of
-        {ok, {_, Pid, _, _, _} = Runtime} ->
-            _ = runtime_request(Runtime, Id, {release, RefId}, #{}),
+        {ok, {_, Pid, Port, _, _}} ->
+            _ = pyport_port:cast_request(Port, Id, {release, RefId, #{}}),
             gen_server:cast(Pid, {disown, Id, {ref, RefId}});
         {error, _} ->
             ok

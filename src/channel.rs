@@ -21,13 +21,65 @@ struct Chan {
     closed: bool,
     /// Items taken and not yet acknowledged to Erlang.
     unacked: usize,
+    /// Its name, and whether `erlang.channel(name)` still finds it (a channel opened
+    /// again under that name replaces it; a closed one is forgotten in time, see
+    /// `RETIRED_NAMES`).
+    name: String,
+    named: bool,
+    /// Python `Channel` objects holding its id (`_pyport.channel_lookup` and
+    /// `_pyport.channel_release`).
+    handles: usize,
 }
+
+/// How many closed channels `erlang.channel(name)` still finds (closed), by name.
+/// Older ones are forgotten: their names then raise `LookupError`, and what they still
+/// held is dropped unless a Python `Channel` object holds them.
+pub const RETIRED_NAMES: usize = 1024;
 
 #[derive(Default)]
 struct Table {
+    /// The channels Python may still take from. A channel leaves once closed and
+    /// empty, or closed and out of Python's reach (no `Channel` object holds it and its
+    /// name was reused or forgotten): a take then finds it closed.
     chans: HashMap<u64, Chan>,
+    /// Each name's latest channel (possibly closed and gone).
     names: HashMap<String, u64>,
+    /// Names of closed channels, oldest first (with the channel's id, to tell a name
+    /// opened again since), at most `RETIRED_NAMES`.
+    retired: VecDeque<(String, u64)>,
     next: u64,
+}
+
+impl Table {
+    /// Frees channel `id` if no take can ever find an item in it again.
+    fn collect(&mut self, id: u64) {
+        if let Some(c) = self.chans.get(&id) {
+            if c.closed && (c.items.is_empty() || (c.handles == 0 && !c.named)) {
+                self.chans.remove(&id);
+            }
+        }
+    }
+
+    /// Channel `id` was closed: its name is retired (forgetting the oldest past the
+    /// bound), and it is freed if nothing can take from it.
+    fn retire(&mut self, id: u64) {
+        if let Some(c) = self.chans.get(&id).filter(|c| c.named) {
+            self.retired.push_back((c.name.clone(), id));
+            while self.retired.len() > RETIRED_NAMES {
+                let Some((name, old)) = self.retired.pop_front() else {
+                    break;
+                };
+                if self.names.get(&name) == Some(&old) {
+                    self.names.remove(&name);
+                    if let Some(c) = self.chans.get_mut(&old) {
+                        c.named = false;
+                    }
+                    self.collect(old);
+                }
+            }
+        }
+        self.collect(id);
+    }
 }
 
 /// The channels of one context.
@@ -61,7 +113,9 @@ impl Channels {
         if let Some(old) = t.names.insert(name.to_string(), id) {
             if let Some(c) = t.chans.get_mut(&old) {
                 c.closed = true;
+                c.named = false;
             }
+            t.collect(old);
         }
         t.chans.insert(
             id,
@@ -70,6 +124,9 @@ impl Channels {
                 capacity: capacity.max(1),
                 closed: false,
                 unacked: 0,
+                name: name.to_string(),
+                named: true,
+                handles: 0,
             },
         );
         drop(t);
@@ -77,9 +134,30 @@ impl Channels {
         id
     }
 
-    /// The id of the channel called `name`.
+    /// How many channels the context holds (open ones, and closed ones with items
+    /// Python may still take), for `pyport:info/1`.
+    pub fn count(&self) -> usize {
+        self.lock().chans.len()
+    }
+
+    /// The id of the channel called `name`, for a new Python `Channel` object (which
+    /// calls `release` when it goes).
     pub fn lookup(&self, name: &str) -> Option<u64> {
-        self.lock().names.get(name).copied()
+        let mut t = self.lock();
+        let id = t.names.get(name).copied()?;
+        if let Some(c) = t.chans.get_mut(&id) {
+            c.handles += 1;
+        }
+        Some(id)
+    }
+
+    /// A Python `Channel` object of channel `id` is gone.
+    pub fn release(&self, id: u64) {
+        let mut t = self.lock();
+        if let Some(c) = t.chans.get_mut(&id) {
+            c.handles = c.handles.saturating_sub(1);
+        }
+        t.collect(id);
     }
 
     /// An item from Erlang (a whole ETF term). Items for a closed or unknown channel
@@ -93,9 +171,12 @@ impl Channels {
 
     /// Erlang closed the channel: readers drain what is left, then see it closed.
     pub fn close(&self, id: u64) {
-        if let Some(c) = self.lock().chans.get_mut(&id) {
+        let mut t = self.lock();
+        if let Some(c) = t.chans.get_mut(&id).filter(|c| !c.closed) {
             c.closed = true;
+            t.retire(id);
         }
+        drop(t);
         self.notify();
     }
 
@@ -132,13 +213,15 @@ impl Channels {
                 c.unacked += 1;
                 if c.items.is_empty() || c.unacked >= (c.capacity / 2).max(1) {
                     let n = std::mem::take(&mut c.unacked);
+                    t.collect(id);
                     drop(t);
                     ack(writer, ctx, id, n);
                 }
                 Take::Item(item)
             }
             None if c.closed => {
-                // Its name stays, so `erlang.channel(name)` still finds it closed.
+                // Its name stays (retired), so `erlang.channel(name)` still finds it
+                // closed.
                 t.chans.remove(&id);
                 Take::Closed
             }
@@ -190,4 +273,92 @@ fn ack(writer: &Writer, ctx: u64, id: u64, n: usize) {
         w.int(id as i64);
         w.int(n as i64);
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn writer() -> Writer {
+        Writer::new(std::fs::File::create("/dev/null").unwrap())
+    }
+
+    fn take_all(ch: &Channels, w: &Writer, id: u64) -> usize {
+        let mut n = 0;
+        while let Take::Item(_) = ch.take(1, id, w) {
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn closed_and_empty_is_freed_and_still_reads_closed() {
+        let (ch, w) = (Channels::default(), writer());
+        let id = ch.open("q", 4);
+        ch.close(id);
+        assert_eq!(ch.count(), 0);
+        assert_eq!(ch.lookup("q"), Some(id));
+        assert!(matches!(ch.take(1, id, &w), Take::Unknown));
+        assert!(ch.ready(id));
+    }
+
+    #[test]
+    fn closed_with_items_stays_until_drained() {
+        let (ch, w) = (Channels::default(), writer());
+        let id = ch.open("q", 4);
+        ch.push(id, vec![131, 97, 1]);
+        ch.push(id, vec![131, 97, 2]);
+        ch.close(id);
+        assert_eq!(ch.count(), 1);
+        assert_eq!(take_all(&ch, &w, id), 2);
+        assert_eq!(ch.count(), 0);
+    }
+
+    #[test]
+    fn replaced_channel_goes_unless_python_holds_it() {
+        let (ch, w) = (Channels::default(), writer());
+        let old = ch.open("q", 4);
+        ch.push(old, vec![131, 97, 1]);
+        let new = ch.open("q", 4);
+        assert_eq!(ch.count(), 1, "nobody can reach the replaced one");
+        ch.close(new);
+
+        let held = ch.open("q", 4);
+        assert_eq!(ch.lookup("q"), Some(held)); // a Python Channel object
+        ch.push(held, vec![131, 97, 1]);
+        ch.open("q", 4);
+        assert_eq!(ch.count(), 2, "a Python object still takes from it");
+        assert_eq!(take_all(&ch, &w, held), 1);
+        assert_eq!(ch.count(), 1);
+        ch.release(held);
+        assert_eq!(ch.count(), 1);
+
+        let dropped = ch.lookup("q").unwrap();
+        ch.push(dropped, vec![131, 97, 1]);
+        ch.open("q", 4);
+        assert_eq!(ch.count(), 2);
+        ch.release(dropped);
+        assert_eq!(ch.count(), 1);
+    }
+
+    #[test]
+    fn closed_names_are_bounded() {
+        let ch = Channels::default();
+        for i in 0..RETIRED_NAMES + 10 {
+            let id = ch.open(&format!("n{i}"), 4);
+            ch.push(id, vec![131, 97, 1]);
+            ch.close(id);
+        }
+        assert_eq!(ch.count(), RETIRED_NAMES);
+        assert_eq!(ch.lookup("n0"), None);
+        assert!(ch.lookup(&format!("n{}", RETIRED_NAMES + 9)).is_some());
+        assert!(ch.lock().names.len() <= RETIRED_NAMES);
+        // one name over and over: its stale entries do not hold anything
+        for _ in 0..3 * RETIRED_NAMES {
+            let id = ch.open("same", 4);
+            ch.close(id);
+        }
+        assert!(ch.lock().retired.len() <= RETIRED_NAMES);
+        assert!(ch.lock().names.len() <= RETIRED_NAMES + 1);
+    }
 }

@@ -126,7 +126,7 @@ impl Mailbox {
         }
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) {
+            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) && !job.gives_back() {
                 return Err((job, Error::Overloaded));
             }
             if job.reentrant {
@@ -297,7 +297,8 @@ impl Mailbox {
         }
     }
 
-    /// `#{requests, errors, timeouts, replaced, queued, running}` for `pyport:info/1`.
+    /// `#{requests, errors, timeouts, replaced, queued, running, open, channels}` for
+    /// `pyport:info/1`.
     pub fn stats(&self) -> crate::etf::Term {
         use crate::etf::Term;
         let n = |a: &AtomicU64| Term::Int(a.load(Ordering::Relaxed) as i64);
@@ -313,6 +314,18 @@ impl Mailbox {
             (
                 Term::atom("running"),
                 Term::boolean(self.deadline.current().0 != 0),
+            ),
+            (
+                Term::atom("open"),
+                Term::Int(
+                    self.link
+                        .get()
+                        .map_or(0, |l| l.open_requests.load(Ordering::Relaxed) as i64),
+                ),
+            ),
+            (
+                Term::atom("channels"),
+                Term::Int(self.link.get().map_or(0, |l| l.channels.count() as i64)),
             ),
         ])
     }

@@ -47,6 +47,9 @@ pub struct Link {
     output: OutputRate,
     /// Set when Python wrote output without a final newline.
     unflushed: std::sync::atomic::AtomicBool,
+    /// Requests the context's event loop answers later (coroutine results, streams)
+    /// that are still open, for `pyport:info/1`.
+    pub open_requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Link {
@@ -63,6 +66,7 @@ impl Link {
             thread: std::thread::current().id(),
             unflushed: std::sync::atomic::AtomicBool::new(false),
             output: OutputRate::default(),
+            open_requests: Arc::default(),
         })
     }
 
@@ -451,6 +455,13 @@ fn channel_lookup(name: &str) -> PyResult<u64> {
         .ok_or_else(|| pyo3::exceptions::PyLookupError::new_err(format!("no channel {name:?}")))
 }
 
+/// `_pyport.channel_release(id)`: a Python `Channel` object of channel `id` is gone.
+#[pyfunction]
+fn channel_release(id: u64) -> PyResult<()> {
+    current_link()?.channels.release(id);
+    Ok(())
+}
+
 /// A take from channel `id`: `(1, item)`, `(0, None)` when empty, `(2, None)` closed.
 fn channel_take<'py>(py: Python<'py>, link: &Link, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
     match link.channels.take(link.ctx, id, &link.writer) {
@@ -741,6 +752,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(context_loop, &native)?)?;
     native.add_function(wrap_pyfunction!(sleep, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
+    native.add_function(wrap_pyfunction!(channel_release, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_try, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_receive, &native)?)?;
     native.add_function(wrap_pyfunction!(send, &native)?)?;

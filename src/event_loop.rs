@@ -21,6 +21,7 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -230,6 +231,8 @@ pub struct Outlet {
     pub writer: Arc<Writer>,
     pub types: Rc<Types>,
     open: RefCell<HashSet<Vec<u8>>>,
+    /// How many requests are open, for `pyport:info/1` (read on the router thread).
+    open_count: Arc<AtomicUsize>,
 }
 
 /// Outbox entries (`_OUT_*` in erlang.py).
@@ -240,34 +243,46 @@ const OUT_DONE: u8 = 3;
 const OUT_ERROR: u8 = 4;
 
 impl Outlet {
-    pub fn new(writer: Arc<Writer>, types: Rc<Types>) -> Self {
+    pub fn new(writer: Arc<Writer>, types: Rc<Types>, open_count: Arc<AtomicUsize>) -> Self {
         Outlet {
             writer,
             types,
             open: RefCell::new(HashSet::new()),
+            open_count,
         }
+    }
+
+    fn counted(&self, open: &HashSet<Vec<u8>>) {
+        self.open_count.store(open.len(), Ordering::Relaxed);
     }
 
     /// A request will be answered later (a cast, with an empty header, never is).
     pub fn open(&self, header: &[u8]) {
         if !header.is_empty() {
-            self.open.borrow_mut().insert(header.to_vec());
+            let mut open = self.open.borrow_mut();
+            open.insert(header.to_vec());
+            self.counted(&open);
         }
     }
 
-    /// The request failed before it was handed to the loop: its caller is answered
-    /// by the usual path.
+    /// The request will not be answered by the loop: it failed before it was handed
+    /// to the loop (its caller is answered by the usual path), or it was a stream and
+    /// its consumer cancelled it (no frame of it follows).
     pub fn forget(&self, header: &[u8]) {
-        self.open.borrow_mut().remove(header);
+        self.close(header);
     }
 
     fn close(&self, header: &[u8]) -> bool {
-        self.open.borrow_mut().remove(header)
+        let mut open = self.open.borrow_mut();
+        let was = open.remove(header);
+        self.counted(&open);
+        was
     }
 
     /// Answers every open request with `err` (the context is ending).
     pub fn fail_open(&self, err: &Error) {
         let open = std::mem::take(&mut *self.open.borrow_mut());
+        self.open_count.store(0, Ordering::Relaxed);
         for header in open {
             self.writer.reply(&header, |w| err.write_reply(w));
         }

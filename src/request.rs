@@ -62,6 +62,27 @@ impl Job {
     pub fn body(&self) -> &[u8] {
         &self.frame[self.body..]
     }
+
+    /// Whether the job gives back what another request took (`stream_cancel`,
+    /// `stream_credit`, `drop_env`, `release`, sent with no reply wanted): a full queue
+    /// takes it all the same, since refusing it would leave the stream running (or
+    /// stalled), the env or the object alive, with nobody left to ask again. There are
+    /// at most as many as there are things to give back.
+    pub fn gives_back(&self) -> bool {
+        if !matches!(self.kind, Kind::Request) || self.header.0 != self.header.1 {
+            return false;
+        }
+        let Ok(mut r) = etf::Reader::new(self.body()) else {
+            return false;
+        };
+        if r.tuple_header().is_err() {
+            return false;
+        }
+        matches!(
+            r.atom().as_deref(),
+            Ok("stream_cancel" | "stream_credit" | "drop_env" | "release")
+        )
+    }
 }
 
 /// The options of a request that this side acts on (others are ignored).
@@ -277,5 +298,40 @@ mod tests {
             Err(Error::BadRequest(_))
         ));
         assert!(shape(&call(Term::Map(vec![]))).is_ok());
+    }
+
+    fn job(header: &[u8], body: &[u8]) -> Job {
+        let mut frame = vec![0; 10];
+        frame.extend_from_slice(header);
+        frame.extend_from_slice(body);
+        Job {
+            header: (10, 10 + header.len()),
+            body: 10 + header.len(),
+            frame,
+            kind: Kind::Request,
+            arrived: Instant::now(),
+            reentrant: false,
+        }
+    }
+
+    #[test]
+    fn frames_that_give_back_are_told_apart() {
+        let give =
+            |op: &str| Term::Tuple(vec![Term::atom(op), Term::Int(7), Term::Map(vec![])]).encode();
+        for op in ["stream_cancel", "drop_env", "release"] {
+            assert!(job(b"", &give(op)).gives_back(), "{op}");
+            // one that wants a reply is an ordinary request
+            assert!(!job(b"h", &give(op)).gives_back(), "{op}");
+        }
+        let credit = Term::Tuple(vec![
+            Term::atom("stream_credit"),
+            Term::Binary(b"s".to_vec()),
+            Term::Int(1),
+            Term::Map(vec![]),
+        ])
+        .encode();
+        assert!(job(b"", &credit).gives_back());
+        assert!(!job(b"", &call(Term::Map(vec![]))).gives_back(), "a cast");
+        assert!(!job(b"", &[131, 104]).gives_back(), "malformed");
     }
 }

@@ -140,7 +140,11 @@ impl Session {
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));
-        let outlet = Rc::new(Outlet::new(link.writer.clone(), types.clone()));
+        let outlet = Rc::new(Outlet::new(
+            link.writer.clone(),
+            types.clone(),
+            link.open_requests.clone(),
+        ));
         let session = Session {
             id: spec.id,
             link,
@@ -393,6 +397,9 @@ impl Session {
                 let stream = etf::Reader::body(parts.get(0))
                     .binary()
                     .map_err(|_| Error::BadRequest("stream id must be a binary".into()))?;
+                // The stream wants no final frame now: it is no longer open (nor is
+                // any item of it still in the loop's outbox sent).
+                self.event_loop.outlet.forget(stream);
                 if self.event_loop.exists() {
                     self.event_loop
                         .call(py, "_pyport_cancel", (PyBytes::new(py, stream),))?;

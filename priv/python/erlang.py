@@ -136,6 +136,22 @@ class Channel:
         self.name = name
         self._id = _pyport.channel_lookup(name)
 
+    def __del__(self):
+        # pyport frees a closed channel once no Channel object can take from it.
+        try:
+            _pyport.channel_release(self._id)
+        except Exception:
+            pass  # the interpreter is ending, or __init__ failed
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        raise TypeError("an erlang.Channel belongs to its context: it cannot be pickled")
+
     def receive(self, timeout=None):
         """The next item, waiting for it (the context keeps serving other requests
         meanwhile). Raises ``TimeoutError`` after ``timeout`` seconds, and
@@ -622,8 +638,11 @@ def _define_loop():
                     self._pyport_outbox.append((_OUT_ITEM, header, item))
                     stream.credit -= 1
                 self._pyport_outbox.append((_OUT_DONE, header, None))
-            except asyncio.CancelledError:
+            except asyncio.CancelledError as e:
                 if not stream.cancelled:
+                    # Cancelled by other code than pyport's (not the consumer): the
+                    # consumer still gets its final frame.
+                    self._pyport_outbox.append((_OUT_ERROR, header, e))
                     raise
             except BaseException as e:
                 self._pyport_outbox.append((_OUT_ERROR, header, e))
