@@ -463,7 +463,11 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
         erlang_module::register(&link);
         if let Err(e) = erlang_module::install_thread_hook(py) {
             let e = Error::from(e);
-            writer.log("warning", spec.id, &format!("threading hook not installed: {e}"));
+            writer.log(
+                "warning",
+                spec.id,
+                &format!("threading hook not installed: {e}"),
+            );
         }
         let _ = mailbox.link.set(link.clone());
         let session = match Session::new(py, spec, link.clone(), reactor.clone()) {

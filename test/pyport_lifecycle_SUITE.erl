@@ -67,26 +67,32 @@ interrupts_race_stop_context(Config) ->
              %% runs until just about its own deadline, so the watchdog fires while the
              %% request ends and the stop queued behind it ends the interpreter; every
              %% other time pyport:interrupt/1 races them too
-             ok = pyport:exec(C, <<"def work(pid):\n"
+             ok = pyport:exec(C, <<"def work(pid, tag):\n"
                                    "    import time, erlang\n"
                                    "    end = time.monotonic() + 0.002\n"
-                                   "    erlang.send(pid, erlang.atom('running'))\n"
+                                   "    erlang.send(pid, (erlang.atom('running'), tag))\n"
                                    "    while time.monotonic() < end:\n"
                                    "        pass\n">>),
+             Tag = make_ref(),
              Caller = spawn_link(fun() ->
-                                         Me ! {self(), pyport:call(C, '__main__', work, [Me],
-                                                                   #{}, #{timeout => 2})}
+                                         Me ! {self(), pyport:call(C, '__main__', work,
+                                                                   [Me, Tag], #{},
+                                                                   #{timeout => 2})}
                                  end),
-             %% (a request that arrives past its deadline is dropped unrun)
-             receive
-                 running ->
-                     I rem 2 =:= 0 andalso pyport:interrupt(C),
-                     ok = pyport:stop_context(C),
-                     receive {Caller, R} -> R end;
-                 {Caller, R} ->
-                     ok = pyport:stop_context(C),
-                     R
-             end
+             %% the caller's own timer may answer before `running' arrives, and a
+             %% request that arrives past its deadline is dropped unrun
+             Result = receive
+                          {running, Tag} ->
+                              I rem 2 =:= 0 andalso pyport:interrupt(C),
+                              ok = pyport:stop_context(C),
+                              receive {Caller, R} -> R end;
+                          {Caller, R} ->
+                              ok = pyport:stop_context(C),
+                              R
+                      end,
+             %% the stop's answer comes after every event of the context's requests
+             receive {running, Tag} -> ok after 0 -> ok end,
+             Result
          end || I <- lists:seq(1, 300)],
     ?assertEqual([], [R || R <- Results, not Allowed(R)]),
     ?assertEqual(OsPid, pyport_ct:os_pid(Rt)),
