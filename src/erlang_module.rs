@@ -58,7 +58,8 @@ pub struct Link {
     output: OutputRate,
     /// Set when Python wrote output without a final newline.
     unflushed: std::sync::atomic::AtomicBool,
-    /// Set by the test hook `_pyport._test_panic_outside_request()` (see [`TEST_HOOKS`]).
+    /// Set by the test hook `_pyport._test_panic_outside_request()` (see
+    /// [`crate::TEST_HOOKS`]).
     test_panic: AtomicBool,
 }
 
@@ -891,18 +892,8 @@ pub fn install_thread_hook(py: Python<'_>) -> PyResult<()> {
     Ok(())
 }
 
-/// The environment variable that adds test hooks to `_pyport` (for pyport's own tests;
-/// set it in the runtime's `env`): `_pyport._test_panic_outside_request()` makes the
-/// context thread panic right after the running request is answered, in the context
-/// loop's own code, which no request's panic guard covers (how a bug there would).
-pub const TEST_HOOKS: &str = "PYPORT_TEST_HOOKS";
-
-fn test_hooks_enabled() -> bool {
-    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ENABLED.get_or_init(|| std::env::var_os(TEST_HOOKS).is_some_and(|v| v == "1"))
-}
-
-/// `_pyport._test_panic_outside_request()`: see [`TEST_HOOKS`]. On the context thread.
+/// `_pyport._test_panic_outside_request()`: see [`crate::TEST_HOOKS`]. On the context
+/// thread.
 #[pyfunction]
 fn _test_panic_outside_request() -> PyResult<()> {
     let link = THREAD_LINK
@@ -937,7 +928,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(unflushed, &native)?)?;
     native.add_function(wrap_pyfunction!(thread_ticket, &native)?)?;
     native.add_function(wrap_pyfunction!(adopt, &native)?)?;
-    if test_hooks_enabled() {
+    if crate::test_hooks() {
         native.add_function(wrap_pyfunction!(_test_panic_outside_request, &native)?)?;
     }
     modules.set_item("_pyport", &native)?;

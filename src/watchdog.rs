@@ -138,6 +138,9 @@ impl Deadline {
     /// Raises the stop in the running request at its next bytecode boundary, and wakes
     /// the context thread if it waits (in its poll, or in `time.sleep`).
     fn stop(self: &Arc<Self>, seq: u64, why: Stop) {
+        if crate::test_hooks() {
+            std::thread::sleep(Duration::from_millis(20)); // see `crate::TEST_HOOKS`
+        }
         request_interrupt(self, Arc::downgrade(self), seq, why);
         if let Some(wake) = self.wake.get() {
             wake();

@@ -48,11 +48,12 @@ start_runtime(Config, Opts) ->
 
 interrupts_race_stop_context() ->
     [{doc, "300 owngil contexts, each ended by stop_context while its request's deadline "
-           "fires and pyport:interrupt/1 arrives: the watchdog never queues an interrupt "
-           "on an interpreter that has ended (the OS process stays the same) and every "
-           "caller gets one of the answers the contract allows."}].
+           "fires and pyport:interrupt/1 arrives, with the test hook that makes the "
+           "watchdog take 20 ms from deciding to interrupt to queuing the interrupt: it "
+           "never queues one on an interpreter that has ended (the OS process stays the "
+           "same) and every caller gets one of the answers the contract allows."}].
 interrupts_race_stop_context(Config) ->
-    Rt = start_runtime(Config, #{}),
+    Rt = start_runtime(Config, #{env => [{"PYPORT_TEST_HOOKS", "1"}]}),
     OsPid = pyport_ct:os_pid(Rt),
     Allowed = fun({ok, _}) -> true;
                  ({error, timeout}) -> true;
