@@ -281,6 +281,8 @@ thread_local! {
 
 /// What a thread started by a context's code keeps of that context.
 struct Adopted {
+    /// The context's [`Link::key`], passed on to the threads this one starts.
+    key: u64,
     /// Weak: the thread may outlive its context (it then gets `context_down` errors).
     link: Weak<Link>,
     /// ETF of the pid whose request started the thread (its `erlang.self()`).
@@ -387,11 +389,9 @@ fn thread_ticket<'py>(py: Python<'py>) -> Option<(u64, Option<Bound<'py, PyBytes
     let link = THREAD_LINK.with(|l| l.borrow().clone());
     let (key, caller) = match link {
         Some(link) => (link.key, link.caller()),
-        None => ADOPTED.with(|a| {
-            let a = a.borrow();
-            let a = a.as_ref()?;
-            Some((a.link.upgrade()?.key, a.caller.clone()))
-        })?,
+        // A thread whose context stopped passes the dead context on: its threads must
+        // not fall back to another context of the interpreter.
+        None => ADOPTED.with(|a| a.borrow().as_ref().map(|a| (a.key, a.caller.clone())))?,
     };
     Some((key, caller.map(|c| PyBytes::new(py, &c))))
 }
@@ -409,7 +409,7 @@ fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
         .and_then(|m| m.get(&key).cloned())
         .unwrap_or_default();
     let caller = caller.map(|c| c.as_bytes().to_vec());
-    ADOPTED.with(|a| *a.borrow_mut() = Some(Adopted { link, caller }));
+    ADOPTED.with(|a| *a.borrow_mut() = Some(Adopted { key, link, caller }));
 }
 
 /// The context thread's way to wait for a callback result while serving its mailbox

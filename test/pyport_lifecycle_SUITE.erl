@@ -147,7 +147,8 @@ thread_belongs_to_its_context() ->
     [{doc, "A threading thread started by a request belongs to that request's context: "
            "its erlang.self() is the pid that started it and its erlang.call runs, also "
            "while another process's request runs (in main mode, in another context that "
-           "was created later, in the same interpreter)."}].
+           "was created later, in the same interpreter); a thread it starts belongs to "
+           "the same context."}].
 thread_belongs_to_its_context(Config) ->
     Mode = ?config(mode, Config),
     Rt = start_runtime(Config, #{}),
@@ -157,7 +158,11 @@ thread_belongs_to_its_context(Config) ->
                           "ev = threading.Event()\n"
                           "def body():\n"
                           "    ev.wait()\n"
-                          "    t.result = (erlang.self(), erlang.call('lifecycle_echo', 7))\n"
+                          "    box = []\n"
+                          "    g = threading.Thread(target=lambda: box.append(erlang.self()))\n"
+                          "    g.start()\n"
+                          "    g.join()\n"
+                          "    t.result = (erlang.self(), erlang.call('lifecycle_echo', 7), box[0])\n"
                           "t = threading.Thread(target=body, name='lifecycle-thread')\n"
                           "t.ev = ev\n"
                           "t.start()\n">>),
@@ -174,7 +179,7 @@ thread_belongs_to_its_context(Config) ->
                                    "t.join(10)\n">>),
         Me ! {joined, self(), pyport:eval(Joiner, <<"t.result">>)}
     end),
-    receive {joined, Other, Result} -> ?assertEqual({ok, {Me, 7}}, Result) end,
+    receive {joined, Other, Result} -> ?assertEqual({ok, {Me, 7, Me}}, Result) end,
     ok = pyport:unregister_function(lifecycle_echo),
     ok = pyport:stop_runtime(Rt).
 
