@@ -475,6 +475,7 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
             Err(e) => {
                 writer.fail(start.header(), spec.id, "error", &e);
                 mailbox.fail_all(writer, "start_failed");
+                link.stop(); // threads the preload started
                 erlang_module::unregister(&link);
                 return;
             }

@@ -405,8 +405,9 @@ fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) 
     // hold) before it ends the interpreter (`Deadline::unbind_thread`), so a non-null
     // pointer read under the lock names a live interpreter until we release it. The
     // callback frees `arg`; if the queue of pending calls is full, free it here. (A
-    // call still queued when the interpreter ends is run by `Py_EndInterpreter`, which
-    // finishes pending calls; its request is over by then, so it only frees `arg`.)
+    // call still queued when the interpreter ends either runs then, finds its request
+    // over and only frees `arg`, or is dropped with the queue: `arg` leaks, a few
+    // bytes, on that race only.)
     unsafe {
         if _PyEval_AddPendingCall(interp, interrupt, arg, 0) != 0 {
             drop(Box::from_raw(arg as *mut Interrupt));
