@@ -50,11 +50,15 @@ fn time(py: Python<'_>, session: &Session, name: &str, body: &[u8]) {
     let mut out = Vec::new();
     let n = (200_000_000 / body.len().max(1000)).clamp(10, 200_000);
     for _ in 0..(n / 100).max(2) {
-        session.serve(py, b"h", body, &mut out, &|_| true).unwrap();
+        session
+            .serve(py, b"h", body, &mut out, &|_| Ok(None))
+            .unwrap();
     }
     let t0 = Instant::now();
     for _ in 0..n {
-        session.serve(py, b"h", body, &mut out, &|_| true).unwrap();
+        session
+            .serve(py, b"h", body, &mut out, &|_| Ok(None))
+            .unwrap();
     }
     println!(
         "session {name}: {:.0} ns/request",

@@ -26,8 +26,8 @@ use crate::error::{panic_message, stop_error, Error};
 use crate::event_loop::{Reactor, WAKE};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
-use crate::session::{Served, Session};
-use crate::watchdog::Deadline;
+use crate::session::{Passed, Served, Session};
+use crate::watchdog::{Deadline, Stop};
 use crate::writer::Writer;
 
 /// How long an idle context spins before it sleeps: adaptive between these bounds. It
@@ -576,22 +576,36 @@ struct Loop<'a> {
 const MAX_KEPT_BUFFER: usize = 64 << 20;
 
 impl Loop<'_> {
-    /// Serves jobs until `done()` holds (true), or, when nested in a request, until that
-    /// request's deadline passes (false). `until` is a time at which `done()` may turn
-    /// true by itself (a wait with a timeout), so the thread wakes up for it.
-    fn serve_until(&self, py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>) -> bool {
-        let (request, _) = self.mailbox.deadline.current();
-        let given_up = || self.mailbox.deadline.stopped(request).is_some();
-        let stop = || done() || given_up();
+    /// Serves jobs until `done()` holds (`None`), or, when the waiting code is a
+    /// request's, until that request is stopped or its deadline passes (`Some(why)`).
+    /// `until` is a time at which `done()` may turn true by itself (a wait with a
+    /// timeout), so the thread wakes up for it. The waiting request is parked meanwhile
+    /// (see `Deadline::park`): its stop is raised by its wait, never into the tasks and
+    /// requests that run while it waits.
+    fn serve_until(
+        &self,
+        py: Python<'_>,
+        done: &dyn Fn() -> bool,
+        until: Option<Instant>,
+    ) -> Option<Stop> {
+        let deadline = &self.mailbox.deadline;
+        let parked = deadline.park();
+        let given_up = || deadline.given_up(parked);
+        let stop = || done() || given_up().is_some();
         let done = &stop;
         // Nested in this many waits (`erlang.call`, channel receives), a context serves
         // only re-entrant requests, so unrelated ones cannot pile up on its stack.
         let depth = self.depth.get();
         self.depth.set(depth + 1);
         let only_reentrant = depth > MAX_NESTED_UNRELATED;
-        let served_all = self.serve_while(py, done, until, only_reentrant);
+        self.serve_while(py, done, until, only_reentrant);
         self.depth.set(depth);
-        served_all && !given_up()
+        let why = given_up();
+        if why.is_some() {
+            deadline.delivered(parked.seq);
+        }
+        deadline.unpark(parked);
+        why
     }
 
     fn serve_while(
@@ -600,7 +614,7 @@ impl Loop<'_> {
         done: &dyn Fn() -> bool,
         until: Option<Instant>,
         only_reentrant: bool,
-    ) -> bool {
+    ) {
         let lp = &self.session.event_loop;
         while !done() {
             let job = self.mailbox.pop(only_reentrant);
@@ -621,12 +635,20 @@ impl Loop<'_> {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
+            // Pausing after steps that raised, the loop's news does not end the wait:
+            // its pause does (`due`).
+            let with_loop = may_step && !lp.backing_off();
             detached(py, || {
-                self.mailbox
-                    .wait(self.inbox, &lp.reactor, done, only_reentrant, may_step, due)
+                self.mailbox.wait(
+                    self.inbox,
+                    &lp.reactor,
+                    done,
+                    only_reentrant,
+                    with_loop,
+                    due,
+                )
             });
         }
-        true
     }
 
     /// The event loop's share between requests: resolve `erlang.async_call` results,
@@ -708,7 +730,10 @@ fn answer(
     let (outer, outer_at) = deadline.current();
     let start = |timeout_ms: Option<u64>| {
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
-        deadline.begin(at, job.reentrant).is_some()
+        match deadline.begin(at, job.reentrant) {
+            Some(_) => Ok(at),
+            None => Err(Passed),
+        }
     };
     let result = catch_unwind(AssertUnwindSafe(|| {
         session.serve(py, job.header(), job.body(), out, &start)

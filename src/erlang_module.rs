@@ -197,18 +197,16 @@ impl Callbacks {
             self.has_async.store(true, Ordering::SeqCst);
             return;
         }
-        if self
-            .abandoned
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        {
+        // Lock order: `abandoned`, then `results` (as in `abandon`).
+        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
+        if abandoned.remove(&id) {
             return;
         }
         self.results
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id, term);
+        drop(abandoned);
         self.arrived.notify_all();
     }
 
@@ -224,12 +222,18 @@ impl Callbacks {
         std::mem::take(&mut *results)
     }
 
-    /// The waiter of `id` gave up (its request timed out).
+    /// The waiter of `id` gave up (its request timed out): its result is dropped,
+    /// whether it came already or comes later.
     fn abandon(&self, id: u64) {
-        self.abandoned
+        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
+        let came = self
+            .results
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+            .remove(&id);
+        if came.is_none() {
+            abandoned.insert(id);
+        }
     }
 
     pub fn is_ready(&self, id: u64) -> bool {
@@ -414,9 +418,10 @@ fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
 
 /// The context thread's way to wait for a callback result while serving its mailbox
 /// (re-entrancy); set by the context loop.
-/// It returns false if it gave up because the running request's deadline passed.
+/// It returns why it gave up if the waiting request was stopped or its deadline passed.
 /// `until` is a time at which the wait ends by itself (a timeout).
-pub type NestedServeFn<'a> = dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> bool + 'a;
+pub type NestedServeFn<'a> =
+    dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> Option<Stop> + 'a;
 type NestedServe = NestedServeFn<'static>;
 
 thread_local! {
@@ -451,20 +456,23 @@ pub fn with_nested_serve<'a, R>(serve: &'a NestedServeFn<'a>, f: impl FnOnce() -
 }
 
 /// Waits on the context thread, serving its requests meanwhile, until `ready()` or
-/// `until`; `None` on any other thread (which must wait its own way). `Some(false)`:
-/// the running request's deadline passed first.
+/// `until`; `None` on any other thread (which must wait its own way). `Some(Err(why))`:
+/// the waiting request was stopped, or its deadline passed, first.
 fn serve_while_waiting(
     py: Python<'_>,
     link: &Link,
     ready: &dyn Fn() -> bool,
     until: Option<Instant>,
-) -> Option<bool> {
+) -> Option<Result<(), Stop>> {
     let serve = NESTED
         .with(|n| *n.borrow())
         .filter(|_| std::thread::current().id() == link.thread)?;
     // SAFETY: a value in `NESTED` points to a live function (see `NESTED`), and this is
     // the thread whose slot it is.
-    Some(unsafe { (*serve)(py, ready, until) })
+    Some(match unsafe { (*serve)(py, ready, until) } {
+        None => Ok(()),
+        Some(why) => Err(why),
+    })
 }
 
 fn types(py: Python<'_>) -> PyResult<Types> {
@@ -529,14 +537,13 @@ fn call<'py>(
     let id = send_callback(py, &link, name, args, |_| {})?;
     let result = match serve_while_waiting(py, &link, &|| link.callbacks.is_ready(id), None) {
         // The context thread keeps serving its mailbox while it waits (re-entrancy).
-        Some(served) => {
-            if !served {
-                // The request's deadline passed while Erlang kept the callback: stop
-                // waiting, so the context serves others again.
-                link.callbacks.abandon(id);
-                return Err(stop_error(py, &link));
-            }
-            link.callbacks.take(id).expect("callback result is ready")
+        Some(Ok(())) => link.callbacks.take(id).expect("callback result is ready"),
+        Some(Err(why)) => {
+            // The request was stopped, or its deadline passed, while Erlang kept the
+            // callback (or before its result was taken): stop waiting, so the context
+            // serves others again. A result that came already is dropped.
+            link.callbacks.abandon(id);
+            return Err(stop_exception(py, why));
         }
         // Any other thread of the interpreter just waits, detached, until the result
         // comes or the context stops.
@@ -646,8 +653,8 @@ fn channel_receive<'py>(
             return Ok(taken);
         }
         match serve_while_waiting(py, &link, &|| link.channels.ready(id), until) {
-            Some(true) => {}
-            Some(false) => return Err(stop_error(py, &link)),
+            Some(Ok(())) => {}
+            Some(Err(why)) => return Err(stop_exception(py, why)),
             None => py.detach(|| link.channels.wait(id, until)),
         }
     }
@@ -677,13 +684,6 @@ fn busy() -> bool {
     event_loop::reactor().is_some_and(|r| r.busy())
 }
 
-/// Why the running request was stopped (its deadline, or `pyport:interrupt/1`), as the
-/// `erlang` exception to raise.
-fn stop_error(py: Python<'_>, link: &Link) -> PyErr {
-    let (request, _) = link.deadline.current();
-    stop_exception(py, link.deadline.stopped(request).unwrap_or(Stop::Timeout))
-}
-
 fn stop_exception(py: Python<'_>, why: Stop) -> PyErr {
     let (name, message) = why.exception();
     match erlang_module(py)
@@ -703,8 +703,9 @@ fn sleep(py: Python<'_>, seconds: f64) -> PyResult<bool> {
     let Ok(link) = current_link(py) else {
         return Ok(false);
     };
-    let (request, _) = link.deadline.current();
-    if request == 0 || std::thread::current().id() != link.thread {
+    // Only a request's own code: a task or stream pump the loop runs while a request
+    // waits sleeps the usual way (that request's deadline is none of its business).
+    if link.deadline.code() == 0 || std::thread::current().id() != link.thread {
         return Ok(false);
     }
     if seconds.is_nan() || seconds < 0.0 {
@@ -713,7 +714,15 @@ fn sleep(py: Python<'_>, seconds: f64) -> PyResult<bool> {
         ));
     }
     let until = Instant::now() + std::time::Duration::from_secs_f64(seconds.min(1e9));
-    match py.detach(|| link.deadline.sleep(request, until)) {
+    // Parked while it sleeps: an interrupt run meanwhile by another thread of the
+    // interpreter is not aimed at the thread; the sleep raises the stop itself.
+    let parked = link.deadline.park();
+    let stopped = py.detach(|| link.deadline.sleep(parked, until));
+    if stopped.is_some() {
+        link.deadline.delivered(parked.seq);
+    }
+    link.deadline.unpark(parked);
+    match stopped {
         None => Ok(true),
         Some(why) => Err(stop_exception(py, why)),
     }

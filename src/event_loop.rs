@@ -435,7 +435,16 @@ pub struct EventLoop {
     pub outlet: Rc<Outlet>,
     /// When the loop wants its next step (ready callbacks: now; else its next timer).
     due: Cell<Option<Instant>>,
+    /// Steps that raised in a row, and until when the loop is not stepped after the
+    /// last of them (see [`EventLoop::step`]).
+    failed_steps: Cell<u32>,
+    backoff_until: Cell<Option<Instant>>,
 }
+
+/// The pause after a step that raised: doubled with every step in a row that raised,
+/// from `STEP_BACKOFF_MIN` up to `STEP_BACKOFF_MAX`.
+const STEP_BACKOFF_MIN: Duration = Duration::from_millis(1);
+const STEP_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl EventLoop {
     /// Makes `reactor` and `outlet` this thread's (for the `_pyport` functions).
@@ -446,6 +455,8 @@ impl EventLoop {
             reactor,
             outlet,
             due: Cell::new(None),
+            failed_steps: Cell::new(0),
+            backoff_until: Cell::new(None),
         }
     }
 
@@ -459,14 +470,34 @@ impl EventLoop {
         self.reactor.stepping.get()
     }
 
-    /// When the loop needs a step, if ever.
+    /// When the loop needs a step, if ever (after a step that raised: not before its
+    /// pause is over).
     pub fn due(&self) -> Option<Instant> {
-        self.due.get()
+        let due = if self.reactor.has_ready() {
+            Some(Instant::now())
+        } else {
+            self.due.get()
+        };
+        match (due, self.backoff_until.get()) {
+            (Some(d), Some(b)) => Some(d.max(b)),
+            (due, _) => due,
+        }
     }
 
     /// Whether a step is wanted now.
     pub fn wants_step(&self) -> bool {
-        self.reactor.has_ready() || self.due.get().is_some_and(|d| d <= Instant::now())
+        (self.reactor.has_ready() || self.due.get().is_some_and(|d| d <= Instant::now()))
+            && !self.backing_off()
+    }
+
+    /// Whether the loop pauses after steps that raised: it is not stepped (nor is its fd
+    /// readiness waited for) until the pause is over.
+    pub fn backing_off(&self) -> bool {
+        match self.backoff_until.get() {
+            None => false,
+            Some(b) if b > Instant::now() => true,
+            Some(_) => false,
+        }
     }
 
     /// After a request: if it scheduled callbacks on the loop, re-read when the loop is due.
@@ -507,15 +538,38 @@ impl EventLoop {
         self.reactor.stepping.set(false);
         self.reactor.touched.set(false);
         match due {
-            Ok(d) => self.set_due(d.extract::<f64>().ok()),
+            Ok(d) => {
+                self.set_due(d.extract::<f64>().ok());
+                self.failed_steps.set(0);
+                self.backoff_until.set(None);
+            }
             Err(e) => {
-                // `_run_once` let an exception through (SystemExit from a callback, an
-                // interrupt): report it and keep the loop; step again at once.
-                let err = crate::pyerr::to_error(py, &e);
-                self.outlet
-                    .writer
-                    .log("error", 0, &format!("event loop step raised: {err}"));
-                self.due.set(Some(Instant::now()));
+                // `_run_once` let an exception through (SystemExit from a callback, its
+                // selector failing): report it and keep the loop; step again soon. A
+                // step that raises again and again (a broken selector) would spin the
+                // thread and flood the log: the pause before the next step doubles with
+                // each one in a row, and only the 1st, 2nd, 4th, 8th... are logged.
+                let failed = self.failed_steps.get().saturating_add(1);
+                self.failed_steps.set(failed);
+                let pause = STEP_BACKOFF_MIN
+                    .saturating_mul(1 << (failed - 1).min(20))
+                    .min(STEP_BACKOFF_MAX);
+                let now = Instant::now();
+                self.backoff_until.set(Some(now + pause));
+                self.due.set(Some(now));
+                if failed.is_power_of_two() {
+                    let err = crate::pyerr::to_error(py, &e);
+                    let again = if failed == 1 {
+                        String::new()
+                    } else {
+                        format!(" ({failed} steps in a row; next step in {pause:?})")
+                    };
+                    self.outlet.writer.log(
+                        "error",
+                        0,
+                        &format!("event loop step raised: {err}{again}"),
+                    );
+                }
             }
         }
         if let Err(e) = self.outlet.drain(py, lp) {

@@ -10,6 +10,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::Instant;
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -44,6 +45,10 @@ pub enum Served {
     /// A task or a stream answers it later (through the event loop's outlet).
     Later,
 }
+
+/// `Session::serve`'s `start`: the request's deadline has passed already.
+#[derive(Debug)]
+pub struct Passed;
 
 /// A random start for env and handle ids, so a handle from another runtime, or from
 /// before a restart, cannot name a live object here (ids stay below 2^62).
@@ -188,8 +193,9 @@ impl Session {
     ///
     /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is decoded once in
     /// Rust; only the values Python needs become Python objects. `start(timeout_ms)` is
-    /// called once the options are known, before any Python runs; it returns false if
-    /// the request's deadline has already passed (it is then dropped). A coroutine
+    /// called once the options are known, before any Python runs; it returns the
+    /// request's deadline (its arrival plus its timeout), or `Err(Passed)` if that has
+    /// passed already (the request is then dropped). A coroutine
     /// result becomes a task on the context's loop and answers later, as do streams.
     pub fn serve(
         &self,
@@ -197,12 +203,12 @@ impl Session {
         header: &[u8],
         body: &[u8],
         out: &mut Vec<u8>,
-        start: &dyn Fn(Option<u64>) -> bool,
+        start: &dyn Fn(Option<u64>) -> Result<Option<Instant>, Passed>,
     ) -> Result<Served, Error> {
         let req = Request::decode(body)?;
-        if !start(req.opts.timeout_ms) {
+        let Ok(deadline) = start(req.opts.timeout_ms) else {
             return Err(Error::Timeout);
-        }
+        };
         let previous = self.link.swap_caller(req.opts.caller);
         let result = self.dispatch(py, header, &req);
         if self.link.take_unflushed_output() {
@@ -213,7 +219,7 @@ impl Session {
         let result = result?;
         let value = match result {
             Reply::Value(value) if is_coroutine(&value) => {
-                self.start_task(py, header, value, &req)?;
+                self.start_task(py, header, value, &req, deadline)?;
                 return Ok(Served::Later);
             }
             Reply::Later => return Ok(Served::Later),
@@ -292,15 +298,18 @@ impl Session {
         }
     }
 
-    /// Runs a coroutine as a task on the loop; its result is the reply.
+    /// Runs a coroutine as a task on the loop; its result is the reply. The task is
+    /// cancelled at the request's deadline (its arrival plus its timeout, however long
+    /// it was queued).
     fn start_task(
         &self,
         py: Python<'_>,
         header: &[u8],
         coro: Bound<'_, PyAny>,
         req: &Request<'_>,
+        deadline: Option<Instant>,
     ) -> Result<(), Error> {
-        let timeout = req.opts.timeout_ms.map(|ms| ms as f64 / 1000.0);
+        let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
         let args = (
             PyBytes::new(py, header),
             coro,

@@ -1,17 +1,24 @@
 //! Deadlines: interrupts Python code that runs past its request's `timeout`.
 //!
 //! Each context publishes the deadline of the request it runs (atomics in its
-//! [`Deadline`]). One watchdog thread sleeps until the earliest deadline; it is poked only
-//! when a new deadline is earlier than the one it sleeps for, so the usual 30 s deadlines
-//! cost two atomic stores per request. At a deadline it asks the interpreter to run
-//! [`interrupt`] at its next bytecode boundary (`_PyEval_AddPendingCall`, CPython's
-//! own mechanism for signals, reaching the target in well under a millisecond), which
-//! raises `erlang.CallTimeout` in the overrunning code if that request is still running.
-//! Code blocked in C (a blocking socket, a C library) is not interrupted until it
+//! [`Deadline`]). One watchdog thread sleeps until the earliest deadline; it is poked
+//! only when a new deadline is earlier than the one it sleeps for, so the usual 30 s
+//! deadlines cost an uncontended lock and a few atomic stores per request. At a deadline
+//! it asks the interpreter to run [`interrupt`] at its next bytecode boundary
+//! (`_PyEval_AddPendingCall`, CPython's own mechanism for signals, reaching the target
+//! in well under a millisecond), which raises `erlang.CallTimeout` in the overrunning
+//! code if that request's own code is what runs then. Code blocked in C (a blocking socket, a C library) is not interrupted until it
 //! returns; the waits pyport owns (`time.sleep` on a context thread, `erlang.call`,
 //! channel receives) watch the same state and give up at once.
 //!
 //! `pyport:interrupt/1` uses the same path with `erlang.Interrupted`.
+//!
+//! A stop reaches its own request only. While a request waits in one of pyport's waits
+//! it is *parked* ([`Deadline::park`]): the context thread runs other code meanwhile
+//! (the loop's tasks and stream pumps, nested requests), and the interrupt is not
+//! raised into that code. The parked request's wait sees the stop (or its own deadline
+//! passed) and raises it there, when control is back in that request. The interrupt
+//! raises only while the request's own code is what runs ([`Deadline::code`]).
 
 use std::os::raw::{c_int, c_void};
 use std::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
@@ -24,6 +31,12 @@ use pyo3::ffi;
 pub struct Deadline {
     /// Sequence number of the running request; 0 when idle.
     running: AtomicU64,
+    /// The request whose own Python code runs on the context thread now; 0 when the
+    /// thread runs anything else (between requests, the loop's tasks and stream pumps)
+    /// or the running request is parked in a pyport wait.
+    code: AtomicU64,
+    /// The last request whose stop its own wait raised (no interrupt raises it again).
+    delivered: AtomicU64,
     next_seq: AtomicU64,
     /// Nanoseconds since the watchdog's epoch; 0 for none.
     at: AtomicU64,
@@ -61,6 +74,8 @@ impl Default for Deadline {
     fn default() -> Self {
         Deadline {
             running: AtomicU64::new(0),
+            code: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
             next_seq: AtomicU64::new(0),
             at: AtomicU64::new(0),
             interp: AtomicPtr::new(std::ptr::null_mut()),
@@ -78,6 +93,14 @@ impl Default for Deadline {
             wake: OnceLock::new(),
         }
     }
+}
+
+/// A request parked in a wait (see [`Deadline::park`]): its number (0: the waiting
+/// code is no request's) and its deadline (0: none).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Parked {
+    pub seq: u64,
+    at: u64,
 }
 
 /// Why a running request was stopped.
@@ -149,12 +172,13 @@ impl Deadline {
         self.sleeper.1.notify_all();
     }
 
-    /// `time.sleep` on the context thread, for request `seq`: waits until `until`, or
-    /// returns early with the reason the request was stopped. Call it detached.
-    pub fn sleep(&self, seq: u64, until: Instant) -> Option<Stop> {
+    /// `time.sleep` on the context thread, for the parked request `parked`: waits
+    /// until `until`, or returns early with the reason the request was stopped. Call
+    /// it detached.
+    pub fn sleep(&self, parked: Parked, until: Instant) -> Option<Stop> {
         let mut guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            if let Some(why) = self.stopped(seq) {
+            if let Some(why) = self.given_up(parked) {
                 return Some(why);
             }
             let left = until.saturating_duration_since(Instant::now());
@@ -223,6 +247,7 @@ impl Deadline {
                 (own, outer) => own.min(outer),
             };
             self.running.store(seq, Ordering::SeqCst);
+            self.code.store(seq, Ordering::SeqCst);
             self.at.store(at, Ordering::SeqCst);
             at
         };
@@ -233,16 +258,25 @@ impl Deadline {
     }
 
     /// The request `seq` is done; `outer` is the request it was nested in (0 if none),
-    /// which runs again with its own deadline `outer_at`.
+    /// which runs again with its own deadline `outer_at`. A nested request only runs
+    /// while the outer one is parked in a wait: no request's own code runs now.
     pub fn end(&self, outer: u64, outer_at: u64) {
         {
             let _switch = self.switching();
             self.running.store(outer, Ordering::SeqCst);
+            self.code.store(0, Ordering::SeqCst);
             self.at.store(outer_at, Ordering::SeqCst);
         }
         if outer_at != 0 {
             watchdog().poke_if_earlier(outer_at);
         }
+        self.clear_async_exception();
+    }
+
+    /// Clears an interrupt another thread aimed at the context thread with
+    /// `PyThreadState_SetAsyncExc` and that was not raised yet. Call it on the context
+    /// thread, attached.
+    fn clear_async_exception(&self) {
         if self.async_sent.swap(0, Ordering::SeqCst) != 0 {
             // SAFETY: clears a pending async exception of this very thread (we are the
             // context thread, attached); NULL means "clear".
@@ -253,6 +287,60 @@ impl Deadline {
                 );
             }
         }
+    }
+
+    /// The code of the context thread enters one of pyport's waits (`erlang.call`, a
+    /// channel receive, `time.sleep`), in which other code may run. If that code is a
+    /// request's own, the request is parked until [`Deadline::unpark`]: no interrupt
+    /// is raised meanwhile (it would land in whatever runs), and the wait watches
+    /// [`Deadline::given_up`] instead. A wait of other code (a task, a stream pump)
+    /// parks nothing: a request's deadline is none of its business. Call it on the
+    /// context thread, attached.
+    pub fn park(&self) -> Parked {
+        let parked = {
+            // With the lock, an interrupt sent from another thread of the interpreter
+            // (which holds it) was either sent before, and is cleared below, or sees
+            // the request parked and is not sent.
+            let _switch = self.switching();
+            let seq = self.code.swap(0, Ordering::SeqCst);
+            let at = if seq != 0 && self.running.load(Ordering::SeqCst) == seq {
+                self.at.load(Ordering::SeqCst)
+            } else {
+                0
+            };
+            Parked { seq, at }
+        };
+        self.clear_async_exception();
+        parked
+    }
+
+    /// The wait of [`Deadline::park`] is over: the parked request's code runs again.
+    pub fn unpark(&self, parked: Parked) {
+        self.code.store(parked.seq, Ordering::SeqCst);
+    }
+
+    /// Whether the request parked in a wait must stop, and why: it was stopped (its
+    /// deadline fired, or `pyport:interrupt/1`), or its own deadline has passed (it may
+    /// have passed while a nested request ran, or fired for a request nested on its
+    /// behalf). `None` for a wait of no request.
+    pub fn given_up(&self, parked: Parked) -> Option<Stop> {
+        if parked.seq == 0 {
+            return None;
+        }
+        if let Some(why) = self.stopped(parked.seq) {
+            return Some(why);
+        }
+        (parked.at != 0 && watchdog().nanos(Instant::now()) >= parked.at).then_some(Stop::Timeout)
+    }
+
+    /// The wait of request `seq` raises its stop now: no interrupt raises it again.
+    pub fn delivered(&self, seq: u64) {
+        self.delivered.store(seq, Ordering::SeqCst);
+    }
+
+    /// The request whose own code runs on the context thread now (0: none).
+    pub fn code(&self) -> u64 {
+        self.code.load(Ordering::SeqCst)
     }
 
     /// Held while the running request and its deadline change together, and while the
@@ -430,8 +518,14 @@ extern "C" fn interrupt(arg: *mut c_void) -> c_int {
     // SAFETY: `arg` was made by `Box::into_raw` in `request_interrupt`, used once.
     let Interrupt { target, seq, why } = *unsafe { Box::from_raw(arg as *mut Interrupt) };
     let Some(d) = target.upgrade() else { return 0 };
-    if d.running.load(Ordering::SeqCst) != seq {
-        return 0; // that request is over: do not hit the next one
+    // Raised only into that request's own code: not once it is over (the next request
+    // would be hit), nor while it is parked in a wait (the code running then is a task,
+    // a stream pump or a nested request; the wait raises the stop itself), nor after
+    // its wait raised it already.
+    let aimed =
+        || d.code.load(Ordering::SeqCst) == seq && d.delivered.load(Ordering::SeqCst) != seq;
+    if !aimed() {
+        return 0;
     }
     // SAFETY: attached to the target interpreter (pending calls run attached).
     unsafe {
@@ -443,12 +537,17 @@ extern "C" fn interrupt(arg: *mut c_void) -> c_int {
         }
         let ident = d.thread_ident.load(Ordering::SeqCst);
         let result = if ffi::PyThread_get_thread_ident() as u64 == ident {
+            // At a bytecode boundary of the context thread, whose code is the request's.
             ffi::PyErr_SetString(class, message.as_ptr());
             -1
         } else {
-            // Another Python thread of that interpreter runs: aim at the context thread.
-            d.async_sent.store(1, Ordering::SeqCst);
-            ffi::PyThreadState_SetAsyncExc(ident as _, class);
+            // Another Python thread of that interpreter runs: aim at the context thread,
+            // unless the request parked meanwhile (`park` clears what was sent before).
+            let _switch = d.switching();
+            if aimed() {
+                d.async_sent.store(1, Ordering::SeqCst);
+                ffi::PyThreadState_SetAsyncExc(ident as _, class);
+            }
             0
         };
         ffi::Py_DECREF(class);

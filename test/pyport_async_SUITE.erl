@@ -44,7 +44,8 @@ result_message() ->
 result_message(Config) ->
     Ref = pyport:async_call(?config(a, Config), operator, add, [1, 2]),
     ?assert(is_reference(Ref)),
-    ?assertEqual({ok, 3}, receive {pyport, Ref, R} -> R end).
+    ?assertEqual({ok, 3}, receive {pyport, Ref, R} -> R
+        after 60000 -> ct:fail({no_message, ?LINE}) end).
 
 await_result() ->
     [{doc, "await/1 returns the result, errors included, as call/6 would."}].

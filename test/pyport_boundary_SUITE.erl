@@ -120,7 +120,7 @@ send_flood_is_bounded(_Config) ->
     Mem0 = erlang:memory(total),
     {ok, Busy} = pyport:call(C, '__main__', flood, [Sink, self(), 200000], #{},
                              #{timeout => 60000}),
-    receive <<"done">> -> ok end,
+    receive <<"done">> -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     %% the owner delivered `done' after every send before it, so the count is final
     {ok, #{sends_dropped := Dropped}} = pyport:info(Rt),
     {message_queue_len, Queued} = erlang:process_info(Sink, message_queue_len),
@@ -134,9 +134,9 @@ send_flood_is_bounded(_Config) ->
     ?assert(Mem1 - Mem0 < 64 * 1024 * 1024),
     %% drained, the sink takes sends again (the owner clears it within milliseconds)
     Sink ! drain,
-    receive {drained, Sink} -> ok end,
+    receive {drained, Sink} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     {ok, none} = pyport:call(C, '__main__', send_when_clear, [Sink, 10.0]),
-    receive {again, Sink} -> ok end,
+    receive {again, Sink} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     ok = pyport:stop_runtime(Rt).
 
 %% Takes everything queued (the flood), then says so and forwards `again'.

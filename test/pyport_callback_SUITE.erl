@@ -328,7 +328,8 @@ self_is_caller(Config) ->
     ?assertEqual({ok, Self}, pyport:eval(Ctx, <<"erlang.self()">>)),
     ?assertEqual({ok, Self}, pyport:call(Ctx, erlang, self, [])),
     Other = spawn_link(fun() -> Self ! {other, self(), pyport:eval(Ctx, <<"erlang.self()">>)} end),
-    receive {other, Other, Result} -> ?assertEqual({ok, Other}, Result) end,
+    receive {other, Other, Result} -> ?assertEqual({ok, Other}, Result)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     ok = pyport:exec(Ctx, <<"SEEN = erlang.self()">>),
     ?assertEqual({ok, Self}, pyport:eval(Ctx, <<"SEEN">>)).
 

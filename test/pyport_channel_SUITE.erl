@@ -304,7 +304,8 @@ open_on_stopped_context(Config) ->
     {ok, Ctx} = pyport:new_context(?config(runtime, Config),
                                    #{mode => ?config(mode, Config), preload => ?HELPERS}),
     ok = pyport:stop_context(Ctx),
-    ?assertMatch({error, _}, pyport:channel_open(Ctx, atom_to_binary(?FUNCTION_NAME), #{})).
+    ?assertEqual({error, {context_down, unknown_context}},
+                 pyport:channel_open(Ctx, atom_to_binary(?FUNCTION_NAME), #{})).
 
 %%% Helpers
 

@@ -46,9 +46,12 @@ run_streams_output(Config) ->
                               "a", "b"]},
                       exit_status, {line, 1000}, stderr_to_stdout]),
     T0 = erlang:monotonic_time(millisecond),
-    First = receive {Port, {data, {eol, L1}}} -> {L1, erlang:monotonic_time(millisecond) - T0} end,
-    Second = receive {Port, {data, {eol, L2}}} -> {L2, erlang:monotonic_time(millisecond) - T0} end,
-    Status = receive {Port, {exit_status, S}} -> S end,
+    First = receive {Port, {data, {eol, L1}}} -> {L1, erlang:monotonic_time(millisecond) - T0}
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
+    Second = receive {Port, {data, {eol, L2}}} -> {L2, erlang:monotonic_time(millisecond) - T0}
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
+    Status = receive {Port, {exit_status, S}} -> S
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     ct:log("first line ~p, second ~p (ms from start), exit ~b", [First, Second, Status]),
     ?assertMatch({"argv ['a', 'b']", _}, First),
     ?assertMatch({"done", _}, Second),

@@ -160,7 +160,7 @@ every_operation_from_another_node(Config) ->
             ok = pyport:exec(Ctx, <<"z = 9">>, #{env => Env}),
             {ok, 9} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
             ok = pyport:drop_env(Env),
-            {error, _} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
+            {error, not_found} = pyport:eval(Ctx, <<"z">>, #{}, #{env => Env}),
             {ok, L} = pyport:eval(Ctx, <<"[1, 2]">>, #{}, #{return => ref}),
             {ok, none} = pyport:call_method(L, append, [3]),
             {ok, [1, 2, 3]} = pyport:to_term(L),
@@ -168,7 +168,7 @@ every_operation_from_another_node(Config) ->
             {ok, Doc} = pyport:getattr(L, '__doc__'),
             true = is_binary(Doc),
             ok = pyport:release(L),
-            {error, _} = pyport:to_term(L),
+            {error, not_found} = pyport:to_term(L),
             {ok, Chan} = pyport:channel_open(Ctx, <<"remote_chan">>, #{}),
             ok = pyport:channel_send(Chan, hello),
             {ok, hello} = pyport:eval(Ctx, <<"__import__('erlang').channel('remote_chan').try_receive()">>),
@@ -533,13 +533,28 @@ owned_by_a_node_that_goes_down() ->
 owned_by_a_node_that_goes_down(Config) ->
     Ctx = ?config(ctx, Config),
     Rt = ?config(rt, Config),
+    %% Python's own view: every object made through `tracked' is in LIVE while alive
+    ok = pyport:exec(Ctx, <<"import gc, weakref\n"
+                            "class Tracked(list):\n"
+                            "    __hash__ = object.__hash__\n"
+                            "LIVE = weakref.WeakSet()\n"
+                            "def tracked(x):\n"
+                            "    t = Tracked(x)\n"
+                            "    LIVE.add(t)\n"
+                            "    return t\n"
+                            "def live():\n"
+                            "    gc.collect()\n"
+                            "    return len(LIVE)\n">>),
     {Peer, Node} = start_peer(false),
     Before = owned(Rt),
     Self = self(),
     _Holder = erlang:spawn(Node, fun() ->
                                      {ok, Env} = pyport:new_env(Ctx),
-                                     {ok, Ref} = pyport:eval(Ctx, <<"[1]">>, #{},
-                                                             #{return => ref}),
+                                     ok = pyport:exec(Ctx, <<"import __main__\n"
+                                                             "kept = __main__.tracked([2])">>,
+                                                      #{env => Env}),
+                                     {ok, Ref} = pyport:call(Ctx, '__main__', tracked, [[1]],
+                                                             #{}, #{return => ref}),
                                      Self ! {made, Env, Ref},
                                      receive stop -> ok end
                                  end),
@@ -547,13 +562,16 @@ owned_by_a_node_that_goes_down(Config) ->
     #{envs := E1, refs := R1, processes := P1} = owned(Rt),
     ?assertEqual({1, 1, 1}, {E1 - maps:get(envs, Before), R1 - maps:get(refs, Before),
                              P1 - maps:get(processes, Before)}),
+    ?assertEqual({ok, 2}, pyport:call(Ctx, '__main__', live, [])),
     stop_peer(Peer),
     pyport_ct:wait_for(fun() ->
                            case owned(Rt) of
                                Before -> {ok, freed};
                                Now -> {not_yet, Now}
                            end
-                       end, 500).
+                       end, 500),
+    %% and in Python: the env's globals and the handle's object are gone
+    ?assertEqual({ok, 0}, pyport:call(Ctx, '__main__', live, [])).
 
 owned(Rt) ->
     {ok, #{owned := Owned}} = pyport:info(Rt),

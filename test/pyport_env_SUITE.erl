@@ -95,8 +95,10 @@ exec_function_called_with_env(Config) ->
     ?assertEqual({ok, 9}, pyport:call(Ctx, <<"__main__">>, <<"scale">>, [], #{x => 3},
                                       #{env => E1})),
     {ok, E3} = pyport:new_env(Ctx),
-    ?assertMatch({error, _}, pyport:call(Ctx, '__main__', scale, [2], #{}, #{env => E3})),
-    ?assertMatch({error, _}, pyport:call(Ctx, '__main__', scale, [2])),
+    ?assertMatch({error, {python, <<"NameError">>, _, _}},
+                 pyport:call(Ctx, '__main__', scale, [2], #{}, #{env => E3})),
+    ?assertMatch({error, {python, <<"NameError">>, _, _}},
+                 pyport:call(Ctx, '__main__', scale, [2])),
     %% ordinary modules are the same with or without an env
     ?assertEqual({ok, 3}, pyport:call(Ctx, operator, add, [1, 2], #{}, #{env => E3})),
     [ok = pyport:drop_env(E) || E <- [E1, E2, E3]].
@@ -168,8 +170,10 @@ env_used_by_other_process(Config) ->
                          Self ! {used, self(), pyport:eval(Ctx, <<"shared">>, #{}, #{env => Env})},
                          Self ! {dropped, self(), pyport:drop_env(Env)}
                      end),
-    receive {used, Pid, Used} -> ?assertEqual({ok, <<"yes">>}, Used) end,
-    receive {dropped, Pid, Dropped} -> ?assertEqual(ok, Dropped) end,
+    receive {used, Pid, Used} -> ?assertEqual({ok, <<"yes">>}, Used)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
+    receive {dropped, Pid, Dropped} -> ?assertEqual(ok, Dropped)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     ?assertEqual({error, not_found}, pyport:eval(Ctx, <<"shared">>, #{}, #{env => Env})),
     %% the other process told the owner: no order with this process's messages
     pyport_ct:wait_for(fun() -> case owned_envs() of 0 -> {ok, 0}; N -> N end end, 500).
@@ -184,8 +188,9 @@ freed_on_owner_exit(Config) ->
                                     ok = pyport:exec(Ctx, <<"kept = 1">>, #{env => Env}),
                                     Self ! {env, self(), Env}
                                 end),
-    Env = receive {env, Pid, E} -> E end,
-    receive {'DOWN', Mref, process, Pid, normal} -> ok end,
+    Env = receive {env, Pid, E} -> E after 60000 -> ct:fail({no_message, ?LINE}) end,
+    receive {'DOWN', Mref, process, Pid, normal} -> ok
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     pyport_ct:wait_for(fun() ->
                            case pyport:eval(Ctx, <<"kept">>, #{}, #{env => Env}) of
                                {error, not_found} -> {ok, freed};
@@ -251,7 +256,8 @@ run_cycles(Ctx, Cycles) ->
                               [cycle(Ctx, Code) || _ <- lists:seq(1, Cycles div ?WORKERS)],
                               Self ! {cycles_done, self()}
                           end) || _ <- lists:seq(1, ?WORKERS)],
-    [receive {cycles_done, W} -> ok end || W <- Workers],
+    [receive {cycles_done, W} -> ok
+        after 60000 -> ct:fail({no_message, ?LINE}) end || W <- Workers],
     ok.
 
 cycle(Ctx, Code) ->
@@ -259,7 +265,8 @@ cycle(Ctx, Code) ->
                                     {ok, Env} = pyport:new_env(Ctx),
                                     ok = pyport:exec(Ctx, Code, #{env => Env})
                                 end),
-    receive {'DOWN', Mref, process, Pid, Reason} -> normal = Reason end.
+    receive {'DOWN', Mref, process, Pid, Reason} -> normal = Reason
+        after 60000 -> ct:fail({no_message, ?LINE}) end.
 
 %% Waits until the runtime owner has freed everything (it tracks nothing any more),
 %% then makes a round trip through the context, which runs after the frees.

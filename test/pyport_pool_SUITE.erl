@@ -197,7 +197,8 @@ owngil_max_requests_and_restart(_Config) ->
                               Rs = [pyport:call(Pool, '__main__', who, []) || _ <- lists:seq(1, 100)],
                               Self ! {self(), Rs}
                           end) || _ <- [1, 2]],
-    Results = lists:append([receive {C, Rs} -> Rs end || C <- Callers]),
+    Results = lists:append([receive {C, Rs} -> Rs
+        after 60000 -> ct:fail({no_message, ?LINE}) end || C <- Callers]),
     ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
     {ok, #{replaced := Replaced, members := [#{os_pid := OsPid} | _]}} = pyport:pool_info(Pool),
     ct:log("200 calls, ~b replacements, ~b threads served",
@@ -262,7 +263,7 @@ member_crash_restarts_alone(_Config) ->
     ?assertMatch({error, {runtime_down, _}}, pyport:await(Doomed, 10000)),
     Members = await_full(Pool),
     Caller ! stop,
-    Results = receive {Caller, Rs} -> Rs end,
+    Results = receive {Caller, Rs} -> Rs after 60000 -> ct:fail({no_message, ?LINE}) end,
     ct:log("~b calls during the crash and the restart", [length(Results)]),
     ?assert(length(Results) > 0),
     ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
@@ -329,7 +330,8 @@ max_requests_replaces(_Config) ->
                                     || _ <- lists:seq(1, 100)],
                               Self ! {self(), Rs}
                           end) || _ <- [1, 2, 3, 4]],
-    Results = lists:append([receive {C, Rs} -> Rs end || C <- Callers]),
+    Results = lists:append([receive {C, Rs} -> Rs
+        after 60000 -> ct:fail({no_message, ?LINE}) end || C <- Callers]),
     ?assertEqual([], [R || R <- Results, element(1, R) =/= ok]),
     OsPids = lists:usort([P || {ok, {P, _}} <- Results]),
     {ok, #{replaced := Replaced}} = pyport:pool_info(Pool),
@@ -383,7 +385,7 @@ child_spec_in_own_tree(_Config) ->
     ?assertEqual({ok, 3}, pyport:call(Pool, operator, add, [1, 2])),
     Mref = erlang:monitor(process, Sup),
     exit(Sup, shutdown),
-    receive {'DOWN', Mref, _, _, _} -> ok end,
+    receive {'DOWN', Mref, _, _, _} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end,
     ?assertEqual({error, not_found}, pyport:pool(p_tree)).
 
 %% The user's own supervisor of child_spec_in_own_tree.
@@ -447,11 +449,11 @@ timed(Fun) ->
 parallel(K, Fun) ->
     Self = self(),
     Pids = [spawn_link(fun() -> Fun(), Self ! {done, self()} end) || _ <- lists:seq(1, K)],
-    [receive {done, P} -> ok end || P <- Pids].
+    [receive {done, P} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end || P <- Pids].
 
 run_python(Python, Code) ->
     Port = open_port({spawn_executable, Python}, [{args, ["-c", Code]}, exit_status]),
-    receive {Port, {exit_status, 0}} -> ok end.
+    receive {Port, {exit_status, 0}} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end.
 
 median(Xs) ->
     lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).

@@ -217,4 +217,5 @@ valid_frame_by_hand(_Config) ->
     true = erlang:port_command(port(), [<<?CTX_ID:64, (byte_size(H)):16>>, H,
                                         call_body([20, 22])]),
     Self = self(),
-    receive {Self, Payload} -> ?assertEqual({ok, 42}, binary_to_term(Payload)) end.
+    receive {Self, Payload} -> ?assertEqual({ok, 42}, binary_to_term(Payload))
+        after 60000 -> ct:fail({no_message, ?LINE}) end.

@@ -253,8 +253,9 @@ freed_on_owner_exit(Config) ->
                                     {ok, Ref} = box(Ctx, 5),
                                     Self ! {ref, self(), Ref}
                                 end),
-    Ref = receive {ref, Pid, R} -> R end,
-    receive {'DOWN', Mref, process, Pid, normal} -> ok end,
+    Ref = receive {ref, Pid, R} -> R after 60000 -> ct:fail({no_message, ?LINE}) end,
+    receive {'DOWN', Mref, process, Pid, normal} -> ok
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     pyport_ct:wait_for(fun() ->
                            case pyport:getattr(Ref, v) of
                                {error, not_found} -> {ok, freed};
@@ -269,7 +270,8 @@ many_freed_on_owner_exit() ->
 many_freed_on_owner_exit(Config) ->
     Ctx = ?config(a, Config),
     {Pid, Mref} = spawn_monitor(fun() -> [{ok, _} = box(Ctx, I) || I <- lists:seq(1, 1000)] end),
-    receive {'DOWN', Mref, process, Pid, normal} -> ok end,
+    receive {'DOWN', Mref, process, Pid, normal} -> ok
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     pyport_ct:wait_for(fun() ->
                            case n_alive(Ctx) of
                                {ok, 0} -> {ok, freed};
@@ -288,8 +290,10 @@ handle_used_by_other_process(Config) ->
                          Self ! {used, self(), pyport:call_method(Ref, get, [2])},
                          Self ! {released, self(), pyport:release(Ref)}
                      end),
-    receive {used, Pid, Used} -> ?assertEqual({ok, 10}, Used) end,
-    receive {released, Pid, Released} -> ?assertEqual(ok, Released) end,
+    receive {used, Pid, Used} -> ?assertEqual({ok, 10}, Used)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
+    receive {released, Pid, Released} -> ?assertEqual(ok, Released)
+        after 60000 -> ct:fail({no_message, ?LINE}) end,
     ?assertEqual({error, not_found}, pyport:getattr(Ref, v)),
     pyport_ct:wait_for(fun() -> case owned_refs() of 0 -> {ok, 0}; N -> N end end, 500).
 
