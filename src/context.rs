@@ -452,6 +452,9 @@ fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &dyn Inbox, reactor: &Reac
 /// The context's loop, attached to its interpreter.
 fn serve(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
     serve_interpreter(mailbox, inbox, poll);
+    // Before the interpreter ends (in `run`): the watchdog and `pyport:interrupt/1`
+    // queue no interrupt on it from now on.
+    mailbox.deadline.unbind_thread();
     if mailbox.is_abandoned() {
         ABANDONED_THREADS.fetch_sub(1, Ordering::SeqCst);
     }
@@ -471,12 +474,21 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
         };
         let link = Link::new(spec.id, inbox.writer().clone(), mailbox.deadline.clone());
         erlang_module::register(&link);
+        if let Err(e) = erlang_module::install_thread_hook(py) {
+            let e = Error::from(e);
+            writer.log(
+                "warning",
+                spec.id,
+                &format!("threading hook not installed: {e}"),
+            );
+        }
         let _ = mailbox.link.set(link.clone());
         let session = match Session::new(py, spec, link.clone(), reactor.clone()) {
             Ok(s) => s,
             Err(e) => {
                 writer.fail(start.header(), spec.id, "error", &e);
                 mailbox.fail_all(writer, "start_failed");
+                link.stop(); // threads the preload started
                 erlang_module::unregister(&link);
                 return;
             }
@@ -519,14 +531,38 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
         let nested = |py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>| {
             lp.serve_until(py, done, until)
         };
-        let stop = erlang_module::with_nested_serve(&nested, || {
-            let done = || lp.stop.borrow().is_some() || mailbox.is_abandoned();
-            let _ = lp.serve_until(py, &done, None);
-            lp.stop.borrow_mut().take()
-        });
-        session.close(py);
+        // A panic inside a request is that request's error reply (see `answer`); one
+        // outside any request (in the loop's own code) ends the context: it is marked
+        // down at once, so queued and later requests get `{context_down, panic}`
+        // instead of waiting for a thread that no longer serves them.
+        let served = catch_unwind(AssertUnwindSafe(|| {
+            erlang_module::with_nested_serve(&nested, || {
+                let done = || lp.stop.borrow().is_some() || mailbox.is_abandoned();
+                let _ = lp.serve_until(py, &done, None);
+            })
+        }));
+        let reason = match served {
+            Ok(()) => "stopped",
+            Err(panic) => {
+                mailbox.fail_all(writer, "panic");
+                let message = panic_message(&*panic);
+                writer.log(
+                    "error",
+                    spec.id,
+                    &format!("the context thread panicked outside a request ({message}): the context is down"),
+                );
+                "panic"
+            }
+        };
+        let stop = lp.stop.borrow_mut().take();
+        // Threads the context's code started that wait in `erlang.call` are released
+        // now: the interpreter's end joins them.
+        link.stop();
+        if catch_unwind(AssertUnwindSafe(|| session.close(py))).is_err() {
+            writer.log("error", spec.id, "closing the context's session panicked");
+        }
         erlang_module::unregister(&link);
-        mailbox.fail_all(writer, "stopped");
+        mailbox.fail_all(writer, reason);
         if let Some(job) = stop {
             writer.reply(job.header(), |w| w.atom("ok"));
         }
@@ -666,6 +702,9 @@ impl Loop<'_> {
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
                 answer(py, self.session, &job, writer, self.mailbox, &mut out);
+                if self.session.link.take_test_panic() {
+                    panic!("test hook: _pyport._test_panic_outside_request()");
+                }
                 if out.capacity() <= MAX_KEPT_BUFFER {
                     out.clear();
                     self.out.replace(out);

@@ -5,13 +5,18 @@
 //! into the binary, wraps them and defines the Python-level types. Each context has a
 //! [`Link`]: its id, the writer, its pending callbacks and the pid that made the current
 //! request. The functions find the link of the calling thread's context: the context
-//! thread through a thread-local, other Python threads through their interpreter.
+//! thread through a thread-local; a `threading` thread started by a context's code (or
+//! by such a thread) through the context it was started in, which it keeps for its life
+//! (see [`thread_ticket`] and [`adopt`]: in `main` mode several contexts share one
+//! interpreter, so the interpreter does not say which context a thread belongs to);
+//! any other Python thread through its interpreter.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::ThreadId;
 use std::time::Instant;
 
@@ -34,6 +39,12 @@ const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
 /// What Python code in one context needs to reach Erlang.
 pub struct Link {
     pub ctx: u64,
+    /// Unique over the process's life (context ids may be reused after a stop): names
+    /// this link to the threads its context's code starts.
+    key: u64,
+    /// Set when the context stops: waits of other threads end, and their `erlang.*`
+    /// calls raise `erlang.Error((context_down, stopped))`.
+    stopped: AtomicBool,
     pub writer: Arc<Writer>,
     pub callbacks: Callbacks,
     pub channels: Channels,
@@ -50,13 +61,19 @@ pub struct Link {
     /// Requests the context's event loop answers later (coroutine results, streams)
     /// that are still open, for `pyport:info/1`.
     pub open_requests: Arc<std::sync::atomic::AtomicUsize>,
+    /// Set by the test hook `_pyport._test_panic_outside_request()` (see
+    /// [`crate::TEST_HOOKS`]).
+    test_panic: AtomicBool,
 }
 
 impl Link {
     /// A link for the context served by the calling thread.
     pub fn new(ctx: u64, writer: Arc<Writer>, deadline: Arc<Deadline>) -> Arc<Self> {
+        static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
         Arc::new(Link {
             ctx,
+            key: NEXT_KEY.fetch_add(1, Ordering::Relaxed),
+            stopped: AtomicBool::new(false),
             writer,
             deadline,
             callbacks: Callbacks::default(),
@@ -65,9 +82,28 @@ impl Link {
             caller: Mutex::new(None),
             thread: std::thread::current().id(),
             unflushed: std::sync::atomic::AtomicBool::new(false),
+            test_panic: AtomicBool::new(false),
             output: OutputRate::default(),
             open_requests: Arc::default(),
         })
+    }
+
+    /// The context stops (called on its thread before its session closes): threads
+    /// of its interpreter waiting in `erlang.call` are released with an exception, and
+    /// its threads' later `erlang.*` calls raise one, so ending the interpreter (which
+    /// joins them) does not wait for results that will never come.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        self.callbacks.close();
+    }
+
+    /// Whether the test hook asked the context thread to panic after this request.
+    pub fn take_test_panic(&self) -> bool {
+        self.test_panic.load(Ordering::Relaxed) && self.test_panic.swap(false, Ordering::SeqCst)
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::SeqCst)
     }
 
     /// Whether output is waiting for its newline (and forget it).
@@ -140,6 +176,8 @@ pub struct Callbacks {
     async_ids: Mutex<std::collections::HashSet<u64>>,
     async_results: Mutex<Vec<(u64, Vec<u8>)>>,
     has_async: std::sync::atomic::AtomicBool,
+    /// The context stopped: no result will come (set under `results`' lock).
+    closed: AtomicBool,
 }
 
 impl Callbacks {
@@ -216,12 +254,23 @@ impl Callbacks {
             .remove(&id)
     }
 
-    /// Blocks until the result of `id` is there (used by threads other than the context's).
-    fn wait(&self, id: u64) -> Vec<u8> {
+    /// No result will come any more: wakes the waiting threads (see [`Link::stop`]).
+    fn close(&self) {
+        let _results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        self.arrived.notify_all();
+    }
+
+    /// Blocks until the result of `id` is there (used by threads other than the
+    /// context's); `None` once the context stopped.
+    fn wait(&self, id: u64) -> Option<Vec<u8>> {
         let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(r) = results.remove(&id) {
-                return r;
+                return Some(r);
+            }
+            if self.closed.load(Ordering::SeqCst) {
+                return None;
             }
             results = self
                 .arrived
@@ -234,10 +283,25 @@ impl Callbacks {
 thread_local! {
     /// The link of the context this thread serves, if it is a context thread.
     static THREAD_LINK: RefCell<Option<Arc<Link>>> = const { RefCell::new(None) };
+    /// The context a `threading` thread belongs to: the one whose code started it.
+    static ADOPTED: RefCell<Option<Adopted>> = const { RefCell::new(None) };
+}
+
+/// What a thread started by a context's code keeps of that context.
+struct Adopted {
+    /// The context's [`Link::key`], passed on to the threads this one starts.
+    key: u64,
+    /// Weak: the thread may outlive its context (it then gets `context_down` errors).
+    link: Weak<Link>,
+    /// ETF of the pid whose request started the thread (its `erlang.self()`).
+    caller: Option<Vec<u8>>,
 }
 
 /// Links by interpreter id, for Python threads that are not context threads.
 static INTERP_LINKS: RwLock<Option<HashMap<i64, Arc<Link>>>> = RwLock::new(None);
+
+/// Links of running contexts by their key, for [`adopt`].
+static KEYED_LINKS: Mutex<Option<HashMap<u64, Weak<Link>>>> = Mutex::new(None);
 
 fn interpreter_id() -> i64 {
     // SAFETY: called attached, so the current interpreter exists.
@@ -248,6 +312,11 @@ fn interpreter_id() -> i64 {
 /// For the shared main interpreter, the latest `main` context wins for non-context threads.
 pub fn register(link: &Arc<Link>) {
     THREAD_LINK.with(|l| *l.borrow_mut() = Some(link.clone()));
+    KEYED_LINKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(link.key, Arc::downgrade(link));
     let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
     map.get_or_insert_with(HashMap::new)
         .insert(interpreter_id(), link.clone());
@@ -255,6 +324,13 @@ pub fn register(link: &Arc<Link>) {
 
 pub fn unregister(link: &Arc<Link>) {
     THREAD_LINK.with(|l| *l.borrow_mut() = None);
+    if let Some(m) = KEYED_LINKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_mut()
+    {
+        m.remove(&link.key);
+    }
     let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
     if let Some(m) = map.as_mut() {
         let id = interpreter_id();
@@ -264,38 +340,123 @@ pub fn unregister(link: &Arc<Link>) {
     }
 }
 
-fn current_link() -> PyResult<Arc<Link>> {
+fn current_link(py: Python<'_>) -> PyResult<Arc<Link>> {
     if let Some(link) = THREAD_LINK.with(|l| l.borrow().clone()) {
         return Ok(link);
     }
-    let map = INTERP_LINKS.read().unwrap_or_else(|e| e.into_inner());
-    map.as_ref()
-        .and_then(|m| m.get(&interpreter_id()).cloned())
-        .ok_or_else(|| PyRuntimeError::new_err("this interpreter is not a pyport context"))
+    let link = match ADOPTED.with(|a| a.borrow().as_ref().map(|a| a.link.clone())) {
+        Some(weak) => weak.upgrade(),
+        None => {
+            let map = INTERP_LINKS.read().unwrap_or_else(|e| e.into_inner());
+            let link = map.as_ref().and_then(|m| m.get(&interpreter_id()).cloned());
+            if link.is_none() {
+                return Err(PyRuntimeError::new_err(
+                    "this interpreter is not a pyport context",
+                ));
+            }
+            link
+        }
+    };
+    match link {
+        Some(link) if !link.is_stopped() => Ok(link),
+        _ => Err(context_stopped(py)),
+    }
+}
+
+/// `erlang.Error((context_down, stopped))`: the thread's context stopped.
+fn context_stopped(py: Python<'_>) -> PyErr {
+    let made = erlang_module(py).and_then(|m| {
+        let atom = m.getattr("Atom")?;
+        let reason = (atom.call1(("context_down",))?, atom.call1(("stopped",))?);
+        m.getattr("Error")?.call1((reason,))
+    });
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(e) => e,
+    }
+}
+
+/// The pid of the request that started the calling thread, if a context's code
+/// started it (`Some(None)`: started outside any request, by a preload say).
+fn adopted_caller() -> Option<Option<Vec<u8>>> {
+    ADOPTED.with(|a| a.borrow().as_ref().map(|a| a.caller.clone()))
+}
+
+/// The pid `erlang.self()` and `erlang.call` name for the calling thread: the starting
+/// request's on a thread a context's code started, else the context's running
+/// request's (on the context thread: the request it serves).
+fn thread_caller(link: &Link) -> Option<Vec<u8>> {
+    adopted_caller().unwrap_or_else(|| link.caller())
+}
+
+/// `_pyport.thread_ticket()`: what a `threading` thread started now by the calling
+/// thread needs to belong to the same context, `(key, caller)`; None outside contexts.
+/// Called by `threading.Thread.start` (patched by `erlang._install_threads`).
+#[pyfunction]
+fn thread_ticket<'py>(py: Python<'py>) -> Option<(u64, Option<Bound<'py, PyBytes>>)> {
+    let link = THREAD_LINK.with(|l| l.borrow().clone());
+    let (key, caller) = match link {
+        Some(link) => (link.key, link.caller()),
+        // A thread whose context stopped passes the dead context on: its threads must
+        // not fall back to another context of the interpreter.
+        None => ADOPTED.with(|a| a.borrow().as_ref().map(|a| (a.key, a.caller.clone())))?,
+    };
+    Some((key, caller.map(|c| PyBytes::new(py, &c))))
+}
+
+/// `_pyport.adopt(key, caller)`: the calling thread (just started, in its bootstrap)
+/// belongs to the context whose ticket this is. A context that stopped meanwhile
+/// leaves it with a dead link: its `erlang.*` calls raise `context_down`.
+#[pyfunction]
+#[pyo3(signature = (key, caller=None))]
+fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
+    let link = KEYED_LINKS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .and_then(|m| m.get(&key).cloned())
+        .unwrap_or_default();
+    let caller = caller.map(|c| c.as_bytes().to_vec());
+    ADOPTED.with(|a| *a.borrow_mut() = Some(Adopted { key, link, caller }));
 }
 
 /// The context thread's way to wait for a callback result while serving its mailbox
 /// (re-entrancy); set by the context loop.
 /// It returns why it gave up if the waiting request was stopped or its deadline passed.
 /// `until` is a time at which the wait ends by itself (a timeout).
-pub type NestedServe = NestedServeFn<'static>;
 pub type NestedServeFn<'a> =
     dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> Option<Stop> + 'a;
+type NestedServe = NestedServeFn<'static>;
 
 thread_local! {
+    /// The context loop's nested-serve function while the loop runs on this thread.
+    ///
+    /// It is reached from Python (`erlang.call` and channel receives, which are
+    /// `#[pyfunction]`s: no parameter can carry it there), so it lives in a
+    /// thread-local, which only holds `'static` types: its lifetime is erased. That is
+    /// sound because [`with_nested_serve`] is the only writer, and its guard clears the
+    /// slot when the call that borrows the function ends, by return or by unwinding;
+    /// [`serve_while_waiting`] reads it only on this thread, inside that call.
     static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
 }
 
 /// Installs the nested-serve function for this thread while `f` runs.
 pub fn with_nested_serve<'a, R>(serve: &'a NestedServeFn<'a>, f: impl FnOnce() -> R) -> R {
-    // SAFETY: the pointer is only used while `f` runs (it is cleared right after), and
-    // `serve` outlives that call.
+    /// Clears the slot when `f` ends, also when it panics (the context loop catches
+    /// a panic outside a request and goes on closing its session).
+    struct Clear(Option<*const NestedServe>);
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            NESTED.with(|n| *n.borrow_mut() = self.0.take());
+        }
+    }
+    // SAFETY: only the lifetime is erased (same layout); see `NESTED` for why the
+    // pointer is never used after `serve` is gone: `_clear` restores the previous
+    // value (None: the loop does not nest) before this function returns or unwinds.
     let ptr: *const NestedServe =
         unsafe { std::mem::transmute::<&'a NestedServeFn<'a>, &'static NestedServe>(serve) };
-    NESTED.with(|n| *n.borrow_mut() = Some(ptr));
-    let r = f();
-    NESTED.with(|n| *n.borrow_mut() = None);
-    r
+    let _clear = Clear(NESTED.with(|n| n.borrow_mut().replace(ptr)));
+    f()
 }
 
 /// Waits on the context thread, serving its requests meanwhile, until `ready()` or
@@ -310,8 +471,8 @@ fn serve_while_waiting(
     let serve = NESTED
         .with(|n| *n.borrow())
         .filter(|_| std::thread::current().id() == link.thread)?;
-    // SAFETY: set by `with_nested_serve`, valid while the context loop runs it, and we
-    // are on that loop's thread.
+    // SAFETY: a value in `NESTED` points to a live function (see `NESTED`), and this is
+    // the thread whose slot it is.
     Some(match unsafe { (*serve)(py, ready, until) } {
         None => Ok(()),
         Some(why) => Err(why),
@@ -357,7 +518,7 @@ fn send_callback(
             }
         }
         w.nil();
-        match link.caller() {
+        match thread_caller(link) {
             Some(pid) => w.raw(&pid),
             None => w.atom("undefined"),
         }
@@ -376,7 +537,7 @@ fn call<'py>(
     name: &Bound<'py, PyString>,
     args: &Bound<'py, PyTuple>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let link = current_link()?;
+    let link = current_link(py)?;
     let id = send_callback(py, &link, name, args, |_| {})?;
     let result = match serve_while_waiting(py, &link, &|| link.callbacks.is_ready(id), None) {
         // The context thread keeps serving its mailbox while it waits (re-entrancy).
@@ -388,8 +549,12 @@ fn call<'py>(
             link.callbacks.abandon(id);
             return Err(stop_exception(py, why));
         }
-        // Any other thread of the interpreter just waits, detached.
-        None => py.detach(|| link.callbacks.wait(id)),
+        // Any other thread of the interpreter just waits, detached, until the result
+        // comes or the context stops.
+        None => match py.detach(|| link.callbacks.wait(id)) {
+            Some(result) => result,
+            None => return Err(context_stopped(py)),
+        },
     };
     callback_result(py, &types(py)?, &result)
 }
@@ -403,7 +568,7 @@ fn call_async(
     name: &Bound<'_, PyString>,
     args: &Bound<'_, PyTuple>,
 ) -> PyResult<u64> {
-    let link = current_link()?;
+    let link = current_link(py)?;
     if std::thread::current().id() != link.thread {
         return Err(PyRuntimeError::new_err(
             "erlang.async_call runs on the context's own event loop",
@@ -448,8 +613,8 @@ fn select(py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(i32, u8)>> {
 
 /// `_pyport.channel_lookup(name)`: the id of the channel `name` of this context.
 #[pyfunction]
-fn channel_lookup(name: &str) -> PyResult<u64> {
-    current_link()?
+fn channel_lookup(py: Python<'_>, name: &str) -> PyResult<u64> {
+    current_link(py)?
         .channels
         .lookup(name)
         .ok_or_else(|| pyo3::exceptions::PyLookupError::new_err(format!("no channel {name:?}")))
@@ -477,7 +642,7 @@ fn channel_take<'py>(py: Python<'py>, link: &Link, id: u64) -> PyResult<(u8, Bou
 /// `_pyport.channel_try(id)`: see [`channel_take`].
 #[pyfunction]
 fn channel_try<'py>(py: Python<'py>, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
-    let link = current_link()?;
+    let link = current_link(py)?;
     channel_take(py, &link, id)
 }
 
@@ -490,7 +655,7 @@ fn channel_receive<'py>(
     id: u64,
     timeout: Option<f64>,
 ) -> PyResult<(u8, Bound<'py, PyAny>)> {
-    let link = current_link()?;
+    let link = current_link(py)?;
     let until =
         timeout.map(|t| Instant::now() + std::time::Duration::from_secs_f64(t.clamp(0.0, 1e9)));
     loop {
@@ -546,7 +711,7 @@ fn stop_exception(py: Python<'_>, why: Stop) -> PyErr {
 /// threads, the event loop's steps): the caller then sleeps the usual way.
 #[pyfunction]
 fn sleep(py: Python<'_>, seconds: f64) -> PyResult<bool> {
-    let Ok(link) = current_link() else {
+    let Ok(link) = current_link(py) else {
         return Ok(false);
     };
     // Only a request's own code: a task or stream pump the loop runs while a request
@@ -596,7 +761,7 @@ fn callback_result<'py>(
 /// the destination is marked busy (see [`Sends`]).
 #[pyfunction]
 fn send(py: Python<'_>, dest: &Bound<'_, PyAny>, term: &Bound<'_, PyAny>) -> PyResult<()> {
-    let link = current_link()?;
+    let link = current_link(py)?;
     let types = types(py)?;
     let mut dest_bytes = Vec::with_capacity(32);
     {
@@ -696,11 +861,16 @@ fn with_safe_decode(kind: u8, safe: bool) -> u8 {
     }
 }
 
-/// `_pyport.caller()`: the pid that made the current request, or None.
+/// `_pyport.caller()`: the pid that made the current request (on a thread a context's
+/// code started: the request that started it), or None.
 #[pyfunction]
 fn caller(py: Python<'_>) -> PyResult<Py<PyAny>> {
-    let link = current_link()?;
-    match link.caller() {
+    // A thread whose context stopped still knows who started it.
+    let pid = match adopted_caller() {
+        Some(pid) => pid,
+        None => current_link(py)?.caller(),
+    };
+    match pid {
         Some(pid) => Ok(types(py)?
             .pid
             .bind(py)
@@ -712,14 +882,14 @@ fn caller(py: Python<'_>) -> PyResult<Py<PyAny>> {
 
 /// `_pyport.log(level, text)`: Python output and log records to Erlang's logger.
 #[pyfunction]
-fn log(level: &str, text: &str) -> PyResult<()> {
+fn log(py: Python<'_>, level: &str, text: &str) -> PyResult<()> {
     let level = match level {
         "debug" | "info" | "notice" | "warning" | "error" | "critical" | "alert" | "emergency" => {
             level
         }
         _ => "info",
     };
-    match current_link() {
+    match current_link(py) {
         Ok(link) => link.output.log(&link.writer, level, link.ctx, text),
         Err(_) => eprintln!("{text}"),
     }
@@ -728,10 +898,28 @@ fn log(level: &str, text: &str) -> PyResult<()> {
 
 /// `_pyport.unflushed()`: output is waiting for its newline; flushed after the request.
 #[pyfunction]
-fn unflushed() -> PyResult<()> {
-    if let Ok(link) = current_link() {
+fn unflushed(py: Python<'_>) -> PyResult<()> {
+    if let Ok(link) = current_link(py) {
         link.unflushed.store(true, Ordering::Relaxed);
     }
+    Ok(())
+}
+
+/// Makes `threading` threads started by a context's code belong to that context (see
+/// [`thread_ticket`]); once per interpreter, before the context's preload runs.
+pub fn install_thread_hook(py: Python<'_>) -> PyResult<()> {
+    erlang_module(py)?.call_method0("_install_threads")?;
+    Ok(())
+}
+
+/// `_pyport._test_panic_outside_request()`: see [`crate::TEST_HOOKS`]. On the context
+/// thread.
+#[pyfunction]
+fn _test_panic_outside_request() -> PyResult<()> {
+    let link = THREAD_LINK
+        .with(|l| l.borrow().clone())
+        .ok_or_else(|| PyRuntimeError::new_err("not on a context thread"))?;
+    link.test_panic.store(true, Ordering::SeqCst);
     Ok(())
 }
 
@@ -759,6 +947,11 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(caller, &native)?)?;
     native.add_function(wrap_pyfunction!(log, &native)?)?;
     native.add_function(wrap_pyfunction!(unflushed, &native)?)?;
+    native.add_function(wrap_pyfunction!(thread_ticket, &native)?)?;
+    native.add_function(wrap_pyfunction!(adopt, &native)?)?;
+    if crate::test_hooks() {
+        native.add_function(wrap_pyfunction!(_test_panic_outside_request, &native)?)?;
+    }
     modules.set_item("_pyport", &native)?;
     let code = CString::new(ERLANG_PY).expect("erlang.py has no NUL bytes");
     PyModule::from_code(py, &code, c"erlang.py", c"erlang")

@@ -25,6 +25,23 @@
 //!
 //! The wire grammar is in `docs/protocol.md`; the architecture in `docs/architecture.md`.
 
+/// The environment variable that turns on pyport's test hooks (for its own tests; a
+/// runtime's `env` sets it for its OS process). With `PYPORT_TEST_HOOKS=1`:
+/// - `_pyport._test_panic_outside_request()` exists: the context thread panics right
+///   after the running request is answered, in the loop's own code, which no request's
+///   panic guard covers (as a bug there would);
+/// - the watchdog (at a deadline) and `pyport:interrupt/1` wait 20 ms between deciding
+///   to stop a request and queuing the interrupt on its interpreter, which widens the
+///   window in which the context may end its interpreter meanwhile (the race
+///   `watchdog::Deadline::unbind_thread` closes).
+pub const TEST_HOOKS: &str = "PYPORT_TEST_HOOKS";
+
+/// Whether [`TEST_HOOKS`] is on (read once).
+pub fn test_hooks() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os(TEST_HOOKS).is_some_and(|v| v == "1"))
+}
+
 pub mod atoms;
 pub mod channel;
 pub mod context;

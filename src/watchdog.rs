@@ -40,8 +40,12 @@ pub struct Deadline {
     next_seq: AtomicU64,
     /// Nanoseconds since the watchdog's epoch; 0 for none.
     at: AtomicU64,
-    /// The context's interpreter and thread, set when its loop starts.
+    /// The context's interpreter and thread, set when its loop starts and cleared (under
+    /// `bound`) before the interpreter ends.
     interp: AtomicPtr<ffi::PyInterpreterState>,
+    /// Held while an interrupt is queued on `interp`, and while `interp` is cleared: the
+    /// interpreter cannot end while a pending call is being added to it.
+    bound: Mutex<()>,
     thread_ident: AtomicU64,
     /// Set when an interrupt went to another thread of the interpreter with
     /// `PyThreadState_SetAsyncExc`, so the context thread must clear a stray one.
@@ -75,6 +79,7 @@ impl Default for Deadline {
             next_seq: AtomicU64::new(0),
             at: AtomicU64::new(0),
             interp: AtomicPtr::new(std::ptr::null_mut()),
+            bound: Mutex::new(()),
             thread_ident: AtomicU64::new(0),
             async_sent: AtomicU64::new(0),
             fired: AtomicU64::new(0),
@@ -156,6 +161,9 @@ impl Deadline {
     /// Raises the stop in the running request at its next bytecode boundary, and wakes
     /// the context thread if it waits (in its poll, or in `time.sleep`).
     fn stop(self: &Arc<Self>, seq: u64, why: Stop) {
+        if crate::test_hooks() {
+            std::thread::sleep(Duration::from_millis(20)); // see `crate::TEST_HOOKS`
+        }
         request_interrupt(self, Arc::downgrade(self), seq, why);
         if let Some(wake) = self.wake.get() {
             wake();
@@ -198,6 +206,16 @@ impl Deadline {
                 .store(ffi::PyThread_get_thread_ident() as u64, Ordering::SeqCst);
         }
         watchdog().watch(Arc::downgrade(self));
+    }
+
+    /// Called on the context thread when its loop is over, before its interpreter ends
+    /// (`Py_EndInterpreter`): no interrupt is queued on that interpreter after this
+    /// returns. The watchdog (and `pyport:interrupt/1`) may still hold this `Deadline`
+    /// (they upgrade their weak reference before they act), so the pointer is cleared
+    /// under the same lock [`request_interrupt`] holds while it queues a call.
+    pub fn unbind_thread(&self) {
+        let _bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        self.interp.store(std::ptr::null_mut(), Ordering::SeqCst);
     }
 
     /// A request starts; `deadline` is when it must be done; `on_behalf`: it is
@@ -465,14 +483,19 @@ struct Interrupt {
 
 /// Asks the interpreter to stop request `seq` (if it still runs then).
 fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) {
+    let _bound = d.bound.lock().unwrap_or_else(|e| e.into_inner());
     let interp = d.interp.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
         return;
     }
     let arg = Box::into_raw(Box::new(Interrupt { target, seq, why })) as *mut c_void;
-    // SAFETY: `interp` stays alive while its context's Deadline does (the interpreter
-    // ends after the loop that owns the Deadline); the callback frees `arg`. If the
-    // queue of pending calls is full, free it here.
+    // SAFETY: `interp` is alive: the context thread clears it under `bound` (which we
+    // hold) before it ends the interpreter (`Deadline::unbind_thread`), so a non-null
+    // pointer read under the lock names a live interpreter until we release it. The
+    // callback frees `arg`; if the queue of pending calls is full, free it here. (A
+    // call still queued when the interpreter ends either runs then, finds its request
+    // over and only frees `arg`, or is dropped with the queue: `arg` leaks, a few
+    // bytes, on that race only.)
     unsafe {
         if _PyEval_AddPendingCall(interp, interrupt, arg, 0) != 0 {
             drop(Box::from_raw(arg as *mut Interrupt));

@@ -308,6 +308,38 @@ def _install_sleep():
     time.sleep = sleep
 
 
+def _install_threads():
+    """A ``threading`` thread started by a context's code (or by such a thread)
+    belongs to that context for its life: ``erlang.call`` goes through it and
+    ``erlang.self()`` is the pid of the request that started the thread. Needed in
+    ``main`` mode, where contexts share one interpreter. When the context stops, the
+    thread's waits in ``erlang.call`` and later ``erlang.*`` calls raise
+    ``erlang.Error((context_down, stopped))``."""
+    _after_import("threading", _patch_thread)
+
+
+def _patch_thread(threading):
+    thread = threading.Thread
+    if getattr(thread.start, "_pyport", False):
+        return
+    start, bootstrap_inner = thread.start, thread._bootstrap_inner
+
+    def start_in_context(self):
+        self._pyport_ticket = _pyport.thread_ticket()
+        return start(self)
+
+    def bootstrap_in_context(self):
+        ticket = self.__dict__.pop("_pyport_ticket", None)
+        if ticket is not None:
+            _pyport.adopt(*ticket)
+        return bootstrap_inner(self)
+
+    start_in_context._pyport = True
+    start_in_context.__doc__ = start.__doc__
+    thread.start = start_in_context
+    thread._bootstrap_inner = bootstrap_in_context
+
+
 def _install_output():
     import sys
     sys.stdout = _Output("info", "<stdout>")
