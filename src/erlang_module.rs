@@ -622,8 +622,8 @@ fn channel_lookup(py: Python<'_>, name: &str) -> PyResult<u64> {
 
 /// `_pyport.channel_release(id)`: a Python `Channel` object of channel `id` is gone.
 #[pyfunction]
-fn channel_release(id: u64) -> PyResult<()> {
-    current_link()?.channels.release(id);
+fn channel_release(py: Python<'_>, id: u64) -> PyResult<()> {
+    current_link(py)?.channels.release(id);
     Ok(())
 }
 
