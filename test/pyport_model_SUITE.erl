@@ -1,0 +1,125 @@
+%% @doc The net: a model of pyport checked by PropEr (pyport_model, sequential, and
+%% pyport_model_par, parallel), and the plain regression cases made from the shrunk
+%% counterexamples it found.
+%%
+%% `make test' runs the model from a fixed seed (a few hundred commands);
+%% `make proptest' (PYPORT_PROPTEST=full) runs at least 10,000 sequential and 1,000
+%% parallel commands from a fresh seed, printed in the log so a run can be repeated
+%% with PYPORT_PROPTEST_SEED.
+-module(pyport_model_SUITE).
+
+-include_lib("common_test/include/ct.hrl").
+-include_lib("stdlib/include/assert.hrl").
+
+-compile(export_all).
+-compile(nowarn_export_all).
+
+all() ->
+    [{group, model}, {group, regression}].
+
+groups() ->
+    [{model, [], [sequential, parallel]},
+     {regression, [], regression_cases()}].
+
+regression_cases() ->
+    [].
+
+init_per_suite(Config) ->
+    ok = pyport_model:setup(),
+    Config.
+
+end_per_suite(_Config) ->
+    pyport_ct:stop_app().
+
+init_per_testcase(_Case, Config) ->
+    Config.
+
+end_per_testcase(_Case, _Config) ->
+    pyport_ct:assert_no_messages().
+
+%%% The model
+
+full() ->
+    os:getenv("PYPORT_PROPTEST") =:= "full".
+
+seed() ->
+    case os:getenv("PYPORT_PROPTEST_SEED") of
+        false ->
+            case full() of
+                true -> list_to_tuple([erlang:unique_integer([positive]) rem 100000,
+                                       erlang:system_time(millisecond) rem 100000,
+                                       erlang:phash2(make_ref())]);
+                false -> {17, 2026, 1204}
+            end;
+        S ->
+            {ok, Toks, _} = erl_scan:string(S ++ "."),
+            {ok, Seed} = erl_parse:parse_term(Toks),
+            Seed
+    end.
+
+sequential() ->
+    [{doc, "The sequential model: random sequences of the public operations and of "
+           "faults, each command checked against the contract (its reply, the caller's "
+           "mailbox, background tasks, the atom budget, the default runtime, resources "
+           "after stops, a bound on its time)."},
+     {timetrap, {hours, 4}}].
+sequential(_Config) ->
+    {NumTests, MaxSize, MinCommands} = case full() of
+                                           true -> {600, 40, 10000};
+                                           false -> {12, 30, 200}
+                                       end,
+    run_model(fun pyport_model:prop_sequential/0, tests(NumTests), MaxSize, MinCommands).
+
+parallel() ->
+    [{doc, "The parallel model: per-context ordering and the callers' view under "
+           "concurrency (every caller gets exactly its one reply, linearizable)."},
+     {timetrap, {hours, 4}}].
+parallel(_Config) ->
+    {NumTests, MaxSize, MinCommands} = case full() of
+                                           true -> {150, 20, 1000};
+                                           false -> {8, 12, 40}
+                                       end,
+    run_model(fun pyport_model_par:prop_parallel/0, tests(NumTests), MaxSize, MinCommands).
+
+%% PYPORT_PROPTEST_TESTS overrides the number of tests (exploring).
+tests(Default) ->
+    case os:getenv("PYPORT_PROPTEST_TESTS") of
+        false -> Default;
+        N -> list_to_integer(N)
+    end.
+
+run_model(Prop, NumTests, MaxSize, MinCommands) ->
+    Seed = seed(),
+    ct:log("seed ~p (repeat with PYPORT_PROPTEST_SEED='~p')", [Seed, Seed]),
+    pyport_model:reset_counter(),
+    T0 = erlang:monotonic_time(millisecond),
+    %% PropEr 1.2 keeps a generator state it finds already seeded in the process
+    _ = rand:seed(exsplus, Seed),
+    Result = run_until(Prop, NumTests, MaxSize, MinCommands, 0),
+    Ms = erlang:monotonic_time(millisecond) - T0,
+    Commands = pyport_model:commands_run(),
+    ct:log("~b commands in ~.1f s: ~p", [Commands, Ms / 1000, Result]),
+    ct:comment("~b commands, ~.1f s", [Commands, Ms / 1000]),
+    case Result of
+        true -> ok;
+        _ -> ct:fail({model_failed, proper:counterexample()})
+    end.
+
+%% Rounds of NumTests until at least MinCommands ran (the length of command sequences
+%% is random).
+run_until(Prop, NumTests, MaxSize, MinCommands, Round) ->
+    Opts = [{numtests, NumTests}, {max_size, MaxSize}, {on_output, fun ct_print/2},
+            {max_shrinks, 200}],
+    case proper:quickcheck(Prop(), Opts) of
+        true ->
+            case pyport_model:commands_run() >= MinCommands orelse Round >= 20 of
+                true -> true;
+                false -> run_until(Prop, NumTests, MaxSize, MinCommands, Round + 1)
+            end;
+        Other ->
+            Other
+    end.
+
+ct_print(Format, Args) ->
+    ct:log(Format, Args),
+    io:format(user, Format, Args).
