@@ -22,7 +22,8 @@ groups() ->
      {regression, [], regression_cases()}].
 
 regression_cases() ->
-    [].
+    [stop_runtime_blocked_in_c, stop_runtime_with_open_stream, fork_in_main_context,
+     bad_option_in_new_context].
 
 init_per_suite(Config) ->
     ok = pyport_model:setup(),
@@ -123,3 +124,69 @@ run_until(Prop, NumTests, MaxSize, MinCommands, Round) ->
 ct_print(Format, Args) ->
     ct:log(Format, Args),
     io:format(user, Format, Args).
+
+%%% Regression cases: the model's shrunk counterexamples, as plain cases
+
+%% A runtime with the model's two contexts (owngil `a', main `m').
+model_runtime() ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a,
+                                                     preload => pyport_model:preload()},
+                                                   #{name => m, mode => main,
+                                                     preload => pyport_model:preload()}],
+                                      restart => #{min_delay => 10, max_delay => 50}}),
+    {ok, A} = pyport:context(Rt, a),
+    {ok, M} = pyport:context(Rt, m),
+    {Rt, A, M}.
+
+os_alive(OsPid) ->
+    filelib:is_dir("/proc/" ++ integer_to_list(OsPid)).
+
+stop_runtime_blocked_in_c() ->
+    [{doc, "Model: [start_runtime, stop_runtime(blocked)]. stop_runtime/1 while a request "
+           "is blocked in C (libc sleep(3) through ctypes) returns once the OS process has "
+           "exited; the blocked caller gets {error, {runtime_down, _}}."}].
+stop_runtime_blocked_in_c(_Config) ->
+    {Rt, A, _} = model_runtime(),
+    OsPid = pyport_ct:os_pid(Rt),
+    Ref = pyport:async_call(A, '__main__', block, [self(), 3]),
+    receive <<"model_started">> -> ok after 5000 -> ct:fail(not_started) end,
+    ?assertEqual(ok, pyport:stop_runtime(Rt)),
+    ?assertNot(os_alive(OsPid)),
+    ?assertMatch({error, {runtime_down, _}}, pyport:await(Ref, 5000)).
+
+stop_runtime_with_open_stream() ->
+    [{doc, "Model: [start_runtime, timeout_sleep, timeout_in_callback, stream_open, "
+           "stop_runtime(idle)], shrunk further by hand to [start_runtime, stream_open, "
+           "stop_runtime]: with a stream open (a generator waiting for credit), "
+           "stop_runtime/1 returned while the OS process still ran."}].
+stop_runtime_with_open_stream(_Config) ->
+    {Rt, A, _} = model_runtime(),
+    OsPid = pyport_ct:os_pid(Rt),
+    {ok, S} = pyport:stream(A, '__main__', counter, [84], #{}, #{window => 3}),
+    ?assertEqual({data, 84}, pyport:stream_next(S, 5000)),
+    ?assertEqual(ok, pyport:stop_runtime(Rt)),
+    ?assertNot(os_alive(OsPid)),
+    ?assertMatch({error, {runtime_down, _}}, final(S)).
+
+final(S) ->
+    case pyport:stream_next(S, 5000) of
+        {data, _} -> final(S);
+        Final -> Final
+    end.
+
+fork_in_main_context() ->
+    [{doc, "Model: [start_runtime, fork(main)]. os.fork() in a main context: the child "
+           "is a working Python (it computes its exit status, 7, in Python)."}].
+fork_in_main_context(_Config) ->
+    {Rt, _, M} = model_runtime(),
+    ?assertEqual({ok, 7}, pyport:call(M, '__main__', fork_child, [])),
+    ?assertEqual({ok, 3}, pyport:call(M, operator, add, [1, 2])),
+    ok = pyport:stop_runtime(Rt).
+
+bad_option_in_new_context() ->
+    [{doc, "Model: [start_runtime, bad_option(context)]. A misspelt key in new_context/2's "
+           "Opts is {error, {bad_option, Key}} at once (it was ignored and a context made)."}].
+bad_option_in_new_context(_Config) ->
+    {Rt, _, _} = model_runtime(),
+    ?assertEqual({error, {bad_option, timout}}, pyport:new_context(Rt, #{timout => 100})),
+    ok = pyport:stop_runtime(Rt).
