@@ -45,7 +45,14 @@
             chans = #{} :: #{integer() => {integer(), integer(), integer(), open | closed}},
             tasks = #{} :: #{integer() => integer()},
             stale = [] :: [{ctx | env | ref | chan, integer(), integer()}],
+            %% the atom budget counts, by name, every erlang.Atom Python sends out
+            %% (docs/boundary.md), names the node has included: fresh names minted,
+            %% names surely counted, names perhaps counted (a late reply), and whether
+            %% the budget is used up
             minted = 0 :: non_neg_integer(),
+            sure = [] :: [atom()],
+            maybe = [] :: [atom()],
+            full = false :: boolean(),
             pool = none :: none | integer(),
             next = 1 :: pos_integer()}).
 
@@ -109,6 +116,10 @@ preload() ->
       "    if t.cancelled():\n"
       "        return 'cancelled'\n"
       "    return repr(t.exception())\n"
+      "def exit_soon(delay, code):\n"
+      "    import threading\n"
+      "    threading.Timer(delay, os._exit, [code]).start()\n"
+      "    return 'replied'\n"
       "def counter(start):\n"
       "    return itertools.count(start)\n">>.
 
@@ -152,6 +163,7 @@ command(#s{} = S) ->
        {1, C(segfault, [Ctx])},
        {1, C(os_exit, [Ctx, choose(1, 9)])},
        {1, C(kill, [])},
+       {1, C(crash_race, [Ctx, elements([0.0, 0.0005, 0.002])])},
        {3, C(mint, [Ctx, choose(1, 12)])},
        {2, C(flood, [Ctx, choose(10, 200)])},
        {1, C(bad_option, [Ctx, elements([call, context, runtime, pool])])},
@@ -219,8 +231,9 @@ fresh(N, S) ->
 
 %%% The model's state after a command
 
-next_state(S0, _Res, {call, _, cmd, [Op, Args]}) ->
+next_state(S0, Res, {call, _, cmd, [Op, Args]}) ->
     S = bump(Args, S0),
+    put(pyport_model_res, Res),
     next(Op, Args, S).
 
 bump(Args, S) ->
@@ -232,11 +245,12 @@ bump(Args, S) ->
 
 next(start_runtime, [A, M], S) ->
     S#s{rt = up, static = [A, M], ctxs = #{A => {owngil, static}, M => {main, static}},
-        minted = 0, next = max(S#s.next, max(A, M) + 1)};
+        minted = 0, sure = [], maybe = [], full = false,
+        next = max(S#s.next, max(A, M) + 1)};
 next(stop_runtime, _, S) ->
     S1 = lose(fun(_) -> true end, everything, S),
     S1#s{rt = none, static = [], ctxs = #{}};
-next(Op, _, S) when Op =:= segfault; Op =:= os_exit; Op =:= kill ->
+next(Op, _, S) when Op =:= segfault; Op =:= os_exit; Op =:= kill; Op =:= crash_race ->
     lose(fun(_) -> true end, handles, S);
 next(new_context, [N, Mode], S) ->
     S#s{ctxs = (S#s.ctxs)#{N => {Mode, dynamic}}};
@@ -275,10 +289,20 @@ next(chan_close, [Ch], S) ->
     S#s{chans = (S#s.chans)#{Ch => {C, Name, Count, closed}}};
 next(task_start, [N, C], S) -> S#s{tasks = (S#s.tasks)#{N => C}};
 next(mint, [_, K], S) ->
-    case S#s.minted + K =< ?MAX_ATOMS of
-        true -> S#s{minted = S#s.minted + K};
-        false -> S#s{minted = ?MAX_ATOMS}
+    Res = get(pyport_model_res),
+    {Lo, Hi} = budget_used(S),
+    case Res of
+        {{ok, _}, _} -> S#s{minted = S#s.minted + K};
+        {{error, _}, _} -> S#s{full = true};
+        _ when S#s.full; Lo + K > ?MAX_ATOMS -> S#s{full = true};
+        _ when Hi + K =< ?MAX_ATOMS -> S#s{minted = S#s.minted + K};
+        _ -> S
     end;
+next(nested_timeout, [_, inner_first], S) ->
+    S#s{sure = lists:usort([pyport_ctx, error, timeout | S#s.sure])};
+next(nested_timeout, [_, outer_first], S) ->
+    S#s{sure = lists:usort([pyport_ctx | S#s.sure]),
+        maybe = lists:usort([error, timeout | S#s.maybe])};
 next(pool_start, [P], S) -> S#s{pool = P};
 next(pool_stop, _, S) -> S#s{pool = none};
 next(_, _, S) ->
@@ -306,6 +330,12 @@ lose(CtxMatch, What, S) ->
         streams = maps:filter(fun(_, {C, _}) -> not Lost(C) end, S#s.streams),
         tasks = maps:filter(fun(_, C) -> not Lost(C) end, S#s.tasks),
         stale = lists:sublist(Stale ++ S#s.stale, 12)}.
+
+%% The least and the most of the atom budget used.
+budget_used(#s{full = true}) ->
+    {?MAX_ATOMS, ?MAX_ATOMS};
+budget_used(#s{minted = M, sure = Sure, maybe = Maybe}) ->
+    {M + length(Sure), M + length(lists:usort(Sure ++ Maybe))}.
 
 %% Which life of which runtime a handle was made in.
 gen(#s{static = [A | _]}) -> A;
@@ -410,11 +440,16 @@ reply_ok(interrupt, _, R, _) -> R =:= {error, interrupted};
 reply_ok(segfault, _, R, _) -> crashed_ok(R, {port_exit, 139});
 reply_ok(os_exit, [_, Code], R, _) -> crashed_ok(R, {port_exit, Code});
 reply_ok(kill, _, R, _) -> crashed_ok(R, none);
+reply_ok(crash_race, _, #{reply := {ok, <<"replied">>}} = R, _) -> crashed_ok(R, none);
+reply_ok(crash_race, _, R, _) -> crashed_ok(R, {port_exit, 5});
 reply_ok(mint, [_, K], R, S) ->
-    case S#s.minted + K =< ?MAX_ATOMS of
-        true -> element(1, R) =:= ok andalso length(element(2, R)) =:= K;
-        false -> R =:= {error, {bad_term, {atom_limit, ?MAX_ATOMS}}}
-                     orelse tolerated(atoms_reset) andalso element(1, R) =:= ok
+    {Lo, Hi} = budget_used(S),
+    Ok = element(1, R) =:= ok andalso length(element(2, R)) =:= K,
+    Refused = R =:= {error, {bad_term, {atom_limit, ?MAX_ATOMS}}},
+    if
+        S#s.full; Lo + K > ?MAX_ATOMS -> Refused orelse tolerated(atoms_reset) andalso Ok;
+        Hi + K =< ?MAX_ATOMS -> Ok;
+        true -> Ok orelse Refused
     end;
 reply_ok(bad_option, _, R, _) -> R =:= {error, {bad_option, timout}}
                                      orelse tolerated(bad_option);
@@ -476,6 +511,7 @@ cmd(Op, Args) ->
 bound(Op, [_, T]) when Op =:= timeout_sleep; Op =:= timeout_busy; Op =:= timeout_in_callback ->
     T + ?SLACK + 5000;
 bound(Op, _) when Op =:= segfault; Op =:= os_exit; Op =:= kill; Op =:= stop_runtime;
+                  Op =:= crash_race;
                   Op =:= stop_context; Op =:= start_runtime; Op =:= new_context ->
     20000;
 bound(Op, _) when Op =:= pool_start; Op =:= pool_stop ->
@@ -824,6 +860,9 @@ op(os_exit, [C, Code], O) ->
     crash(fun() -> pyport:call(h(C, O), os, '_exit', [Code]) end, O);
 op(kill, [], O) ->
     crash(fun() -> os:cmd("kill -9 " ++ integer_to_list(os_pid(maps:get(rt, O)))), ok end, O);
+op(crash_race, [C, Delay], O) ->
+    %% the OS process exits just after the reply, or just before it
+    crash(fun() -> pyport:call(h(C, O), '__main__', exit_soon, [Delay, 5]) end, O);
 op(mint, [C, K], O) ->
     Names = [iolist_to_binary(["pyport_model_", integer_to_list(erlang:unique_integer([positive]))])
              || _ <- lists:seq(1, K)],
