@@ -433,7 +433,12 @@ reply_ok(Op, [_, T], {R, Ms}, _) when Op =:= timeout_sleep; Op =:= timeout_busy;
                                       Op =:= timeout_in_callback ->
     R =:= {error, timeout} andalso Ms =< T + ?SLACK;
 reply_ok(nested_timeout, [_, inner_first], R, _) -> R =:= {ok, {error, timeout}};
-reply_ok(nested_timeout, [_, outer_first], R, _) -> R =:= {error, timeout};
+%% Both deadlines are the same instant (the nested request gets the earlier one): the
+%% callback's {error, timeout} may reach Python, and its reply the caller, by the time
+%% a loaded caller handles its own timer. Seen under load only; the caller never
+%% waited much past its 30 ms (the elapsed time is in the reply).
+reply_ok(nested_timeout, [_, outer_first], {R, Ms}, _) ->
+    (R =:= {error, timeout} orelse R =:= {ok, {error, timeout}}) andalso Ms =< 30 + ?SLACK;
 reply_ok(blocked_c, _, R, _) -> R =:= {error, timeout};
 reply_ok(interrupt, [_, idle], R, _) -> R =:= {ok, 3};
 reply_ok(interrupt, _, R, _) -> R =:= {error, interrupted};
@@ -836,7 +841,7 @@ op(nested_timeout, [C, inner_first], O) ->
     {pyport:call(Ctx, '__main__', nested, [Ctx, 30], #{}, #{timeout => 3000}), O};
 op(nested_timeout, [C, outer_first], O) ->
     Ctx = h(C, O),
-    {pyport:call(Ctx, '__main__', nested, [Ctx, 3000], #{}, #{timeout => 30}), O};
+    {timed(fun() -> pyport:call(Ctx, '__main__', nested, [Ctx, 3000], #{}, #{timeout => 30}) end), O};
 op(blocked_c, [C, usleep], O) ->
     {pyport:call(h(C, O), '__main__', spin_c, [200000], #{}, #{timeout => 50}), O};
 op(blocked_c, [C, select], O) ->
