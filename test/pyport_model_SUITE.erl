@@ -23,7 +23,7 @@ groups() ->
 
 regression_cases() ->
     [stop_runtime_blocked_in_c, stop_runtime_with_open_stream, fork_in_main_context,
-     bad_option_in_new_context].
+     bad_option_in_new_context, callback_timeout_spares_task].
 
 init_per_suite(Config) ->
     ok = pyport_model:setup(),
@@ -189,4 +189,23 @@ bad_option_in_new_context() ->
 bad_option_in_new_context(_Config) ->
     {Rt, _, _} = model_runtime(),
     ?assertEqual({error, {bad_option, timout}}, pyport:new_context(Rt, #{timout => 100})),
+    ok = pyport:stop_runtime(Rt).
+
+callback_timeout_spares_task() ->
+    [{doc, "Model: [start_runtime, task_start(a), timeout_in_callback(a, 52)]. A request "
+           "waiting in erlang.call past its 52 ms timeout gets {error, timeout}; the "
+           "background asyncio task of the same context runs on (it died of CallTimeout: "
+           "the deadline's interrupt landed in the task the loop ran meanwhile). Twenty "
+           "rounds, as one does not always hit."}].
+callback_timeout_spares_task(_Config) ->
+    {Rt, A, _} = model_runtime(),
+    ok = pyport:register_function(pyport_model_slow, fun(Ms) -> receive after Ms -> slept end end),
+    {ok, none} = pyport:call(A, '__main__', start_task, [<<"t45">>]),
+    lists:foreach(
+      fun(_) ->
+              ?assertEqual({error, timeout},
+                           pyport:call(A, '__main__', slow_cb, [352], #{}, #{timeout => 52})),
+              ?assertEqual({ok, <<"running">>},
+                           pyport:call(A, '__main__', task_state, [<<"t45">>]))
+      end, lists:seq(1, 20)),
     ok = pyport:stop_runtime(Rt).
