@@ -23,7 +23,7 @@ groups() ->
 
 regression_cases() ->
     [stop_runtime_blocked_in_c, stop_runtime_with_open_stream, fork_in_main_context,
-     bad_option_in_new_context, callback_timeout_spares_task].
+     bad_option_in_new_context, callback_timeout_spares_task, atom_budget_survives_crash].
 
 init_per_suite(Config) ->
     ok = pyport_model:setup(),
@@ -209,3 +209,41 @@ callback_timeout_spares_task(_Config) ->
                            pyport:call(A, '__main__', task_state, [<<"t45">>]))
       end, lists:seq(1, 20)),
     ok = pyport:stop_runtime(Rt).
+
+atom_budget_survives_crash() ->
+    [{doc, "Model: [start_runtime (max_atoms 20), mint(m, 9), mint(m, 6), segfault(m), "
+           "mint(m, 9)]. The atom budget is the runtime's over its whole life: after a "
+           "segfault and restart, 9 more new atoms (24 in all) are refused "
+           "{bad_term, {atom_limit, 20}} and not made in the node."}].
+atom_budget_survives_crash(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => m, mode => main,
+                                                     preload => pyport_model:preload()}],
+                                      max_atoms => 20,
+                                      restart => #{min_delay => 10, max_delay => 50}}),
+    {ok, M} = pyport:context(Rt, m),
+    Names = fun(Prefix, N) ->
+                    [iolist_to_binary([Prefix, integer_to_list(I)]) || I <- lists:seq(1, N)]
+            end,
+    {ok, First} = pyport:call(M, '__main__', mint, [Names("pyport_model_reg_a", 9)]),
+    ?assertEqual(9, length(First)),
+    {ok, Second} = pyport:call(M, '__main__', mint, [Names("pyport_model_reg_b", 6)]),
+    ?assertEqual(6, length(Second)),
+    OsPid = pyport_ct:os_pid(Rt),
+    ?assertEqual({error, {runtime_down, {port_exit, 139}}},
+                 pyport:eval(M, <<"__import__('ctypes').string_at(0)">>)),
+    _ = pyport_ct:await_new_os_pid(Rt, OsPid),
+    pyport_ct:wait_for(fun() -> case pyport:call(M, operator, add, [1, 2]) of
+                                    {ok, 3} -> {ok, up};
+                                    Other -> Other
+                                end
+                       end, 500),
+    Third = Names("pyport_model_reg_c", 9),
+    ?assertEqual({error, {bad_term, {atom_limit, 20}}},
+                 pyport:call(M, '__main__', mint, [Third])),
+    ?assertEqual([], [N || N <- Third, exists(N)]),
+    ok = pyport:stop_runtime(Rt).
+
+exists(Name) ->
+    try binary_to_existing_atom(Name) of _ -> true
+    catch error:badarg -> false
+    end.
