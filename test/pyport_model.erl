@@ -154,6 +154,8 @@ command(#s{} = S) ->
        {3, C(env_new, [N, Ctx])},
        {2, C(ref_new, [N, Ctx, choose(0, 5)])},
        {2, C(chan_open, [N, Ctx, choose(1, 2)])},
+       %% re-opening a name is what users get wrong: often on the Opts contexts
+       {2, C(chan_open, [N, elements(S#s.static), 1])},
        {3, C(timeout_sleep, [Ctx, choose(10, 100)])},
        {1, C(timeout_busy, [Ctx, choose(10, 100)])},
        {3, C(timeout_in_callback, [Ctx, choose(10, 100)])},

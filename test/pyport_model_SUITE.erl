@@ -23,7 +23,8 @@ groups() ->
 
 regression_cases() ->
     [stop_runtime_blocked_in_c, stop_runtime_with_open_stream, fork_in_main_context,
-     bad_option_in_new_context, callback_timeout_spares_task, atom_budget_survives_crash].
+     bad_option_in_new_context, callback_timeout_spares_task, atom_budget_survives_crash,
+     reopened_channel_old_handle_is_closed].
 
 init_per_suite(Config) ->
     ok = pyport_model:setup(),
@@ -247,3 +248,16 @@ exists(Name) ->
     try binary_to_existing_atom(Name) of _ -> true
     catch error:badarg -> false
     end.
+
+reopened_channel_old_handle_is_closed() ->
+    [{doc, "Model: [start_runtime, chan_open(3, a, q1), chan_open(5, a, q1), chan_send(3)]. "
+           "Opening a channel's name again replaces the channel: the first handle's "
+           "channel_send is {error, closed} (it answered ok, dropping the items, then "
+           "busy), and the new handle takes items."}].
+reopened_channel_old_handle_is_closed(_Config) ->
+    {Rt, A, _} = model_runtime(),
+    {ok, Old} = pyport:channel_open(A, <<"q1">>, #{capacity => 3}),
+    {ok, New} = pyport:channel_open(A, <<"q1">>, #{capacity => 3}),
+    ?assertEqual({error, closed}, pyport:channel_send(Old, item)),
+    ?assertEqual(ok, pyport:channel_send(New, item)),
+    ok = pyport:stop_runtime(Rt).
