@@ -111,7 +111,7 @@ run_model(Prop, NumTests, MaxSize, MinCommands) ->
 %% is random).
 run_until(Prop, NumTests, MaxSize, MinCommands, Round) ->
     Opts = [{numtests, NumTests}, {max_size, MaxSize}, {on_output, fun ct_print/2},
-            {max_shrinks, 200}],
+            {max_shrinks, case full() of true -> 300; false -> 60 end}],
     case proper:quickcheck(Prop(), Opts) of
         true ->
             case pyport_model:commands_run() >= MinCommands orelse Round >= 20 of
