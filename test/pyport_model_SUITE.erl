@@ -24,7 +24,7 @@ groups() ->
 regression_cases() ->
     [stop_runtime_blocked_in_c, stop_runtime_with_open_stream, fork_in_main_context,
      bad_option_in_new_context, callback_timeout_spares_task, atom_budget_survives_crash,
-     reopened_channel_old_handle_is_closed].
+     reopened_channel_old_handle_is_closed, crash_reason_after_send_flood].
 
 init_per_suite(Config) ->
     ok = pyport_model:setup(),
@@ -260,4 +260,38 @@ reopened_channel_old_handle_is_closed(_Config) ->
     {ok, New} = pyport:channel_open(A, <<"q1">>, #{capacity => 3}),
     ?assertEqual({error, closed}, pyport:channel_send(Old, item)),
     ?assertEqual(ok, pyport:channel_send(New, item)),
+    ok = pyport:stop_runtime(Rt).
+
+crash_reason_after_send_flood() ->
+    [{doc, "Model (after 5,403 commands; timing, so not shrunk below 15): an "
+           "erlang.send flood past max_mailbox, then os._exit(8) in another context: "
+           "the caller got {runtime_down, {port_closed, epipe}} instead of "
+           "{runtime_down, {port_exit, 8}}. Whoever writes to the port after the OS "
+           "process has exited (there: the send_clear of the port owner's 10 ms busy "
+           "check) gets EPIPE, which closes the port, and Erlang then never delivers the "
+           "exit status. Here a process casts in a loop while os._exit(8) runs, 20 "
+           "rounds: every caller of the exiting request must see {port_exit, 8}."}].
+crash_reason_after_send_flood(_Config) ->
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}, #{name => m, mode => main}],
+                                      restart => #{min_delay => 10, max_delay => 50}}),
+    {ok, A} = pyport:context(Rt, a),
+    {ok, M} = pyport:context(Rt, m),
+    Reasons = [begin
+                   OsPid = pyport_ct:os_pid(Rt),
+                   Caster = spawn_link(fun Loop() -> pyport:cast(A, operator, add, [1, 2]),
+                                                     Loop()
+                                       end),
+                   R = pyport:call(M, os, '_exit', [8]),
+                   unlink(Caster),
+                   exit(Caster, kill),
+                   _ = pyport_ct:await_new_os_pid(Rt, OsPid),
+                   pyport_ct:wait_for(fun() -> case pyport:call(A, operator, add, [1, 2]) of
+                                                   {ok, 3} -> {ok, up};
+                                                   Other -> Other
+                                               end
+                                      end, 1000),
+                   R
+               end || _ <- lists:seq(1, 20)],
+    ct:log("replies: ~p", [Reasons]),
+    ?assertEqual([], [R || R <- Reasons, R =/= {error, {runtime_down, {port_exit, 8}}}]),
     ok = pyport:stop_runtime(Rt).
