@@ -68,7 +68,7 @@ sequential() ->
 sequential(_Config) ->
     {NumTests, MaxSize, MinCommands} = case full() of
                                            true -> {600, 40, 10000};
-                                           false -> {12, 30, 200}
+                                           false -> {15, 30, 300}
                                        end,
     run_model(fun pyport_model:prop_sequential/0, tests(NumTests), MaxSize, MinCommands).
 
