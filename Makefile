@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -52,6 +52,12 @@ test-other-python: build
 soak: build
 	PYPORT_PYTHON=$(PYTHON) PYPORT_SOAK=full $(REBAR) ct --suite test/pyport_soak_SUITE
 	PYPORT_PYTHON=$(PYTHON) escript benches/churn.escript
+
+# The model of pyport (test/pyport_model*.erl, PropEr) at full size: at least 10,000
+# sequential and 1,000 parallel commands from a fresh seed (logged; repeat a run with
+# PYPORT_PROPTEST_SEED='{A,B,C}'). `make test' runs it from a fixed seed, a few hundred.
+proptest: build
+	PYPORT_PYTHON=$(PYTHON) PYPORT_PROPTEST=full $(REBAR) ct --suite test/pyport_model_SUITE --group model
 
 # The decoders and the frame reader against a million random and mutated inputs each.
 fuzz: setup
