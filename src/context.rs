@@ -741,7 +741,15 @@ fn answer(
 ) {
     let deadline = &mailbox.deadline;
     let (outer, outer_at) = deadline.current();
+    // Giving back (stream credit or cancel, dropping an env, releasing an object) is
+    // bookkeeping, not a request of the caller's: it never becomes the request the
+    // context "runs now", so a `pyport:interrupt/1` made while it is served nested in a
+    // waiting request still reaches that request (one header check for other jobs).
+    let bookkeeping = job.gives_back();
     let start = |timeout_ms: Option<u64>| {
+        if bookkeeping {
+            return Ok(None);
+        }
         let at = timeout_ms.map(|ms| job.arrived + Duration::from_millis(ms));
         match deadline.begin(at, job.reentrant) {
             Some(_) => Ok(at),
@@ -751,7 +759,9 @@ fn answer(
     let result = catch_unwind(AssertUnwindSafe(|| {
         session.serve(py, job.header(), job.body(), out, &start)
     }));
-    deadline.end(outer, outer_at);
+    if !bookkeeping {
+        deadline.end(outer, outer_at);
+    }
     // Interrupted at its deadline: the caller sees `timeout`, whichever of its own timer
     // and this reply comes first.
     let result = result.map(|r| {
