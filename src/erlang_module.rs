@@ -257,6 +257,13 @@ pub fn unregister(link: &Arc<Link>) {
 }
 
 fn current_link() -> PyResult<Arc<Link>> {
+    // A forked child has no router to carry a reply back, and a lock another thread
+    // held at the fork stays held: it never reaches for the link (src/fork.rs).
+    if crate::fork::in_child() {
+        return Err(PyRuntimeError::new_err(
+            "a forked child of a pyport context cannot reach Erlang",
+        ));
+    }
     if let Some(link) = THREAD_LINK.with(|l| l.borrow().clone()) {
         return Ok(link);
     }
