@@ -47,6 +47,9 @@ pub struct Link {
     output: OutputRate,
     /// Set when Python wrote output without a final newline.
     unflushed: std::sync::atomic::AtomicBool,
+    /// The context's object handles, once its session started: a callback's result or
+    /// a channel item may name one.
+    handles: std::sync::OnceLock<Arc<convert::Handles>>,
 }
 
 impl Link {
@@ -63,6 +66,22 @@ impl Link {
             thread: std::thread::current().id(),
             unflushed: std::sync::atomic::AtomicBool::new(false),
             output: OutputRate::default(),
+            handles: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The session's table of object handles (set once, when it starts).
+    pub fn set_handles(&self, handles: Arc<convert::Handles>) {
+        let _ = self.handles.set(handles);
+    }
+
+    /// The `erlang` types for decoding what Erlang sends this context (a callback's
+    /// result, a channel item): its own object handles arrive as the objects.
+    fn types(&self, py: Python<'_>) -> PyResult<Types> {
+        let types = types(py)?;
+        Ok(match self.handles.get() {
+            Some(handles) => types.with_handles(self.ctx, handles.clone()),
+            None => types,
         })
     }
 
@@ -387,7 +406,7 @@ fn call<'py>(
         // Any other thread of the interpreter just waits, detached.
         None => py.detach(|| link.callbacks.wait(id)),
     };
-    callback_result(py, &types(py)?, &result)
+    callback_result(py, &link.types(py)?, &result)
 }
 
 /// `_pyport.call_async(name, args)`: sends `erlang.call(name, *args)` and returns its
@@ -455,7 +474,7 @@ fn channel_lookup(name: &str) -> PyResult<u64> {
 fn channel_take<'py>(py: Python<'py>, link: &Link, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
     match link.channels.take(link.ctx, id, &link.writer) {
         Take::Item(term) => {
-            let item = convert::decode_body(py, &types(py)?, &term).map_err(to_pyerr)?;
+            let item = convert::decode_body(py, &link.types(py)?, &term).map_err(to_pyerr)?;
             Ok((1, item))
         }
         Take::Empty => Ok((0, py.None().into_bound(py))),

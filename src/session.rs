@@ -135,6 +135,7 @@ impl Session {
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));
+        link.set_handles(types.refs.clone());
         let outlet = Rc::new(Outlet::new(link.writer.clone(), types.clone()));
         let session = Session {
             id: spec.id,
@@ -227,7 +228,7 @@ impl Session {
                 w.atom("ok");
                 if req.opts.return_ref {
                     let id = self.types.new_id();
-                    self.types.refs.borrow_mut().insert(id, value.unbind());
+                    self.types.refs.insert(id, value.unbind());
                     w.tuple_header(2);
                     w.atom("pyport_ref");
                     w.int(id as i64);
@@ -425,7 +426,7 @@ impl Session {
             }
             ("to_term", 2) => Reply::Value(self.object(py, parts.id(0, "ref id")?)?),
             ("release", 2) => {
-                let obj = self.types.refs.borrow_mut().remove(&parts.id(0, "ref id")?);
+                let obj = self.types.refs.remove(parts.id(0, "ref id")?);
                 drop(obj);
                 Reply::Ok
             }
@@ -447,12 +448,7 @@ impl Session {
     }
 
     fn object<'py>(&self, py: Python<'py>, id: u64) -> Result<Bound<'py, PyAny>, Error> {
-        self.types
-            .refs
-            .borrow()
-            .get(&id)
-            .map(|o| o.bind(py).clone())
-            .ok_or(Error::NotFound)
+        self.types.refs.get(py, id).ok_or(Error::NotFound)
     }
 
     /// Calls `target(*args, **kwargs)` with both decoded from ETF.
