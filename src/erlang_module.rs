@@ -524,6 +524,16 @@ fn context_loop(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
     }
 }
 
+/// `_pyport.request_serial()`: names the request the calling context thread runs now
+/// (a new number for each request); 0 on other threads and between requests.
+#[pyfunction]
+fn request_serial() -> u64 {
+    match current_link() {
+        Ok(link) if std::thread::current().id() == link.thread => link.deadline.current().0,
+        _ => 0,
+    }
+}
+
 /// `_pyport.loop_touched()`: the loop got a callback outside a step.
 #[pyfunction]
 fn loop_touched() {
@@ -756,6 +766,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(busy, &native)?)?;
     native.add_function(wrap_pyfunction!(loop_touched, &native)?)?;
     native.add_function(wrap_pyfunction!(context_loop, &native)?)?;
+    native.add_function(wrap_pyfunction!(request_serial, &native)?)?;
     native.add_function(wrap_pyfunction!(sleep, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_try, &native)?)?;
