@@ -85,7 +85,12 @@ extern "C" fn in_forked_child() {
 fn unlink_subinterpreters() {
     // SAFETY: in the forked child, no other thread exists to change the list; these
     // two calls only read `_PyRuntime` (they take no lock and need no thread state).
-    let (head, main) = unsafe { (ffi::PyInterpreterState_Head(), ffi::PyInterpreterState_Main()) };
+    let (head, main) = unsafe {
+        (
+            ffi::PyInterpreterState_Head(),
+            ffi::PyInterpreterState_Main(),
+        )
+    };
     if head.is_null() || main.is_null() || head == main {
         return;
     }

@@ -225,17 +225,41 @@ compare(Name, Runner) ->
              || Mode <- [owngil, main]],
     {Name, Control, Modes}.
 
+%% The tests whose outcome in `Mode' differs from the control's, sorted: those the
+%% control could not run (it died in them, so there is nothing to compare), those a
+%% restriction of CPython's isolated sub-interpreters explains (`owngil'), those
+%% known/2 explains, and the rest (which fail the case).
 diff(Mode, Control, Context) ->
     Ids = lists:usort(maps:keys(Control) ++ maps:keys(Context)),
     Diffs = [{Id, maps:get(Id, Control, missing), maps:get(Id, Context, missing)}
              || Id <- Ids,
                 class(maps:get(Id, Control, missing)) =/= class(maps:get(Id, Context, missing))],
-    {Restricted, Unexplained} =
+    {ControlCrashed, Diffs1} = lists:partition(fun({_, C, _}) -> class(C) =:= crash end, Diffs),
+    {Restricted, Diffs2} =
         lists:partition(fun({Id, _, Got}) -> Mode =:= owngil andalso why(Id, Got) =/= false end,
-                        Diffs),
-    ct:log("~s: ~b tests, ~b differences~nrestrictions: ~p~nunexplained: ~p",
-           [Mode, maps:size(Context), length(Diffs), Restricted, Unexplained]),
-    #{outcomes => Context, restricted => Restricted, unexplained => Unexplained}.
+                        Diffs1),
+    {Known, Unexplained} =
+        lists:partition(fun({Id, _, Got}) -> known(Mode, Id, Got) =/= false end, Diffs2),
+    ct:log("~s: ~b tests, ~b differences~ncontrol crashed: ~p~nrestrictions: ~p~n"
+           "known: ~p~nunexplained: ~p",
+           [Mode, maps:size(Context), length(Diffs), ControlCrashed, Restricted, Known,
+            Unexplained]),
+    #{outcomes => Context, control_crashed => ControlCrashed, restricted => Restricted,
+      known => Known, unexplained => Unexplained}.
+
+%% Differences seen and explained in docs/cpython-suite.md that are not a restriction
+%% of sub-interpreters.
+known(owngil, <<"test.test_signal.", _/binary>>, {crash, Detail}) ->
+    %% test_signal sends SIGINT to its own process in several tests (the control dies
+    %% of each one; pyport installs no Python signal handlers, so SIGINT ends the
+    %% runtime): when the whole module runs, two more tests ended with the runtime
+    %% killed by SIGINT (status 130); run alone they pass
+    case binary:match(Detail, <<"port_exit,130">>) of
+        nomatch -> false;
+        _ -> sigint
+    end;
+known(_Mode, _Id, _Got) ->
+    false.
 
 %% Outcomes that count as the same.
 class({Outcome, _}) when Outcome =:= pass; Outcome =:= xfail -> ok;
@@ -261,9 +285,10 @@ restriction({_, Detail}) when is_binary(Detail) ->
     Rules = [{<<"fork not supported for isolated subinterpreters">>, fork},
              {<<"preexec_fn not supported within subinterpreters">>, preexec_fn},
              {<<"does not support loading in subinterpreters">>, extension_module},
-             %% test.support's skip when importing _testcapi fails, which it does in
+             %% test.support's skips when importing _testcapi fails, which it does in
              %% a sub-interpreter only (a single-phase init module)
              {<<"requires _testcapi">>, extension_module},
+             {<<"need _testcapi">>, extension_module},
              {<<"signal only works in main thread of the main interpreter">>, signal},
              {<<"daemon threads are disabled in this">>, daemon_thread},
              {<<"exec not supported for isolated subinterpreters">>, exec}],
@@ -393,8 +418,9 @@ stop(Rt) ->
 %%% The table
 
 table(Rows) ->
-    Header = "| module | tests | control: pass / fail+error / skip | owngil: differences (restrictions) | main: differences |\n"
-             "|---|---|---|---|---|\n",
+    Header = "| module | tests | control: pass / fail+error / skip | control died in | "
+             "owngil: differences (restrictions) | main: differences |\n"
+             "|---|---|---|---|---|---|\n",
     Lines = [row(Name, Control, Modes) || {Name, Control, Modes} <- Rows],
     Details = [details(Name, Modes) || {Name, _, Modes} <- Rows],
     iolist_to_binary([Header, Lines, "\n", Details]).
@@ -402,18 +428,23 @@ table(Rows) ->
 row(Name, Control, Modes) ->
     Tests = [V || {K, V} <- maps:to_list(Control), is_binary(K), is_tuple(V)],
     Count = fun(Classes) -> length([V || V <- Tests, lists:member(class(V), Classes)]) end,
-    #{restricted := OR, unexplained := OU} = proplists:get_value(owngil, Modes),
-    #{restricted := MR, unexplained := MU} = proplists:get_value(main, Modes),
-    io_lib:format("| ~s | ~b | ~b / ~b / ~b | ~b (~b) | ~b |~n",
-                  [Name, length(Tests), Count([ok]), Count([fail, error, timeout, crash]),
-                   Count([skip]), length(OR) + length(OU), length(OR),
-                   length(MR) + length(MU)]).
+    Differences = fun(Mode) ->
+                          #{restricted := R, known := K, unexplained := U} =
+                              proplists:get_value(Mode, Modes),
+                          {length(R) + length(K) + length(U), length(R)}
+                  end,
+    {O, OR} = Differences(owngil),
+    {M, _} = Differences(main),
+    io_lib:format("| ~s | ~b | ~b / ~b / ~b | ~b | ~b (~b) | ~b |~n",
+                  [Name, length(Tests), Count([ok]), Count([fail, error, timeout]),
+                   Count([skip]), Count([crash]), O, OR, M]).
 
 details(Name, Modes) ->
-    [[io_lib:format("- ~s, ~s: ~s: control ~0p, context ~0p~s~n",
-                    [Name, Mode, Id, C, G, case why(Id, G) of
-                                               false -> "";
-                                               Why -> io_lib:format(" (~s)", [Why])
-                                           end])
-      || {Id, C, G} <- R ++ U]
-     || {Mode, #{restricted := R, unexplained := U}} <- Modes].
+    [[io_lib:format("- ~s, ~s: ~s: control ~0p, context ~0p (~s)~n",
+                    [Name, Mode, Id, C, G, Why])
+      || {Id, C, G, Why} <- [{Id, C, G, why(Id, G)} || {Id, C, G} <- R]
+                            ++ [{Id, C, G, known(Mode, Id, G)} || {Id, C, G} <- K]
+                            ++ [{Id, C, G, unexplained} || {Id, C, G} <- U]
+                            ++ [{Id, C, G, control_died} || {Id, C, G} <- D]]
+     || {Mode, #{restricted := R, known := K, unexplained := U, control_crashed := D}}
+            <- Modes].

@@ -84,6 +84,13 @@ def fork_and_return(how):
         return 'child'
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
+async def fork_in_task():
+    '''The child returns from the coroutine (a task of the context's loop).'''
+    pid = os.fork()
+    if pid == 0:
+        return 'child'
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
 def fork_pool(n):
     with multiprocessing.get_context('fork').Pool(2) as pool:
         return pool.map(square, range(n))
@@ -119,6 +126,7 @@ all() ->
 groups() ->
     [{main, [], [fork_child_computes, fork_child_has_no_protocol_pipes,
                  fork_child_cannot_reach_erlang, fork_child_ends_with_its_request,
+                 fork_child_ends_with_its_task,
                  multiprocessing_fork_pool, subprocess_preexec_fn,
                  multiprocessing_spawn_pool]},
      {owngil, [], [fork_refused, preexec_fn_refused, multiprocessing_fork_refused]}].
@@ -182,6 +190,10 @@ fork_child_ends_with_its_request(Config) ->
     ?assertEqual({ok, 0}, call(Config, fork_and_return, [<<"return">>])),
     ?assertEqual({ok, 5}, call(Config, fork_and_return, [<<"exit">>])),
     ?assertEqual({ok, 1}, call(Config, fork_and_return, [<<"raise">>])).
+
+%% A child forked by a task of the context's loop ends when it is back in the loop.
+fork_child_ends_with_its_task(Config) ->
+    ?assertEqual({ok, 0}, call(Config, fork_in_task, [])).
 
 %% multiprocessing's fork start method (the Linux default on 3.12 and 3.13).
 multiprocessing_fork_pool(Config) ->
