@@ -43,6 +43,10 @@ def unset_then_get():
 def loop_type():
     return type(asyncio.get_event_loop()).__name__
 
+def sleep_pickles():
+    import pickle, time
+    return pickle.loads(pickle.dumps(time.sleep)) is time.sleep
+
 def run_then_get():
     async def one():
         return 1
@@ -87,7 +91,8 @@ all() ->
 %% keeps the logging set-up of the cases before).
 groups() ->
     Cases = [basic_config_configures, log_records_keep_their_level,
-             unset_event_loop_holds_within_the_request, asyncio_run_unsets_like_python],
+             unset_event_loop_holds_within_the_request, asyncio_run_unsets_like_python,
+             time_sleep_pickles],
     [{owngil, [], Cases}, {main, [], Cases}].
 
 init_per_suite(Config) ->
@@ -161,6 +166,11 @@ asyncio_run_unsets_like_python(Config) ->
     {ok, Error} = pyport:call(Ctx, '__main__', run_then_get, []),
     ?assertMatch({match, _}, re:run(Error, <<"^There is no current event loop in thread">>)),
     ?assertEqual({ok, <<"Loop">>}, pyport:call(Ctx, '__main__', loop_type, [])).
+
+%% pyport's time.sleep (which a deadline ends) pickles by reference as the plain one
+%% does: a process pool can be handed it.
+time_sleep_pickles(Config) ->
+    ?assertEqual({ok, true}, pyport:call(?config(ctx, Config), '__main__', sleep_pickles, [])).
 
 %% The level and text (without the "python (context c): " prefix) of the first log
 %% message containing Text.

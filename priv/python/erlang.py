@@ -293,6 +293,9 @@ def _install_sleep():
 
     sleep._pyport = True
     sleep.__doc__ = plain.__doc__
+    # pickle (a process pool's task, say) finds it as time.sleep, as the plain one
+    sleep.__module__ = "time"
+    sleep.__qualname__ = sleep.__name__ = "sleep"
     time.sleep = sleep
 
 
