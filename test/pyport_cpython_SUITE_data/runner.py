@@ -151,8 +151,10 @@ def _control(name, timeout, start):
     for i in range(start, len(ids)):
         print("S\t%d\t%s" % (i, ids[i]), flush=True)
         box = []
+        # not a daemon: threads a test starts inherit the flag (test_threading checks
+        # it), and the process ends with os._exit anyway
         worker = threading.Thread(target=lambda: box.append(run_test(ids[i])),
-                                  name="control", daemon=True)
+                                  name="control")
         worker.start()
         worker.join(timeout)
         if worker.is_alive():
