@@ -132,6 +132,9 @@ impl Session {
         erlang.call_method0("_install_logging")?;
         erlang.call_method0("_install_asyncio")?;
         erlang.call_method0("_install_sleep")?;
+        if matches!(spec.mode, crate::request::Mode::Main) {
+            erlang.call_method0("_no_daemon_context_thread")?;
+        }
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));

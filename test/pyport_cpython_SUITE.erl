@@ -43,6 +43,10 @@ def unset_then_get():
 def loop_type():
     return type(asyncio.get_event_loop()).__name__
 
+def new_thread_daemon():
+    import threading
+    return threading.Thread(target=lambda: None).daemon
+
 def sleep_pickles():
     import pickle, time
     return pickle.loads(pickle.dumps(time.sleep)) is time.sleep
@@ -93,7 +97,7 @@ all() ->
 groups() ->
     Cases = [basic_config_configures, log_records_keep_their_level,
              unset_event_loop_holds_within_the_request, asyncio_run_unsets_like_python,
-             time_sleep_pickles],
+             time_sleep_pickles, threads_are_no_daemons],
     [{owngil, [], Cases}, {main, [], Cases}].
 
 init_per_suite(Config) ->
@@ -172,6 +176,12 @@ asyncio_run_unsets_like_python(Config) ->
 %% does: a process pool can be handed it.
 time_sleep_pickles(Config) ->
     ?assertEqual({ok, true}, pyport:call(?config(ctx, Config), '__main__', sleep_pickles, [])).
+
+%% A thread a request starts is no daemon, as in a plain program's worker thread (in a
+%% `main' context it was: the context thread counted as a foreign, daemon thread).
+threads_are_no_daemons(Config) ->
+    ?assertEqual({ok, false},
+                 pyport:call(?config(ctx, Config), '__main__', new_thread_daemon, [])).
 
 %% The level and text (without the "python (context c): " prefix) of the first log
 %% message containing Text.

@@ -299,6 +299,17 @@ def _install_sleep():
     time.sleep = sleep
 
 
+def _no_daemon_context_thread():
+    """A `main` context's thread is one CPython did not start: ``threading`` sees a
+    ``_DummyThread``, a daemon, and threads started from it would inherit the flag.
+    The thread serving requests is no daemon, as a plain program's worker thread
+    (and an `owngil` context's thread) is not: threads it starts are none either."""
+    import threading
+    thread = threading.current_thread()
+    if isinstance(thread, threading._DummyThread):
+        thread._daemonic = False
+
+
 def _install_output():
     import sys
     sys.stdout = _Output("info", "<stdout>")
