@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest cpython-suite fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -58,6 +58,13 @@ soak: build
 # PYPORT_PROPTEST_SEED='{A,B,C}'). `make test' runs it from a fixed seed, a few hundred.
 proptest: build
 	PYPORT_PYTHON=$(PYTHON) PYPORT_PROPTEST=full $(REBAR) ct --suite test/pyport_model_SUITE --group model
+
+# CPython's own tests of the modules users meet, in both context modes against a
+# worker-thread control (docs/cpython-suite.md); `make test` runs a smoke subset. An
+# hour or more; MODULES=test.test_os,test.test_socket runs those only.
+cpython-suite: build
+	PYPORT_PYTHON=$(PYTHON) PYPORT_CPYTHON_SUITE=$(or $(MODULES),full) \
+	    nice $(REBAR) ct --suite test/pyport_cpython_SUITE
 
 # The decoders and the frame reader against a million random and mutated inputs each.
 fuzz: setup

@@ -762,6 +762,13 @@ fn answer(
     if !bookkeeping {
         deadline.end(outer, outer_at);
     }
+    if crate::fork::in_child() {
+        // The request forked and this is the child, back from it: it ends here.
+        match &result {
+            Ok(r) => crate::fork::end_child(py, r.as_ref().map(drop)),
+            Err(_) => crate::fork::end_child(py, Err(&Error::Panic("panic".into()))),
+        }
+    }
     // Interrupted at its deadline: the caller sees `timeout`, whichever of its own timer
     // and this reply comes first.
     let result = result.map(|r| {

@@ -6,6 +6,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyTypeError;
 use pyo3::ffi;
@@ -28,10 +29,41 @@ pub struct Types {
     atoms: RefCell<HashMap<Box<str>, Py<PyAny>>>,
     /// The context these types serve (0 outside a context), for object handles.
     pub ctx: u64,
-    /// Objects kept for Erlang (`return => ref`), by handle id.
-    pub refs: RefCell<HashMap<u64, Py<PyAny>>>,
+    /// Objects kept for Erlang (`return => ref`), by handle id: one table per context,
+    /// shared with its [`Link`](crate::erlang_module::Link), so any thread of the
+    /// interpreter finds them (a callback's result or a channel item may name one).
+    pub refs: Arc<Handles>,
     /// The last id given to an env or an object handle.
     next_id: std::cell::Cell<u64>,
+}
+
+/// The objects a context keeps for Erlang, by handle id. Every use is attached to the
+/// context's interpreter; the lock is for that interpreter's other threads.
+#[derive(Default)]
+pub struct Handles(Mutex<HashMap<u64, Py<PyAny>>>);
+
+impl Handles {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Py<PyAny>>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn insert(&self, id: u64, obj: Py<PyAny>) {
+        self.lock().insert(id, obj);
+    }
+
+    /// Takes the object out (the caller drops it attached).
+    pub fn remove(&self, id: u64) -> Option<Py<PyAny>> {
+        self.lock().remove(&id)
+    }
+
+    pub fn get<'py>(&self, py: Python<'py>, id: u64) -> Option<Bound<'py, PyAny>> {
+        self.lock().get(&id).map(|o| o.bind(py).clone())
+    }
+
+    /// Takes every object out (the caller drops them attached).
+    pub fn take_all(&self) -> HashMap<u64, Py<PyAny>> {
+        std::mem::take(&mut *self.lock())
+    }
 }
 
 const ATOM_CACHE_MAX: usize = 4096;
@@ -73,7 +105,7 @@ impl Types {
             term: get("_Term")?,
             atoms: RefCell::new(HashMap::new()),
             ctx: 0,
-            refs: RefCell::new(HashMap::new()),
+            refs: Arc::default(),
             next_id: std::cell::Cell::new(0),
         })
     }
@@ -87,6 +119,11 @@ impl Types {
         }
     }
 
+    /// These types for the context of `ctx` and `refs` (its handle table).
+    pub fn with_handles(self, ctx: u64, refs: Arc<Handles>) -> Self {
+        Types { ctx, refs, ..self }
+    }
+
     /// A fresh id for an env or an object handle.
     pub fn new_id(&self) -> u64 {
         let id = self.next_id.get() + 1;
@@ -97,8 +134,7 @@ impl Types {
     /// Drops every cached object; must run while attached to this interpreter.
     pub fn clear(&self) {
         self.atoms.borrow_mut().clear();
-        let refs = std::mem::take(&mut *self.refs.borrow_mut());
-        drop(refs);
+        drop(self.refs.take_all());
     }
 
     /// The object behind `{pyport_ref, Key, Ctx, Id, Home}`.
@@ -112,9 +148,7 @@ impl Types {
             return Err(BadTerm::RefWrongContext(ctx).into());
         }
         self.refs
-            .borrow()
-            .get(&id)
-            .map(|o| o.bind(py).clone())
+            .get(py, id)
             .ok_or_else(|| BadTerm::RefNotFound(id).into())
     }
 

@@ -64,6 +64,9 @@ pub struct Link {
     /// Set by the test hook `_pyport._test_panic_outside_request()` (see
     /// [`crate::TEST_HOOKS`]).
     test_panic: AtomicBool,
+    /// The context's object handles, once its session started: a callback's result or
+    /// a channel item may name one.
+    handles: std::sync::OnceLock<Arc<convert::Handles>>,
 }
 
 impl Link {
@@ -85,6 +88,22 @@ impl Link {
             test_panic: AtomicBool::new(false),
             output: OutputRate::default(),
             open_requests: Arc::default(),
+            handles: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The session's table of object handles (set once, when it starts).
+    pub fn set_handles(&self, handles: Arc<convert::Handles>) {
+        let _ = self.handles.set(handles);
+    }
+
+    /// The `erlang` types for decoding what Erlang sends this context (a callback's
+    /// result, a channel item): its own object handles arrive as the objects.
+    fn types(&self, py: Python<'_>) -> PyResult<Types> {
+        let types = types(py)?;
+        Ok(match self.handles.get() {
+            Some(handles) => types.with_handles(self.ctx, handles.clone()),
+            None => types,
         })
     }
 
@@ -341,6 +360,13 @@ pub fn unregister(link: &Arc<Link>) {
 }
 
 fn current_link(py: Python<'_>) -> PyResult<Arc<Link>> {
+    // A forked child has no router to carry a reply back, and a lock another thread
+    // held at the fork stays held: it never reaches for the link (src/fork.rs).
+    if crate::fork::in_child() {
+        return Err(PyRuntimeError::new_err(
+            "a forked child of a pyport context cannot reach Erlang",
+        ));
+    }
     if let Some(link) = THREAD_LINK.with(|l| l.borrow().clone()) {
         return Ok(link);
     }
@@ -556,7 +582,7 @@ fn call<'py>(
             None => return Err(context_stopped(py)),
         },
     };
-    callback_result(py, &types(py)?, &result)
+    callback_result(py, &link.types(py)?, &result)
 }
 
 /// `_pyport.call_async(name, args)`: sends `erlang.call(name, *args)` and returns its
@@ -631,7 +657,7 @@ fn channel_release(py: Python<'_>, id: u64) -> PyResult<()> {
 fn channel_take<'py>(py: Python<'py>, link: &Link, id: u64) -> PyResult<(u8, Bound<'py, PyAny>)> {
     match link.channels.take(link.ctx, id, &link.writer) {
         Take::Item(term) => {
-            let item = convert::decode_body(py, &types(py)?, &term).map_err(to_pyerr)?;
+            let item = convert::decode_body(py, &link.types(py)?, &term).map_err(to_pyerr)?;
             Ok((1, item))
         }
         Take::Empty => Ok((0, py.None().into_bound(py))),
@@ -678,6 +704,16 @@ fn context_loop(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
     match event_loop::reactor() {
         Some(reactor) => Ok(Some(reactor.py_loop(py)?)),
         None => Ok(None),
+    }
+}
+
+/// `_pyport.request_serial()`: names the request the calling context thread runs now
+/// (a new number for each request); 0 on other threads and between requests.
+#[pyfunction]
+fn request_serial(py: Python<'_>) -> u64 {
+    match current_link(py) {
+        Ok(link) if std::thread::current().id() == link.thread => link.deadline.current().0,
+        _ => 0,
     }
 }
 
@@ -938,6 +974,7 @@ pub fn erlang_module<'py>(py: Python<'py>) -> PyResult<Bound<'py, PyModule>> {
     native.add_function(wrap_pyfunction!(busy, &native)?)?;
     native.add_function(wrap_pyfunction!(loop_touched, &native)?)?;
     native.add_function(wrap_pyfunction!(context_loop, &native)?)?;
+    native.add_function(wrap_pyfunction!(request_serial, &native)?)?;
     native.add_function(wrap_pyfunction!(sleep, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_lookup, &native)?)?;
     native.add_function(wrap_pyfunction!(channel_release, &native)?)?;

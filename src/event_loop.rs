@@ -350,7 +350,7 @@ impl Outlet {
             }
             Reply::Ref(v) => {
                 let id = self.types.new_id();
-                self.types.refs.borrow_mut().insert(id, v.clone().unbind());
+                self.types.refs.insert(id, v.clone().unbind());
                 w.tuple_header(2);
                 w.atom("ok");
                 w.tuple_header(2);

@@ -12,6 +12,8 @@
 //!   streams; coroutine results become tasks.
 //! - [`event_loop`]: the one wait of a context thread (mio poll) and the asyncio loop
 //!   it drives between requests: fds, timers, tasks, streams, async callbacks.
+//! - [`fork`]: what a child forked without `exec` keeps of pyport (nothing that
+//!   reaches Erlang), and CPython's after-fork code made safe with sub-interpreters.
 //! - [`atoms`]: `max_atoms`, the budget of atoms Python may create in the node.
 //! - [`channel`]: channels Erlang feeds and Python reads, per context.
 //! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
@@ -50,6 +52,7 @@ pub mod erlang_module;
 pub mod error;
 pub mod etf;
 pub mod event_loop;
+pub mod fork;
 pub mod framing;
 pub mod memory;
 pub mod pyerr;

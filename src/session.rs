@@ -137,9 +137,13 @@ impl Session {
         erlang.call_method0("_install_logging")?;
         erlang.call_method0("_install_asyncio")?;
         erlang.call_method0("_install_sleep")?;
+        if matches!(spec.mode, crate::request::Mode::Main) {
+            erlang.call_method0("_no_daemon_context_thread")?;
+        }
         let builtins = py.import("builtins")?;
         let main = py.import("__main__")?;
         let types = Rc::new(Types::from_module(&erlang)?.for_context(spec.id, random_id_base()));
+        link.set_handles(types.refs.clone());
         let outlet = Rc::new(Outlet::new(
             link.writer.clone(),
             types.clone(),
@@ -237,7 +241,7 @@ impl Session {
                 w.atom("ok");
                 if req.opts.return_ref {
                     let id = self.types.new_id();
-                    self.types.refs.borrow_mut().insert(id, value.unbind());
+                    self.types.refs.insert(id, value.unbind());
                     w.tuple_header(2);
                     w.atom("pyport_ref");
                     w.int(id as i64);
@@ -441,7 +445,7 @@ impl Session {
             }
             ("to_term", 2) => Reply::Value(self.object(py, parts.id(0, "ref id")?)?),
             ("release", 2) => {
-                let obj = self.types.refs.borrow_mut().remove(&parts.id(0, "ref id")?);
+                let obj = self.types.refs.remove(parts.id(0, "ref id")?);
                 drop(obj);
                 Reply::Ok
             }
@@ -463,12 +467,7 @@ impl Session {
     }
 
     fn object<'py>(&self, py: Python<'py>, id: u64) -> Result<Bound<'py, PyAny>, Error> {
-        self.types
-            .refs
-            .borrow()
-            .get(&id)
-            .map(|o| o.bind(py).clone())
-            .ok_or(Error::NotFound)
+        self.types.refs.get(py, id).ok_or(Error::NotFound)
     }
 
     /// Calls `target(*args, **kwargs)` with both decoded from ETF.

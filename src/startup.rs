@@ -66,32 +66,6 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
     Ok(config)
 }
 
-/// The protocol's fds, for the fork handler.
-static PROTOCOL_FDS: [std::sync::atomic::AtomicI32; 2] = [
-    std::sync::atomic::AtomicI32::new(-1),
-    std::sync::atomic::AtomicI32::new(-1),
-];
-
-/// A child made by `fork()` without `exec` (`os.fork()` in a `main` context, a C
-/// library) gets copies of every fd: it closes the protocol's at once, so it can
-/// neither write frames into the stream nor keep the port's pipes open.
-fn close_in_forked_children(fds: &[i32; 2]) {
-    extern "C" fn in_child() {
-        for fd in &PROTOCOL_FDS {
-            let fd = fd.load(std::sync::atomic::Ordering::SeqCst);
-            if fd >= 0 {
-                // SAFETY: closes a descriptor this (new, single-threaded) process owns.
-                unsafe { libc::close(fd) };
-            }
-        }
-    }
-    for (slot, fd) in PROTOCOL_FDS.iter().zip(fds) {
-        slot.store(*fd, std::sync::atomic::Ordering::SeqCst);
-    }
-    // SAFETY: registers a handler that only closes two descriptors (async-signal-safe).
-    unsafe { libc::pthread_atfork(None, None, Some(in_child)) };
-}
-
 /// Takes fds 0 and 1 for the protocol (close-on-exec, so children don't inherit them),
 /// then points fd 0 at /dev/null and fd 1 at fd 2: C code or Python that writes to
 /// stdout can't corrupt frames.
@@ -107,7 +81,7 @@ fn take_protocol_fds() -> io::Result<(File, File)> {
     };
     let input = dup(0)?;
     let output = dup(1)?;
-    close_in_forked_children(&[
+    crate::fork::install([
         std::os::fd::AsRawFd::as_raw_fd(&input),
         std::os::fd::AsRawFd::as_raw_fd(&output),
     ]);

@@ -43,6 +43,11 @@ impl Writer {
     /// Queues one complete frame (length prefix included) and flushes if nobody is.
     /// With nothing queued, the frame is written straight from `frame`, uncopied.
     pub fn send(&self, frame: &[u8]) {
+        // A forked child writes nothing (src/fork.rs), nor takes a lock that a thread
+        // of its parent may have held at the fork.
+        if crate::fork::in_child() {
+            return;
+        }
         let mut q = self.lock();
         if q.broken {
             return;

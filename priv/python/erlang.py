@@ -240,6 +240,9 @@ class _Output(io.TextIOBase):
         self._level = level
         self._name = name
         self._pending = ""
+        # The level of the log record being written, if a record is (see
+        # _route_log_records).
+        self._record_level = None
 
     @property
     def name(self):
@@ -260,8 +263,9 @@ class _Output(io.TextIOBase):
             raise TypeError("write() argument must be str, not %s" % type(text).__name__)
         lines = (self._pending + text).split("\n")
         self._pending = lines.pop()
+        level = self._record_level or self._level
         for line in lines:
-            _pyport.log(self._level, line)
+            _pyport.log(level, line)
         if self._pending:
             _pyport.unflushed()
         return len(text)
@@ -305,6 +309,9 @@ def _install_sleep():
 
     sleep._pyport = True
     sleep.__doc__ = plain.__doc__
+    # pickle (a process pool's task, say) finds it as time.sleep, as the plain one
+    sleep.__module__ = "time"
+    sleep.__qualname__ = sleep.__name__ = "sleep"
     time.sleep = sleep
 
 
@@ -340,6 +347,17 @@ def _patch_thread(threading):
     thread._bootstrap_inner = bootstrap_in_context
 
 
+def _no_daemon_context_thread():
+    """A `main` context's thread is one CPython did not start: ``threading`` sees a
+    ``_DummyThread``, a daemon, and threads started from it would inherit the flag.
+    The thread serving requests is no daemon, as a plain program's worker thread
+    (and an `owngil` context's thread) is not: threads it starts are none either."""
+    import threading
+    thread = threading.current_thread()
+    if isinstance(thread, threading._DummyThread):
+        thread._daemonic = False
+
+
 def _install_output():
     import sys
     sys.stdout = _Output("info", "<stdout>")
@@ -349,19 +367,35 @@ def _install_output():
 _LEVELS = ((50, "critical"), (40, "error"), (30, "warning"), (20, "info"))
 
 
-def _add_log_handler(logging):
-    class _Handler(logging.Handler):
-        def emit(self, record):
-            try:
-                text = self.format(record)
-                level = next((name for no, name in _LEVELS if record.levelno >= no), "debug")
-                _pyport.log(level, text)
-            except Exception:
-                self.handleError(record)
+def _level_name(levelno):
+    return next((name for no, name in _LEVELS if levelno >= no), "debug")
 
-    root = logging.getLogger()
-    if not any(type(h).__name__ == "_Handler" for h in root.handlers):
-        root.addHandler(_Handler())
+
+def _route_log_records(logging):
+    """Log records reach Erlang's logger at their own level. pyport adds no handler:
+    the root logger starts with none, as in plain Python, so ``basicConfig`` configures
+    it. Records go where the configuration sends them; a ``StreamHandler`` writing to
+    pyport's ``sys.stderr``/``sys.stdout`` (``basicConfig``'s default, and
+    ``logging.lastResort`` for an unconfigured program) passes its record's level
+    along with the text, instead of the stream's own level."""
+    cls = logging.StreamHandler
+    if getattr(cls.emit, "_pyport", False):
+        return
+    plain = cls.emit
+
+    def emit(self, record):
+        stream = self.stream
+        if not isinstance(stream, _Output):
+            return plain(self, record)
+        stream._record_level = _level_name(record.levelno)
+        try:
+            plain(self, record)
+        finally:
+            stream._record_level = None
+
+    emit._pyport = True
+    emit.__doc__ = plain.__doc__
+    cls.emit = emit
 
 
 class _PostImportHook:
@@ -404,12 +438,15 @@ def _after_import(name, action):
 
 
 def _install_logging():
-    _after_import("logging", _add_log_handler)
+    _after_import("logging", _route_log_records)
 
 
 def _install_loop_policy(asyncio):
     """``asyncio.get_event_loop()`` in sync code on a context thread returns the
-    context's loop (made on first use), also after ``asyncio.run()`` unset it."""
+    context's loop (made on first use): each request starts as a program's main thread
+    does, with a current loop. Within a request, an ``asyncio.set_event_loop(None)``
+    holds as in plain Python (``get_event_loop()`` then raises ``RuntimeError``) until
+    the request ends; so does the one ``asyncio.run()`` makes when it ends."""
     base = type(asyncio.get_event_loop_policy())
     if getattr(base, "_pyport", False):
         return
@@ -417,11 +454,17 @@ def _install_loop_policy(asyncio):
     class Policy(base):
         _pyport = True
 
+        def set_event_loop(self, loop):
+            super().set_event_loop(loop)
+            self._local._pyport_unset_in = _pyport.request_serial() if loop is None else None
+
         def get_event_loop(self):
             if self._local._loop is None:
-                loop = _pyport.context_loop()
-                if loop is not None:
-                    return loop
+                unset_in = getattr(self._local, "_pyport_unset_in", None)
+                if unset_in is None or unset_in != _pyport.request_serial():
+                    loop = _pyport.context_loop()
+                    if loop is not None:
+                        return loop
             return super().get_event_loop()
 
     asyncio.set_event_loop_policy(Policy())
