@@ -37,7 +37,8 @@ test-erl:
 # so, when the machine has no other series. The dependency, build-script, Elixir, CLI
 # and soak suites build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
-	api types env ref callback async loop stream channel churn protocol reliability boundary pool)))
+	api types env ref callback async loop stream channel churn protocol reliability boundary pool \
+	deadline contract lifecycle handles)))
 comma = ,
 test-other-python: build
 	@other=$$(scripts/other-python.sh $(PYTHON)); \
