@@ -517,12 +517,7 @@ call_timeout(Opts) ->
 %% processes (the row `{{atoms, Key}, N}', removed by `pyport_runtime' when it stops).
 -spec atoms_spent(key()) -> non_neg_integer().
 atoms_spent(Key) ->
-    try ets:lookup(?TABLE, {atoms, Key}) of
-        [{_, N}] -> N;
-        [] -> 0
-    catch
-        error:badarg -> 0
-    end.
+    row_count({atoms, Key}).
 
 %% The port program counted a name it is about to send as an atom: it spends the
 %% runtime's budget if the node does not have that atom yet (the frame that makes it
@@ -1179,7 +1174,12 @@ free(Port, {Ctx, {stream, H}}) ->
 %% `pyport_runtime' keeps).
 -spec restarts(key()) -> non_neg_integer().
 restarts(Key) ->
-    try ets:lookup(?TABLE, {restarts, Key}) of
+    row_count({restarts, Key}).
+
+%% The count in a `{Row, N}' row of the runtimes' table; 0 without the row (or the
+%% table, when the application is not running).
+row_count(Row) ->
+    try ets:lookup(?TABLE, Row) of
         [{_, N}] -> N;
         [] -> 0
     catch
