@@ -403,8 +403,8 @@ bad_options(_Config) ->
 
 cpu_scales_like_processes() ->
     [{doc, "CPU-bound pure Python on a 2-member main pool: two calls at once against "
-      "one, next to the same for two plain CPython processes in the same round, 5 "
-      "rounds. The pool's median speedup is at least 1.2 (one GIL for both would give "
+      "one, next to the same for two plain CPython processes in the same round, 9 "
+      "rounds (single rounds range from 1.0 to 2.3 on this shared 2-core host). The pool's median speedup is at least 1.2 (one GIL for both would give "
       "at most 1.0), unless the control's own median is under 1.25: then the host has "
       "no second core to give and the case is skipped, saying so. The numbers are "
       "logged; `make bench' has the careful ones."}].
@@ -430,7 +430,7 @@ cpu_scales(Name, Mode) ->
                   CtlOne = timed(fun() -> run_python(Python, Code) end),
                   CtlTwo = timed(fun() -> parallel(2, fun() -> run_python(Python, Code) end) end),
                   {2 * PoolOne / PoolTwo, 2 * CtlOne / CtlTwo}
-              end || _ <- lists:seq(1, 5)],
+              end || _ <- lists:seq(1, 9)],
     ct:log("speedup of 2 calls at once (pool, two CPython processes): ~p", [Rounds]),
     ok = pyport:stop_pool(Pool),
     PoolSpeedup = median([P || {P, _} <- Rounds]),
