@@ -118,6 +118,20 @@ def preexec_refused():
 
 def fork_pool_refused():
     return refused(lambda: fork_pool(2))
+
+def process_pool_refused(method):
+    '''A ProcessPoolExecutor on spawn or forkserver: its call queue's feeder thread is a
+    daemon thread, which CPython refuses; the pool reports that as its cause.'''
+    import concurrent.futures
+    ctx = multiprocessing.get_context(method)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(2, mp_context=ctx) as pool:
+            pool.submit(abs, -1).result(timeout=20)
+        return 'no error'
+    except Exception as e:
+        cause = e.__cause__
+        lines = [l for l in str(cause).splitlines() if l.strip() not in ('', chr(39) * 3)]
+        return (type(e).__name__, lines[-1] if lines else None)
 ">>).
 
 all() ->
@@ -128,7 +142,8 @@ groups() ->
                  fork_child_cannot_reach_erlang, fork_child_ends_with_its_request,
                  multiprocessing_fork_pool, subprocess_preexec_fn,
                  multiprocessing_spawn_pool]},
-     {owngil, [], [fork_refused, preexec_fn_refused, multiprocessing_fork_refused]}].
+     {owngil, [], [fork_refused, preexec_fn_refused, multiprocessing_fork_refused,
+                   process_pool_executor_refused]}].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -221,3 +236,13 @@ preexec_fn_refused(Config) ->
 multiprocessing_fork_refused(Config) ->
     ?assertEqual({ok, {<<"RuntimeError">>, <<"fork not supported for isolated subinterpreters">>}},
                  call(Config, fork_pool_refused, [])).
+
+%% concurrent.futures' ProcessPoolExecutor with spawn or forkserver breaks at its first
+%% task: multiprocessing.Queue feeds its pipe from a daemon thread, which an isolated
+%% sub-interpreter refuses. The pool says so in its error's cause (77 tests of CPython's
+%% test_concurrent_futures, docs/cpython-suite.md). A `main' context runs such pools.
+process_pool_executor_refused(Config) ->
+    Refused = {ok, {<<"BrokenProcessPool">>,
+                    <<"RuntimeError: daemon threads are disabled in this (sub)interpreter">>}},
+    ?assertEqual(Refused, call(Config, process_pool_refused, [<<"spawn">>])),
+    ?assertEqual(Refused, call(Config, process_pool_refused, [<<"forkserver">>])).

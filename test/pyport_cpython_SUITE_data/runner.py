@@ -74,8 +74,18 @@ class _Result(unittest.TestResult):
 
     @staticmethod
     def _last_line(err):
-        text = "".join(traceback.format_exception_only(err[0], err[1])).strip()
-        return text.splitlines()[-1][:300] if text else ""
+        # The error's last line, then its causes' (a process pool's BrokenProcessPool
+        # carries the worker side's traceback as its cause, where a restriction's
+        # message shows): "Outer: ... <- Inner: ...".
+        lines, exc, seen = [], err[1], set()
+        while exc is not None and id(exc) not in seen and len(lines) < 4:
+            seen.add(id(exc))
+            text = "".join(traceback.format_exception_only(type(exc), exc))
+            last = [l for l in text.splitlines() if l.strip() and l.strip() != "'''"]
+            if last:
+                lines.append(last[-1].strip()[:300])
+            exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        return " <- ".join(lines)
 
     def addSuccess(self, test):
         self._set("pass")
