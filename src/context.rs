@@ -27,6 +27,7 @@ use crate::event_loop::{Reactor, WAKE};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
 use crate::session::{Passed, Served, Session};
+use crate::sync::Unpoison;
 use crate::watchdog::{Deadline, Stop};
 use crate::writer::Writer;
 
@@ -113,7 +114,7 @@ pub struct Mailbox {
 
 impl Mailbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock().unpoison()
     }
 
     /// Queues a job; gives it back if the queue is full or the context is dead.
@@ -121,7 +122,7 @@ impl Mailbox {
     #[allow(clippy::result_large_err)]
     pub fn push(&self, job: Job) -> Result<(), (Job, Error)> {
         if self.is_dead() {
-            let reason = self.death.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let reason = self.death.lock().unpoison().clone();
             return Err((job, Error::ContextDown(reason)));
         }
         {
@@ -366,7 +367,7 @@ impl Mailbox {
 
     /// Marks the context dead and answers everything still queued.
     fn fail_all(&self, writer: &Writer, reason: &str) {
-        *self.death.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        *self.death.lock().unpoison() = reason.to_string();
         self.state.store(DEAD, Ordering::SeqCst);
         let jobs: Vec<Job> = {
             let mut q = self.lock();

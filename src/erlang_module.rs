@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::etf;
 use crate::event_loop;
 use crate::framing::{KIND_CALLBACK, KIND_SEND};
+use crate::sync::Unpoison;
 use crate::watchdog::{Deadline, Stop};
 use crate::writer::Writer;
 
@@ -133,15 +134,12 @@ impl Link {
     /// Sets the pid of the request being served; returns the one it replaces
     /// (requests nest while Python waits in `erlang.call`).
     pub fn swap_caller(&self, pid: Option<&[u8]>) -> Option<Vec<u8>> {
-        let mut slot = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.caller.lock().unpoison();
         std::mem::replace(&mut *slot, pid.map(<[u8]>::to_vec))
     }
 
     fn caller(&self) -> Option<Vec<u8>> {
-        self.caller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.caller.lock().unpoison().clone()
     }
 }
 
@@ -158,7 +156,7 @@ struct OutputRate {
 impl OutputRate {
     fn log(&self, writer: &Writer, level: &str, ctx: u64, text: &str) {
         let now = std::time::Instant::now();
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window = self.window.lock().unpoison();
         let (start, sent, dropped) = window.get_or_insert((now, 0, 0));
         if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
             if *dropped > 0 {
@@ -207,28 +205,17 @@ impl Callbacks {
     /// Stores a result (a whole ETF term) and wakes the threads waiting for results.
     /// The result of a callback whose waiter gave up is dropped.
     pub fn deliver(&self, id: u64, term: Vec<u8>) {
-        if self
-            .async_ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        {
-            self.async_results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((id, term));
+        if self.async_ids.lock().unpoison().remove(&id) {
+            self.async_results.lock().unpoison().push((id, term));
             self.has_async.store(true, Ordering::SeqCst);
             return;
         }
         // Lock order: `abandoned`, then `results` (as in `abandon`).
-        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut abandoned = self.abandoned.lock().unpoison();
         if abandoned.remove(&id) {
             return;
         }
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, term);
+        self.results.lock().unpoison().insert(id, term);
         drop(abandoned);
         self.arrived.notify_all();
     }
@@ -240,7 +227,7 @@ impl Callbacks {
 
     /// The results of `erlang.async_call` that came back.
     pub fn take_async_results(&self) -> Vec<(u64, Vec<u8>)> {
-        let mut results = self.async_results.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results = self.async_results.lock().unpoison();
         self.has_async.store(false, Ordering::SeqCst);
         std::mem::take(&mut *results)
     }
@@ -248,34 +235,24 @@ impl Callbacks {
     /// The waiter of `id` gave up (its request timed out): its result is dropped,
     /// whether it came already or comes later.
     fn abandon(&self, id: u64) {
-        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
-        let came = self
-            .results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        let mut abandoned = self.abandoned.lock().unpoison();
+        let came = self.results.lock().unpoison().remove(&id);
         if came.is_none() {
             abandoned.insert(id);
         }
     }
 
     pub fn is_ready(&self, id: u64) -> bool {
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+        self.results.lock().unpoison().contains_key(&id)
     }
 
     fn take(&self, id: u64) -> Option<Vec<u8>> {
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
+        self.results.lock().unpoison().remove(&id)
     }
 
     /// No result will come any more: wakes the waiting threads (see [`Link::stop`]).
     fn close(&self) {
-        let _results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let _results = self.results.lock().unpoison();
         self.closed.store(true, Ordering::SeqCst);
         self.arrived.notify_all();
     }
@@ -283,7 +260,7 @@ impl Callbacks {
     /// Blocks until the result of `id` is there (used by threads other than the
     /// context's); `None` once the context stopped.
     fn wait(&self, id: u64) -> Option<Vec<u8>> {
-        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results = self.results.lock().unpoison();
         loop {
             if let Some(r) = results.remove(&id) {
                 return Some(r);
@@ -291,10 +268,7 @@ impl Callbacks {
             if self.closed.load(Ordering::SeqCst) {
                 return None;
             }
-            results = self
-                .arrived
-                .wait(results)
-                .unwrap_or_else(|e| e.into_inner());
+            results = self.arrived.wait(results).unpoison();
         }
     }
 }
@@ -333,24 +307,20 @@ pub fn register(link: &Arc<Link>) {
     THREAD_LINK.with(|l| *l.borrow_mut() = Some(link.clone()));
     KEYED_LINKS
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unpoison()
         .get_or_insert_with(HashMap::new)
         .insert(link.key, Arc::downgrade(link));
-    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    let mut map = INTERP_LINKS.write().unpoison();
     map.get_or_insert_with(HashMap::new)
         .insert(interpreter_id(), link.clone());
 }
 
 pub fn unregister(link: &Arc<Link>) {
     THREAD_LINK.with(|l| *l.borrow_mut() = None);
-    if let Some(m) = KEYED_LINKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_mut()
-    {
+    if let Some(m) = KEYED_LINKS.lock().unpoison().as_mut() {
         m.remove(&link.key);
     }
-    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    let mut map = INTERP_LINKS.write().unpoison();
     if let Some(m) = map.as_mut() {
         let id = interpreter_id();
         if m.get(&id).is_some_and(|l| Arc::ptr_eq(l, link)) {
@@ -373,7 +343,7 @@ fn current_link(py: Python<'_>) -> PyResult<Arc<Link>> {
     let link = match ADOPTED.with(|a| a.borrow().as_ref().map(|a| a.link.clone())) {
         Some(weak) => weak.upgrade(),
         None => {
-            let map = INTERP_LINKS.read().unwrap_or_else(|e| e.into_inner());
+            let map = INTERP_LINKS.read().unpoison();
             let link = map.as_ref().and_then(|m| m.get(&interpreter_id()).cloned());
             if link.is_none() {
                 return Err(PyRuntimeError::new_err(
@@ -438,7 +408,7 @@ fn thread_ticket<'py>(py: Python<'py>) -> Option<(u64, Option<Bound<'py, PyBytes
 fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
     let link = KEYED_LINKS
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unpoison()
         .as_ref()
         .and_then(|m| m.get(&key).cloned())
         .unwrap_or_default();
@@ -601,11 +571,7 @@ fn call_async(
         ));
     }
     send_callback(py, &link, name, args, |id| {
-        link.callbacks
-            .async_ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+        link.callbacks.async_ids.lock().unpoison().insert(id);
     })
 }
 
@@ -855,7 +821,7 @@ struct SendsInner {
 
 impl Sends {
     fn lock(&self) -> std::sync::MutexGuard<'_, SendsInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unpoison()
     }
 
     /// The number of `dest` for a send, or `None` while it is busy.

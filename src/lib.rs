@@ -61,5 +61,6 @@ pub mod request;
 pub mod router;
 pub mod session;
 pub mod startup;
+pub mod sync;
 pub mod watchdog;
 pub mod writer;

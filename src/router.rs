@@ -26,6 +26,7 @@ use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
 use crate::python::PythonInfo;
 use crate::request::{Job, Kind, Mode, Spec, REENTRANT_BIT};
+use crate::sync::Unpoison;
 use crate::writer::Writer;
 
 const STDIN: Token = Token(0);
@@ -117,11 +118,11 @@ impl Router {
     }
 
     fn lock(&self) -> MutexGuard<'_, Routing> {
-        self.routing.lock().unwrap_or_else(|e| e.into_inner())
+        self.routing.lock().unpoison()
     }
 
     fn watch(&self) -> MutexGuard<'_, Option<Watch>> {
-        self.watch.lock().unwrap_or_else(|e| e.into_inner())
+        self.watch.lock().unpoison()
     }
 
     fn now(&self) -> u64 {

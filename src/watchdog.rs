@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use pyo3::ffi;
 
+use crate::sync::Unpoison;
+
 /// The running request of one context, as the watchdog sees it.
 pub struct Deadline {
     /// Sequence number of the running request; 0 when idle.
@@ -168,7 +170,7 @@ impl Deadline {
         if let Some(wake) = self.wake.get() {
             wake();
         }
-        let _guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.sleeper.0.lock().unpoison();
         self.sleeper.1.notify_all();
     }
 
@@ -176,7 +178,7 @@ impl Deadline {
     /// until `until`, or returns early with the reason the request was stopped. Call
     /// it detached.
     pub fn sleep(&self, parked: Parked, until: Instant) -> Option<Stop> {
-        let mut guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.sleeper.0.lock().unpoison();
         loop {
             if let Some(why) = self.given_up(parked) {
                 return Some(why);
@@ -185,12 +187,7 @@ impl Deadline {
             if left.is_zero() {
                 return None;
             }
-            guard = self
-                .sleeper
-                .1
-                .wait_timeout(guard, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            guard = self.sleeper.1.wait_timeout(guard, left).unpoison().0;
         }
     }
 
@@ -214,7 +211,7 @@ impl Deadline {
     /// (they upgrade their weak reference before they act), so the pointer is cleared
     /// under the same lock [`request_interrupt`] holds while it queues a call.
     pub fn unbind_thread(&self) {
-        let _bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let _bound = self.bound.lock().unpoison();
         self.interp.store(std::ptr::null_mut(), Ordering::SeqCst);
     }
 
@@ -347,7 +344,7 @@ impl Deadline {
     /// watchdog reads them: it must never see one request's deadline with another's
     /// number (it would stop a request that is not late).
     fn switching(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.switch.lock().unwrap_or_else(|e| e.into_inner())
+        self.switch.lock().unpoison()
     }
 
     /// The running request and its deadline, to restore after a nested one.
@@ -394,23 +391,20 @@ impl Watchdog {
     }
 
     fn watch(&self, d: Weak<Deadline>) {
-        self.watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(d);
+        self.watched.lock().unpoison().push(d);
     }
 
     fn poke_if_earlier(&self, at: u64) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         if at < self.next_wake.load(Ordering::SeqCst) {
-            let _guard = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = self.watched.lock().unpoison();
             self.next_wake.store(at, Ordering::SeqCst);
             self.poke.notify_one();
         }
     }
 
     fn run(&self) {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watched = self.watched.lock().unpoison();
         loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let now = self.nanos(Instant::now());
@@ -454,7 +448,7 @@ impl Watchdog {
                         on_stuck();
                     }
                 }
-                watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+                watched = self.watched.lock().unpoison();
                 continue;
             }
             self.next_wake.store(earliest, Ordering::SeqCst);
@@ -463,13 +457,10 @@ impl Watchdog {
                 continue;
             }
             watched = if earliest == u64::MAX {
-                self.poke.wait(watched).unwrap_or_else(|e| e.into_inner())
+                self.poke.wait(watched).unpoison()
             } else {
                 let wait = Duration::from_nanos(earliest - now);
-                self.poke
-                    .wait_timeout(watched, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
+                self.poke.wait_timeout(watched, wait).unpoison().0
             };
         }
     }
@@ -483,7 +474,7 @@ struct Interrupt {
 
 /// Asks the interpreter to stop request `seq` (if it still runs then).
 fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) {
-    let _bound = d.bound.lock().unwrap_or_else(|e| e.into_inner());
+    let _bound = d.bound.lock().unpoison();
     let interp = d.interp.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
         return;
