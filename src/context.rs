@@ -28,7 +28,7 @@ use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
 use crate::session::{Passed, Served, Session};
 use crate::sync::Unpoison;
-use crate::watchdog::{Deadline, Stop};
+use crate::watchdog::{Deadline, StopReason};
 use crate::writer::Writer;
 
 /// How long an idle context spins before it sleeps: adaptive between these bounds. It
@@ -127,7 +127,7 @@ impl Mailbox {
         }
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) && !job.gives_back() {
+            if q.len() >= self.capacity && matches!(job.kind, Kind::Request { gives_back: false }) {
                 return Err((job, Error::Overloaded));
             }
             if job.reentrant {
@@ -601,7 +601,7 @@ impl Loop<'_> {
         py: Python<'_>,
         done: &dyn Fn() -> bool,
         until: Option<Instant>,
-    ) -> Option<Stop> {
+    ) -> Option<StopReason> {
         let deadline = &self.mailbox.deadline;
         let parked = deadline.park();
         let given_up = || deadline.given_up(parked);
@@ -698,7 +698,7 @@ impl Loop<'_> {
         let writer = self.inbox.writer();
         let lp = &self.session.event_loop;
         match job.kind {
-            Kind::Request => {
+            Kind::Request { .. } => {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
@@ -745,7 +745,7 @@ fn answer(
     // Giving back (stream credit or cancel, dropping an env, releasing an object) is
     // bookkeeping, not a request of the caller's: it never becomes the request the
     // context "runs now", so a `pyport:interrupt/1` made while it is served nested in a
-    // waiting request still reaches that request (one header check for other jobs).
+    // waiting request still reaches that request (known since the job was made).
     let bookkeeping = job.gives_back();
     let start = |timeout_ms: Option<u64>| {
         if bookkeeping {

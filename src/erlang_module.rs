@@ -32,7 +32,7 @@ use crate::etf;
 use crate::event_loop;
 use crate::framing::{KIND_CALLBACK, KIND_SEND};
 use crate::sync::Unpoison;
-use crate::watchdog::{Deadline, Stop};
+use crate::watchdog::{Deadline, StopReason};
 use crate::writer::Writer;
 
 const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
@@ -421,7 +421,7 @@ fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
 /// It returns why it gave up if the waiting request was stopped or its deadline passed.
 /// `until` is a time at which the wait ends by itself (a timeout).
 pub type NestedServeFn<'a> =
-    dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> Option<Stop> + 'a;
+    dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> Option<StopReason> + 'a;
 type NestedServe = NestedServeFn<'static>;
 
 thread_local! {
@@ -463,7 +463,7 @@ fn serve_while_waiting(
     link: &Link,
     ready: &dyn Fn() -> bool,
     until: Option<Instant>,
-) -> Option<Result<(), Stop>> {
+) -> Option<Result<(), StopReason>> {
     let serve = NESTED
         .with(|n| *n.borrow())
         .filter(|_| std::thread::current().id() == link.thread)?;
@@ -697,7 +697,7 @@ fn busy() -> bool {
     event_loop::reactor().is_some_and(|r| r.busy())
 }
 
-fn stop_exception(py: Python<'_>, why: Stop) -> PyErr {
+fn stop_exception(py: Python<'_>, why: StopReason) -> PyErr {
     let (name, message) = why.exception();
     match erlang_module(py)
         .and_then(|m| m.getattr(name.to_str().unwrap_or("CallTimeout")))

@@ -361,15 +361,9 @@ impl Routing {
             );
             return;
         };
-        let (ctx, header) = (req.ctx & !REENTRANT_BIT, (10, 10 + req.header.len()));
-        let job = Job {
-            body: header.1,
-            header,
-            reentrant: req.ctx & REENTRANT_BIT != 0,
-            frame,
-            kind: Kind::Request,
-            arrived: Instant::now(),
-        };
+        let (ctx, header_len) = (req.ctx & !REENTRANT_BIT, req.header.len());
+        let reentrant = req.ctx & REENTRANT_BIT != 0;
+        let job = Job::request(frame, header_len, reentrant);
         if ctx == 0 {
             return self.control(job);
         }

@@ -107,32 +107,32 @@ pub struct Parked {
 
 /// Why a running request was stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
+pub enum StopReason {
     /// Its deadline passed: `erlang.CallTimeout`.
     Timeout,
     /// `pyport:interrupt/1`: `erlang.Interrupted`.
     Interrupted,
 }
 
-impl Stop {
+impl StopReason {
     /// The `erlang` module's exception class for it, and its message.
     pub fn exception(self) -> (&'static std::ffi::CStr, &'static std::ffi::CStr) {
         match self {
-            Stop::Timeout => (c"CallTimeout", c"the call ran past its timeout"),
-            Stop::Interrupted => (c"Interrupted", c"interrupted by pyport:interrupt/1"),
+            StopReason::Timeout => (c"CallTimeout", c"the call ran past its timeout"),
+            StopReason::Interrupted => (c"Interrupted", c"interrupted by pyport:interrupt/1"),
         }
     }
 }
 
 impl Deadline {
     /// Whether request `seq` was stopped, and why.
-    pub fn stopped(&self, seq: u64) -> Option<Stop> {
+    pub fn stopped(&self, seq: u64) -> Option<StopReason> {
         if seq == 0 {
             None
         } else if self.interrupted.load(Ordering::SeqCst) == seq {
-            Some(Stop::Interrupted)
+            Some(StopReason::Interrupted)
         } else if self.fired.load(Ordering::SeqCst) == seq {
-            Some(Stop::Timeout)
+            Some(StopReason::Timeout)
         } else {
             None
         }
@@ -157,12 +157,12 @@ impl Deadline {
             self.interrupted.store(seq, Ordering::SeqCst);
             seq
         };
-        self.stop(seq, Stop::Interrupted);
+        self.stop(seq, StopReason::Interrupted);
     }
 
     /// Raises the stop in the running request at its next bytecode boundary, and wakes
     /// the context thread if it waits (in its poll, or in `time.sleep`).
-    fn stop(self: &Arc<Self>, seq: u64, why: Stop) {
+    fn stop(self: &Arc<Self>, seq: u64, why: StopReason) {
         if crate::test_hooks() {
             std::thread::sleep(Duration::from_millis(20)); // see `crate::TEST_HOOKS`
         }
@@ -177,7 +177,7 @@ impl Deadline {
     /// `time.sleep` on the context thread, for the parked request `parked`: waits
     /// until `until`, or returns early with the reason the request was stopped. Call
     /// it detached.
-    pub fn sleep(&self, parked: Parked, until: Instant) -> Option<Stop> {
+    pub fn sleep(&self, parked: Parked, until: Instant) -> Option<StopReason> {
         let mut guard = self.sleeper.0.lock().unpoison();
         loop {
             if let Some(why) = self.given_up(parked) {
@@ -320,14 +320,15 @@ impl Deadline {
     /// deadline fired, or `pyport:interrupt/1`), or its own deadline has passed (it may
     /// have passed while a nested request ran, or fired for a request nested on its
     /// behalf). `None` for a wait of no request.
-    pub fn given_up(&self, parked: Parked) -> Option<Stop> {
+    pub fn given_up(&self, parked: Parked) -> Option<StopReason> {
         if parked.seq == 0 {
             return None;
         }
         if let Some(why) = self.stopped(parked.seq) {
             return Some(why);
         }
-        (parked.at != 0 && watchdog().nanos(Instant::now()) >= parked.at).then_some(Stop::Timeout)
+        (parked.at != 0 && watchdog().nanos(Instant::now()) >= parked.at)
+            .then_some(StopReason::Timeout)
     }
 
     /// The wait of request `seq` raises its stop now: no interrupt raises it again.
@@ -419,7 +420,7 @@ impl Watchdog {
                     let seq = d.running.load(Ordering::SeqCst);
                     d.fired.store(seq, Ordering::SeqCst);
                     drop(switch);
-                    d.stop(seq, Stop::Timeout);
+                    d.stop(seq, StopReason::Timeout);
                     let after = d.stuck_after.load(Ordering::SeqCst);
                     if after != 0 {
                         d.stuck_seq.store(seq, Ordering::SeqCst);
@@ -469,11 +470,11 @@ impl Watchdog {
 struct Interrupt {
     target: Weak<Deadline>,
     seq: u64,
-    why: Stop,
+    why: StopReason,
 }
 
 /// Asks the interpreter to stop request `seq` (if it still runs then).
-fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) {
+fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: StopReason) {
     let _bound = d.bound.lock().unpoison();
     let interp = d.interp.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
