@@ -208,23 +208,6 @@ impl Reactor {
     }
 }
 
-thread_local! {
-    /// The reactor of the context this thread serves.
-    static REACTOR: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
-    /// How this thread's loop answers Erlang.
-    static OUTLET: RefCell<Option<Rc<Outlet>>> = const { RefCell::new(None) };
-}
-
-/// The reactor of the calling thread's context.
-pub fn reactor() -> Option<Rc<Reactor>> {
-    REACTOR.with(|r| r.borrow().clone())
-}
-
-/// The outlet of the calling thread's context.
-pub fn outlet() -> Option<Rc<Outlet>> {
-    OUTLET.with(|o| o.borrow().clone())
-}
-
 /// How the loop's tasks and streams answer Erlang: requests answered later than their
 /// own turn (coroutine results, streams) are "open" until their final frame is sent.
 pub struct Outlet {
@@ -462,10 +445,7 @@ const STEP_BACKOFF_MIN: Duration = Duration::from_millis(1);
 const STEP_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl EventLoop {
-    /// Makes `reactor` and `outlet` this thread's (for the `_pyport` functions).
     pub fn new(reactor: Rc<Reactor>, outlet: Rc<Outlet>) -> Self {
-        REACTOR.with(|r| *r.borrow_mut() = Some(reactor.clone()));
-        OUTLET.with(|o| *o.borrow_mut() = Some(outlet.clone()));
         EventLoop {
             reactor,
             outlet,
@@ -626,7 +606,5 @@ impl EventLoop {
                     .log("warning", 0, &format!("event loop shutdown: {err}"));
             }
         }
-        REACTOR.with(|r| *r.borrow_mut() = None);
-        OUTLET.with(|o| *o.borrow_mut() = None);
     }
 }
