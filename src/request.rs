@@ -1,6 +1,6 @@
-//! Requests as the context threads see them: the decoded envelope of a request (its op,
-//! its encoded parts and the options this side acts on), the jobs the router queues
-//! for a context, and the spec a context is created from.
+//! Requests as the context threads see them: a request decoded once into its typed
+//! [`Op`] and the options this side acts on (the one place that knows the ops' shapes),
+//! the jobs the router queues for a context, and the spec a context is created from.
 //!
 //! These types belong to neither the router nor the context nor the session: the
 //! router builds them, the context thread queues and runs them, the session serves

@@ -200,7 +200,8 @@ impl Session {
     /// Serves one request body: on `Served::Now`, `out` holds the complete reply frame.
     ///
     /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is decoded once in
-    /// Rust; only the values Python needs become Python objects. `start(timeout_ms)` is
+    /// Rust, into a typed `request::Op`; only the values Python needs become Python
+    /// objects. `start(timeout_ms)` is
     /// called once the options are known, before any Python runs; it returns the
     /// request's deadline (its arrival plus its timeout), or `Err(Passed)` if that has
     /// passed already (the request is then dropped). A coroutine
