@@ -17,6 +17,8 @@
 use std::collections::HashSet;
 use std::sync::{Mutex, OnceLock};
 
+use crate::sync::Unpoison;
+
 /// The bit of a frame's kind byte that asks Erlang to decode the payload with `[safe]`.
 pub const SAFE_DECODE: u8 = 0x80;
 pub const DEFAULT_MAX_ATOMS: usize = 5000;
@@ -61,7 +63,7 @@ pub fn max() -> usize {
 /// was not counted before (its frame must then be decoded safely).
 pub fn admit(name: &str) -> bool {
     let b = budget();
-    let mut names = b.names.lock().unwrap_or_else(|e| e.into_inner());
+    let mut names = b.names.lock().unpoison();
     if names.contains(name) {
         return true;
     }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Instant;
 
+use crate::sync::Unpoison;
 use crate::writer::Writer;
 
 struct Chan {
@@ -101,7 +102,7 @@ pub enum Take {
 
 impl Channels {
     fn lock(&self) -> MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|e| e.into_inner())
+        self.table.lock().unpoison()
     }
 
     /// Opens channel `name` (an open one of that name is replaced: its readers see it
@@ -248,16 +249,13 @@ impl Channels {
                 return;
             }
             t = match until {
-                None => self.arrived.wait(t).unwrap_or_else(|e| e.into_inner()),
+                None => self.arrived.wait(t).unpoison(),
                 Some(at) => {
                     let left = at.saturating_duration_since(Instant::now());
                     if left.is_zero() {
                         return;
                     }
-                    self.arrived
-                        .wait_timeout(t, left)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
+                    self.arrived.wait_timeout(t, left).unpoison().0
                 }
             };
         }

@@ -10,10 +10,10 @@
 //! (The router implements [`Inbox`]; this module knows it only by that trait, so the
 //! arrow goes one way: router -> context.)
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,13 +21,14 @@ use std::time::{Duration, Instant};
 use mio::{Poll, Waker};
 use pyo3::prelude::*;
 
-use crate::erlang_module::{self, Link};
+use crate::erlang_module::{self, Link, NestedServe};
 use crate::error::{panic_message, stop_error, Error};
 use crate::event_loop::{Reactor, WAKE};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
 use crate::session::{Passed, Served, Session};
-use crate::watchdog::{Deadline, Stop};
+use crate::sync::Unpoison;
+use crate::watchdog::{Deadline, StopReason};
 use crate::writer::Writer;
 
 /// How long an idle context spins before it sleeps: adaptive between these bounds. It
@@ -113,7 +114,7 @@ pub struct Mailbox {
 
 impl Mailbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Job>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock().unpoison()
     }
 
     /// Queues a job; gives it back if the queue is full or the context is dead.
@@ -121,12 +122,12 @@ impl Mailbox {
     #[allow(clippy::result_large_err)]
     pub fn push(&self, job: Job) -> Result<(), (Job, Error)> {
         if self.is_dead() {
-            let reason = self.death.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let reason = self.death.lock().unpoison().clone();
             return Err((job, Error::ContextDown(reason)));
         }
         {
             let mut q = self.lock();
-            if q.len() >= self.capacity && matches!(job.kind, Kind::Request) && !job.gives_back() {
+            if q.len() >= self.capacity && matches!(job.kind, Kind::Request { gives_back: false }) {
                 return Err((job, Error::Overloaded));
             }
             if job.reentrant {
@@ -366,7 +367,7 @@ impl Mailbox {
 
     /// Marks the context dead and answers everything still queued.
     fn fail_all(&self, writer: &Writer, reason: &str) {
-        *self.death.lock().unwrap_or_else(|e| e.into_inner()) = reason.to_string();
+        *self.death.lock().unpoison() = reason.to_string();
         self.state.store(DEAD, Ordering::SeqCst);
         let jobs: Vec<Job> = {
             let mut q = self.lock();
@@ -473,7 +474,7 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
             return;
         };
         let link = Link::new(spec.id, inbox.writer().clone(), mailbox.deadline.clone());
-        erlang_module::register(&link);
+        erlang_module::register(&link, reactor.clone());
         if let Err(e) = erlang_module::install_thread_hook(py) {
             let e = Error::from(e);
             writer.log(
@@ -519,28 +520,27 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
         if !start.header().is_empty() {
             writer.reply(start.header(), |w| w.atom("ok"));
         }
-        let lp = Loop {
-            mailbox,
-            inbox: &**inbox,
-            session: &session,
+        let server = Rc::new(Server {
+            mailbox: mailbox.clone(),
+            inbox: inbox.clone(),
+            session,
             stop: RefCell::new(None),
-            out: std::cell::Cell::new(Vec::new()),
-            next_fd_poll: std::cell::Cell::new(Instant::now()),
-            depth: std::cell::Cell::new(0),
-        };
-        let nested = |py: Python<'_>, done: &dyn Fn() -> bool, until: Option<Instant>| {
-            lp.serve_until(py, done, until)
-        };
+            out: Cell::new(Vec::new()),
+            next_fd_poll: Cell::new(Instant::now()),
+            depth: Cell::new(0),
+        });
+        // Python reaches the loop again through `erlang.call` and channel receives.
+        let weak: Weak<Server> = Rc::downgrade(&server);
+        erlang_module::set_nested_serve(Some(weak));
         // A panic inside a request is that request's error reply (see `answer`); one
         // outside any request (in the loop's own code) ends the context: it is marked
         // down at once, so queued and later requests get `{context_down, panic}`
         // instead of waiting for a thread that no longer serves them.
         let served = catch_unwind(AssertUnwindSafe(|| {
-            erlang_module::with_nested_serve(&nested, || {
-                let done = || lp.stop.borrow().is_some() || mailbox.is_abandoned();
-                let _ = lp.serve_until(py, &done, None);
-            })
+            let done = || server.stop.borrow().is_some() || mailbox.is_abandoned();
+            let _ = server.serve_until(py, &done, None);
         }));
+        erlang_module::set_nested_serve(None);
         let reason = match served {
             Ok(()) => "stopped",
             Err(panic) => {
@@ -554,11 +554,11 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
                 "panic"
             }
         };
-        let stop = lp.stop.borrow_mut().take();
+        let stop = server.stop.borrow_mut().take();
         // Threads the context's code started that wait in `erlang.call` are released
         // now: the interpreter's end joins them.
         link.stop();
-        if catch_unwind(AssertUnwindSafe(|| session.close(py))).is_err() {
+        if catch_unwind(AssertUnwindSafe(|| server.session.close(py))).is_err() {
             writer.log("error", spec.id, "closing the context's session panicked");
         }
         erlang_module::unregister(&link);
@@ -569,26 +569,30 @@ fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll)
     });
 }
 
-/// A running context's loop state, reachable again from inside Python (re-entrancy:
-/// while Python waits in `erlang.call`, the thread keeps serving its mailbox).
-struct Loop<'a> {
-    mailbox: &'a Mailbox,
-    inbox: &'a dyn Inbox,
-    session: &'a Session,
+/// A running context's serving loop and all it works with: the mailbox, the router's
+/// side (stdin, the writer), the session (interpreter objects, envs, handles, the
+/// event loop). Owned by the context thread for the context's life; reachable again
+/// from inside Python through a weak reference (re-entrancy: while Python waits in
+/// `erlang.call`, the thread keeps serving its mailbox; see
+/// `erlang_module::NestedServe`).
+struct Server {
+    mailbox: Arc<Mailbox>,
+    inbox: Arc<dyn Inbox>,
+    session: Session,
     /// A stop request, held until the outermost loop can act on it.
     stop: RefCell<Option<Job>>,
     /// The reply buffer, kept between requests.
-    out: std::cell::Cell<Vec<u8>>,
+    out: Cell<Vec<u8>>,
     /// When a busy thread polls the event loop's fds next.
-    next_fd_poll: std::cell::Cell<Instant>,
+    next_fd_poll: Cell<Instant>,
     /// How many `serve_until` frames are active (1: the outermost loop).
-    depth: std::cell::Cell<usize>,
+    depth: Cell<usize>,
 }
 
 /// Reply buffers up to this size are kept for the next request.
 const MAX_KEPT_BUFFER: usize = 64 << 20;
 
-impl Loop<'_> {
+impl NestedServe for Server {
     /// Serves jobs until `done()` holds (`None`), or, when the waiting code is a
     /// request's, until that request is stopped or its deadline passes (`Some(why)`).
     /// `until` is a time at which `done()` may turn true by itself (a wait with a
@@ -600,7 +604,7 @@ impl Loop<'_> {
         py: Python<'_>,
         done: &dyn Fn() -> bool,
         until: Option<Instant>,
-    ) -> Option<Stop> {
+    ) -> Option<StopReason> {
         let deadline = &self.mailbox.deadline;
         let parked = deadline.park();
         let given_up = || deadline.given_up(parked);
@@ -620,7 +624,9 @@ impl Loop<'_> {
         deadline.unpark(parked);
         why
     }
+}
 
+impl Server {
     fn serve_while(
         &self,
         py: Python<'_>,
@@ -628,7 +634,7 @@ impl Loop<'_> {
         until: Option<Instant>,
         only_reentrant: bool,
     ) {
-        let lp = &self.session.event_loop;
+        let event_loop = &self.session.event_loop;
         while !done() {
             let job = self.mailbox.pop(only_reentrant);
             let served = job.is_some();
@@ -643,18 +649,18 @@ impl Loop<'_> {
             if until.is_some_and(|u| u <= Instant::now()) {
                 break;
             }
-            let may_step = lp.exists() && !lp.is_stepping();
-            let due = match (may_step.then(|| lp.due()).flatten(), until) {
+            let may_step = event_loop.exists() && !event_loop.is_stepping();
+            let due = match (may_step.then(|| event_loop.due()).flatten(), until) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
             // Pausing after steps that raised, the loop's news does not end the wait:
             // its pause does (`due`).
-            let with_loop = may_step && !lp.backing_off();
+            let with_loop = may_step && !event_loop.backing_off();
             detached(py, || {
                 self.mailbox.wait(
-                    self.inbox,
-                    &lp.reactor,
+                    &*self.inbox,
+                    &event_loop.reactor,
                     done,
                     only_reentrant,
                     with_loop,
@@ -669,39 +675,38 @@ impl Loop<'_> {
     /// loop's fds are polled (now and then) too, as a busy queue never lets the thread
     /// wait in its poll. Returns whether the loop stepped.
     fn loop_turn(&self, py: Python<'_>, after_request: bool) -> bool {
-        let lp = &self.session.event_loop;
+        let event_loop = &self.session.event_loop;
         let link = &self.session.link;
         if link.callbacks.has_async_results() {
             self.session.resolve_async_calls(py);
         }
         // The loop steps between requests, never inside one of its own steps (a task
         // waiting in `erlang.call` serves requests, not the loop).
-        if !lp.exists() || lp.is_stepping() {
+        if !event_loop.exists() || event_loop.is_stepping() {
             return false;
         }
         if link.channels.take_changed() {
             self.session.channels_changed(py);
         }
-        if after_request && lp.reactor.has_fds() {
+        if after_request && event_loop.reactor.has_fds() {
             let now = Instant::now();
             if now >= self.next_fd_poll.get() {
                 self.next_fd_poll.set(now + FD_POLL_WHILE_SPINNING);
-                lp.reactor.wait(Some(Duration::ZERO));
+                event_loop.reactor.wait(Some(Duration::ZERO));
             }
         }
-        lp.wants_step() && lp.step(py)
+        event_loop.wants_step() && event_loop.step(py)
     }
 
     /// Runs one job of the mailbox.
     fn run(&self, py: Python<'_>, job: Job) {
         let writer = self.inbox.writer();
-        let lp = &self.session.event_loop;
         match job.kind {
-            Kind::Request => {
+            Kind::Request { .. } => {
                 // Reuse the reply buffer (a large reply would otherwise fault in fresh
                 // pages every time); a nested request takes an empty one meanwhile.
                 let mut out = self.out.take();
-                answer(py, self.session, &job, writer, self.mailbox, &mut out);
+                answer(py, &self.session, &job, writer, &self.mailbox, &mut out);
                 if self.session.link.take_test_panic() {
                     panic!("test hook: _pyport._test_panic_outside_request()");
                 }
@@ -710,7 +715,7 @@ impl Loop<'_> {
                     self.out.replace(out);
                 }
                 // The request may have scheduled callbacks or started tasks.
-                lp.after_request(py);
+                self.session.event_loop.after_request(py);
             }
             Kind::Stop => *self.stop.borrow_mut() = Some(job),
             Kind::Start(_) => {
@@ -744,7 +749,7 @@ fn answer(
     // Giving back (stream credit or cancel, dropping an env, releasing an object) is
     // bookkeeping, not a request of the caller's: it never becomes the request the
     // context "runs now", so a `pyport:interrupt/1` made while it is served nested in a
-    // waiting request still reaches that request (one header check for other jobs).
+    // waiting request still reaches that request (known since the job was made).
     let bookkeeping = job.gives_back();
     let start = |timeout_ms: Option<u64>| {
         if bookkeeping {

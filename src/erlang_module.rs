@@ -14,6 +14,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CString;
+use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
@@ -29,9 +30,10 @@ use crate::channel::{Channels, Take};
 use crate::convert::{self, Types};
 use crate::error::Error;
 use crate::etf;
-use crate::event_loop;
+use crate::event_loop::Reactor;
 use crate::framing::{KIND_CALLBACK, KIND_SEND};
-use crate::watchdog::{Deadline, Stop};
+use crate::sync::Unpoison;
+use crate::watchdog::{Deadline, StopReason};
 use crate::writer::Writer;
 
 const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
@@ -133,15 +135,12 @@ impl Link {
     /// Sets the pid of the request being served; returns the one it replaces
     /// (requests nest while Python waits in `erlang.call`).
     pub fn swap_caller(&self, pid: Option<&[u8]>) -> Option<Vec<u8>> {
-        let mut slot = self.caller.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slot = self.caller.lock().unpoison();
         std::mem::replace(&mut *slot, pid.map(<[u8]>::to_vec))
     }
 
     fn caller(&self) -> Option<Vec<u8>> {
-        self.caller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.caller.lock().unpoison().clone()
     }
 }
 
@@ -158,7 +157,7 @@ struct OutputRate {
 impl OutputRate {
     fn log(&self, writer: &Writer, level: &str, ctx: u64, text: &str) {
         let now = std::time::Instant::now();
-        let mut window = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let mut window = self.window.lock().unpoison();
         let (start, sent, dropped) = window.get_or_insert((now, 0, 0));
         if now.duration_since(*start) >= std::time::Duration::from_secs(1) {
             if *dropped > 0 {
@@ -207,28 +206,17 @@ impl Callbacks {
     /// Stores a result (a whole ETF term) and wakes the threads waiting for results.
     /// The result of a callback whose waiter gave up is dropped.
     pub fn deliver(&self, id: u64, term: Vec<u8>) {
-        if self
-            .async_ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
-        {
-            self.async_results
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((id, term));
+        if self.async_ids.lock().unpoison().remove(&id) {
+            self.async_results.lock().unpoison().push((id, term));
             self.has_async.store(true, Ordering::SeqCst);
             return;
         }
         // Lock order: `abandoned`, then `results` (as in `abandon`).
-        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
+        let mut abandoned = self.abandoned.lock().unpoison();
         if abandoned.remove(&id) {
             return;
         }
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, term);
+        self.results.lock().unpoison().insert(id, term);
         drop(abandoned);
         self.arrived.notify_all();
     }
@@ -240,7 +228,7 @@ impl Callbacks {
 
     /// The results of `erlang.async_call` that came back.
     pub fn take_async_results(&self) -> Vec<(u64, Vec<u8>)> {
-        let mut results = self.async_results.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results = self.async_results.lock().unpoison();
         self.has_async.store(false, Ordering::SeqCst);
         std::mem::take(&mut *results)
     }
@@ -248,34 +236,24 @@ impl Callbacks {
     /// The waiter of `id` gave up (its request timed out): its result is dropped,
     /// whether it came already or comes later.
     fn abandon(&self, id: u64) {
-        let mut abandoned = self.abandoned.lock().unwrap_or_else(|e| e.into_inner());
-        let came = self
-            .results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        let mut abandoned = self.abandoned.lock().unpoison();
+        let came = self.results.lock().unpoison().remove(&id);
         if came.is_none() {
             abandoned.insert(id);
         }
     }
 
     pub fn is_ready(&self, id: u64) -> bool {
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(&id)
+        self.results.lock().unpoison().contains_key(&id)
     }
 
     fn take(&self, id: u64) -> Option<Vec<u8>> {
-        self.results
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id)
+        self.results.lock().unpoison().remove(&id)
     }
 
     /// No result will come any more: wakes the waiting threads (see [`Link::stop`]).
     fn close(&self) {
-        let _results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let _results = self.results.lock().unpoison();
         self.closed.store(true, Ordering::SeqCst);
         self.arrived.notify_all();
     }
@@ -283,7 +261,7 @@ impl Callbacks {
     /// Blocks until the result of `id` is there (used by threads other than the
     /// context's); `None` once the context stopped.
     fn wait(&self, id: u64) -> Option<Vec<u8>> {
-        let mut results = self.results.lock().unwrap_or_else(|e| e.into_inner());
+        let mut results = self.results.lock().unpoison();
         loop {
             if let Some(r) = results.remove(&id) {
                 return Some(r);
@@ -291,18 +269,36 @@ impl Callbacks {
             if self.closed.load(Ordering::SeqCst) {
                 return None;
             }
-            results = self
-                .arrived
-                .wait(results)
-                .unwrap_or_else(|e| e.into_inner());
+            results = self.arrived.wait(results).unpoison();
         }
     }
 }
 
+/// What the `_pyport` functions need of the context a context thread serves: its link,
+/// its poll (the loop's fds and timers) and its loop's way to serve requests while
+/// Python waits. Set by [`register`] and [`set_nested_serve`], cleared by
+/// [`unregister`]; the context loop (`context::Server`) owns the state itself.
+struct ContextThread {
+    link: Arc<Link>,
+    reactor: Rc<Reactor>,
+    /// Weak: the thread-local never keeps the context's loop alive, so it cannot
+    /// outlive it either (`None` until the loop runs).
+    nested: Option<std::rc::Weak<dyn NestedServe>>,
+}
+
 thread_local! {
-    /// The link of the context this thread serves, if it is a context thread.
-    static THREAD_LINK: RefCell<Option<Arc<Link>>> = const { RefCell::new(None) };
-    /// The context a `threading` thread belongs to: the one whose code started it.
+    /// The context this thread serves, if it is a context thread.
+    ///
+    /// Why a thread-local and not a parameter: the readers are `#[pyfunction]`s that
+    /// Python calls (`erlang.call`, `erlang.self()`, the loop's selector, channel
+    /// receives), with nothing in their arguments that names a context; and the
+    /// `erlang` module cannot hold it either, since in `main` mode several context
+    /// threads share one interpreter and so one module. The thread is what tells
+    /// them apart. Everything else passes this state as parameters.
+    static CONTEXT_THREAD: RefCell<Option<ContextThread>> = const { RefCell::new(None) };
+    /// The context a `threading` thread belongs to: the one whose code started it. A
+    /// thread-local for the same reason: the `_pyport` functions read it, and what it
+    /// says is a property of the thread.
     static ADOPTED: RefCell<Option<Adopted>> = const { RefCell::new(None) };
 }
 
@@ -329,28 +325,33 @@ fn interpreter_id() -> i64 {
 
 /// Makes `link` the one this thread and (for other threads) this interpreter use.
 /// For the shared main interpreter, the latest `main` context wins for non-context threads.
-pub fn register(link: &Arc<Link>) {
-    THREAD_LINK.with(|l| *l.borrow_mut() = Some(link.clone()));
+/// `reactor` is the context's poll, for the loop's selector and fds.
+pub fn register(link: &Arc<Link>, reactor: Rc<Reactor>) {
+    let this = ContextThread {
+        link: link.clone(),
+        reactor,
+        nested: None,
+    };
+    CONTEXT_THREAD.with(|c| *c.borrow_mut() = Some(this));
     KEYED_LINKS
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unpoison()
         .get_or_insert_with(HashMap::new)
         .insert(link.key, Arc::downgrade(link));
-    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    let mut map = INTERP_LINKS.write().unpoison();
     map.get_or_insert_with(HashMap::new)
         .insert(interpreter_id(), link.clone());
 }
 
 pub fn unregister(link: &Arc<Link>) {
-    THREAD_LINK.with(|l| *l.borrow_mut() = None);
-    if let Some(m) = KEYED_LINKS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_mut()
-    {
+    // Taken out first, dropped after the borrow ends (dropping runs no Python, but
+    // nothing is dropped inside a borrow of the slot).
+    let this = CONTEXT_THREAD.with(|c| c.borrow_mut().take());
+    drop(this);
+    if let Some(m) = KEYED_LINKS.lock().unpoison().as_mut() {
         m.remove(&link.key);
     }
-    let mut map = INTERP_LINKS.write().unwrap_or_else(|e| e.into_inner());
+    let mut map = INTERP_LINKS.write().unpoison();
     if let Some(m) = map.as_mut() {
         let id = interpreter_id();
         if m.get(&id).is_some_and(|l| Arc::ptr_eq(l, link)) {
@@ -367,13 +368,13 @@ fn current_link(py: Python<'_>) -> PyResult<Arc<Link>> {
             "a forked child of a pyport context cannot reach Erlang",
         ));
     }
-    if let Some(link) = THREAD_LINK.with(|l| l.borrow().clone()) {
+    if let Some(link) = thread_link() {
         return Ok(link);
     }
     let link = match ADOPTED.with(|a| a.borrow().as_ref().map(|a| a.link.clone())) {
         Some(weak) => weak.upgrade(),
         None => {
-            let map = INTERP_LINKS.read().unwrap_or_else(|e| e.into_inner());
+            let map = INTERP_LINKS.read().unpoison();
             let link = map.as_ref().and_then(|m| m.get(&interpreter_id()).cloned());
             if link.is_none() {
                 return Err(PyRuntimeError::new_err(
@@ -420,8 +421,7 @@ fn thread_caller(link: &Link) -> Option<Vec<u8>> {
 /// Called by `threading.Thread.start` (patched by `erlang._install_threads`).
 #[pyfunction]
 fn thread_ticket<'py>(py: Python<'py>) -> Option<(u64, Option<Bound<'py, PyBytes>>)> {
-    let link = THREAD_LINK.with(|l| l.borrow().clone());
-    let (key, caller) = match link {
+    let (key, caller) = match thread_link() {
         Some(link) => (link.key, link.caller()),
         // A thread whose context stopped passes the dead context on: its threads must
         // not fall back to another context of the interpreter.
@@ -438,7 +438,7 @@ fn thread_ticket<'py>(py: Python<'py>) -> Option<(u64, Option<Bound<'py, PyBytes
 fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
     let link = KEYED_LINKS
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unpoison()
         .as_ref()
         .and_then(|m| m.get(&key).cloned())
         .unwrap_or_default();
@@ -446,43 +446,37 @@ fn adopt(key: u64, caller: Option<&Bound<'_, PyBytes>>) {
     ADOPTED.with(|a| *a.borrow_mut() = Some(Adopted { key, link, caller }));
 }
 
-/// The context thread's way to wait for a callback result while serving its mailbox
-/// (re-entrancy); set by the context loop.
-/// It returns why it gave up if the waiting request was stopped or its deadline passed.
-/// `until` is a time at which the wait ends by itself (a timeout).
-pub type NestedServeFn<'a> =
-    dyn Fn(Python<'_>, &dyn Fn() -> bool, Option<Instant>) -> Option<Stop> + 'a;
-type NestedServe = NestedServeFn<'static>;
-
-thread_local! {
-    /// The context loop's nested-serve function while the loop runs on this thread.
-    ///
-    /// It is reached from Python (`erlang.call` and channel receives, which are
-    /// `#[pyfunction]`s: no parameter can carry it there), so it lives in a
-    /// thread-local, which only holds `'static` types: its lifetime is erased. That is
-    /// sound because [`with_nested_serve`] is the only writer, and its guard clears the
-    /// slot when the call that borrows the function ends, by return or by unwinding;
-    /// [`serve_while_waiting`] reads it only on this thread, inside that call.
-    static NESTED: RefCell<Option<*const NestedServe>> = const { RefCell::new(None) };
+/// The link of the context this thread serves, if it is a context thread.
+fn thread_link() -> Option<Arc<Link>> {
+    CONTEXT_THREAD.with(|c| c.borrow().as_ref().map(|c| c.link.clone()))
 }
 
-/// Installs the nested-serve function for this thread while `f` runs.
-pub fn with_nested_serve<'a, R>(serve: &'a NestedServeFn<'a>, f: impl FnOnce() -> R) -> R {
-    /// Clears the slot when `f` ends, also when it panics (the context loop catches
-    /// a panic outside a request and goes on closing its session).
-    struct Clear(Option<*const NestedServe>);
-    impl Drop for Clear {
-        fn drop(&mut self) {
-            NESTED.with(|n| *n.borrow_mut() = self.0.take());
+/// The poll of the context this thread serves, if it is a context thread.
+fn thread_reactor() -> Option<Rc<Reactor>> {
+    CONTEXT_THREAD.with(|c| c.borrow().as_ref().map(|c| c.reactor.clone()))
+}
+
+/// The context loop's way to wait for a callback result or a channel item while
+/// serving its mailbox (re-entrancy).
+pub trait NestedServe {
+    /// Serves requests until `done()`, or `until` passes (a wait with a timeout);
+    /// `Some(why)` if the waiting request was stopped, or its deadline passed, first.
+    fn serve_until(
+        &self,
+        py: Python<'_>,
+        done: &dyn Fn() -> bool,
+        until: Option<Instant>,
+    ) -> Option<StopReason>;
+}
+
+/// Makes `serve` the way this context thread waits (after [`register`]) while its loop
+/// runs; `None` once it ended (the session's closing waits without serving).
+pub fn set_nested_serve(serve: Option<std::rc::Weak<dyn NestedServe>>) {
+    CONTEXT_THREAD.with(|c| {
+        if let Some(this) = c.borrow_mut().as_mut() {
+            this.nested = serve;
         }
-    }
-    // SAFETY: only the lifetime is erased (same layout); see `NESTED` for why the
-    // pointer is never used after `serve` is gone: `_clear` restores the previous
-    // value (None: the loop does not nest) before this function returns or unwinds.
-    let ptr: *const NestedServe =
-        unsafe { std::mem::transmute::<&'a NestedServeFn<'a>, &'static NestedServe>(serve) };
-    let _clear = Clear(NESTED.with(|n| n.borrow_mut().replace(ptr)));
-    f()
+    });
 }
 
 /// Waits on the context thread, serving its requests meanwhile, until `ready()` or
@@ -493,13 +487,15 @@ fn serve_while_waiting(
     link: &Link,
     ready: &dyn Fn() -> bool,
     until: Option<Instant>,
-) -> Option<Result<(), Stop>> {
-    let serve = NESTED
-        .with(|n| *n.borrow())
-        .filter(|_| std::thread::current().id() == link.thread)?;
-    // SAFETY: a value in `NESTED` points to a live function (see `NESTED`), and this is
-    // the thread whose slot it is.
-    Some(match unsafe { (*serve)(py, ready, until) } {
+) -> Option<Result<(), StopReason>> {
+    if std::thread::current().id() != link.thread {
+        return None;
+    }
+    // Upgraded out of the slot: no borrow of it is held while requests run.
+    let serve = CONTEXT_THREAD
+        .with(|c| c.borrow().as_ref().and_then(|c| c.nested.clone()))?
+        .upgrade()?;
+    Some(match serve.serve_until(py, ready, until) {
         None => Ok(()),
         Some(why) => Err(why),
     })
@@ -601,18 +597,14 @@ fn call_async(
         ));
     }
     send_callback(py, &link, name, args, |id| {
-        link.callbacks
-            .async_ids
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id);
+        link.callbacks.async_ids.lock().unpoison().insert(id);
     })
 }
 
 /// `_pyport.watch(fd, events)`: the context's poll watches `fd` for the loop.
 #[pyfunction]
 fn watch(fd: i32, events: u8) -> PyResult<()> {
-    let reactor = event_loop::reactor()
+    let reactor = thread_reactor()
         .ok_or_else(|| PyRuntimeError::new_err("no pyport event loop on this thread"))?;
     reactor
         .watch(fd, events)
@@ -622,7 +614,7 @@ fn watch(fd: i32, events: u8) -> PyResult<()> {
 /// `_pyport.unwatch(fd)`.
 #[pyfunction]
 fn unwatch(fd: i32) {
-    if let Some(reactor) = event_loop::reactor() {
+    if let Some(reactor) = thread_reactor() {
         reactor.unwatch(fd);
     }
 }
@@ -631,7 +623,7 @@ fn unwatch(fd: i32) {
 #[pyfunction]
 #[pyo3(signature = (timeout=None))]
 fn select(py: Python<'_>, timeout: Option<f64>) -> PyResult<Vec<(i32, u8)>> {
-    let reactor = event_loop::reactor()
+    let reactor = thread_reactor()
         .ok_or_else(|| PyRuntimeError::new_err("no pyport event loop on this thread"))?;
     let timeout = timeout.map(|t| std::time::Duration::from_secs_f64(t.clamp(0.0, 1e6)));
     Ok(reactor.select(py, timeout))
@@ -701,7 +693,7 @@ fn channel_receive<'py>(
 /// now if need be), or None on other threads.
 #[pyfunction]
 fn context_loop(py: Python<'_>) -> PyResult<Option<Bound<'_, PyAny>>> {
-    match event_loop::reactor() {
+    match thread_reactor() {
         Some(reactor) => Ok(Some(reactor.py_loop(py)?)),
         None => Ok(None),
     }
@@ -720,7 +712,7 @@ fn request_serial(py: Python<'_>) -> u64 {
 /// `_pyport.loop_touched()`: the loop got a callback outside a step.
 #[pyfunction]
 fn loop_touched() {
-    if let Some(reactor) = event_loop::reactor() {
+    if let Some(reactor) = thread_reactor() {
         reactor.touch();
     }
 }
@@ -728,10 +720,10 @@ fn loop_touched() {
 /// `_pyport.busy()`: other work waits for this context (a stream pump yields then).
 #[pyfunction]
 fn busy() -> bool {
-    event_loop::reactor().is_some_and(|r| r.busy())
+    thread_reactor().is_some_and(|r| r.busy())
 }
 
-fn stop_exception(py: Python<'_>, why: Stop) -> PyErr {
+fn stop_exception(py: Python<'_>, why: StopReason) -> PyErr {
     let (name, message) = why.exception();
     match erlang_module(py)
         .and_then(|m| m.getattr(name.to_str().unwrap_or("CallTimeout")))
@@ -855,7 +847,7 @@ struct SendsInner {
 
 impl Sends {
     fn lock(&self) -> std::sync::MutexGuard<'_, SendsInner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+        self.inner.lock().unpoison()
     }
 
     /// The number of `dest` for a send, or `None` while it is busy.
@@ -952,9 +944,7 @@ pub fn install_thread_hook(py: Python<'_>) -> PyResult<()> {
 /// thread.
 #[pyfunction]
 fn _test_panic_outside_request() -> PyResult<()> {
-    let link = THREAD_LINK
-        .with(|l| l.borrow().clone())
-        .ok_or_else(|| PyRuntimeError::new_err("not on a context thread"))?;
+    let link = thread_link().ok_or_else(|| PyRuntimeError::new_err("not on a context thread"))?;
     link.test_panic.store(true, Ordering::SeqCst);
     Ok(())
 }

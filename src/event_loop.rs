@@ -87,13 +87,13 @@ impl Reactor {
 
     /// The context's asyncio loop, made (and made this thread's current loop) on first use.
     pub fn py_loop<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        if let Some(lp) = self.py_loop.borrow().as_ref() {
-            return Ok(lp.bind(py).clone());
+        if let Some(py_loop) = self.py_loop.borrow().as_ref() {
+            return Ok(py_loop.bind(py).clone());
         }
         // The session made the `erlang` module before any loop can be asked for.
-        let lp = py.import("erlang")?.call_method0("_new_loop")?;
-        *self.py_loop.borrow_mut() = Some(lp.clone().unbind());
-        Ok(lp)
+        let py_loop = py.import("erlang")?.call_method0("_new_loop")?;
+        *self.py_loop.borrow_mut() = Some(py_loop.clone().unbind());
+        Ok(py_loop)
     }
 
     fn existing_loop<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
@@ -206,23 +206,6 @@ impl Reactor {
         }
         self.take_ready()
     }
-}
-
-thread_local! {
-    /// The reactor of the context this thread serves.
-    static REACTOR: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
-    /// How this thread's loop answers Erlang.
-    static OUTLET: RefCell<Option<Rc<Outlet>>> = const { RefCell::new(None) };
-}
-
-/// The reactor of the calling thread's context.
-pub fn reactor() -> Option<Rc<Reactor>> {
-    REACTOR.with(|r| r.borrow().clone())
-}
-
-/// The outlet of the calling thread's context.
-pub fn outlet() -> Option<Rc<Outlet>> {
-    OUTLET.with(|o| o.borrow().clone())
 }
 
 /// How the loop's tasks and streams answer Erlang: requests answered later than their
@@ -462,10 +445,7 @@ const STEP_BACKOFF_MIN: Duration = Duration::from_millis(1);
 const STEP_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 impl EventLoop {
-    /// Makes `reactor` and `outlet` this thread's (for the `_pyport` functions).
     pub fn new(reactor: Rc<Reactor>, outlet: Rc<Outlet>) -> Self {
-        REACTOR.with(|r| *r.borrow_mut() = Some(reactor.clone()));
-        OUTLET.with(|o| *o.borrow_mut() = Some(outlet.clone()));
         EventLoop {
             reactor,
             outlet,
@@ -524,10 +504,10 @@ impl EventLoop {
 
     /// Re-reads when the loop wants its next step (after Python code ran outside a step).
     pub fn refresh(&self, py: Python<'_>) {
-        let Some(lp) = self.reactor.existing_loop(py) else {
+        let Some(py_loop) = self.reactor.existing_loop(py) else {
             return;
         };
-        let due = lp.call_method0("_pyport_due");
+        let due = py_loop.call_method0("_pyport_due");
         self.set_due(due.ok().and_then(|d| d.extract::<f64>().ok()));
     }
 
@@ -544,12 +524,12 @@ impl EventLoop {
         if self.reactor.stepping.get() {
             return false;
         }
-        let Some(lp) = self.reactor.existing_loop(py) else {
+        let Some(py_loop) = self.reactor.existing_loop(py) else {
             return false;
         };
-        let lp = &lp;
+        let py_loop = &py_loop;
         self.reactor.stepping.set(true);
-        let due = lp.call_method0("_pyport_step");
+        let due = py_loop.call_method0("_pyport_step");
         self.reactor.stepping.set(false);
         self.reactor.touched.set(false);
         match due {
@@ -587,7 +567,7 @@ impl EventLoop {
                 }
             }
         }
-        if let Err(e) = self.outlet.drain(py, lp) {
+        if let Err(e) = self.outlet.drain(py, py_loop) {
             let err = crate::pyerr::to_error(py, &e);
             self.outlet
                 .writer
@@ -604,9 +584,9 @@ impl EventLoop {
         method: &str,
         args: impl pyo3::call::PyCallArgs<'py>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let lp = self.reactor.py_loop(py)?;
-        let result = lp.call_method1(method, args);
-        let _ = self.outlet.drain(py, &lp);
+        let py_loop = self.reactor.py_loop(py)?;
+        let result = py_loop.call_method1(method, args);
+        let _ = self.outlet.drain(py, &py_loop);
         self.reactor.touched.set(false);
         self.refresh(py);
         result
@@ -617,16 +597,14 @@ impl EventLoop {
     pub fn close(&self, py: Python<'_>, err: &Error) {
         self.outlet.fail_open(err);
         let taken = self.reactor.py_loop.borrow_mut().take();
-        if let Some(lp) = taken {
-            let lp = lp.bind(py);
-            if let Err(e) = lp.call_method0("_pyport_shutdown") {
+        if let Some(py_loop) = taken {
+            let py_loop = py_loop.bind(py);
+            if let Err(e) = py_loop.call_method0("_pyport_shutdown") {
                 let err = crate::pyerr::to_error(py, &e);
                 self.outlet
                     .writer
                     .log("warning", 0, &format!("event loop shutdown: {err}"));
             }
         }
-        REACTOR.with(|r| *r.borrow_mut() = None);
-        OUTLET.with(|o| *o.borrow_mut() = None);
     }
 }

@@ -274,14 +274,14 @@ fn frame_length(size: usize) -> Result<u32, crate::error::Error> {
 }
 
 /// A request frame split into its parts: `<<Ctx:64, HLen:16, Header, Body>>`.
-pub struct Request<'a> {
+pub struct RequestFrame<'a> {
     pub ctx: u64,
     pub header: &'a [u8],
     pub body: &'a [u8],
 }
 
 /// Splits a request frame; `None` if it is too short for its fixed fields.
-pub fn split_request(frame: &[u8]) -> Option<Request<'_>> {
+pub fn split_request(frame: &[u8]) -> Option<RequestFrame<'_>> {
     if frame.len() < 10 {
         return None;
     }
@@ -290,7 +290,7 @@ pub fn split_request(frame: &[u8]) -> Option<Request<'_>> {
     if frame.len() < 10 + hlen {
         return None;
     }
-    Some(Request {
+    Some(RequestFrame {
         ctx,
         header: &frame[10..10 + hlen],
         body: &frame[10 + hlen..],

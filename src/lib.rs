@@ -6,7 +6,7 @@
 //! - [`framing`]: `{packet,4}` frames in (incremental, non-blocking) and out.
 //! - [`etf`]: External Term Format reader/writer and a small `Term` tree for control.
 //! - [`router`]: the router thread: stdin frames -> context mailboxes; control requests.
-//! - [`request`]: a request decoded once (op, parts, options), jobs, context specs.
+//! - [`request`]: a request decoded once (its typed op, options), jobs, context specs.
 //! - [`context`]: context threads, one interpreter each, and their bounded mailboxes.
 //! - [`session`]: what a context does with a request: call, eval, exec, envs, handles,
 //!   streams; coroutine results become tasks.
@@ -16,7 +16,8 @@
 //!   reaches Erlang), and CPython's after-fork code made safe with sub-interpreters.
 //! - [`atoms`]: `max_atoms`, the budget of atoms Python may create in the node.
 //! - [`channel`]: channels Erlang feeds and Python reads, per context.
-//! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output.
+//! - [`erlang_module`]: the `erlang` module in every interpreter: callbacks, send, output;
+//!   the context thread's one thread-local, for the functions Python calls.
 //! - [`convert`]: Erlang terms <-> Python objects, straight from and to ETF bytes.
 //! - [`python`]: CPython lifecycle through `pyo3::ffi` (main and OWN_GIL interpreters).
 //! - [`pyerr`]: Python exceptions as `{python, Type, Message, Traceback}`.
@@ -24,6 +25,7 @@
 //! - [`watchdog`]: request deadlines; interrupts Python code that runs past them.
 //! - [`writer`]: the shared, batching writer of outbound frames.
 //! - [`error`]: errors as the Erlang caller sees them.
+//! - [`sync`]: locks taken as they are after a panic (`Unpoison`).
 //!
 //! The wire grammar is in `docs/protocol.md`; the architecture in `docs/architecture.md`.
 
@@ -61,5 +63,6 @@ pub mod request;
 pub mod router;
 pub mod session;
 pub mod startup;
+pub mod sync;
 pub mod watchdog;
 pub mod writer;

@@ -1,11 +1,12 @@
-//! Requests as the context threads see them: the decoded envelope of a request (its op,
-//! its encoded parts and the options this side acts on), the jobs the router queues
-//! for a context, and the spec a context is created from.
+//! Requests as the context threads see them: a request decoded once into its typed
+//! [`Op`] and the options this side acts on (the one place that knows the ops' shapes),
+//! the jobs the router queues for a context, and the spec a context is created from.
 //!
 //! These types belong to neither the router nor the context nor the session: the
 //! router builds them, the context thread queues and runs them, the session serves
 //! them. Keeping them here lets the arrows point one way: router -> context -> session.
 
+use std::borrow::Cow;
 use std::time::Instant;
 
 use crate::error::Error;
@@ -29,8 +30,9 @@ pub struct Spec {
 
 /// What a job asks of a context.
 pub enum Kind {
-    /// Serve the request in the frame.
-    Request,
+    /// Serve the request in the frame. `gives_back`: see [`Job::gives_back`] (read once,
+    /// when the job is made: the mailbox admits by it and the context times by it).
+    Request { gives_back: bool },
     /// Become the context described (always the first job of a thread).
     Start(Box<Spec>),
     /// End the interpreter and the thread.
@@ -56,6 +58,21 @@ pub struct Job {
 pub const REENTRANT_BIT: u64 = 1 << 63;
 
 impl Job {
+    /// A request frame `<<Ctx:64, HLen:16, Header, Body>>` (its lengths checked by
+    /// `framing::split_request`) as a job.
+    pub fn request(frame: Vec<u8>, header_len: usize, reentrant: bool) -> Job {
+        let header = (10, 10 + header_len);
+        let gives_back = header_len == 0 && op_gives_back(&frame[header.1..]);
+        Job {
+            frame,
+            header,
+            body: header.1,
+            kind: Kind::Request { gives_back },
+            arrived: Instant::now(),
+            reentrant,
+        }
+    }
+
     pub fn header(&self) -> &[u8] {
         &self.frame[self.header.0..self.header.1]
     }
@@ -69,20 +86,19 @@ impl Job {
     /// stalled), the env or the object alive, with nobody left to ask again. There are
     /// at most as many as there are things to give back.
     pub fn gives_back(&self) -> bool {
-        if !matches!(self.kind, Kind::Request) || self.header.0 != self.header.1 {
-            return false;
-        }
-        let Ok(mut r) = etf::Reader::new(self.body()) else {
-            return false;
-        };
-        if r.tuple_header().is_err() {
-            return false;
-        }
-        matches!(
-            r.atom().as_deref(),
-            Ok("stream_cancel" | "stream_credit" | "drop_env" | "release")
-        )
+        matches!(self.kind, Kind::Request { gives_back: true })
     }
+}
+
+/// The ops that give back what another request took (see [`Job::gives_back`]).
+const GIVING_BACK: [&str; 4] = ["stream_cancel", "stream_credit", "drop_env", "release"];
+
+/// Whether a request body's op is one of [`GIVING_BACK`] (its first atom only).
+fn op_gives_back(body: &[u8]) -> bool {
+    let Ok(mut r) = etf::Reader::new(body) else {
+        return false;
+    };
+    r.tuple_header().is_ok() && r.atom().is_ok_and(|op| GIVING_BACK.contains(&op.as_ref()))
 }
 
 /// The options of a request that this side acts on (others are ignored).
@@ -147,29 +163,34 @@ pub fn small_uint(body: &[u8]) -> Option<u64> {
 }
 
 /// The part of a request after its op atom: the encoded elements, the last being Opts.
-pub struct Parts<'a> {
+struct Parts<'a> {
     items: [&'a [u8]; 5],
-    pub len: usize,
+    len: usize,
 }
 
 impl<'a> Parts<'a> {
-    pub fn get(&self, i: usize) -> &'a [u8] {
+    fn get(&self, i: usize) -> &'a [u8] {
         self.items[i]
     }
-    pub fn text(&self, i: usize, what: &str) -> Result<std::borrow::Cow<'a, str>, Error> {
+    fn text(&self, i: usize, what: &str) -> Result<Cow<'a, str>, Error> {
         etf::Reader::body(self.items[i])
             .text()
             .map_err(|_| Error::BadRequest(format!("{what} must be an atom or a binary")))
     }
-    pub fn id(&self, i: usize, what: &str) -> Result<u64, Error> {
+    fn id(&self, i: usize, what: &str) -> Result<u64, Error> {
         small_uint(self.items[i])
             .ok_or_else(|| Error::BadRequest(format!("{what} must be a non-negative integer")))
+    }
+    fn binary(&self, i: usize, what: &str) -> Result<&'a [u8], Error> {
+        etf::Reader::body(self.items[i])
+            .binary()
+            .map_err(|_| Error::BadRequest(format!("{what} must be a binary")))
     }
 }
 
 /// `{Op, Part1, ..., Opts}` split into the op and the encoded parts (each skipped once,
 /// which also checks that the whole body is well-formed ETF).
-fn split_body(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Error> {
+fn split_body(body: &[u8]) -> Result<(Cow<'_, str>, Parts<'_>), Error> {
     let mut r = etf::Reader::new(body)?;
     let arity = r
         .tuple_header()
@@ -191,20 +212,126 @@ fn split_body(body: &[u8]) -> Result<(std::borrow::Cow<'_, str>, Parts<'_>), Err
     Ok((op, parts))
 }
 
-/// A request decoded once: its op, its encoded parts (the last is Opts) and the
-/// options. Malformed ETF is `bad_term`; a well-formed term of the wrong shape
-/// `bad_request`. Only a refused request pays for telling them apart.
+/// A request decoded once: its typed op and the options. Malformed ETF is `bad_term`;
+/// a well-formed term of the wrong shape `bad_request`. Only a refused request pays
+/// for telling them apart.
 pub struct Request<'a> {
-    pub op: std::borrow::Cow<'a, str>,
-    pub parts: Parts<'a>,
+    pub op: Op<'a>,
     pub opts: Opts<'a>,
 }
 
 impl<'a> Request<'a> {
     pub fn decode(body: &'a [u8]) -> Result<Self, Error> {
-        let (op, parts) = split_body(body).map_err(|e| classify(body, e))?;
+        let (name, parts) = split_body(body).map_err(|e| classify(body, e))?;
         let opts = Opts::parse(parts.get(parts.len - 1))?;
-        Ok(Request { op, parts, opts })
+        let op = Op::decode(&name, &parts)?;
+        Ok(Request { op, opts })
+    }
+}
+
+/// What a request asks of a context, with its fields typed (`docs/protocol.md`,
+/// "Erlang -> port"). Values Python gets (arguments, code, locals) stay encoded: only
+/// the session, attached to the interpreter, can make them Python objects.
+pub enum Op<'a> {
+    /// `{call, Module, Function, Args, Kwargs, Opts}`
+    Call(Invoke<'a>),
+    /// `{stream, Module, Function, Args, Kwargs, Opts}`: the result's items, streamed.
+    Stream(Invoke<'a>),
+    /// `{eval, Code, Locals, Opts}`
+    Eval { code: &'a [u8], locals: &'a [u8] },
+    /// `{exec, Code, Opts}`
+    Exec { code: &'a [u8] },
+    /// `{new_env, Opts}`
+    NewEnv,
+    /// `{drop_env, EnvId, Opts}`
+    DropEnv { env: u64 },
+    /// `{getattr, RefId, Name, Opts}`
+    GetAttr { handle: u64, name: Cow<'a, str> },
+    /// `{call_method, RefId, Name, Args, Kwargs, Opts}`
+    CallMethod {
+        handle: u64,
+        method: Cow<'a, str>,
+        args: &'a [u8],
+        kwargs: &'a [u8],
+    },
+    /// `{to_term, RefId, Opts}`
+    ToTerm { handle: u64 },
+    /// `{release, RefId, Opts}`
+    Release { handle: u64 },
+    /// `{stream_credit, StreamId, N, Opts}`
+    StreamCredit { stream: &'a [u8], credit: u64 },
+    /// `{stream_cancel, StreamId, Opts}`
+    StreamCancel { stream: &'a [u8] },
+    /// `{channel_open, Name, Capacity, Opts}`
+    ChannelOpen { name: Cow<'a, str>, capacity: u64 },
+}
+
+/// `Module:Function(*Args, **Kwargs)` of a `call` or a `stream`.
+pub struct Invoke<'a> {
+    pub module: Cow<'a, str>,
+    pub function: Cow<'a, str>,
+    /// The encoded argument list and keyword map.
+    pub args: &'a [u8],
+    pub kwargs: &'a [u8],
+}
+
+impl<'a> Op<'a> {
+    /// The op named `name` from its parts (the last of which, Opts, it leaves alone).
+    fn decode(name: &str, p: &Parts<'a>) -> Result<Self, Error> {
+        let invoke = || -> Result<Invoke<'a>, Error> {
+            Ok(Invoke {
+                module: p.text(0, "module")?,
+                function: p.text(1, "function")?,
+                args: p.get(2),
+                kwargs: p.get(3),
+            })
+        };
+        Ok(match (name, p.len) {
+            ("call", 5) => Op::Call(invoke()?),
+            ("stream", 5) => Op::Stream(invoke()?),
+            ("eval", 3) => Op::Eval {
+                code: p.get(0),
+                locals: p.get(1),
+            },
+            ("exec", 2) => Op::Exec { code: p.get(0) },
+            ("new_env", 1) => Op::NewEnv,
+            ("drop_env", 2) => Op::DropEnv {
+                env: p.id(0, "env id")?,
+            },
+            ("getattr", 3) => Op::GetAttr {
+                handle: p.id(0, "ref id")?,
+                name: p.text(1, "name")?,
+            },
+            ("call_method", 5) => Op::CallMethod {
+                handle: p.id(0, "ref id")?,
+                method: p.text(1, "method")?,
+                args: p.get(2),
+                kwargs: p.get(3),
+            },
+            ("to_term", 2) => Op::ToTerm {
+                handle: p.id(0, "ref id")?,
+            },
+            ("release", 2) => Op::Release {
+                handle: p.id(0, "ref id")?,
+            },
+            ("stream_credit", 3) => Op::StreamCredit {
+                stream: p.binary(0, "stream id")?,
+                credit: p.id(1, "credit")?,
+            },
+            ("stream_cancel", 2) => Op::StreamCancel {
+                stream: p.binary(0, "stream id")?,
+            },
+            ("channel_open", 3) => Op::ChannelOpen {
+                name: p.text(0, "channel name")?,
+                capacity: p.id(1, "capacity")?,
+            },
+            (name, n) => {
+                return Err(Error::BadRequest(format!(
+                    "unknown request {name}/{}",
+                    n + 1
+                )))
+            }
+        })
     }
 }
 
@@ -304,14 +431,7 @@ mod tests {
         let mut frame = vec![0; 10];
         frame.extend_from_slice(header);
         frame.extend_from_slice(body);
-        Job {
-            header: (10, 10 + header.len()),
-            body: 10 + header.len(),
-            frame,
-            kind: Kind::Request,
-            arrived: Instant::now(),
-            reentrant: false,
-        }
+        Job::request(frame, header.len(), false)
     }
 
     #[test]
@@ -333,5 +453,82 @@ mod tests {
         assert!(job(b"", &credit).gives_back());
         assert!(!job(b"", &call(Term::Map(vec![]))).gives_back(), "a cast");
         assert!(!job(b"", &[131, 104]).gives_back(), "malformed");
+    }
+
+    #[test]
+    fn requests_decode_into_typed_ops() {
+        let body = call(Term::Map(vec![(Term::atom("env"), Term::Int(3))]));
+        let req = Request::decode(&body).unwrap();
+        let Op::Call(invoke) = req.op else {
+            panic!("a call")
+        };
+        assert_eq!(
+            (invoke.module.as_ref(), invoke.function.as_ref()),
+            ("operator", "add")
+        );
+        assert_eq!(
+            invoke.args,
+            &Term::List(vec![Term::Int(1), Term::Int(2)]).encode()[1..]
+        );
+        assert_eq!(req.opts.env, Some(3));
+        let credit = Term::Tuple(vec![
+            Term::atom("stream_credit"),
+            Term::Binary(b"s".to_vec()),
+            Term::Int(9),
+            Term::Map(vec![]),
+        ])
+        .encode();
+        assert!(matches!(
+            Request::decode(&credit).unwrap().op,
+            Op::StreamCredit {
+                stream: b"s",
+                credit: 9
+            }
+        ));
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_or_an_unknown_op_is_a_bad_request() {
+        let bad = |parts: Vec<Term>| {
+            let body = Term::Tuple(parts).encode();
+            match Request::decode(&body) {
+                Err(Error::BadRequest(why)) => why,
+                Err(e) => panic!("{e}"),
+                Ok(_) => panic!("decoded"),
+            }
+        };
+        let opts = || Term::Map(vec![]);
+        assert_eq!(
+            bad(vec![Term::atom("release"), Term::atom("x"), opts()]),
+            "ref id must be a non-negative integer"
+        );
+        assert_eq!(
+            bad(vec![Term::atom("stream_cancel"), Term::Int(1), opts()]),
+            "stream id must be a binary"
+        );
+        assert_eq!(
+            bad(vec![
+                Term::atom("call"),
+                Term::Int(1),
+                Term::atom("f"),
+                Term::List(vec![]),
+                opts(),
+                opts()
+            ]),
+            "module must be an atom or a binary"
+        );
+        assert_eq!(
+            bad(vec![
+                Term::atom("release"),
+                Term::Int(1),
+                Term::Int(2),
+                opts()
+            ]),
+            "unknown request release/4"
+        );
+        assert_eq!(
+            bad(vec![Term::atom("nope"), opts()]),
+            "unknown request nope/2"
+        );
     }
 }

@@ -26,6 +26,7 @@ use crate::etf::Term;
 use crate::framing::{split_request, FrameReader, Inbound, Status};
 use crate::python::PythonInfo;
 use crate::request::{Job, Kind, Mode, Spec, REENTRANT_BIT};
+use crate::sync::Unpoison;
 use crate::writer::Writer;
 
 const STDIN: Token = Token(0);
@@ -117,11 +118,11 @@ impl Router {
     }
 
     fn lock(&self) -> MutexGuard<'_, Routing> {
-        self.routing.lock().unwrap_or_else(|e| e.into_inner())
+        self.routing.lock().unpoison()
     }
 
     fn watch(&self) -> MutexGuard<'_, Option<Watch>> {
-        self.watch.lock().unwrap_or_else(|e| e.into_inner())
+        self.watch.lock().unpoison()
     }
 
     fn now(&self) -> u64 {
@@ -360,15 +361,9 @@ impl Routing {
             );
             return;
         };
-        let (ctx, header) = (req.ctx & !REENTRANT_BIT, (10, 10 + req.header.len()));
-        let job = Job {
-            body: header.1,
-            header,
-            reentrant: req.ctx & REENTRANT_BIT != 0,
-            frame,
-            kind: Kind::Request,
-            arrived: Instant::now(),
-        };
+        let (ctx, header_len) = (req.ctx & !REENTRANT_BIT, req.header.len());
+        let reentrant = req.ctx & REENTRANT_BIT != 0;
+        let job = Job::request(frame, header_len, reentrant);
         if ctx == 0 {
             return self.control(job);
         }

@@ -22,7 +22,7 @@ use crate::error::Error;
 use crate::etf;
 use crate::event_loop::{EventLoop, Outlet, Reactor};
 use crate::framing::{begin_frame, KIND_REPLY};
-use crate::request::{Parts, Request, Spec};
+use crate::request::{Invoke, Op, Request, Spec};
 
 pub struct Session {
     pub id: u64,
@@ -200,7 +200,8 @@ impl Session {
     /// Serves one request body: on `Served::Now`, `out` holds the complete reply frame.
     ///
     /// The envelope (`{call, M, F, Args, Kwargs, Opts}` and friends) is decoded once in
-    /// Rust; only the values Python needs become Python objects. `start(timeout_ms)` is
+    /// Rust, into a typed `request::Op`; only the values Python needs become Python
+    /// objects. `start(timeout_ms)` is
     /// called once the options are known, before any Python runs; it returns the
     /// request's deadline (its arrival plus its timeout), or `Err(Passed)` if that has
     /// passed already (the request is then dropped). A coroutine
@@ -370,37 +371,27 @@ impl Session {
         header: &[u8],
         req: &Request<'_>,
     ) -> Result<Reply<'py>, Error> {
-        let parts = &req.parts;
         let globals = self.globals(py, req.opts.env)?;
-        Ok(match (req.op.as_ref(), parts.len) {
-            ("call", 5) => {
-                let target = self.function(py, &globals, parts)?;
-                Reply::Value(self.invoke(py, &target, parts.get(2), parts.get(3))?)
+        Ok(match &req.op {
+            Op::Call(call) => {
+                let target = self.function(py, &globals, call)?;
+                Reply::Value(self.invoke(py, &target, call.args, call.kwargs)?)
             }
-            ("stream", 5) => {
-                let target = self.function(py, &globals, parts)?;
-                let source = self.invoke(py, &target, parts.get(2), parts.get(3))?;
+            Op::Stream(call) => {
+                let target = self.function(py, &globals, call)?;
+                let source = self.invoke(py, &target, call.args, call.kwargs)?;
                 self.start_stream(py, header, source, req)?;
                 Reply::Later
             }
-            ("channel_open", 3) => {
-                let name = parts.text(0, "channel name")?;
-                let capacity = parts.id(1, "capacity")?;
-                Reply::Id(self.link.channels.open(&name, capacity as usize))
+            Op::ChannelOpen { name, capacity } => {
+                Reply::Id(self.link.channels.open(name, *capacity as usize))
             }
-            ("stream_credit", 3) => {
-                let stream = etf::Reader::body(parts.get(0))
-                    .binary()
-                    .map_err(|_| Error::BadRequest("stream id must be a binary".into()))?;
-                let n = parts.id(1, "credit")?;
+            Op::StreamCredit { stream, credit } => {
                 self.event_loop
-                    .call(py, "_pyport_credit", (PyBytes::new(py, stream), n))?;
+                    .call(py, "_pyport_credit", (PyBytes::new(py, stream), *credit))?;
                 Reply::Ok
             }
-            ("stream_cancel", 2) => {
-                let stream = etf::Reader::body(parts.get(0))
-                    .binary()
-                    .map_err(|_| Error::BadRequest("stream id must be a binary".into()))?;
+            Op::StreamCancel { stream } => {
                 // The stream wants no final frame now: it is no longer open (nor is
                 // any item of it still in the loop's outbox sent).
                 self.event_loop.outlet.forget(stream);
@@ -410,17 +401,17 @@ impl Session {
                 }
                 Reply::Ok
             }
-            ("eval", 3) => {
-                let code = convert::decode_body(py, &self.types, parts.get(0))?;
-                let locals = convert::decode_body(py, &self.types, parts.get(1))?;
+            Op::Eval { code, locals } => {
+                let code = convert::decode_body(py, &self.types, code)?;
+                let locals = convert::decode_body(py, &self.types, locals)?;
                 Reply::Value(self.eval(py, &code, &locals, &globals)?)
             }
-            ("exec", 2) => {
-                let code = source_text(&convert::decode_body(py, &self.types, parts.get(0))?)?;
+            Op::Exec { code } => {
+                let code = source_text(&convert::decode_body(py, &self.types, code)?)?;
                 self.exec.bind(py).call1((code, globals))?;
                 Reply::Ok
             }
-            ("new_env", 1) => {
+            Op::NewEnv => {
                 let env = PyDict::new(py);
                 env.set_item("__builtins__", py.import("builtins")?)?;
                 env.set_item("__name__", "__main__")?;
@@ -428,28 +419,29 @@ impl Session {
                 self.envs.borrow_mut().insert(id, env.unbind());
                 Reply::Id(id)
             }
-            ("drop_env", 2) => {
-                let env = self.envs.borrow_mut().remove(&parts.id(0, "env id")?);
+            Op::DropEnv { env } => {
+                let env = self.envs.borrow_mut().remove(env);
                 drop(env);
                 Reply::Ok
             }
-            ("getattr", 3) => Reply::Value(
-                self.object(py, parts.id(0, "ref id")?)?
-                    .getattr(parts.text(1, "name")?.as_ref())?,
-            ),
-            ("call_method", 5) => {
-                let method = self
-                    .object(py, parts.id(0, "ref id")?)?
-                    .getattr(parts.text(1, "method")?.as_ref())?;
-                Reply::Value(self.invoke(py, &method, parts.get(2), parts.get(3))?)
+            Op::GetAttr { handle, name } => {
+                Reply::Value(self.object(py, *handle)?.getattr(name.as_ref())?)
             }
-            ("to_term", 2) => Reply::Value(self.object(py, parts.id(0, "ref id")?)?),
-            ("release", 2) => {
-                let obj = self.types.refs.remove(parts.id(0, "ref id")?);
+            Op::CallMethod {
+                handle,
+                method,
+                args,
+                kwargs,
+            } => {
+                let method = self.object(py, *handle)?.getattr(method.as_ref())?;
+                Reply::Value(self.invoke(py, &method, args, kwargs)?)
+            }
+            Op::ToTerm { handle } => Reply::Value(self.object(py, *handle)?),
+            Op::Release { handle } => {
+                let obj = self.types.refs.remove(*handle);
                 drop(obj);
                 Reply::Ok
             }
-            (op, n) => return Err(Error::BadRequest(format!("unknown request {op}/{}", n + 1))),
         })
     }
 
@@ -530,17 +522,16 @@ impl Session {
         &self,
         py: Python<'py>,
         globals: &Bound<'py, PyDict>,
-        parts: &Parts<'_>,
+        call: &Invoke<'_>,
     ) -> Result<Bound<'py, PyAny>, Error> {
-        let module = parts.text(0, "module")?;
-        let function = parts.text(1, "function")?;
-        if module == "__main__" {
-            lookup(globals.as_any(), &function, |g, name| {
+        let function = call.function.as_ref();
+        if call.module == "__main__" {
+            lookup(globals.as_any(), function, |g, name| {
                 g.cast::<PyDict>().map_err(PyErr::from)?.get_item(name)
             })
         } else {
-            let module = self.module(py, &PyString::new(py, &module))?;
-            lookup(&module, &function, |m, name| Ok(Some(m.getattr(name)?)))
+            let module = self.module(py, &PyString::new(py, &call.module))?;
+            lookup(&module, function, |m, name| Ok(Some(m.getattr(name)?)))
         }
     }
 }

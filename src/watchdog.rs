@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 use pyo3::ffi;
 
+use crate::sync::Unpoison;
+
 /// The running request of one context, as the watchdog sees it.
 pub struct Deadline {
     /// Sequence number of the running request; 0 when idle.
@@ -105,32 +107,32 @@ pub struct Parked {
 
 /// Why a running request was stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Stop {
+pub enum StopReason {
     /// Its deadline passed: `erlang.CallTimeout`.
     Timeout,
     /// `pyport:interrupt/1`: `erlang.Interrupted`.
     Interrupted,
 }
 
-impl Stop {
+impl StopReason {
     /// The `erlang` module's exception class for it, and its message.
     pub fn exception(self) -> (&'static std::ffi::CStr, &'static std::ffi::CStr) {
         match self {
-            Stop::Timeout => (c"CallTimeout", c"the call ran past its timeout"),
-            Stop::Interrupted => (c"Interrupted", c"interrupted by pyport:interrupt/1"),
+            StopReason::Timeout => (c"CallTimeout", c"the call ran past its timeout"),
+            StopReason::Interrupted => (c"Interrupted", c"interrupted by pyport:interrupt/1"),
         }
     }
 }
 
 impl Deadline {
     /// Whether request `seq` was stopped, and why.
-    pub fn stopped(&self, seq: u64) -> Option<Stop> {
+    pub fn stopped(&self, seq: u64) -> Option<StopReason> {
         if seq == 0 {
             None
         } else if self.interrupted.load(Ordering::SeqCst) == seq {
-            Some(Stop::Interrupted)
+            Some(StopReason::Interrupted)
         } else if self.fired.load(Ordering::SeqCst) == seq {
-            Some(Stop::Timeout)
+            Some(StopReason::Timeout)
         } else {
             None
         }
@@ -155,12 +157,12 @@ impl Deadline {
             self.interrupted.store(seq, Ordering::SeqCst);
             seq
         };
-        self.stop(seq, Stop::Interrupted);
+        self.stop(seq, StopReason::Interrupted);
     }
 
     /// Raises the stop in the running request at its next bytecode boundary, and wakes
     /// the context thread if it waits (in its poll, or in `time.sleep`).
-    fn stop(self: &Arc<Self>, seq: u64, why: Stop) {
+    fn stop(self: &Arc<Self>, seq: u64, why: StopReason) {
         if crate::test_hooks() {
             std::thread::sleep(Duration::from_millis(20)); // see `crate::TEST_HOOKS`
         }
@@ -168,15 +170,15 @@ impl Deadline {
         if let Some(wake) = self.wake.get() {
             wake();
         }
-        let _guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.sleeper.0.lock().unpoison();
         self.sleeper.1.notify_all();
     }
 
     /// `time.sleep` on the context thread, for the parked request `parked`: waits
     /// until `until`, or returns early with the reason the request was stopped. Call
     /// it detached.
-    pub fn sleep(&self, parked: Parked, until: Instant) -> Option<Stop> {
-        let mut guard = self.sleeper.0.lock().unwrap_or_else(|e| e.into_inner());
+    pub fn sleep(&self, parked: Parked, until: Instant) -> Option<StopReason> {
+        let mut guard = self.sleeper.0.lock().unpoison();
         loop {
             if let Some(why) = self.given_up(parked) {
                 return Some(why);
@@ -185,12 +187,7 @@ impl Deadline {
             if left.is_zero() {
                 return None;
             }
-            guard = self
-                .sleeper
-                .1
-                .wait_timeout(guard, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            guard = self.sleeper.1.wait_timeout(guard, left).unpoison().0;
         }
     }
 
@@ -214,7 +211,7 @@ impl Deadline {
     /// (they upgrade their weak reference before they act), so the pointer is cleared
     /// under the same lock [`request_interrupt`] holds while it queues a call.
     pub fn unbind_thread(&self) {
-        let _bound = self.bound.lock().unwrap_or_else(|e| e.into_inner());
+        let _bound = self.bound.lock().unpoison();
         self.interp.store(std::ptr::null_mut(), Ordering::SeqCst);
     }
 
@@ -323,14 +320,15 @@ impl Deadline {
     /// deadline fired, or `pyport:interrupt/1`), or its own deadline has passed (it may
     /// have passed while a nested request ran, or fired for a request nested on its
     /// behalf). `None` for a wait of no request.
-    pub fn given_up(&self, parked: Parked) -> Option<Stop> {
+    pub fn given_up(&self, parked: Parked) -> Option<StopReason> {
         if parked.seq == 0 {
             return None;
         }
         if let Some(why) = self.stopped(parked.seq) {
             return Some(why);
         }
-        (parked.at != 0 && watchdog().nanos(Instant::now()) >= parked.at).then_some(Stop::Timeout)
+        (parked.at != 0 && watchdog().nanos(Instant::now()) >= parked.at)
+            .then_some(StopReason::Timeout)
     }
 
     /// The wait of request `seq` raises its stop now: no interrupt raises it again.
@@ -347,7 +345,7 @@ impl Deadline {
     /// watchdog reads them: it must never see one request's deadline with another's
     /// number (it would stop a request that is not late).
     fn switching(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.switch.lock().unwrap_or_else(|e| e.into_inner())
+        self.switch.lock().unpoison()
     }
 
     /// The running request and its deadline, to restore after a nested one.
@@ -394,23 +392,20 @@ impl Watchdog {
     }
 
     fn watch(&self, d: Weak<Deadline>) {
-        self.watched
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(d);
+        self.watched.lock().unpoison().push(d);
     }
 
     fn poke_if_earlier(&self, at: u64) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         if at < self.next_wake.load(Ordering::SeqCst) {
-            let _guard = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+            let _guard = self.watched.lock().unpoison();
             self.next_wake.store(at, Ordering::SeqCst);
             self.poke.notify_one();
         }
     }
 
     fn run(&self) {
-        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        let mut watched = self.watched.lock().unpoison();
         loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let now = self.nanos(Instant::now());
@@ -425,7 +420,7 @@ impl Watchdog {
                     let seq = d.running.load(Ordering::SeqCst);
                     d.fired.store(seq, Ordering::SeqCst);
                     drop(switch);
-                    d.stop(seq, Stop::Timeout);
+                    d.stop(seq, StopReason::Timeout);
                     let after = d.stuck_after.load(Ordering::SeqCst);
                     if after != 0 {
                         d.stuck_seq.store(seq, Ordering::SeqCst);
@@ -454,7 +449,7 @@ impl Watchdog {
                         on_stuck();
                     }
                 }
-                watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+                watched = self.watched.lock().unpoison();
                 continue;
             }
             self.next_wake.store(earliest, Ordering::SeqCst);
@@ -463,13 +458,10 @@ impl Watchdog {
                 continue;
             }
             watched = if earliest == u64::MAX {
-                self.poke.wait(watched).unwrap_or_else(|e| e.into_inner())
+                self.poke.wait(watched).unpoison()
             } else {
                 let wait = Duration::from_nanos(earliest - now);
-                self.poke
-                    .wait_timeout(watched, wait)
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0
+                self.poke.wait_timeout(watched, wait).unpoison().0
             };
         }
     }
@@ -478,12 +470,12 @@ impl Watchdog {
 struct Interrupt {
     target: Weak<Deadline>,
     seq: u64,
-    why: Stop,
+    why: StopReason,
 }
 
 /// Asks the interpreter to stop request `seq` (if it still runs then).
-fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: Stop) {
-    let _bound = d.bound.lock().unwrap_or_else(|e| e.into_inner());
+fn request_interrupt(d: &Deadline, target: Weak<Deadline>, seq: u64, why: StopReason) {
+    let _bound = d.bound.lock().unpoison();
     let interp = d.interp.load(Ordering::SeqCst);
     if interp.is_null() || seq == 0 {
         return;

@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::error::Error;
 use crate::etf;
 use crate::framing::{begin_frame, finish_frame, KIND_EVENT, KIND_REPLY};
+use crate::sync::Unpoison;
 
 struct Queue {
     pending: Vec<u8>,
@@ -37,7 +38,7 @@ impl Writer {
     }
 
     fn lock(&self) -> MutexGuard<'_, Queue> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue.lock().unpoison()
     }
 
     /// Queues one complete frame (length prefix included) and flushes if nobody is.
@@ -71,11 +72,7 @@ impl Writer {
                 }
             };
             drop(q);
-            let result = self
-                .out
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .write_all(bytes);
+            let result = self.out.lock().unpoison().write_all(bytes);
             batch.clear();
             q = self.lock();
             if let Err(e) = result {
@@ -151,6 +148,6 @@ impl Writer {
 
     /// Flushes what the OS buffers hold (used before exiting).
     pub fn flush(&self) -> io::Result<()> {
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).flush()
+        self.out.lock().unpoison().flush()
     }
 }
