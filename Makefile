@@ -38,7 +38,7 @@ test-erl:
 # and soak suites build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
 	api types env ref callback async loop stream channel churn protocol reliability boundary pool \
-	deadline contract lifecycle handles)))
+	deadline contract lifecycle handles data)))
 comma = ,
 test-other-python: build
 	@other=$$(scripts/other-python.sh $(PYTHON)); \

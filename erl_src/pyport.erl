@@ -171,6 +171,7 @@
 -type call_opts() :: #{timeout => timeout(),
                        env => env(),
                        return => ref | term,
+                       arrays => binary | lists,
                        atom() => term()}.
 -type function_name() :: atom() | binary() | string().
 -type error() :: {python, Type :: binary(), Message :: binary(), Traceback :: binary()}
