@@ -20,8 +20,8 @@ use crate::error::{BadTerm, Error};
 use crate::etf::{self, Reader, Writer, MAX_DEPTH};
 
 mod hooks;
-pub use hooks::{arrays_binary, set_arrays_binary};
 use hooks::Hooks;
+pub use hooks::{arrays_binary, set_arrays_binary};
 
 /// The `erlang` module's types, as objects of one interpreter, plus a cache of atoms.
 pub struct Types {

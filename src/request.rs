@@ -136,9 +136,7 @@ impl<'a> Opts<'a> {
                         Some("binary") => Some(true),
                         Some("lists") => Some(false),
                         _ => {
-                            return Err(Error::BadRequest(
-                                "arrays must be binary or lists".into(),
-                            ))
+                            return Err(Error::BadRequest("arrays must be binary or lists".into()))
                         }
                     }
                 }
