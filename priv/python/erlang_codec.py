@@ -196,65 +196,53 @@ def _encode_bool(obj):
     return bool(obj)
 
 
-def _builtin_encoder(cls):
-    import datetime
+# (module, class, encoder), in order (a datetime is a date): a class of a module not
+# imported yet has no instances to convert
+_STDLIB_ENCODERS = (
+    ("builtins", "complex", _encode_complex),
+    ("builtins", "range", _encode_range),
+    ("datetime", "datetime", _encode_datetime),
+    ("datetime", "date", _encode_date),
+    ("datetime", "time", _encode_time),
+    ("datetime", "timedelta", _encode_timedelta),
+    ("decimal", "Decimal", _encode_decimal),
+    ("uuid", "UUID", _encode_uuid),
+    ("enum", "Enum", _encode_enum),
+    ("pathlib", "PurePath", _encode_fspath),
+)
 
-    if issubclass(cls, datetime.datetime):
-        return _encode_datetime
-    if issubclass(cls, datetime.date):
-        return _encode_date
-    if issubclass(cls, datetime.time):
-        return _encode_time
-    if issubclass(cls, datetime.timedelta):
-        return _encode_timedelta
-    if issubclass(cls, complex):
-        return _encode_complex
-    if issubclass(cls, range):
-        return _encode_range
-    module = getattr(cls, "__module__", "") or ""
-    if module == "numpy" or module.startswith("numpy."):
-        fn = _numpy_encoder(cls)
-        if fn is not None:
-            return fn
+# numpy's classes by name, likewise in order
+_NUMPY_ENCODERS = (
+    ("numpy", "ndarray", None),
+    ("numpy", "bool_", _encode_bool),
+    ("numpy", "integer", _encode_index),
+    ("numpy", "floating", _encode_float),
+    ("numpy", "complexfloating", _encode_complex),
+)
+
+
+def _first_encoder(cls, table):
     import sys
 
-    decimal = sys.modules.get("decimal")
-    if decimal is not None and issubclass(cls, decimal.Decimal):
-        return _encode_decimal
-    uuid = sys.modules.get("uuid")
-    if uuid is not None and issubclass(cls, uuid.UUID):
-        return _encode_uuid
-    enum = sys.modules.get("enum")
-    if enum is not None and issubclass(cls, enum.Enum):
-        return _encode_enum
-    pathlib = sys.modules.get("pathlib")
-    if pathlib is not None and issubclass(cls, pathlib.PurePath):
-        return _encode_fspath
-    if hasattr(cls, "__index__"):
-        return _encode_index
+    for module_name, class_name, fn in table:
+        module = sys.modules.get(module_name)
+        if module is not None and issubclass(cls, getattr(module, class_name)):
+            return fn or _encode_ndarray
     return None
+
+
+def _builtin_encoder(cls):
+    fn = _first_encoder(cls, _STDLIB_ENCODERS)
+    if fn is None:
+        module = getattr(cls, "__module__", "") or ""
+        if module == "numpy" or module.startswith("numpy."):
+            fn = _first_encoder(cls, _NUMPY_ENCODERS)
+    if fn is None and hasattr(cls, "__index__"):
+        fn = _encode_index
+    return fn
 
 
 # --- numpy --------------------------------------------------------------------------------
-
-def _numpy_encoder(cls):
-    import sys
-
-    np = sys.modules.get("numpy")
-    if np is None:
-        return None
-    if issubclass(cls, np.ndarray):
-        return _encode_ndarray
-    if issubclass(cls, np.bool_):
-        return _encode_bool
-    if issubclass(cls, np.integer):
-        return _encode_index
-    if issubclass(cls, np.floating):
-        return _encode_float
-    if issubclass(cls, np.complexfloating):
-        return _encode_complex
-    return None
-
 
 # dtype kinds with a binary form: bool, signed, unsigned, float, complex
 _BINARY_KINDS = frozenset("biufc")
@@ -294,8 +282,9 @@ def _decode_ndarray(t):
                     for n in shape)
             and isinstance(data, (bytes, bytearray, str))):
         return t
-    if isinstance(data, str):
-        data = data.encode()
+    if not isinstance(data, bytearray):
+        # the array owns writable memory (the port program sends a bytearray)
+        data = bytearray(data.encode() if isinstance(data, str) else data)
     np = _numpy()
     dt = np.dtype(dtype).newbyteorder("<")
     count = 1
