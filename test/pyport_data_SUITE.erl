@@ -485,10 +485,16 @@ ndarray_in_bad_size(Config) ->
     end).
 
 arrays_option_checked() ->
-    [{doc, "arrays takes binary or lists."}].
+    [{doc, "arrays takes binary or lists, as a call option (bad_request) and as a "
+           "runtime option (start_error)."}].
 arrays_option_checked(Config) ->
     ?assertEqual({error, {bad_request, <<"arrays must be binary or lists">>}},
-                 eval(Config, <<"1">>, #{arrays => yes})).
+                 eval(Config, <<"1">>, #{arrays => yes})),
+    %% the runtime option: refused at start, naming it
+    {error, {start_error, Reason}} = pyport:start_runtime(#{arrays => yes}),
+    ?assertNotEqual(nomatch, binary:match(iolist_to_binary(io_lib:format("~p", [Reason])),
+                                          <<"--arrays takes binary or lists, not yes">>)),
+    {error, {start_error, _}} = pyport:start_runtime(#{arrays => <<"binary">>}).
 
 bounds_max_reply() ->
     [{doc, "max_reply holds for converted values: a big array in list form is refused "
