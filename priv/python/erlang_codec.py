@@ -112,12 +112,11 @@ def _tz_out(tz, at):
     """None (naive), a zone key (a ZoneInfo), or the UTC offset in whole seconds."""
     if tz is None:
         return None
-    key = getattr(tz, "key", None)
-    if isinstance(key, str):
-        import zoneinfo
+    import sys
 
-        if isinstance(tz, zoneinfo.ZoneInfo):
-            return key
+    zoneinfo = sys.modules.get("zoneinfo")
+    if zoneinfo is not None and isinstance(tz, zoneinfo.ZoneInfo):
+        return tz.key
     offset = tz.utcoffset(at)
     if offset is None:
         return None
@@ -134,8 +133,12 @@ def _tz_in(tz):
             return datetime.timezone.utc
         return datetime.timezone(datetime.timedelta(seconds=tz))
     if isinstance(tz, str):
-        import zoneinfo
-
+        try:
+            import zoneinfo
+        except (ImportError, AttributeError) as e:
+            # CPython 3.12's _zoneinfo does not load in a sub-interpreter
+            raise ImportError("a time zone name needs zoneinfo, which does not import "
+                              "in this context: %s" % (e,)) from None
         return zoneinfo.ZoneInfo(tz)
     raise ValueError("a time zone is none, an offset in seconds or a zone name")
 
@@ -345,9 +348,29 @@ def _decode_timedelta(t):
     return datetime.timedelta(microseconds=t[1])
 
 
+def _decimal_aborts_here():
+    """CPython 3.12 aborts the process when a second sub-interpreter imports `decimal`
+    (its C module keeps state across interpreters): a tuple from Erlang must not be
+    the import that does it. Where the context's code imported it already, it is in."""
+    import sys
+
+    if sys.version_info >= (3, 13) or "decimal" in sys.modules:
+        return False
+    try:
+        import _xxsubinterpreters as interpreters
+    except ImportError:
+        return False
+    return interpreters.get_current() != interpreters.get_main()
+
+
 def _decode_decimal(t):
     if len(t) != 2 or not isinstance(t[1], str):
         return t
+    if _decimal_aborts_here():
+        raise ImportError("a {decimal, Text} tuple needs decimal, which CPython 3.12 "
+                          "cannot load safely in an owngil sub-interpreter (a second "
+                          "one importing it aborts the process): use a main context, "
+                          "or Python 3.13")
     import decimal
 
     return decimal.Decimal(t[1])
