@@ -228,8 +228,9 @@ def _first_encoder(cls, table):
     import sys
 
     for module_name, class_name, fn in table:
-        module = sys.modules.get(module_name)
-        if module is not None and issubclass(cls, getattr(module, class_name)):
+        # a module another thread is importing may not have the class yet
+        base = getattr(sys.modules.get(module_name), class_name, None)
+        if isinstance(base, type) and issubclass(cls, base):
             return fn or _encode_ndarray
     return None
 
