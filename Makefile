@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest cpython-suite fuzz demo bench bench-cluster bench-pieces bench-memory bench-side-channel bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest cpython-suite fuzz demo bench bench-cluster bench-pieces bench-memory bench-data bench-side-channel bench-compare lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -38,7 +38,7 @@ test-erl:
 # and soak suites build or time things and stay on the default.
 OTHER_SUITES = $(subst $(eval) ,$(comma),$(addprefix test/pyport_,$(addsuffix _SUITE,\
 	api types env ref callback async loop stream channel churn protocol reliability boundary pool \
-	deadline contract lifecycle handles)))
+	deadline contract lifecycle handles data)))
 comma = ,
 test-other-python: build
 	@other=$$(scripts/other-python.sh $(PYTHON)); \
@@ -89,6 +89,7 @@ bench: build $(ECHO) $(STANDIN)
 	escript benches/pool_bench.escript
 	escript benches/cluster_bench.escript
 	escript benches/memory.escript
+	PYPORT_PYTHON=$(PYTHON) escript benches/data_bench.escript
 
 bench-cluster: build
 	escript benches/cluster_bench.escript
@@ -104,6 +105,11 @@ bench-side-channel: _build/bench/side_channel
 _build/bench/side_channel: benches/side_channel.c
 	mkdir -p $(dir $@)
 	cc -O2 -Wall -o $@ $<
+
+# Big numpy arrays in and out (arrays => binary, and as lists) against a 16 MiB binary
+# echo in the same run (docs/benchmarks.md, "numpy arrays").
+bench-data: build
+	PYPORT_PYTHON=$(PYTHON) escript benches/data_bench.escript
 
 # Resident memory of idle and of ended contexts (docs/architecture.md, "Memory"); on
 # another Python: PYPORT_PYTHON=... PYPORT_EXECUTABLE=<a port program built for it>.

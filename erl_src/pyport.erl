@@ -97,7 +97,7 @@
 %% The keys of a request's Opts (`caller' is set for a request made on behalf of
 %% another process: async_call/6, a handle of another node), a stream's, and a
 %% channel's. Any other key is `{error, {bad_option, Key}}' before anything is sent.
--define(CALL_OPTIONS, [timeout, env, return, caller]).
+-define(CALL_OPTIONS, [timeout, env, return, caller, arrays]).
 -define(STREAM_OPTIONS, [window | ?CALL_OPTIONS]).
 -define(CHANNEL_OPTIONS, [capacity]).
 -define(IS_NAME(N), (is_atom(N) orelse is_binary(N) orelse is_list(N))).
@@ -171,6 +171,7 @@
 -type call_opts() :: #{timeout => timeout(),
                        env => env(),
                        return => ref | term,
+                       arrays => binary | lists,
                        atom() => term()}.
 -type function_name() :: atom() | binary() | string().
 -type error() :: {python, Type :: binary(), Message :: binary(), Traceback :: binary()}
@@ -1154,6 +1155,11 @@ encode(Req) ->
 
 has_large_binary([Arg | Args], Budget) when Budget > 0 ->
     (is_binary(Arg) andalso byte_size(Arg) > ?IOVEC_THRESHOLD)
+        %% a numpy array's data (issue 19)
+        orelse (is_tuple(Arg) andalso tuple_size(Arg) =:= 4
+                andalso element(1, Arg) =:= ndarray
+                andalso is_binary(element(4, Arg))
+                andalso byte_size(element(4, Arg)) > ?IOVEC_THRESHOLD)
         orelse has_large_binary(Args, Budget - 1);
 has_large_binary(_, _) ->
     false.
@@ -1164,6 +1170,16 @@ decode(<<131, 104, 2, 119, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bi
     {ok, Bin};
 decode(<<131, 104, 2, 100, 0, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size(Bin) =:= Len ->
     {ok, Bin};
+%% Likewise `{ok, {ndarray, DType, Shape, Data}}' (a numpy array, `arrays => binary'):
+%% Data stays a sub-binary of the reply.
+decode(<<131, 104, 2, 119, 2, "ok", 104, 4, 119, 7, "ndarray", 109, DLen:32,
+         DType:DLen/binary, Rest/binary>> = Reply) ->
+    case ndarray_shape(Rest) of
+        {Shape, <<109, Len:32, Data/binary>>} when byte_size(Data) =:= Len ->
+            {ok, {ndarray, DType, Shape, Data}};
+        _ ->
+            binary_to_term(Reply)
+    end;
 decode({pyport_safe, Max, Reply}) ->
     %% it holds atoms past the runtime's max_atoms budget: only existing ones decode
     try
@@ -1173,6 +1189,24 @@ decode({pyport_safe, Max, Reply}) ->
     end;
 decode(Reply) ->
     binary_to_term(Reply).
+
+%% The shape list of an ndarray reply, as the port program writes it, and what follows;
+%% `error' for any other encoding (then the whole reply is decoded as usual).
+ndarray_shape(<<106, Rest/binary>>) ->
+    {[], Rest};
+ndarray_shape(<<108, N:32, Rest/binary>>) ->
+    ndarray_dims(N, Rest, []);
+ndarray_shape(_) ->
+    error.
+
+ndarray_dims(0, <<106, Rest/binary>>, Acc) ->
+    {lists:reverse(Acc), Rest};
+ndarray_dims(N, <<97, D, Rest/binary>>, Acc) when N > 0 ->
+    ndarray_dims(N - 1, Rest, [D | Acc]);
+ndarray_dims(N, <<98, D:32/signed, Rest/binary>>, Acc) when N > 0 ->
+    ndarray_dims(N - 1, Rest, [D | Acc]);
+ndarray_dims(_, _, _) ->
+    error.
 
 %%% Pools
 

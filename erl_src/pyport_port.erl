@@ -81,7 +81,7 @@
 -define(RUNTIME_OPTIONS, [name, key, handle, executable, path, venv, env, contexts,
                           call_timeout, start_timeout, max_frame, queue_capacity,
                           stuck_after, max_memory, max_atoms, max_reply, max_mailbox,
-                          none, restart]).
+                          none, arrays, restart]).
 -define(CONTEXT_OPTIONS, [name, mode, preload, path]).
 
 %% a registered name, a reference, or a pool's `{pyport_pool, Name, ...}'
@@ -109,6 +109,7 @@
                   max_reply => pos_integer(),
                   max_mailbox => pos_integer(),
                   none => none | nil | undefined,
+                  arrays => lists | binary,
                   restart => #{min_delay => non_neg_integer(),
                                max_delay => non_neg_integer()}}.
 -type ctx_id() :: pos_integer().
@@ -462,7 +463,7 @@ open(Opts) ->
     Exe = executable(Opts),
     Args = path_args(Opts) ++ ["--max-frame", integer_to_list(max_frame(Opts))]
         ++ queue_args(Opts) ++ stuck_args(Opts) ++ memory_args(Opts) ++ atom_args(Opts)
-        ++ reply_args(Opts) ++ none_args(Opts),
+        ++ reply_args(Opts) ++ none_args(Opts) ++ arrays_args(Opts),
     PortOpts = [{packet, 4}, binary, exit_status, use_stdio,
                 {args, Args}, {env, maps:get(env, Opts, [])}],
     try
@@ -535,6 +536,12 @@ atom_admitted(Key, Name) ->
 %% all go in as None whatever this is. The port program rejects other atoms at start.
 none_args(#{none := Atom}) when is_atom(Atom) -> ["--none-as", atom_to_list(Atom)];
 none_args(_) -> [].
+
+%% The form numpy arrays come back in (issue 19): `lists' (the default) or `binary'
+%% (`{ndarray, DType, Shape, Data}'). The port program rejects other values at start.
+arrays_args(#{arrays := Form}) when is_atom(Form) -> ["--arrays", atom_to_list(Form)];
+arrays_args(#{arrays := _}) -> ["--arrays", "?"];
+arrays_args(_) -> [].
 
 %% Resident bytes the OS process may use; past them it restarts (exit status 76).
 memory_args(#{max_memory := Bytes}) when is_integer(Bytes), Bytes > 0 ->

@@ -19,6 +19,10 @@ use pyo3::types::{
 use crate::error::{BadTerm, Error};
 use crate::etf::{self, Reader, Writer, MAX_DEPTH};
 
+mod hooks;
+use hooks::Hooks;
+pub use hooks::{arrays_binary, set_arrays_binary};
+
 /// The `erlang` module's types, as objects of one interpreter, plus a cache of atoms.
 pub struct Types {
     pub atom: Py<PyAny>,
@@ -26,6 +30,8 @@ pub struct Types {
     pub reference: Py<PyAny>,
     pub opaque: Py<PyAny>,
     pub term: Py<PyAny>,
+    /// The conversions past the built-in mapping (`erlang_codec.py`, see [`hooks`]).
+    hooks: Hooks,
     atoms: RefCell<HashMap<Box<str>, Py<PyAny>>>,
     /// The context these types serve (0 outside a context), for object handles.
     pub ctx: u64,
@@ -103,6 +109,7 @@ impl Types {
             reference: get("Ref")?,
             opaque: get("Opaque")?,
             term: get("_Term")?,
+            hooks: Hooks::from_module(module)?,
             atoms: RefCell::new(HashMap::new()),
             ctx: 0,
             refs: Arc::default(),
@@ -294,31 +301,40 @@ pub fn decode_term<'py>(
                 r.u32()? as usize
             };
             let n = r.count(n, 1)?;
-            // `{pyport_ref, Key, Ctx, Id, Home}` (Key and Home are the Erlang side's)
-            if (n == 4 || n == 5) && r.peek_atom().as_deref() == Some("pyport_ref") {
-                let mut probe = r.clone();
-                probe.atom()?;
-                probe.skip(depth + 1)?;
-                let ctx = etf::Term::read(&mut probe, depth + 1)?.as_u64();
-                let id = etf::Term::read(&mut probe, depth + 1)?.as_u64();
-                if n == 5 {
+            let tag = if n > 0 { r.peek_atom() } else { None };
+            match tag.as_deref() {
+                // `{pyport_ref, Key, Ctx, Id, Home}` (Key and Home are the Erlang side's)
+                Some("pyport_ref") if n == 4 || n == 5 => {
+                    let mut probe = r.clone();
+                    probe.atom()?;
                     probe.skip(depth + 1)?;
+                    let ctx = etf::Term::read(&mut probe, depth + 1)?.as_u64();
+                    let id = etf::Term::read(&mut probe, depth + 1)?.as_u64();
+                    if n == 5 {
+                        probe.skip(depth + 1)?;
+                    }
+                    if let (Some(ctx), Some(id)) = (ctx, id) {
+                        *r = probe;
+                        return types.resolve_ref(py, ctx, id);
+                    }
                 }
-                if let (Some(ctx), Some(id)) = (ctx, id) {
-                    *r = probe;
-                    return types.resolve_ref(py, ctx, id);
+                Some("bytes") if n == 2 => {
+                    let mut probe = r.clone();
+                    probe.atom()?;
+                    if probe.peek()? == etf::BINARY {
+                        probe.u8()?;
+                        let len = probe.u32()? as usize;
+                        let bytes = PyBytes::new(py, probe.bytes(len)?).into_any();
+                        *r = probe;
+                        return Ok(bytes);
+                    }
                 }
-            }
-            if n == 2 && r.peek_atom().as_deref() == Some("bytes") {
-                let mut probe = r.clone();
-                probe.atom()?;
-                if probe.peek()? == etf::BINARY {
-                    probe.u8()?;
-                    let len = probe.u32()? as usize;
-                    let bytes = PyBytes::new(py, probe.bytes(len)?).into_any();
-                    *r = probe;
-                    return Ok(bytes);
+                Some(tag) => {
+                    if let Some(v) = hooks::decode_tagged(py, types, r, tag, n, depth + 1)? {
+                        return Ok(v);
+                    }
                 }
+                None => {}
             }
             let tuple = decode_tuple_items(py, types, r, n, depth + 1)?;
             tuple.into_any()
@@ -515,8 +531,7 @@ pub fn encode_term(
     } else if let Ok(b) = obj.cast::<PyByteArray>() {
         w.binary(&b.to_vec());
     } else if obj.is_instance_of::<PyMemoryView>() {
-        let bytes = obj.call_method0("tobytes")?;
-        w.binary(bytes.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
+        hooks::encode_buffer(obj, w)?;
     } else if obj.is_instance(types.term.bind(py))? {
         let raw = obj.getattr("_etf")?;
         w.raw(raw.cast::<PyBytes>().map_err(PyErr::from)?.as_bytes());
@@ -530,7 +545,7 @@ pub fn encode_term(
         }
         w.nil();
     } else {
-        return Err(BadTerm::Unsupported(type_name(obj)).into());
+        hooks::encode_other(types, obj, w, depth)?;
     }
     Ok(())
 }

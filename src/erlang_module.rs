@@ -36,7 +36,12 @@ use crate::sync::Unpoison;
 use crate::watchdog::{Deadline, StopReason};
 use crate::writer::Writer;
 
-const ERLANG_PY: &str = include_str!("../priv/python/erlang.py");
+const ERLANG_PY: &str = concat!(
+    include_str!("../priv/python/erlang.py"),
+    // the conversion hooks (issue 19): register_encoder/register_decoder and the
+    // standard library's and numpy's types, in the same module
+    include_str!("../priv/python/erlang_codec.py")
+);
 
 /// What Python code in one context needs to reach Erlang.
 pub struct Link {

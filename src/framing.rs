@@ -242,6 +242,11 @@ pub fn set_max_reply(max: usize) {
     MAX_REPLY.store(max, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Bytes one reply or stream item may take.
+pub fn max_reply() -> usize {
+    MAX_REPLY.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Writes the length of a reply or stream item built by [`begin_frame`], which must
 /// stay within `max_reply` (the node never holds a larger one).
 pub fn finish_reply(out: &mut [u8]) -> Result<(), crate::error::Error> {

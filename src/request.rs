@@ -114,6 +114,9 @@ pub struct Opts<'a> {
     pub timeout_ms: Option<u64>,
     /// Stream items that may be ahead of what the consumer took (`stream` only).
     pub window: Option<u64>,
+    /// `arrays => binary | lists`: the form of numpy arrays in the reply (issue 19);
+    /// `None`: the runtime's default.
+    pub arrays: Option<bool>,
 }
 
 impl<'a> Opts<'a> {
@@ -144,6 +147,15 @@ impl<'a> Opts<'a> {
                     opts.return_ref = etf::Reader::body(value).atom().ok().as_deref() == Some("ref")
                 }
                 Some("timeout") => opts.timeout_ms = small_uint(value),
+                Some("arrays") => {
+                    opts.arrays = match etf::Reader::body(value).atom().ok().as_deref() {
+                        Some("binary") => Some(true),
+                        Some("lists") => Some(false),
+                        _ => {
+                            return Err(Error::BadRequest("arrays must be binary or lists".into()))
+                        }
+                    }
+                }
                 Some("window") => {
                     opts.window = Some(small_uint(value).filter(|&w| w > 0).ok_or_else(|| {
                         Error::BadRequest("window must be a positive integer".into())

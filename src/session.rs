@@ -247,7 +247,10 @@ impl Session {
                     w.atom("pyport_ref");
                     w.int(id as i64);
                 } else {
-                    convert::encode_term(&self.types, &value, &mut w, 0)?;
+                    // issue 19: the call's `arrays` option for the arrays in the reply
+                    self.types.with_arrays(req.opts.arrays, || {
+                        convert::encode_term(&self.types, &value, &mut w, 0)
+                    })?;
                 }
             }
             Reply::Id(id) => {

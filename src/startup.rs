@@ -16,7 +16,8 @@ const DEFAULT_QUEUE: usize = 10_000;
 const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
 /// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
-/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`, `--none-as ATOM`.
+/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`, `--none-as ATOM`,
+/// `--arrays binary|lists`.
 pub fn parse_args(args: &[String]) -> Result<Config, String> {
     let mut config = Config {
         max_frame: DEFAULT_MAX_FRAME,
@@ -47,6 +48,7 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
                 crate::atoms::set_max(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
             }
             "--none-as" => crate::convert::set_none_atom(value()?)?,
+            "--arrays" => crate::convert::set_arrays_binary(value()?)?,
             "--max-memory" => {
                 config.max_memory = Some(
                     value()?

@@ -129,7 +129,18 @@ fn arb_term() -> impl Strategy<Value = Term> {
                 "none",
                 "nil",
                 "undefined",
-                "bytes"
+                "bytes",
+                // tags with a built-in decoder (issue 19): their tuples become objects
+                "datetime",
+                "date",
+                "time",
+                "timedelta",
+                "decimal",
+                "uuid",
+                "enum",
+                "complex",
+                "range",
+                "ndarray"
             ]
             .contains(&a.as_str()))
             .prop_map(Term::Atom),
@@ -243,4 +254,242 @@ proptest! {
             }
         }
     }
+}
+
+// Python's data (issue 19): the standard library's shapes, `__index__`, the encoder
+// and decoder hooks, and tagged tuples of any shape.
+
+fn tagged(tag: &str, items: Vec<Term>) -> Term {
+    let mut all = vec![Term::atom(tag)];
+    all.extend(items);
+    Term::Tuple(all)
+}
+
+fn none_or(t: Option<Term>) -> Term {
+    t.unwrap_or_else(|| Term::atom("none"))
+}
+
+/// A timezone as the shapes have it: none, an offset in seconds, or a zone name.
+fn arb_tz() -> impl Strategy<Value = Term> {
+    prop_oneof![
+        Just(Term::atom("none")),
+        (-86399i64..86400).prop_map(Term::Int),
+        prop::sample::select(vec![
+            "Europe/Paris",
+            "America/New_York",
+            "Asia/Kolkata",
+            "UTC"
+        ])
+        .prop_map(|z| Term::Binary(z.as_bytes().to_vec())),
+    ]
+}
+
+fn ints(v: &[i64]) -> Term {
+    Term::Tuple(v.iter().map(|&i| Term::Int(i)).collect())
+}
+
+/// A valid term of each standard library shape.
+fn arb_stdlib_term() -> impl Strategy<Value = Term> {
+    prop_oneof![
+        (
+            1i64..=9999,
+            1i64..=12,
+            1i64..=28,
+            0i64..24,
+            0i64..60,
+            0i64..60,
+            0i64..1_000_000,
+            arb_tz()
+        )
+            .prop_map(|(y, mo, d, h, mi, s, us, tz)| tagged(
+                "datetime",
+                vec![
+                    Term::Tuple(vec![ints(&[y, mo, d]), ints(&[h, mi, s])]),
+                    Term::Int(us),
+                    tz
+                ]
+            )),
+        (1i64..=9999, 1i64..=12, 1i64..=28)
+            .prop_map(|(y, mo, d)| tagged("date", vec![ints(&[y, mo, d])])),
+        (
+            0i64..24,
+            0i64..60,
+            0i64..60,
+            0i64..1_000_000,
+            prop::option::of(-86399i64..86400)
+        )
+            .prop_map(|(h, mi, s, us, tz)| tagged(
+                "time",
+                vec![ints(&[h, mi, s]), Term::Int(us), none_or(tz.map(Term::Int))]
+            )),
+        (-86_400_000_000i64 * 999_999..86_400_000_000 * 999_999)
+            .prop_map(|us| tagged("timedelta", vec![Term::Int(us)])),
+        any::<u128>().prop_map(|u| {
+            let h = format!("{u:032x}");
+            let text = format!(
+                "{}-{}-{}-{}-{}",
+                &h[..8],
+                &h[8..12],
+                &h[12..16],
+                &h[16..20],
+                &h[20..]
+            );
+            tagged("uuid", vec![Term::Binary(text.into_bytes())])
+        }),
+        (any::<f64>(), any::<f64>())
+            .prop_filter("finite", |(a, b)| a.is_finite() && b.is_finite())
+            .prop_map(|(a, b)| tagged("complex", vec![Term::Float(a), Term::Float(b)])),
+        (
+            any::<i64>(),
+            any::<i64>(),
+            any::<i64>().prop_filter("step", |s| *s != 0)
+        )
+            .prop_map(|(a, b, c)| tagged("range", vec![Term::Int(a), Term::Int(b), Term::Int(c)])),
+        prop::sample::select(vec!["safe", "unsafe", "unknown"]).prop_map(|m| tagged(
+            "enum",
+            vec![
+                Term::Binary(b"uuid.SafeUUID".to_vec()),
+                Term::Binary(m.as_bytes().to_vec())
+            ]
+        )),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every standard library shape becomes its Python object and comes back the same.
+    #[test]
+    fn stdlib_shapes_survive_python(t in arb_stdlib_term()) {
+        let out = with_types(|py, types| {
+            let obj = convert::decode(py, types, &t.encode())?;
+            prop_assert!(!obj.is_instance_of::<pyo3::types::PyTuple>(), "{t:?} stayed a tuple");
+            let mut out = Vec::new();
+            convert::encode(types, &obj, &mut out)?;
+            Ok(out)
+        });
+        let out = match out {
+            Ok(out) => out,
+            Err(e) => return Err(TestCaseError::fail(format!("{t:?}: {e:?}"))),
+        };
+        prop_assert_eq!(Term::decode(&out).unwrap(), t);
+    }
+
+    /// Decimals from Python go to Erlang and back to an equal Decimal.
+    #[test]
+    fn decimals_survive_erlang(sign in 0u8..2, digits in proptest::collection::vec(0u8..10, 1..40),
+                               exp in -40i32..40) {
+        let equal = with_types(|py, types| {
+            let digits: Vec<String> = digits.iter().map(|d| d.to_string()).collect();
+            let code = format!(
+                "__import__('decimal').Decimal(({sign}, ({},), {exp}))",
+                digits.join(",")
+            );
+            let d = py_eval(py, &code);
+            let mut out = Vec::new();
+            convert::encode(types, &d, &mut out).unwrap();
+            let back = convert::decode(py, types, &out).unwrap();
+            back.eq(&d).unwrap() && back.get_type().is(d.get_type())
+        });
+        prop_assert!(equal);
+    }
+
+    /// Any integer an `__index__` gives is the integer.
+    #[test]
+    fn index_objects_are_integers(n in any::<i128>()) {
+        let t = with_types(|py, types| {
+            let obj = py_eval(py, &format!(
+                "type('I', (), {{'__index__': lambda self: {n}}})()"
+            ));
+            let mut out = Vec::new();
+            convert::encode(types, &obj, &mut out).unwrap();
+            Term::decode(&out).unwrap()
+        });
+        let v: Vec<u8> = {
+            let mut o = Vec::new();
+            with_types(|py, types| {
+                convert::encode(types, &py_eval(py, &n.to_string()), &mut o).unwrap()
+            });
+            o
+        };
+        prop_assert_eq!(t, Term::decode(&v).unwrap());
+    }
+
+    /// A tuple tagged with a built-in tag but of any other content never panics: it is
+    /// its Python object, the tuple unchanged, or an error (a Python exception, such as
+    /// a date out of range or numpy not importing).
+    #[test]
+    fn tagged_garbage_never_panics(
+        tag in prop::sample::select(vec!["datetime", "date", "time", "timedelta", "decimal",
+                                         "uuid", "enum", "complex", "range", "ndarray"]),
+        items in proptest::collection::vec(arb_term(), 0..5),
+    ) {
+        let t = tagged(tag, items);
+        let r = with_types(|py, types| round_trip(py, types, &t.encode()));
+        match r {
+            Ok(out) => {
+                let back = Term::decode(&out).unwrap();
+                // what stayed a tuple comes back unchanged; what became an object
+                // comes back in its shape, tagged the same
+                match &back {
+                    Term::Tuple(xs) => prop_assert_eq!(&xs[0], &Term::atom(tag)),
+                    other => prop_assert!(tag == "ndarray", "{t:?} -> {other:?}"),
+                }
+            }
+            Err(Error::Python { .. }) => {}
+            Err(e) => return Err(TestCaseError::fail(format!("{t:?}: {e:?}"))),
+        }
+    }
+}
+
+#[test]
+fn encoders_decoders_and_erlang_method() {
+    with_types(|py, types| {
+        let m = py_eval(py, "__import__('erlang')");
+        let point = py_eval(
+            py,
+            "type('Point', (), {'__init__': lambda s, x: setattr(s, 'x', x)})",
+        );
+        let enc = py_eval(py, "lambda p: (__import__('erlang').atom('point'), p.x)");
+        m.call_method1("register_encoder", (&point, enc)).unwrap();
+        let dec = py_eval(py, "lambda t: ('decoded', t[1])");
+        m.call_method1("register_decoder", ("pyport_test_point", dec))
+            .unwrap();
+        // an instance, and one of a subclass
+        let sub = py_eval(py, "lambda base: type('Sub', (base,), {})");
+        let sub = sub.call1((&point,)).unwrap();
+        for class in [&point, &sub] {
+            let obj = class.call1((7,)).unwrap();
+            assert_eq!(
+                encode_py(types, &obj).unwrap(),
+                Term::Tuple(vec![Term::atom("point"), Term::Int(7)])
+            );
+        }
+        // a decoder
+        let t = Term::Tuple(vec![Term::atom("pyport_test_point"), Term::Int(1)]).encode();
+        let obj = convert::decode(py, types, &t).unwrap();
+        assert_eq!(
+            encode_py(types, &obj).unwrap(),
+            Term::Tuple(vec![Term::Binary(b"decoded".to_vec()), Term::Int(1)])
+        );
+        // __erlang__
+        let obj = py_eval(py, "type('C', (), {'__erlang__': lambda self: [1, 2]})()");
+        assert_eq!(
+            encode_py(types, &obj).unwrap(),
+            Term::List(vec![Term::Int(1), Term::Int(2)])
+        );
+        // an encoder that raises: its exception
+        let boom = py_eval(py, "type('Boom', (), {})");
+        let fail = py_eval(py, "lambda o: 1 / 0");
+        m.call_method1("register_encoder", (&boom, fail)).unwrap();
+        match encode_py(types, &boom.call0().unwrap()) {
+            Err(Error::Python { kind, .. }) => assert_eq!(kind, "ZeroDivisionError"),
+            other => panic!("{other:?}"),
+        }
+        // unknown: unsupported
+        assert_eq!(
+            encode_py(types, &py_eval(py, "object()")).unwrap_err(),
+            Error::BadTerm(BadTerm::Unsupported("object".into()))
+        );
+    });
 }
