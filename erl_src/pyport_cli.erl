@@ -252,6 +252,7 @@ doctor(Modules) ->
     {ok, Info} = pyport:info(Rt),
     {ok, Exe} = pyport:eval(Main, <<"sys.executable">>),
     io:format("Python      ~ts (~ts)~n", [maps:get(python_version, Info), Exe]),
+    io:format("chosen      ~ts~n", [chosen(os:getenv("PYPORT_EXECUTABLE"))]),
     OwnGil = maps:get(owngil, Info),
     io:format("OWN_GIL     ~ts~n", [yes_no(OwnGil)]),
     Sections = case Modules of
@@ -266,6 +267,23 @@ doctor(Modules) ->
     case lists:all(fun(R) -> R end, lists:append(Results)) of
         true -> 0;
         false -> 1
+    end.
+
+%% Why the port program links this Python: the record its build left beside it
+%% (scripts/build-port.sh writes priv/pyport.build).
+chosen(Binary) ->
+    Record = filename:absname(filename:join(filename:dirname(Binary), "pyport.build")),
+    case file:read_file(Record) of
+        {ok, Text} ->
+            Lines = string:lexemes(unicode:characters_to_list(Text), "\n"),
+            Why = case [W || "why=" ++ W <- Lines] of
+                      [W | _] -> W;
+                      [] -> "not said"
+                  end,
+            io_lib:format("~ts (recorded in ~ts; later builds and the apps' venvs take "
+                          "it until PYPORT_PYTHON names another)", [Why, Record]);
+        {error, _} ->
+            io_lib:format("not recorded (no ~ts: a port program built by hand)", [Record])
     end.
 
 doctor_section(Rt, Main, Title, Names, OwnGil) ->

@@ -5,6 +5,8 @@
 %%
 %% - the app's Python packages: priv/python/requirements.txt, a venv made by the
 %%   compile, once per content of the file, used by the app's runtimes and pools;
+%% - one Python, chosen once: the dependency's first build records its Python, later
+%%   compiles (with no PYPORT_PYTHON and no cargo) take it and rebuild nothing;
 %%
 %% Needs the package index (a small pure-Python package, `six') for the first venv.
 -module(pyport_app_SUITE).
@@ -24,7 +26,8 @@ suite() ->
     [{timetrap, {minutes, 20}}].
 
 all() ->
-    [rebar3_app_packages, mix_app_packages].
+    [rebar3_app_packages, mix_app_packages,
+     rebar3_path_dependency, mix_path_dependency].
 
 init_per_suite(Config) ->
     Root = pyport_ct:repo_root(),
@@ -117,6 +120,71 @@ changed_and_failing(Dir, Venv, Compile) ->
     %% back as it was, for the cases after this one
     ok = file:write_file(Requirements, ?PACKAGE "\n"),
     {0, _} = pyport_ct:shell(Dir, user_env() ++ " " ++ Compile).
+
+%%% Item 4: one Python, chosen once
+
+rebar3_path_dependency() ->
+    [{doc, "pyport in _checkouts, built once with PYPORT_PYTHON set (init_per_suite): "
+           "`rebar3 compile' with PYPORT_PYTHON unset and no cargo on the PATH succeeds "
+           "and leaves the port program and its record (the Python, and why) as they "
+           "were, although discovery alone would pick another Python here when this "
+           "machine has one; `pyport doctor' names that Python and why."}].
+rebar3_path_dependency(Config) ->
+    App = rebar3_app(Config),
+    Clone = ?config(clone, Config),
+    Before = built(Clone),
+    {0, _} = pyport_ct:shell(App, no_cargo(Config) ++ " rebar3 compile"),
+    ?assertEqual(Before, built(Clone)),
+    {_, _, Record} = Before,
+    ?assertNotEqual(nomatch, string:find(Record, "python=" ++ ?config(python, Config) ++ "\n")),
+    ?assertNotEqual(nomatch, string:find(Record, "why=set by PYPORT_PYTHON\n")),
+    {0, Discovered} = pyport_ct:shell(Clone, user_env() ++ " scripts/ensure-python.sh --prefer-installed"),
+    ct:log("discovery alone would take ~ts", [Discovered]),
+    {0, Out} = pyport_ct:shell(App, user_env() ++ " erl -noshell " ++ rebar3_paths()
+                               ++ " -eval 'pyport_cli:main([\"--port-binary\", \"" ++ Clone
+                               ++ "/priv/pyport\", \"doctor\", \"json\"])'"),
+    ?assertMatch({match, _}, re:run(Out, "^Python +[0-9.]+ \\(" ++ ?config(python, Config) ++ "\\)",
+                                    [multiline])),
+    ?assertMatch({match, _}, re:run(Out, "^chosen +set by PYPORT_PYTHON \\(recorded in " ++ Clone,
+                                    [multiline])).
+
+mix_path_dependency() ->
+    [{doc, "The Mix project with pyport by `path:': `mix compile' and `mix run' with "
+           "PYPORT_PYTHON unset and no cargo on the PATH succeed, call Python, and leave "
+           "the port program and its record as they were."}].
+mix_path_dependency(Config) ->
+    case os:find_executable("mix") of
+        false -> {skip, "mix (Elixir) is not installed"};
+        _ -> mix_path_dependency_(Config)
+    end.
+
+mix_path_dependency_(Config) ->
+    Dir = mix_app(Config),
+    Clone = ?config(clone, Config),
+    Before = built(Clone),
+    Env = no_cargo(Config) ++ " MIX_HOME=" ++ filename:join([?config(root, Config), "_build", "mix_home"]),
+    {0, _} = pyport_ct:shell(Dir, Env ++ " mix compile"),
+    {0, Out} = pyport_ct:shell(Dir, Env ++ " mix run -e 'IO.inspect(:pyport.call(:math, :sqrt, [16]))'"),
+    ?assertNotEqual(nomatch, string:find(Out, "{:ok, 4.0}")),
+    ?assertEqual(Before, built(Clone)).
+
+%% The port program's modification time and content, and its record.
+built(Clone) ->
+    Binary = filename:join([Clone, "priv", "pyport"]),
+    {ok, Bytes} = file:read_file(Binary),
+    {ok, Record} = file:read_file(filename:join([Clone, "priv", "pyport.build"])),
+    {modified(Binary), erlang:md5(Bytes), binary_to_list(Record)}.
+
+%% As a user runs things, with no cargo on the PATH.
+no_cargo(Config) ->
+    Bin = filename:join(?config(priv_dir, Config), "no_cargo_bin"),
+    case filelib:is_dir(Bin) of
+        true -> ok;
+        false ->
+            ok = file:make_dir(Bin),
+            _ = pyport_ct:path_without(Bin, fun(Name) -> Name =:= "cargo" end)
+    end,
+    user_env() ++ " PATH=" ++ Bin.
 
 %%% The throwaway apps
 

@@ -203,23 +203,8 @@ quote(S) ->
 lines(Text) ->
     string:lexemes(Text, "\n").
 
-%% A bin directory standing for this machine's PATH less the names Drop matches: a
-%% symlink to the first of each other name on the PATH.
 path_without(Config, Name, Drop) ->
-    Bin = fresh_dir(Config, Name ++ "_bin"),
-    Dirs = [D || D <- string:lexemes(os:getenv("PATH"), ":"), filelib:is_dir(D)],
-    lists:foreach(
-      fun(Dir) ->
-          {ok, Names} = file:list_dir(Dir),
-          [link(filename:join(Dir, N), filename:join(Bin, N)) || N <- Names, not Drop(N)]
-      end, Dirs),
-    Bin.
-
-link(Target, Link) ->
-    case file:make_symlink(Target, Link) of
-        ok -> ok;
-        {error, eexist} -> ok  % an earlier PATH entry has this name
-    end.
+    pyport_ct:path_without(fresh_dir(Config, Name ++ "_bin"), Drop).
 
 fresh_dir(Config, Name) ->
     Dir = filename:join(?config(priv_dir, Config), Name),
