@@ -7,6 +7,8 @@
 %%   compile, once per content of the file, used by the app's runtimes and pools;
 %% - one Python, chosen once: the dependency's first build records its Python, later
 %%   compiles (with no PYPORT_PYTHON and no cargo) take it and rebuild nothing;
+%% - tooling with the dependency: `rebar3 pyport doctor|eval|run|call' and `mix
+%%   pyport.doctor|eval|run|call' on the app's own port program and venv.
 %%
 %% Needs the package index (a small pure-Python package, `six') for the first venv.
 -module(pyport_app_SUITE).
@@ -27,7 +29,8 @@ suite() ->
 
 all() ->
     [rebar3_app_packages, mix_app_packages,
-     rebar3_path_dependency, mix_path_dependency].
+     rebar3_path_dependency, mix_path_dependency,
+     rebar3_tooling, mix_tooling].
 
 init_per_suite(Config) ->
     Root = pyport_ct:repo_root(),
@@ -185,6 +188,47 @@ no_cargo(Config) ->
             _ = pyport_ct:path_without(Bin, fun(Name) -> Name =:= "cargo" end)
     end,
     user_env() ++ " PATH=" ++ Bin.
+
+%%% Item 7: tooling with the dependency
+
+rebar3_tooling() ->
+    [{doc, "In the rebar3 app: `rebar3 pyport doctor six' names the recorded Python and "
+           "why, and finds the app's package in both modes; `eval', `call' (of the "
+           "app's package) and `run' (a script importing it, ending with sys.exit(3): "
+           "exit status 3) answer as the escript does."}].
+rebar3_tooling(Config) ->
+    tooling(Config, rebar3_app(Config), user_env() ++ " REBAR_COLOR=none rebar3 pyport ").
+
+mix_tooling() ->
+    [{doc, "The same with `mix pyport.doctor', `mix pyport.eval', `mix pyport.call' and "
+           "`mix pyport.run' in the Mix project."}].
+mix_tooling(Config) ->
+    case os:find_executable("mix") of
+        false -> {skip, "mix (Elixir) is not installed"};
+        _ -> tooling(Config, mix_app(Config), mix_env(Config) ++ " mix pyport.")
+    end.
+
+tooling(Config, Dir, Tool) ->
+    Python = ?config(python, Config),
+    {0, Doctor} = pyport_ct:shell(Dir, Tool ++ "doctor six"),
+    ?assertMatch({match, _}, re:run(Doctor, "^Python +[0-9.]+ \\(" ++ Python ++ "\\)", [multiline])),
+    ?assertMatch({match, _}, re:run(Doctor, "^chosen +set by PYPORT_PYTHON", [multiline])),
+    ?assertMatch({match, _}, re:run(Doctor, "^six +ok +ok$", [multiline])),
+    {0, Eval} = pyport_ct:shell(Dir, Tool ++ "eval '6*7'"),
+    ?assertMatch({match, _}, re:run(Eval, "^42$", [multiline])),
+    {0, Call} = pyport_ct:shell(Dir, Tool ++ "call six ensure_str hi"),
+    ?assertMatch({match, _}, re:run(Call, "^hi$", [multiline])),
+    Script = filename:join(Dir, "script.py"),
+    ok = file:write_file(Script, "import sys, six\nprint('args', sys.argv[1:], six.ensure_str('x'))\n"
+                                 "sys.exit(3)\n"),
+    {3, Run} = pyport_ct:shell(Dir, Tool ++ "run " ++ Script ++ " a b"),
+    ?assertEqual({match, 1}, count("^args \\['a', 'b'\\] x$", Run)).
+
+count(Regex, Text) ->
+    case re:run(Text, Regex, [multiline, global]) of
+        {match, Matches} -> {match, length(Matches)};
+        nomatch -> nomatch
+    end.
 
 %%% The throwaway apps
 

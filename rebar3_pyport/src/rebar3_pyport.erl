@@ -6,6 +6,9 @@
 %%
 %% Providers (namespace `pyport'):
 %%   rebar3 pyport venv     the app's venv from priv/python/requirements.txt (the hook)
+%%   rebar3 pyport doctor | eval | run | call
+%%                          pyport's command line (docs/cli.md) with the project's own
+%%                          port program and venv
 %% Each runs a script or module of the pyport dependency, so the plugin and the
 %% dependency agree as long as they come from the same commit.
 -module(rebar3_pyport).
@@ -17,7 +20,8 @@
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
     lists:foldl(fun(Module, {ok, S}) -> Module:init(S) end, {ok, State},
-                [rebar3_pyport_venv]).
+                [rebar3_pyport_venv, rebar3_pyport_doctor, rebar3_pyport_eval,
+                 rebar3_pyport_run, rebar3_pyport_call]).
 
 %% @doc The pyport dependency's source directory, or an error naming what is missing.
 -spec pyport_dir(rebar_state:t()) -> {ok, file:filename()} | {error, string()}.

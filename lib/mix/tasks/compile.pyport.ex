@@ -23,6 +23,23 @@ end
 defmodule Pyport.Mix do
   @moduledoc false
 
+  # pyport's command line (:pyport_cli) in this VM, on the project's port program and
+  # venv, after a compile (which makes both up to date); halts with the command's exit
+  # status when it is not 0
+  def cli(command, args) do
+    Mix.Task.run("compile")
+    Mix.Task.run("loadpaths")
+    venv = Path.join([File.cwd!(), "priv", "python", ".venv"])
+    venv_args = if File.dir?(venv), do: ["--venv", venv], else: []
+    binary = Path.join([dir(), "priv", "pyport"])
+    argv = ["--port-binary", binary] ++ venv_args ++ [command | args]
+
+    case :pyport_cli.run(Enum.map(argv, &String.to_charlist/1)) do
+      0 -> :ok
+      status -> System.halt(status)
+    end
+  end
+
   # pyport's own directory: the dependency's, or this project's when it is pyport
   def dir do
     case Mix.Project.deps_paths()[:pyport] do
