@@ -1,4 +1,4 @@
-%% @doc `rebar3 pyport call MOD FUN [ARG...]': print MOD.FUN(*ARGS) (see rebar3_pyport_cli).
+%% @doc `rebar3 pyport call MOD FUN [ARG...]' (rebar3_pyport_cli; rebar3 wants a module per provider).
 -module(rebar3_pyport_call).
 -behaviour(provider).
 
@@ -8,7 +8,7 @@
 
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
-    {ok, rebar_state:add_provider(State, rebar3_pyport_cli:provider(call, ?MODULE, "call MOD FUN [ARG...]", "Print MOD.FUN(*ARGS)"))}.
+    rebar3_pyport_cli:init(call, ?MODULE, "call MOD FUN [ARG...]", "Print MOD.FUN(*ARGS)", State).
 
 -spec do(rebar_state:t()) -> {ok, rebar_state:t()} | {error, {module(), term()}}.
 do(State) ->

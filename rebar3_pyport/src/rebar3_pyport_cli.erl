@@ -5,12 +5,15 @@
 %% status is the command's (as the escript's: docs/cli.md).
 -module(rebar3_pyport_cli).
 
--export([provider/4]).
+-export([init/5]).
 -export([run/2]).
 -export([format_error/1]).
 
-%% @doc The provider `rebar3 pyport Name', implemented by Module.
--spec provider(atom(), module(), string(), string()) -> providers:t().
+%% @doc Adds the provider `rebar3 pyport Name', implemented by Module.
+-spec init(atom(), module(), string(), string(), rebar_state:t()) -> {ok, rebar_state:t()}.
+init(Name, Module, Usage, Desc, State) ->
+    {ok, rebar_state:add_provider(State, provider(Name, Module, Usage, Desc))}.
+
 provider(Name, Module, Usage, Desc) ->
     providers:create([{name, Name}, {namespace, pyport}, {module, Module},
                       {bare, true}, {deps, [{default, compile}]},

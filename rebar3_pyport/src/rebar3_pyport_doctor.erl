@@ -1,4 +1,4 @@
-%% @doc `rebar3 pyport doctor [MODULE...]': the Python, OWN_GIL support, and where each module imports (see rebar3_pyport_cli).
+%% @doc `rebar3 pyport doctor [MODULE...]' (rebar3_pyport_cli; rebar3 wants a module per provider).
 -module(rebar3_pyport_doctor).
 -behaviour(provider).
 
@@ -8,7 +8,7 @@
 
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
-    {ok, rebar_state:add_provider(State, rebar3_pyport_cli:provider(doctor, ?MODULE, "doctor [MODULE...]", "The Python, OWN_GIL support, and where each module imports"))}.
+    rebar3_pyport_cli:init(doctor, ?MODULE, "doctor [MODULE...]", "The Python, OWN_GIL support, and where each module imports", State).
 
 -spec do(rebar_state:t()) -> {ok, rebar_state:t()} | {error, {module(), term()}}.
 do(State) ->

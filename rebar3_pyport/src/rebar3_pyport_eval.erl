@@ -1,4 +1,4 @@
-%% @doc `rebar3 pyport eval EXPR': print the value of a Python expression (see rebar3_pyport_cli).
+%% @doc `rebar3 pyport eval EXPR' (rebar3_pyport_cli; rebar3 wants a module per provider).
 -module(rebar3_pyport_eval).
 -behaviour(provider).
 
@@ -8,7 +8,7 @@
 
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
-    {ok, rebar_state:add_provider(State, rebar3_pyport_cli:provider(eval, ?MODULE, "eval EXPR", "Print the value of a Python expression"))}.
+    rebar3_pyport_cli:init(eval, ?MODULE, "eval EXPR", "Print the value of a Python expression", State).
 
 -spec do(rebar_state:t()) -> {ok, rebar_state:t()} | {error, {module(), term()}}.
 do(State) ->

@@ -1,4 +1,4 @@
-%% @doc `rebar3 pyport run FILE.py [ARG...]': run a Python file as __main__ (see rebar3_pyport_cli).
+%% @doc `rebar3 pyport run FILE.py [ARG...]' (rebar3_pyport_cli; rebar3 wants a module per provider).
 -module(rebar3_pyport_run).
 -behaviour(provider).
 
@@ -8,7 +8,7 @@
 
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
-    {ok, rebar_state:add_provider(State, rebar3_pyport_cli:provider(run, ?MODULE, "run FILE.py [ARG...]", "Run a Python file as __main__"))}.
+    rebar3_pyport_cli:init(run, ?MODULE, "run FILE.py [ARG...]", "Run a Python file as __main__", State).
 
 -spec do(rebar_state:t()) -> {ok, rebar_state:t()} | {error, {module(), term()}}.
 do(State) ->
