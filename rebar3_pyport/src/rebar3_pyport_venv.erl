@@ -13,7 +13,7 @@
 -spec init(rebar_state:t()) -> {ok, rebar_state:t()}.
 init(State) ->
     Provider = providers:create([{name, venv}, {namespace, pyport}, {module, ?MODULE},
-                                 {bare, true}, {deps, [{default, app_discovery}]},
+                                 {bare, true}, {deps, [{default, install_deps}]},
                                  {example, "rebar3 pyport venv"}, {opts, []},
                                  {short_desc, "Make the app's Python venv from priv/python/requirements.txt"},
                                  {desc, "Makes priv/python/.venv of each project app that has a "
