@@ -20,15 +20,22 @@
 %%
 %% Options (before the command): `--port-binary PATH', else $PYPORT_EXECUTABLE, else
 %% the binary a rebar3 build puts beside this escript (_build/PROFILE/bin/pyport and
-%% _build/PROFILE/lib/pyport/priv/pyport; a symlink to the escript is followed first).
+%% _build/PROFILE/lib/pyport/priv/pyport; a symlink to the escript is followed first);
+%% `--venv DIR', a virtualenv whose packages the commands see (the runtime's `venv').
 %% Exit status: 0 success, 1 a Python error, 2 usage (or no port binary).
+%%
+%% The same commands run inside another tool's VM through run/1, which returns the
+%% exit status instead of halting: `rebar3 pyport doctor' (the rebar3_pyport plugin)
+%% and `mix pyport.doctor' (lib/mix/tasks/pyport.ex) pass the app's own port program
+%% and venv.
 -module(pyport_cli).
 
 -export([main/1]).
+-export([run/1]).
 -export([log/2]).
 
 -define(USAGE,
-        "usage: pyport [--port-binary PATH] COMMAND\n"
+        "usage: pyport [--port-binary PATH] [--venv DIR] COMMAND\n"
         "  eval EXPR | run FILE.py [ARG...] | call MOD FUN [ARG...] | doctor [MODULE...] | bench\n").
 
 %% Python helpers of the command line, run in the context it uses.
@@ -99,17 +106,28 @@ def cli_try_import(name):
 %% with its exit code (0 done, 1 the Python side failed, 2 a usage or set-up error).
 -spec main([string()]) -> no_return().
 main(Args) ->
-    case options(Args, #{}) of
-        {ok, Opts, Command} ->
-            setup(Opts),
-            halt(command(Command));
-        usage ->
-            io:put_chars(standard_error, ?USAGE),
-            halt(2)
+    halt(run(Args)).
+
+%% @doc Runs one command (see the module doc) in this VM and returns its exit status.
+-spec run([string()]) -> non_neg_integer().
+run(Args) ->
+    try
+        case options(Args, #{}) of
+            {ok, Opts, Command} ->
+                setup(Opts),
+                command(Command, maps:with([venv], Opts));
+            usage ->
+                io:put_chars(standard_error, ?USAGE),
+                2
+        end
+    catch
+        throw:{?MODULE, exit, Code} -> Code
     end.
 
 options(["--port-binary", Path | Rest], Opts) ->
     options(Rest, Opts#{executable => Path});
+options(["--venv", Dir | Rest], Opts) ->
+    options(Rest, Opts#{venv => Dir});
 options(["eval", Expr], Opts) -> {ok, Opts, {eval, Expr}};
 options(["run", File | Args], Opts) -> {ok, Opts, {run, File, Args}};
 options(["call", Mod, Fun | Args], Opts) -> {ok, Opts, {call, Mod, Fun, Args}};
@@ -121,7 +139,10 @@ options(_, _) -> usage.
 setup(Opts) ->
     Exe = port_binary(Opts),
     os:putenv("PYPORT_EXECUTABLE", Exe),
-    ok = application:load(pyport),
+    case application:load(pyport) of
+        ok -> ok;
+        {error, {already_loaded, pyport}} -> ok
+    end,
     ok = application:set_env(pyport, default_runtime, false),
     {ok, _} = application:ensure_all_started(pyport),
     ok.
@@ -156,9 +177,9 @@ resolve_links(Path, N) ->
         {error, _} -> Path
     end.
 
-context(Mode) ->
-    case pyport:start_runtime(#{contexts => [#{name => cli, mode => Mode, preload => ?HELPERS}],
-                                call_timeout => infinity}) of
+context(Mode, RtOpts) ->
+    case pyport:start_runtime(RtOpts#{contexts => [#{name => cli, mode => Mode, preload => ?HELPERS}],
+                                      call_timeout => infinity}) of
         {ok, Rt} ->
             {ok, C} = pyport:context(Rt, cli),
             {Rt, C};
@@ -166,18 +187,18 @@ context(Mode) ->
             fail(1, "pyport: the runtime did not start: ~p~n", [Reason])
     end.
 
-command({eval, Expr}) ->
-    {_, C} = context(owngil),
+command({eval, Expr}, RtOpts) ->
+    {_, C} = context(owngil, RtOpts),
     show(pyport:call(C, '__main__', cli_eval, [unicode:characters_to_binary(Expr)]));
-command({call, Mod, Fun, Args}) ->
-    {_, C} = context(owngil),
+command({call, Mod, Fun, Args}, RtOpts) ->
+    {_, C} = context(owngil, RtOpts),
     show(pyport:call(C, '__main__', cli_call,
                      [unicode:characters_to_binary(Mod), unicode:characters_to_binary(Fun),
                       [unicode:characters_to_binary(A) || A <- Args]]));
-command({run, File, Args}) ->
+command({run, File, Args}, RtOpts) ->
     filelib:is_regular(File) orelse fail(2, "pyport: no file ~ts~n", [File]),
     print_python_output(),
-    {_, C} = context(main),
+    {_, C} = context(main, RtOpts),
     Result = pyport:call(C, '__main__', cli_run,
                          [unicode:characters_to_binary(filename:absname(File)),
                           [unicode:characters_to_binary(A) || A <- Args]]),
@@ -186,9 +207,9 @@ command({run, File, Args}) ->
         {ok, Code} when is_integer(Code) -> Code;
         Error -> show(Error)
     end;
-command({doctor, Modules}) ->
-    doctor(Modules);
-command(bench) ->
+command({doctor, Modules}, RtOpts) ->
+    doctor(Modules, RtOpts);
+command(bench, _RtOpts) ->
     bench().
 
 %% Prints a result: 0 on success, 1 (with the traceback) for a Python error.
@@ -202,17 +223,19 @@ show({error, Reason}) ->
     io:format(standard_error, "pyport: ~p~n", [Reason]),
     1.
 
+%% Ends the command with exit status Code (run/1 returns it).
 -spec fail(non_neg_integer(), io:format(), [term()]) -> no_return().
 fail(Code, Format, Args) ->
     io:format(standard_error, Format, Args),
-    halt(Code).
+    throw({?MODULE, exit, Code}).
 
 %%% run: Python's output, as it comes
 
 %% Python's print and sys.stderr reach Erlang's logger (domain [pyport, python]); here
-%% they go to this process's stdout and stderr instead, line by line.
+%% they go to this process's stdout and stderr instead, line by line, and nowhere else
+%% (in Mix's VM Elixir's handler would print them again).
 print_python_output() ->
-    _ = logger:remove_handler(default),
+    _ = [logger:remove_handler(Id) || Id <- logger:get_handler_ids()],
     ok = logger:set_primary_config(level, info),  % print() is logged at info
     ok = logger:add_handler(pyport_cli_output, ?MODULE,
                             #{filter_default => stop,
@@ -247,11 +270,12 @@ logger_drain() ->
 
 %%% doctor
 
-doctor(Modules) ->
-    {Rt, Main} = context(main),
+doctor(Modules, RtOpts) ->
+    {Rt, Main} = context(main, RtOpts),
     {ok, Info} = pyport:info(Rt),
     {ok, Exe} = pyport:eval(Main, <<"sys.executable">>),
     io:format("Python      ~ts (~ts)~n", [maps:get(python_version, Info), Exe]),
+    io:format("chosen      ~ts~n", [chosen(os:getenv("PYPORT_EXECUTABLE"))]),
     OwnGil = maps:get(owngil, Info),
     io:format("OWN_GIL     ~ts~n", [yes_no(OwnGil)]),
     Sections = case Modules of
@@ -266,6 +290,23 @@ doctor(Modules) ->
     case lists:all(fun(R) -> R end, lists:append(Results)) of
         true -> 0;
         false -> 1
+    end.
+
+%% Why the port program links this Python: the record its build left beside it
+%% (scripts/build-port.sh writes priv/pyport.build).
+chosen(Binary) ->
+    Record = filename:absname(filename:join(filename:dirname(Binary), "pyport.build")),
+    case file:read_file(Record) of
+        {ok, Text} ->
+            Lines = string:lexemes(unicode:characters_to_list(Text), "\n"),
+            Why = case [W || "why=" ++ W <- Lines] of
+                      [W | _] -> W;
+                      [] -> "not said"
+                  end,
+            io_lib:format("~ts (recorded in ~ts; later builds and the apps' venvs take "
+                          "it until PYPORT_PYTHON names another)", [Why, Record]);
+        {error, _} ->
+            io_lib:format("not recorded (no ~ts: a port program built by hand)", [Record])
     end.
 
 doctor_section(Rt, Main, Title, Names, OwnGil) ->

@@ -118,7 +118,8 @@ start_link(#{name := Name} = Opts) when is_atom(Name) ->
 %% (`{already_started, Name}' for a name taken).
 -spec start(atom(), map()) -> {ok, pid()} | {error, term()}.
 start(Name, Opts) ->
-    case pyport_sup:start_child(child_spec(Opts#{name => Name})) of
+    %% issue 20: the caller's application, whose venv the members use
+    case pyport_sup:start_child(child_spec(pyport_app_env:with_caller_app(Opts#{name => Name}))) of
         {error, {already_started, _}} -> {error, {already_started, Name}};
         Result -> Result
     end.

@@ -78,7 +78,7 @@
 -define(DYNAMIC_ID_BASE, 1000000).
 %% The keys of a runtime's Opts (`key' and `handle' are set by `pyport_runtime') and of
 %% a context spec. Any other key is `{error, {bad_option, Key}}' at start.
--define(RUNTIME_OPTIONS, [name, key, handle, executable, path, venv, env, contexts,
+-define(RUNTIME_OPTIONS, [name, key, handle, executable, path, venv, app, env, contexts,
                           call_timeout, start_timeout, max_frame, queue_capacity,
                           stuck_after, max_memory, max_atoms, max_reply, max_mailbox,
                           none, arrays, restart]).
@@ -97,6 +97,8 @@
                   executable => file:filename_all(),
                   path => [file:filename_all()],
                   venv => file:filename_all(),
+                  %% issue 20: whose priv/python/.venv (pyport_app_env)
+                  app => atom(),
                   env => [{string(), string() | false}],
                   contexts => [context_spec()],
                   call_timeout => timeout(),
@@ -189,7 +191,8 @@ quiet_start(Started) ->
 -spec check_opts(map()) -> ok | {error, {bad_option, term()}}.
 check_opts(Opts) ->
     case unknown_key(Opts, ?RUNTIME_OPTIONS) of
-        none -> check_venv(Opts);
+        none when is_map_key(venv, Opts) -> check_venv(Opts);
+        none -> pyport_app_env:check(Opts);  % issue 20: the app's venv
         Key -> {error, {bad_option, Key}}
     end.
 
@@ -559,7 +562,8 @@ stuck_args(_) -> [].
 path_args(Opts) ->
     Venv = case maps:find(venv, Opts) of
                {ok, Dir} -> venv_site_packages(Dir);
-               error -> []
+               %% issue 20: else the venv of the runtime's application
+               error -> lists:flatmap(fun venv_site_packages/1, pyport_app_env:venvs(Opts))
            end,
     lists:append([["--path", to_list(P)] || P <- maps:get(path, Opts, []) ++ Venv]).
 

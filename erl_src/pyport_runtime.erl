@@ -78,7 +78,9 @@ start_link(Opts) when is_map(Opts) ->
 %% registered name, else a reference made here) is fixed in the spec, so handles of
 %% contexts from Opts stay valid across restarts of that child.
 -spec child_spec(opts()) -> supervisor:child_spec().
-child_spec(Opts) when is_map(Opts) ->
+child_spec(Opts0) when is_map(Opts0) ->
+    %% issue 20: made in the caller, whose application's venv the runtime uses
+    Opts = pyport_app_env:with_caller_app(Opts0),
     Key = runtime_key(Opts),
     #{id => {?MODULE, Key},
       start => {?MODULE, start_link, [Opts#{key => Key}]},

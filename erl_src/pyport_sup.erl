@@ -57,11 +57,15 @@ default_runtime() ->
         false ->
             [];
         true ->
-            [pyport_runtime:child_spec(#{name => pyport, contexts => default_contexts()})];
+            default_runtime(#{});
         Opts when is_map(Opts) ->
-            Contexts = maps:get(contexts, Opts, default_contexts()),
-            [pyport_runtime:child_spec(Opts#{name => pyport, contexts => Contexts})]
+            default_runtime(Opts)
     end.
+
+default_runtime(Opts) ->
+    Contexts = maps:get(contexts, Opts, default_contexts()),
+    %% issue 20: the venv of the app that has one (pyport_app_env)
+    [pyport_runtime:child_spec(pyport_app_env:default_app(Opts#{name => pyport, contexts => Contexts}))].
 
 %% `auto' is one owngil context per online scheduler; an integer asks for that many;
 %% a list gives the context specs themselves.

@@ -5,7 +5,19 @@
 # the cached build; else build CPython $series once from Debian's source package into
 # the cache (outside the repo; minutes; needs root and apt-get). Anything wrong is one
 # line on stderr; the build's own output goes to a log file that line names.
+# With --why, a second line says why that one (build-port.sh records it, and `pyport
+# doctor' shows it).
 set -euo pipefail
+
+prefer_installed=false
+why=false
+for arg in "$@"; do
+    case "$arg" in
+        --prefer-installed) prefer_installed=true ;;
+        --why) why=true ;;
+        *) echo "pyport: ensure-python.sh: unknown option $arg" >&2; exit 2 ;;
+    esac
+done
 
 series="${PYPORT_PYTHON_SERIES:-3.13}"
 cache="${PYPORT_CACHE:-$HOME/.cache/pyport}"
@@ -14,6 +26,12 @@ build_log="$cache/build-python$series.log"
 
 say() { echo "pyport: $*" >&2; }
 fail() { say "$*"; exit 1; }
+# found PYTHON WHY: the answer (and with --why, the reason)
+found() {
+    echo "$1"
+    if $why; then echo "$2"; fi
+    exit 0
+}
 
 # usable PYTHON: >= 3.12 and built with --enable-shared. It must print the answer, so an
 # executable that is not Python (`true') does not pass by exiting 0.
@@ -23,20 +41,25 @@ usable() {
 }
 
 if [ -n "${PYPORT_PYTHON:-}" ]; then
-    if usable "$PYPORT_PYTHON"; then echo "$PYPORT_PYTHON"; exit 0; fi
+    if usable "$PYPORT_PYTHON"; then found "$PYPORT_PYTHON" "set by PYPORT_PYTHON"; fi
     fail "PYPORT_PYTHON=$PYPORT_PYTHON is not a CPython >= 3.12 with a shared libpython"
 fi
 
-if [ "${1:-}" = "--prefer-installed" ]; then
+if $prefer_installed; then
     for py in python3.14 python3.13 python3.12 python3 \
               $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.1[2-9]*/bin/python3 2>/dev/null | sort -rV); do
         found=$(command -v "$py" 2>/dev/null || true)
-        if [ -n "$found" ] && usable "$found"; then echo "$found"; exit 0; fi
+        if [ -n "$found" ] && usable "$found"; then
+            case "$py" in
+                /*) found "$found" "the newest usable Python under pyenv" ;;
+                *) found "$found" "the first usable Python on the PATH ($py)" ;;
+            esac
+        fi
     done
 fi
 
 if [ -x "$prefix/bin/python3" ] && usable "$prefix/bin/python3"; then
-    echo "$prefix/bin/python3"; exit 0
+    found "$prefix/bin/python3" "pyport's own build of CPython $series in $cache"
 fi
 
 # Nothing found: build one. That takes Debian's apt as root; without them, say so (and
@@ -106,4 +129,4 @@ if [ "$status" != 0 ] || ! usable "$prefix/bin/python3"; then
     [ -z "${CI:-}" ] || tail -n 40 "$build_log" >&2
     fail "building CPython $series failed; see $build_log"
 fi
-echo "$prefix/bin/python3"
+found "$prefix/bin/python3" "pyport's own build of CPython $series in $cache (built now)"

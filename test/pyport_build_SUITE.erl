@@ -1,8 +1,9 @@
 %% @doc The build scripts as a dependency build meets them: scripts/build-port.sh (the
 %% rebar3 compile hook) and scripts/ensure-python.sh, run for real with a PATH, pyenv
 %% root and cache made for each case (symlinks to this machine's own tools and
-%% Pythons). No case starts a CPython build: the one that finds no Python has no
-%% apt-get on its PATH.
+%% Pythons), in a copy of the sources that has no port program built yet (a built and
+%% stamped one would need no cargo and no Python search). No case starts a CPython
+%% build: the one that finds no Python has no apt-get on its PATH.
 -module(pyport_build_SUITE).
 
 -include_lib("common_test/include/ct.hrl").
@@ -15,10 +16,12 @@ suite() ->
     [{timetrap, {minutes, 2}}].
 
 all() ->
-    [missing_cargo, bad_pyport_python, no_python_found, discovery_order].
+    [missing_cargo, bad_pyport_python, no_python_found, discovery_order,
+     up_to_date_needs_no_cargo].
 
 init_per_suite(Config) ->
-    Scripts = filename:join(pyport_ct:repo_root(), "scripts"),
+    Tree = source_copy(Config, "tree"),
+    Scripts = filename:join(Tree, "scripts"),
     [{build_port, filename:join(Scripts, "build-port.sh")},
      {ensure_python, filename:join(Scripts, "ensure-python.sh")} | Config].
 
@@ -128,7 +131,55 @@ discovery_order(Config, Installed, Series, CachedPrefix) ->
     _ = [ok = file:delete(filename:join(Versions, V)) || {V, _} <- Installed],
     ?assertEqual(Cached, Found([])).
 
+up_to_date_needs_no_cargo() ->
+    [{doc, "A copy of the sources with this checkout's port program and its record "
+           "(priv/pyport.build, written by build-port.sh): with no cargo on the PATH and "
+           "PYPORT_PYTHON unset, or set to the recorded Python, build-port.sh does nothing "
+           "and succeeds, and `--python' names the recorded Python; a changed Rust source "
+           "or another PYPORT_PYTHON asks for a build (here: `cargo not found')."}].
+up_to_date_needs_no_cargo(Config) ->
+    Root = pyport_ct:repo_root(),
+    Record = filename:join([Root, "priv", "pyport.build"]),
+    case filelib:is_regular(Record) of
+        false -> {skip, "this checkout's port program has no record: run make build"};
+        true -> up_to_date_needs_no_cargo(Config, Root, Record)
+    end.
+
+up_to_date_needs_no_cargo(Config, Root, Record) ->
+    Tree = source_copy(Config, "built"),
+    ok = file:make_dir(filename:join(Tree, "priv")),
+    {ok, _} = file:copy(filename:join([Root, "priv", "pyport"]), filename:join([Tree, "priv", "pyport"])),
+    ok = file:change_mode(filename:join([Tree, "priv", "pyport"]), 8#755),
+    {ok, _} = file:copy(Record, filename:join([Tree, "priv", "pyport.build"])),
+    {ok, RecordText} = file:read_file(Record),
+    [Python] = [P || "python=" ++ P <- lines(binary_to_list(RecordText))],
+    Bin = path_without(Config, "built_no_cargo", fun(Name) -> Name =:= "cargo" end),
+    Script = filename:join([Tree, "scripts", "build-port.sh"]),
+    ?assertEqual({0, "", ""}, run(Config, ["PATH=" ++ Bin], Script, "")),
+    ?assertEqual({0, "", ""}, run(Config, ["PATH=" ++ Bin, "PYPORT_PYTHON=" ++ Python], Script, "")),
+    ?assertEqual({0, Python ++ "\n", ""}, run(Config, ["PATH=" ++ Bin], Script, "--python")),
+    case [Py || {_, Py} <- pyenv_pythons(), Py =/= Python] of
+        [Other | _] ->
+            {1, "", Err1} = run(Config, ["PATH=" ++ Bin, "PYPORT_PYTHON=" ++ Other], Script, ""),
+            ?assertMatch(["pyport: cargo not found" ++ _], lines(Err1));
+        [] ->
+            ok
+    end,
+    Main = filename:join([Tree, "src", "main.rs"]),
+    ok = file:write_file(Main, "// changed\n", [append]),
+    {1, "", Err2} = run(Config, ["PATH=" ++ Bin], Script, ""),
+    ?assertMatch(["pyport: cargo not found" ++ _], lines(Err2)),
+    ?assertEqual({ok, RecordText}, file:read_file(filename:join([Tree, "priv", "pyport.build"]))).
+
 %%% Helpers
+
+%% A copy of what build-port.sh reads (scripts, the Rust sources and manifests), with
+%% no priv/: nothing built yet.
+source_copy(Config, Name) ->
+    Tree = fresh_dir(Config, Name),
+    Root = pyport_ct:repo_root(),
+    {0, _} = pyport_ct:shell(Root, "cp -r scripts src build.rs Cargo.toml Cargo.lock " ++ Tree),
+    Tree.
 
 %% Runs Command Args with the environment less PYPORT_* plus Env; its exit status,
 %% stdout and stderr, apart.
@@ -152,23 +203,8 @@ quote(S) ->
 lines(Text) ->
     string:lexemes(Text, "\n").
 
-%% A bin directory standing for this machine's PATH less the names Drop matches: a
-%% symlink to the first of each other name on the PATH.
 path_without(Config, Name, Drop) ->
-    Bin = fresh_dir(Config, Name ++ "_bin"),
-    Dirs = [D || D <- string:lexemes(os:getenv("PATH"), ":"), filelib:is_dir(D)],
-    lists:foreach(
-      fun(Dir) ->
-          {ok, Names} = file:list_dir(Dir),
-          [link(filename:join(Dir, N), filename:join(Bin, N)) || N <- Names, not Drop(N)]
-      end, Dirs),
-    Bin.
-
-link(Target, Link) ->
-    case file:make_symlink(Target, Link) of
-        ok -> ok;
-        {error, eexist} -> ok  % an earlier PATH entry has this name
-    end.
+    pyport_ct:path_without(fresh_dir(Config, Name ++ "_bin"), Drop).
 
 fresh_dir(Config, Name) ->
     Dir = filename:join(?config(priv_dir, Config), Name),

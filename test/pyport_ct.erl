@@ -12,6 +12,7 @@
 -export([repo_root/0]).
 -export([head_commit/0]).
 -export([shell/2]).
+-export([path_without/2]).
 -export([end_mode_group/1]).
 -export([start_runtime_ab/2]).
 -export([contexts_ab/2]).
@@ -113,6 +114,24 @@ shell(Dir, Command) ->
     {match, [Text, Code]} = re:run(Out, "^(.*)exit=([0-9]+)\\s*$",
                                    [dotall, {capture, all_but_first, list}]),
     {list_to_integer(Code), Text}.
+
+%% Fills the empty directory Bin to stand for this machine's PATH less the names Drop
+%% matches (a symlink to the first of each other name on the PATH); returns Bin.
+-spec path_without(file:filename(), fun((string()) -> boolean())) -> file:filename().
+path_without(Bin, Drop) ->
+    Dirs = [D || D <- string:lexemes(os:getenv("PATH"), ":"), filelib:is_dir(D)],
+    lists:foreach(
+      fun(Dir) ->
+          {ok, Names} = file:list_dir(Dir),
+          [link(filename:join(Dir, N), filename:join(Bin, N)) || N <- Names, not Drop(N)]
+      end, Dirs),
+    Bin.
+
+link(Target, Link) ->
+    case file:make_symlink(Target, Link) of
+        ok -> ok;
+        {error, eexist} -> ok  % an earlier PATH entry has this name
+    end.
 
 %% For suites whose cases run in groups `owngil' and `main': starts the runtime
 %% `<Prefix>_<Mode>' with contexts `a' and `b' of that mode and `Preload'.
