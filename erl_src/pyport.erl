@@ -695,7 +695,7 @@ channel_close(#pyport_channel{} = Chan) ->
 channel_close(_NotAChannel) ->
     {error, {bad_request, channel}}.
 
-%%% The call path
+%%% For the benchmarks
 
 %% @private Exported for benches/pieces.escript, which times it under load: the body of
 %% a request (pyport_call:encode/2).

@@ -8,6 +8,7 @@
 -export([call/4]).
 -export([request/4]).
 -export([node_of/1]).
+-export([connected/1]).
 
 -include("pyport_handles.hrl").
 
@@ -22,7 +23,7 @@ call(Node, Function, Args) ->
 %% other node; this one only bounds a node that stops answering without going down.
 -spec call(node(), atom(), list(), map()) -> term().
 call(Node, Function, Args, Opts) ->
-    case lists:member(Node, nodes([visible, hidden])) of
+    case connected(Node) of
         false ->
             {error, {nodedown, Node}};
         true ->
@@ -56,3 +57,8 @@ as_caller(Opts) ->
 node_of(#pyport_ctx{home = Home}) -> node(Home);
 node_of(#pyport_pool{home = Home}) -> node(Home);
 node_of(#pyport_ref{home = Home}) -> node(Home).
+
+%% @doc Whether this node is connected to Node (hidden nodes too).
+-spec connected(node()) -> boolean().
+connected(Node) ->
+    lists:member(Node, nodes([visible, hidden])).
