@@ -274,7 +274,9 @@ call(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Kwargs, Opts)
   when ?IS_NAME(Module), ?IS_NAME(Function), is_list(Args), is_map(Kwargs), is_map(Opts) ->
     ?TRACED(#{runtime => Key, context => Id, op => call, module => Module,
               function => Function},
-            pyport_call:request(Key, Id, {call, name(Module), name(Function), Args, Kwargs}, Opts));
+            pyport_call:request(Key, Id, {call, pyport_call:name(Module),
+                                          pyport_call:name(Function), Args, Kwargs},
+                                Opts));
 call(Target, Module, Function, Args, Kwargs, Opts) ->
     bad_call(Target, Module, Function, Args, Kwargs, Opts).
 
@@ -418,7 +420,7 @@ getattr(#pyport_ref{home = Home} = Ref, Name, Opts) when node(Home) =/= node(), 
     pyport_remote:request(Ref, getattr, [Ref, Name], Opts);
 getattr(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Opts)
   when ?IS_NAME(Name), is_map(Opts) ->
-    pyport_call:request(Key, Id, {getattr, RefId, name(Name)}, Opts);
+    pyport_call:request(Key, Id, {getattr, RefId, pyport_call:name(Name)}, Opts);
 getattr(Ref, Name, Opts) ->
     bad_request([{ref, is_record(Ref, pyport_ref)}, {name, ?IS_NAME(Name)},
                  {opts, is_map(Opts)}]).
@@ -441,7 +443,8 @@ call_method(#pyport_ref{home = Home} = Ref, Name, Args, Kwargs, Opts)
     pyport_remote:request(Ref, call_method, [Ref, Name, Args, Kwargs], Opts);
 call_method(#pyport_ref{key = Key, ctx = Id, id = RefId}, Name, Args, Kwargs, Opts)
   when ?IS_NAME(Name), is_list(Args), is_map(Kwargs), is_map(Opts) ->
-    pyport_call:request(Key, Id, {call_method, RefId, name(Name), Args, Kwargs}, Opts);
+    pyport_call:request(Key, Id, {call_method, RefId, pyport_call:name(Name), Args, Kwargs},
+                        Opts);
 call_method(Ref, Name, Args, Kwargs, Opts) ->
     bad_request([{ref, is_record(Ref, pyport_ref)}, {name, ?IS_NAME(Name)},
                  {args, is_list(Args)}, {kwargs, is_map(Kwargs)}, {opts, is_map(Opts)}]).
@@ -483,7 +486,7 @@ release(_NotARef) ->
 register_function(Name, Fun) when is_function(Fun);
                                   is_tuple(Fun), tuple_size(Fun) =:= 2,
                                   is_atom(element(1, Fun)), is_atom(element(2, Fun)) ->
-    try ets:insert(?FUNCTIONS, {name(Name), Fun}) of
+    try ets:insert(?FUNCTIONS, {pyport_call:name(Name), Fun}) of
         true -> ok
     catch
         error:badarg -> {error, not_started}
@@ -492,7 +495,7 @@ register_function(Name, Fun) when is_function(Fun);
 %% @doc Removes a function registered with register_function/2 (`ok' if there is none).
 -spec unregister_function(function_name()) -> ok.
 unregister_function(Name) ->
-    try ets:delete(?FUNCTIONS, name(Name)) of
+    try ets:delete(?FUNCTIONS, pyport_call:name(Name)) of
         true -> ok
     catch
         error:badarg -> ok
@@ -601,7 +604,8 @@ cast_as(#pyport_pool{} = Pool, Module, Function, Args, Caller) ->
     pyport_affinity:on_pool(Pool, Args, #{},
                             fun(Ctx) -> cast_as(Ctx, Module, Function, Args, Caller) end);
 cast_as(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Caller) ->
-    pyport_call:cast(Key, Id, name(Module), name(Function), Args, Caller).
+    pyport_call:cast(Key, Id, pyport_call:name(Module), pyport_call:name(Function), Args,
+                     Caller).
 
 %%% Streams
 
@@ -793,8 +797,6 @@ runtime_key(Pid) when is_pid(Pid) ->
         {ok, Key} -> {ok, Key};
         {error, not_found} -> {error, {runtime_down, noproc}}
     end.
-
-name(Name) -> pyport_call:name(Name).
 
 code(Code) when is_binary(Code) -> Code;
 code(Code) -> unicode:characters_to_binary(Code).
