@@ -5,7 +5,7 @@ PYTHON = $(shell scripts/ensure-python.sh)
 CARGO_ENV = PYO3_PYTHON=$(PYTHON)
 REBAR = rebar3
 
-.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest cpython-suite fuzz demo bench bench-cluster bench-pieces bench-memory bench-data bench-side-channel bench-compare lint clean
+.PHONY: setup build rust erl test test-rust test-erl test-other-python soak proptest cpython-suite fuzz demo bench bench-cluster bench-pieces bench-memory bench-data bench-side-channel bench-compare bench-compare-erl lint clean
 
 setup:
 	@scripts/ensure-erlang.sh
@@ -119,6 +119,11 @@ bench-memory: build
 # Before/after in one run: `make bench-compare OLD=/path/to/an/older/pyport`.
 bench-compare: build
 	escript benches/compare.escript priv/pyport $(OLD)
+
+# The Erlang side before/after over the C stand-in (no Python, no Rust):
+# `make bench-compare-erl OLD_EBIN=/path/to/an/older/tree/_build/default/lib/pyport/ebin`.
+bench-compare-erl: build $(STANDIN)
+	escript benches/compare_ebin.escript _build/default/lib/pyport/ebin $(OLD_EBIN) $(STANDIN)
 
 lint: setup
 	$(CARGO_ENV) cargo fmt --check

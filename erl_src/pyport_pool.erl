@@ -409,7 +409,7 @@ connect(Node) ->
 
 %% Whether this node is connected to Node (hidden nodes too).
 connected(Node) ->
-    lists:member(Node, nodes([visible, hidden])).
+    pyport_remote:connected(Node).
 
 node_members(Node, #row{members = Ms}) ->
     [I || I <- lists:seq(1, tuple_size(Ms)), is_member_of(Node, element(I, Ms))].

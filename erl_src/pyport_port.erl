@@ -41,9 +41,6 @@
 -export([unknown_key/2]).
 -export([max_atoms/1]).
 -export([call_timeout/1]).
--export([request_frame/3]).
--export([cast_request/3]).
--export([write/2]).
 -export([restarts/1]).
 -export_type([key/0, context_spec/0, opts/0]).
 -export([new_context/3]).
@@ -223,12 +220,6 @@ unknown_key(Map, Known) ->
         [] -> none;
         [Key | _] -> Key
     end.
-
-%% @doc A request frame for the port (docs/protocol.md): the context id, the header
-%% (empty: no reply wanted) and the request's ETF.
--spec request_frame(non_neg_integer(), binary(), iodata()) -> iolist().
-request_frame(Ctx, Header, Body) ->
-    [<<Ctx:64, (byte_size(Header)):16>>, Header, Body].
 
 %% @doc Creates a context; replies `{ok, Id}' once its interpreter is ready.
 -spec new_context(pid(), context_spec(), timeout()) -> {ok, ctx_id()} | {error, term()}.
@@ -674,7 +665,7 @@ forget_names(Key) ->
 stop_os_process(Port) ->
     case erlang:port_info(Port, os_pid) of
         {os_pid, OsPid} ->
-            _ = cast_request(Port, 0, shutdown),
+            _ = pyport_call:cast_request(Port, 0, shutdown),
             receive
                 {Port, {exit_status, _}} -> ok
             after ?EXIT_GRACE ->
@@ -780,7 +771,8 @@ control(Request, Action, From, #state{port = Port, pending = Pending} = S) ->
 send_control(Port, Dest, Request) ->
     H = term_to_binary(Dest),
     try
-        true = erlang:port_command(Port, request_frame(0, H, term_to_binary(Request))),
+        Frame = pyport_call:request_frame(0, H, term_to_binary(Request)),
+        true = erlang:port_command(Port, Frame),
         ok
     catch
         error:badarg -> {error, {runtime_down, port_closed}}
@@ -888,7 +880,7 @@ owned_counts(#state{owners = Owners, owned = Owned}) ->
 route(H, Payload, Safe, #state{key = Key, max_atoms = Max}) ->
     try binary_to_term(H, [safe]) of
         Dest when (is_reference(Dest) orelse is_pid(Dest)), Safe ->
-            %% the caller decodes it, safely (pyport:decode/1)
+            %% the caller decodes it, safely (pyport_call:decode/1)
             Dest ! {Dest, {pyport_safe, Max, Payload}},
             ok;
         Dest when is_reference(Dest); is_pid(Dest) ->
@@ -1049,7 +1041,7 @@ answer_callback(Port, MaxFrame, Ctx, CbId, Result) ->
                    term_to_binary({callback_result, CbId, {error, TooLarge}})
            end,
     %% a false result: the port is gone, and the Python caller with it
-    cast_request(Port, Ctx, Body).
+    pyport_call:cast_request(Port, Ctx, Body).
 
 %% Kind 3: `erlang.send(Dest, Msg)', delivered by this process so that messages from
 %% one sender keep their order. A name that is not registered (or not even an atom)
@@ -1073,7 +1065,7 @@ deliver(Payload, Safe, #state{key = Key, port = Port, max_atoms = Max,
                 To ->
                     case mailbox_len(To) >= MaxMailbox of
                         true ->
-                            _ = cast_request(Port, Ctx, {send_busy, DestId}),
+                            _ = pyport_call:cast_request(Port, Ctx, {send_busy, DestId}),
                             map_size(Busy) =:= 0 andalso
                                 erlang:send_after(?BUSY_CHECK_MS, self(), check_busy),
                             S#state{busy = Busy#{{Ctx, DestId} => To},
@@ -1097,7 +1089,8 @@ check_busy(#state{port = Port, busy = Busy, max_mailbox = MaxMailbox} = S) ->
                                     true ->
                                         true;
                                     false ->
-                                        _ = cast_request(Port, Ctx, {send_clear, DestId}),
+                                        _ = pyport_call:cast_request(Port, Ctx,
+                                                                     {send_clear, DestId}),
                                         false
                                 end
                         end, Busy),
@@ -1175,11 +1168,11 @@ owner_down(Pid, #state{owners = Owners, owned = Owned, port = Port} = S) ->
     S#state{owners = Rest, owned = maps:without(maps:keys(Items), Owned)}.
 
 free(Port, {Ctx, {env, EnvId}}) ->
-    cast_request(Port, Ctx, {drop_env, EnvId, #{}});
+    pyport_call:cast_request(Port, Ctx, {drop_env, EnvId, #{}});
 free(Port, {Ctx, {ref, RefId}}) ->
-    cast_request(Port, Ctx, {release, RefId, #{}});
+    pyport_call:cast_request(Port, Ctx, {release, RefId, #{}});
 free(Port, {Ctx, {stream, H}}) ->
-    cast_request(Port, Ctx, {stream_cancel, H, #{}}).
+    pyport_call:cast_request(Port, Ctx, {stream_cancel, H, #{}}).
 
 %% @doc How many times the runtime's OS process was replaced (the row its
 %% `pyport_runtime' keeps).
@@ -1196,31 +1189,6 @@ row_count(Row) ->
     catch
         error:badarg -> 0
     end.
-
-%% @doc Writes a frame to the port, also to the port of a runtime on another node (a
-%% stream consumed here whose context lives there): `true', or `badarg' raised when
-%% the port is gone (or its node is).
--spec write(port(), iodata()) -> true.
-write(Port, Frame) when node(Port) =:= node() ->
-    erlang:port_command(Port, Frame);
-write(Port, Frame) ->
-    try
-        erpc:call(node(Port), erlang, port_command, [Port, Frame], 5000)
-    catch
-        error:_ -> error(badarg)
-    end.
-
-%% @doc Writes a request that wants no reply (empty header) to context `Ctx';
-%% `Request' is a term or its encoding. False when the port is gone.
--spec cast_request(port(), non_neg_integer(), term()) -> boolean().
-cast_request(Port, Ctx, Body) when is_binary(Body) ->
-    try
-        write(Port, request_frame(Ctx, <<>>, Body))
-    catch
-        error:badarg -> false
-    end;
-cast_request(Port, Ctx, Request) ->
-    cast_request(Port, Ctx, term_to_binary(Request)).
 
 %% A stopped context took its envs and handles with it.
 forget_owned(Ctx, #state{owned = Owned} = S) ->

@@ -560,7 +560,7 @@ restart_after_kill(_Config) ->
     Caller = spawn_link(fun() ->
                             Self ! {caller, self(), pyport:eval(Ctx, <<"time.sleep(30)">>)}
                         end),
-    %% the caller's frame is in the port once it waits in the facade's receive
+    %% the caller's frame is in the port once it waits in the call path's receive
     pyport_ct:wait_for(fun() -> waiting_in_pyport(Caller) end, 500),
     [{Name, Owner, _, _, _}] = ets:lookup(pyport_runtimes, Name),
     Mref = erlang:monitor(process, Owner),
@@ -586,7 +586,7 @@ restart_after_kill(_Config) ->
 
 waiting_in_pyport(Pid) ->
     case erlang:process_info(Pid, [status, current_function]) of
-        [{status, waiting}, {current_function, {pyport, _, _}}] -> {ok, waiting};
+        [{status, waiting}, {current_function, {pyport_call, send_request, _}}] -> {ok, waiting};
         Other -> Other
     end.
 
