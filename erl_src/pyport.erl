@@ -82,7 +82,6 @@
 -export_type([pool/0]).
 -export_type([target/0]).
 
--define(TABLE, pyport_runtimes).
 -define(FUNCTIONS, pyport_functions).
 -define(DEFAULT_RUNTIME, pyport).
 %% Binary arguments larger than this are not copied into the request frame.
@@ -118,12 +117,13 @@
 %% node's, and one made on a node before it started distribution stays that node's.
 -record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer(),
                      home = whereis(init) :: pid()}).
-%% `runtime' is the owner process that made the env: an env does not outlive the OS
+%% `port_owner' is the port owner that made the env: an env does not outlive the OS
 %% process it lives in, even when a restarted runtime reuses the key and context id.
 -record(pyport_env, {key :: pyport_runtime:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
-                     runtime :: pid()}).
+                     port_owner :: pid(),
+                     home = whereis(init) :: pid()}).
 %% This exact shape, `{pyport_ref, Key, CtxId, RefId, Home}', is what the port program
 %% recognizes in arguments and replaces with the live object.
 -record(pyport_ref, {key :: pyport_runtime:key(),
@@ -150,7 +150,7 @@
                          ctx :: pos_integer(),
                          id :: pos_integer(),
                          port :: port(),
-                         runtime :: pid(),
+                         port_owner :: pid(),
                          max_frame :: pos_integer(),
                          capacity :: pos_integer(),
                          counters :: counters:counters_ref()}).
@@ -258,7 +258,7 @@ context(Runtime, Name) when is_atom(Name) ->
 stop_context(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
     remote(node(Home), stop_context, [Ctx]);
 stop_context(#pyport_ctx{key = Key, id = Id}) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, _Port, Timeout, _MaxFrame}} ->
             case pyport_port:stop_context(Pid, Id, Timeout) of
                 {error, not_found} -> ok;
@@ -279,7 +279,7 @@ stop_context(_NotACtx) ->
 interrupt(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
     remote(node(Home), interrupt, [Ctx]);
 interrupt(#pyport_ctx{key = Key, id = Id}) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, _Pid, Port, _, _}} ->
             _ = pyport_port:cast_request(Port, Id, {interrupt}),
             ok;
@@ -427,12 +427,12 @@ new_env_owned(Target, Owner) when ?REMOTE(Target) ->
 new_env_owned(#pyport_pool{} = Pool, Owner) ->
     on_pool(Pool, [], #{}, fun(Ctx) -> new_env_owned(Ctx, Owner) end);
 new_env_owned(#pyport_ctx{key = Key, id = Id}, Owner) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
             case new_id(Runtime, Id, {new_env}) of
                 {ok, EnvId} ->
                     gen_server:cast(Pid, {own, Owner, Id, {env, EnvId}}),
-                    {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}};
+                    {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid}};
                 {error, _} = Error ->
                     Error
             end;
@@ -447,11 +447,11 @@ new_env_owned(_NotATarget, _Owner) ->
 %% turn (before any later request of the caller to that context), also when its queue
 %% is full.
 -spec drop_env(env()) -> ok | {error, {bad_request, env}}.
-drop_env(#pyport_env{runtime = Pid} = Env) when node(Pid) =/= node() ->
+drop_env(#pyport_env{port_owner = Pid} = Env) when node(Pid) =/= node() ->
     _ = remote(node(Pid), drop_env, [Env]),
     ok;
-drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
-    case runtime(Key) of
+drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid}) ->
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, Port, _, _}} ->
             %% no reply wanted: a reply could be refused (a full queue) or dropped
             %% unrun (a deadline passed in the queue), and the env would live on
@@ -520,7 +520,7 @@ release(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
     _ = remote(node(Home), release, [Ref]),
     ok;
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, Port, _, _}} ->
             _ = pyport_port:cast_request(Port, Id, {release, RefId, #{}}),
             gen_server:cast(Pid, {disown, Id, {ref, RefId}});
@@ -620,7 +620,7 @@ check_call(Ctx, Module, Function, Args, Kwargs, Opts, Known) ->
 unknown_option(Opts, _Known) when map_size(Opts) =:= 0 ->
     none;
 unknown_option(Opts, Known) ->
-    pyport_port:unknown_key(Opts, Known).
+    pyport_opts:unknown_key(Opts, Known).
 
 is_name(Name) ->
     is_atom(Name) orelse is_binary(Name)
@@ -663,7 +663,7 @@ cast_as(Target, Module, Function, Args, Caller) when ?REMOTE(Target) ->
 cast_as(#pyport_pool{} = Pool, Module, Function, Args, Caller) ->
     on_pool(Pool, Args, #{}, fun(Ctx) -> cast_as(Ctx, Module, Function, Args, Caller) end);
 cast_as(#pyport_ctx{key = Key, id = Id}, Module, Function, Args, Caller) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, _Pid, Port, CallTimeout, MaxFrame}} ->
             %% a cast has the runtime's call_timeout as its deadline too
             Body = encode({call, name(Module), name(Function), Args, #{}},
@@ -724,7 +724,7 @@ stream_checked(#pyport_ctx{key = Key, id = Id, home = Home}, Module, Function, A
     %% A stream of another node's context is consumed here as well: the frames are
     %% written there, and the messages and credit cross the distribution.
     Row = case node(Home) =:= node() of
-              true -> runtime(Key);
+              true -> pyport_table:port_row(Key);
               false -> remote(node(Home), runtime_row, [Key])
           end,
     stream_on(Row, Key, Id, Module, Function, Args, Kwargs, Opts).
@@ -864,7 +864,7 @@ channel_open(#pyport_ctx{home = Home} = Ctx, Name, Opts) when node(Home) =/= nod
 channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
     Unknown = unknown_option(Opts, ?CHANNEL_OPTIONS),
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, _} when Unknown =/= none ->
             {error, {bad_option, Unknown}};
         {ok, _} when not (is_integer(Capacity) andalso Capacity > 0) ->
@@ -877,7 +877,7 @@ channel_open(#pyport_ctx{key = Key, id = Id}, Name, Opts) when is_map(Opts) ->
                     %% (same name, same context) answers `{error, closed}'
                     pyport_port:channel_opened(Pid, Id, ChanId, name(Name), Counters),
                     {ok, #pyport_channel{key = Key, ctx = Id, id = ChanId, port = Port,
-                                         runtime = Pid, max_frame = MaxFrame,
+                                         port_owner = Pid, max_frame = MaxFrame,
                                          capacity = Capacity, counters = Counters}};
                 {error, _} = Error ->
                     Error
@@ -893,7 +893,7 @@ channel_open(Ctx, _Name, Opts) ->
 %% its context or runtime is gone).
 -spec channel_send(channel(), term()) ->
           ok | busy | {error, closed | {bad_request, channel} | error()}.
-channel_send(#pyport_channel{runtime = Pid} = Chan, Term) when node(Pid) =/= node() ->
+channel_send(#pyport_channel{port_owner = Pid} = Chan, Term) when node(Pid) =/= node() ->
     remote(node(Pid), channel_send, [Chan, Term]);
 channel_send(#pyport_channel{counters = Counters, capacity = Capacity} = Chan, Term) ->
     case counters:get(Counters, 2) of
@@ -926,10 +926,10 @@ channel_write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counte
 %% @doc Closes the channel: Python takes what is left, then `receive()' raises
 %% `erlang.ChannelClosed' and `async for' ends. Closing again is `ok'.
 -spec channel_close(channel()) -> ok | {error, {bad_request, channel}}.
-channel_close(#pyport_channel{runtime = Pid} = Chan) when node(Pid) =/= node() ->
+channel_close(#pyport_channel{port_owner = Pid} = Chan) when node(Pid) =/= node() ->
     _ = remote(node(Pid), channel_close, [Chan]),
     ok;
-channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid,
+channel_close(#pyport_channel{port = Port, ctx = Ctx, id = Id, port_owner = Pid,
                               counters = Counters}) ->
     case counters:get(Counters, 2) of
         0 ->
@@ -983,7 +983,7 @@ request_known(Key, Id, Req, Opts) ->
     end.
 
 request_looked_up(Key, Id, Req, Opts) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, Runtime} ->
             _ = put(?LAST_RUNTIME, Runtime),
             runtime_request(Runtime, Id, Req, Opts);
@@ -1037,7 +1037,7 @@ wire_opts(_Key, _Id, _Pid, #{timeout := T})
     {error, {bad_request, {timeout, T}}};
 wire_opts(Key, Id, Pid, #{env := Env} = Opts) ->
     case Env of
-        #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid} ->
+        #pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid} ->
             {ok, Opts#{env => EnvId}};
         #pyport_env{key = Key, ctx = Id} ->
             other_run;  % made before the runtime restarted, or after the row was read
@@ -1166,10 +1166,9 @@ decode(<<131, 104, 2, 100, 0, 2, "ok", 109, Len:32, Bin/binary>>) when byte_size
     {ok, Bin};
 decode({pyport_safe, Max, Reply}) ->
     %% it holds atoms past the runtime's max_atoms budget: only existing ones decode
-    try
-        binary_to_term(Reply, [safe])
-    catch
-        error:badarg -> {error, {bad_term, {atom_limit, Max}}}
+    case pyport_atoms:decode(Reply, {true, Max}) of
+        {ok, Reply1} -> Reply1;
+        {error, Limit} -> {error, {bad_term, Limit}}
     end;
 decode(Reply) ->
     binary_to_term(Reply).
@@ -1198,7 +1197,7 @@ stop_pool(#pyport_pool{name = Name}) ->
 %% pyport_pool:child_spec/1, say).
 -spec pool(atom()) -> {ok, pool()} | {error, not_found}.
 pool(Name) when is_atom(Name) ->
-    case lookup({pool, Name}) of
+    case pyport_table:lookup({pool, Name}) of
         [_] -> {ok, #pyport_pool{name = Name}};
         [] -> {error, not_found}
     end.
@@ -1257,8 +1256,8 @@ on_pool_checked(#pyport_pool{name = Name}, Args, Opts, Fun) ->
             end
     end.
 
-affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, runtime = Pid}}) ->
-    {ok, #pyport_ctx{key = Key, id = Id, home = Pid}};
+affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, home = Home}}) ->
+    {ok, #pyport_ctx{key = Key, id = Id, home = Home}};
 affinity(Args, _Opts) ->
     case find_ref([Args], ?REF_SEARCH) of
         {found, #pyport_ref{key = Key, ctx = Id, home = Home}} ->
@@ -1300,7 +1299,7 @@ remote(Node, Function, Args) ->
     remote(Node, Function, Args, #{}).
 
 remote(Node, Function, Args, Opts) ->
-    case lists:member(Node, nodes([visible, hidden])) of
+    case pyport_pool:connected(Node) of
         false ->
             {error, {nodedown, Node}};
         true ->
@@ -1337,12 +1336,12 @@ pool_member(Pool) ->
 %% @private The runtime's row, for a stream consumed on another node.
 -spec runtime_row(pyport_runtime:key()) -> {ok, tuple()} | {error, error()}.
 runtime_row(Key) ->
-    runtime(Key).
+    pyport_table:port_row(Key).
 
 %%% Helpers
 
 default_context() ->
-    case lookup({contexts, ?DEFAULT_RUNTIME}) of
+    case pyport_table:lookup({contexts, ?DEFAULT_RUNTIME}) of
         [{_, Ids}] when tuple_size(Ids) > 0 ->
             N = (erlang:system_info(scheduler_id) - 1) rem tuple_size(Ids) + 1,
             {ok, #pyport_ctx{key = ?DEFAULT_RUNTIME, id = element(N, Ids)}};
@@ -1356,7 +1355,7 @@ default_context() ->
 with_runtime(Runtime, Fun) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
-            case runtime(Key) of
+            case pyport_table:port_row(Key) of
                 {ok, {_, Pid, _Port, Timeout, _MaxFrame}} -> Fun(Key, Pid, Timeout);
                 {error, _} = Error -> Error
             end;
@@ -1371,21 +1370,6 @@ runtime_key(Pid) when is_pid(Pid) ->
     case pyport_runtime:key(Pid) of
         {ok, Key} -> {ok, Key};
         {error, not_found} -> {error, {runtime_down, noproc}}
-    end.
-
-%% The runtime's row: `{Key, PortOwner, Port, CallTimeout, MaxFrame}'.
-runtime(Key) ->
-    case lookup(Key) of
-        [{_, Pid, _, _, _} = Row] when is_pid(Pid) -> {ok, Row};
-        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
-        [] -> {error, {runtime_down, noproc}}
-    end.
-
-lookup(Key) ->
-    try
-        ets:lookup(?TABLE, Key)
-    catch
-        error:badarg -> []  % pyport is not started
     end.
 
 name(Name) when is_atom(Name) -> atom_to_binary(Name, utf8);

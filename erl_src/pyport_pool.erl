@@ -40,6 +40,7 @@
 -export([start_part/2]).
 -export([stop_part/1]).
 -export([os_pid/1]).
+-export([connected/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([opts/0]).
@@ -112,7 +113,7 @@
 %% member.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
+    pyport_linked:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc Starts a pool under pyport's supervisor: `{ok, Pid}', or `{error, Reason}'
 %% (`{already_started, Name}' for a name taken).
@@ -232,9 +233,9 @@ init(#{name := Name} = Opts0) ->
 %% `{error, {bad_option, Key}}', and a `venv' that is no virtualenv is refused as a
 %% runtime's is.
 check_opts(Opts) ->
-    Known = ?POOL_OPTIONS ++ (pyport_port:runtime_options() -- [key, handle, contexts]),
-    case pyport_port:unknown_key(Opts, Known) of
-        none -> pyport_port:check_opts(maps:with(pyport_port:runtime_options(), Opts));
+    Known = ?POOL_OPTIONS ++ (pyport_opts:runtime_keys() -- [key, runtime, contexts]),
+    case pyport_opts:unknown_key(Opts, Known) of
+        none -> pyport_opts:check(maps:with(pyport_opts:runtime_keys(), Opts));
         Key -> {error, {bad_option, Key}}
     end.
 
@@ -262,7 +263,7 @@ init_pool(Name, Opts0) ->
                        state = atomics:new(Total, []),
                        served = atomics:new(Total, []),
                        max_requests = maps:get(max_requests, Opts, infinity),
-                       call_timeout = pyport_port:call_timeout(Opts),
+                       call_timeout = pyport_opts:call_timeout(Opts),
                        pid = self()},
             [atomics:put(Row#row.state, I, ?DOWN)
              || I <- lists:seq(length(LocalMembers) + 1, Total)],
@@ -350,7 +351,7 @@ terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remot
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
     _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
          || N <- Remote, connected(N)],
-    pyport_port:stop_linked(maps:keys(Runtimes)).
+    pyport_linked:stop(maps:keys(Runtimes)).
 
 %%% Members on other nodes
 
@@ -406,7 +407,9 @@ connect(Node) ->
             ok
     end.
 
-%% Whether this node is connected to Node (hidden nodes too).
+%% @doc Whether this node is connected to Node (hidden nodes too): the one check, also
+%% for requests on another node's handles (no connection attempt that could hang).
+-spec connected(node()) -> boolean().
 connected(Node) ->
     lists:member(Node, nodes([visible, hidden])).
 
@@ -506,7 +509,7 @@ start_main(I, Size, Opts, Why, Runtimes, Members) ->
         {ok, Pid, Member} ->
             start_main(I + 1, Size, Opts, Why, Runtimes#{Pid => I}, [Member | Members]);
         {error, _} = Error ->
-            pyport_port:stop_linked(maps:keys(Runtimes)),
+            pyport_linked:stop(maps:keys(Runtimes)),
             Error
     end.
 
@@ -522,7 +525,7 @@ start_main_member(I, #{name := Name} = Opts) ->
 %% on this node together: a member runtime of its own (mode `main') gets its share, so
 %% the members do not multiply it. (An `owngil' pool is one runtime: it has it all.)
 atom_share(I, #{size := Size} = Opts) ->
-    Max = pyport_port:max_atoms(Opts),
+    Max = pyport_opts:max_atoms(Opts),
     Max div Size + case I =< Max rem Size of
                        true -> 1;
                        false -> 0
@@ -541,7 +544,7 @@ member_name(I) ->
 start_runtime(Opts) ->
     RuntimeOpts = maps:without(?POOL_OPTIONS, Opts),
     %% a failed start's exit, and no other, is taken out of the mailbox there
-    %% (pyport_port:quiet_start/1)
+    %% (pyport_linked:quiet_start/1)
     pyport_runtime:start_link(RuntimeOpts).
 
 
@@ -651,11 +654,9 @@ replace(I, #state{name = Name, mode = Mode, row = Row, runtimes = Runtimes,
 %%% Dispatch (in the caller)
 
 row(Name) ->
-    try ets:lookup(?TABLE, {pool, Name}) of
+    case pyport_table:lookup({pool, Name}) of
         [{_, Row}] -> {ok, Row};
         [] -> {error, {pool_down, Name}}
-    catch
-        error:badarg -> {error, {pool_down, Name}}
     end.
 
 %% Tries members from the least loaded up; Skip holds those found down.

@@ -18,7 +18,8 @@
 %%   {Key, down, Reason}       while no OS process serves (`pyport_port' replaces it)
 %%   {{restarts, Key}, N}      restarts so far
 %%   {{atoms, Key}, N}         new atoms its Python made in the node, over all its OS
-%%                             processes (max_atoms; counted by `pyport_port')
+%%                             processes (max_atoms; counted by `pyport_atoms')
+%% (all the table's rows: `pyport_table')
 -module(pyport_runtime).
 -behaviour(gen_server).
 
@@ -41,16 +42,17 @@
 -export_type([context_spec/0]).
 
 -define(TABLE, pyport_runtimes).
+%% the back-off between restarts of a crashing OS process
 -define(MIN_DELAY, 100).
 -define(MAX_DELAY, 5000).
 %% A run at least this long counts as healthy: the next crash restarts at once.
 -define(STABLE_MS, 10000).
+%% How long it may take to stop (pyport_linked waits that long for its port owner).
 -define(STOP_WAIT, 5000).
 
-%% The types live with the port owner, which this module starts (arrows point one way).
--type key() :: pyport_port:key().
--type context_spec() :: pyport_port:context_spec().
--type opts() :: pyport_port:opts().
+-type key() :: pyport_table:key().
+-type context_spec() :: pyport_opts:context_spec().
+-type opts() :: pyport_opts:opts().
 
 -record(state, {
     key :: key(),
@@ -70,9 +72,9 @@
 %% Opts cannot be created (later failures are restarted with back-off instead).
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    pyport_port:quiet_start(gen_server:start_link({local, Name}, ?MODULE, Opts, []));
+    pyport_linked:quiet_start(gen_server:start_link({local, Name}, ?MODULE, Opts, []));
 start_link(Opts) when is_map(Opts) ->
-    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
+    pyport_linked:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc A child spec for the user's own supervision tree. The runtime key (its
 %% registered name, else a reference made here) is fixed in the spec, so handles of
@@ -90,7 +92,7 @@ child_spec(Opts) when is_map(Opts) ->
 %% @doc How many times the runtime's OS process was replaced.
 -spec restarts(key()) -> non_neg_integer().
 restarts(Key) ->
-    pyport_port:restarts(Key).
+    pyport_table:count({restarts, Key}).
 
 %% @doc Whether an OS process serves the runtime now (its port owner is alive: a
 %% caller told `runtime_down' by its monitor never finds it up a moment later).
@@ -104,7 +106,7 @@ is_up(Key) ->
 %% @doc The key of the runtime behind that handle.
 -spec key(pid()) -> {ok, key()} | {error, not_found}.
 key(Pid) ->
-    case lookup({pid, Pid}) of
+    case pyport_table:lookup({pid, Pid}) of
         [{_, Key}] -> {ok, Key};
         [] -> {error, not_found}
     end.
@@ -112,7 +114,7 @@ key(Pid) ->
 %% @doc The id of the runtime's context with that name.
 -spec context_id(key(), atom()) -> {ok, pos_integer()} | {error, not_found}.
 context_id(Key, Name) ->
-    case lookup({ctx, Key, Name}) of
+    case pyport_table:lookup({ctx, Key, Name}) of
         [{_, Id}] -> {ok, Id};
         [] -> {error, not_found}
     end.
@@ -120,18 +122,9 @@ context_id(Key, Name) ->
 %% @doc The port owner serving the runtime now, and its call timeout.
 -spec port_owner(key()) -> {ok, pid(), timeout()} | {error, term()}.
 port_owner(Key) ->
-    case lookup(Key) of
-        [{_, Pid, _Port, Timeout, _MaxFrame}] when is_pid(Pid) -> {ok, Pid, Timeout};
-        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
-        [] -> {error, {runtime_down, noproc}}
-    end.
-
-%% The table's rows under Key; none when pyport is not started (no table).
-lookup(Key) ->
-    try
-        ets:lookup(?TABLE, Key)
-    catch
-        error:badarg -> []
+    case pyport_table:port_row(Key) of
+        {ok, {_, Pid, _Port, Timeout, _MaxFrame}} -> {ok, Pid, Timeout};
+        {error, _} = Error -> Error
     end.
 
 %% @doc Replaces the runtime's OS process at once (no back-off, not counted as a
@@ -148,8 +141,8 @@ recycle(Pid) ->
 init(Opts0) ->
     process_flag(trap_exit, true),
     Key = runtime_key(Opts0),
-    Opts = Opts0#{key => Key, handle => self()},
-    case pyport_port:check_opts(Opts0) of
+    Opts = Opts0#{key => Key, runtime => self()},
+    case pyport_opts:check(Opts0) of
         ok -> start_first(Key, Opts);
         {error, Reason} -> {stop, {shutdown, Reason}}
     end.
@@ -167,7 +160,7 @@ start_first(Key, Opts) ->
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
     true = ets:insert(?TABLE, {Key, down, recycling}),
-    stop_port_owner(Pid),
+    pyport_linked:stop([Pid]),
     S1 = restart(S#state{port_owner = undefined}),
     Reply = case S1#state.port_owner of
                 undefined -> {error, restart_failed};
@@ -194,7 +187,7 @@ handle_info(_Msg, S) ->
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
-    stop_port_owner(Pid),
+    pyport_linked:stop([Pid]),  % it stops its OS process and returns once that is gone
     try
         true = ets:delete(?TABLE, Key),
         true = ets:delete(?TABLE, {pid, self()}),
@@ -246,12 +239,6 @@ restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
             true = ets:insert(?TABLE, {Key, down, Reason}),
             schedule_restart(S1)
     end.
-
-%% The port owner stops its OS process and returns once that is gone.
-stop_port_owner(undefined) ->
-    ok;
-stop_port_owner(Pid) ->
-    pyport_port:stop_linked([Pid]).
 
 now_ms() ->
     erlang:monotonic_time(millisecond).
