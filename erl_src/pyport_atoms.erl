@@ -13,8 +13,6 @@
 -export([decode/2]).
 -export([log_used_up/2]).
 
--define(TABLE, pyport_runtimes).
-
 %% @doc New atoms the runtime's Python made in the node so far, over all its OS
 %% processes (the row is removed by `pyport_runtime' when the runtime stops).
 -spec spent(pyport_table:key()) -> non_neg_integer().
@@ -35,7 +33,7 @@ admitted(Key, Name) ->
         _ -> ok
     catch
         error:badarg ->
-            _ = ets:update_counter(?TABLE, {atoms, Key}, 1, {{atoms, Key}, 0}),
+            _ = pyport_table:atom_admitted(Key),
             ok
     end.
 

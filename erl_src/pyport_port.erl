@@ -271,7 +271,7 @@ atoms_used_up(#state{key = Key, max_atoms = Max} = S) ->
 terminate(_Reason, #state{key = Key, port = Port, channels = Chans}) ->
     stop_os_process(Port),
     pyport_channels:close_all(Chans),
-    unpublish(Key, self()),
+    pyport_table:unpublish(Key, self()),
     ok.
 
 %%% Start-up
@@ -364,31 +364,14 @@ max_frame(Hello, Opts) ->
 remaining(Deadline) ->
     max(0, Deadline - erlang:monotonic_time(millisecond)).
 
-%% Makes the runtime visible to callers, replacing whatever a killed predecessor left
-%% (its context names, and the `down' row of `pyport_runtime').
+%% Makes the runtime visible to callers (pyport_table:publish/6).
 publish(Opts, Contexts, #state{key = Key, port = Port, max_frame = MaxFrame} = S) ->
-    forget_names(Key),
     Infos = maps:from_list([{Id, ctx_info(Id, Body)} || {Id, Body} <- Contexts]),
     Names = maps:from_list([{Name, Id} || {Id, #{name := Name}} <- Contexts]),
-    true = ets:insert(?TABLE, [{{ctx, Key, Name}, Id} || {Name, Id} <- maps:to_list(Names)]),
-    true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple([Id || {Id, _} <- Contexts])}),
-    CallTimeout = pyport_opts:call_timeout(Opts),
-    true = ets:insert(?TABLE, {Key, self(), Port, CallTimeout, MaxFrame}),
+    true = pyport_table:publish(Key, self(), Port, pyport_opts:call_timeout(Opts), MaxFrame,
+                                [{Id, maps:get(name, Body, undefined)}
+                                 || {Id, Body} <- Contexts]),
     S#state{contexts = Infos, names = Names}.
-
-%% Withdraws this incarnation's row; `pyport_runtime' then marks the runtime down (or,
-%% when it stops, removes the rest). Context names stay: those of the Opts contexts
-%% name the same contexts after the restart.
-unpublish(Key, Pid) ->
-    try
-        true = ets:match_delete(?TABLE, {Key, Pid, '_', '_', '_'})
-    catch
-        error:badarg -> true  % the table is gone: the application is stopping
-    end.
-
-forget_names(Key) ->
-    true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
-    true = ets:delete(?TABLE, {contexts, Key}).
 
 %% Asks the port program to exit (`shutdown') and waits for its exit status: a stop
 %% returns once the OS process is gone. One that has not exited after ?EXIT_GRACE (a
@@ -458,7 +441,7 @@ send_control(Port, Dest, Request) ->
 complete({new_context, Id, Info}, From, ok, #state{key = Key, contexts = Contexts} = S) ->
     case Info of
         #{name := undefined} -> ok;
-        #{name := Name} -> true = ets:insert(?TABLE, {{ctx, Key, Name}, Id})
+        #{name := Name} -> true = pyport_table:name_context(Key, Name, Id)
     end,
     gen_server:reply(From, {ok, Id}),
     S#state{contexts = Contexts#{Id => Info}};
@@ -487,14 +470,7 @@ normalize_error(Other) -> {error, {bad_reply, Other}}.
 %% (until the next restart creates it again).
 forget_context(Id, #state{key = Key, contexts = Contexts, names = Names} = S) ->
     Named = [Name || {Name, NameId} <- maps:to_list(Names), NameId =:= Id],
-    lists:foreach(fun(Name) -> ets:delete_object(?TABLE, {{ctx, Key, Name}, Id}) end, Named),
-    case ets:lookup(?TABLE, {contexts, Key}) of
-        [{_, Ids}] when Id < ?DYNAMIC_ID_BASE ->
-            Left = [Other || Other <- tuple_to_list(Ids), Other =/= Id],
-            true = ets:insert(?TABLE, {{contexts, Key}, list_to_tuple(Left)});
-        _ ->
-            true
-    end,
+    true = pyport_table:forget_context(Key, Named, Id, Id < ?DYNAMIC_ID_BASE),
     S#state{contexts = maps:remove(Id, Contexts), names = maps:without(Named, Names),
             owners = pyport_owners:forget_context(Id, S#state.owners),
             channels = pyport_channels:forget_context(Id, S#state.channels)}.

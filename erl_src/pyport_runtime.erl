@@ -13,13 +13,9 @@
 %% Its pid (or its registered `name') is the handle `pyport:start_runtime/1' returns:
 %% valid for context/2, info/1, new_context/2 and stop_runtime/1 across restarts.
 %%
-%% ETS rows written here (`pyport_runtimes'; all removed when it stops):
-%%   {{pid, Pid}, Key}        the handle -> the key
-%%   {Key, down, Reason}       while no OS process serves (`pyport_port' replaces it)
-%%   {{restarts, Key}, N}      restarts so far
-%%   {{atoms, Key}, N}         new atoms its Python made in the node, over all its OS
-%%                             processes (max_atoms; counted by `pyport_atoms')
-%% (all the table's rows: `pyport_table')
+%% It writes the runtime's rows of the table `pyport_runtimes' (its pid, `down' while no
+%% OS process serves, the restart count) through `pyport_table', and removes all the
+%% runtime's rows when it stops.
 -module(pyport_runtime).
 -behaviour(gen_server).
 
@@ -41,7 +37,6 @@
 -export_type([key/0]).
 -export_type([context_spec/0]).
 
--define(TABLE, pyport_runtimes).
 %% the back-off between restarts of a crashing OS process
 -define(MIN_DELAY, 100).
 -define(MAX_DELAY, 5000).
@@ -150,7 +145,7 @@ init(Opts0) ->
 start_first(Key, Opts) ->
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
-            true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
+            true = pyport_table:runtime_started(self(), Key),
             {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
         {error, Reason} ->
             {stop, {shutdown, Reason}}
@@ -159,7 +154,7 @@ start_first(Key, Opts) ->
 %% @private gen_server callback.
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
-    true = ets:insert(?TABLE, {Key, down, recycling}),
+    true = pyport_table:runtime_down(Key, recycling),
     pyport_linked:stop([Pid]),
     S1 = restart(S#state{port_owner = undefined}),
     Reply = case S1#state.port_owner of
@@ -188,16 +183,7 @@ handle_info(_Msg, S) ->
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
     pyport_linked:stop([Pid]),  % it stops its OS process and returns once that is gone
-    try
-        true = ets:delete(?TABLE, Key),
-        true = ets:delete(?TABLE, {pid, self()}),
-        true = ets:delete(?TABLE, {restarts, Key}),
-        true = ets:delete(?TABLE, {atoms, Key}),
-        true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
-        true = ets:delete(?TABLE, {contexts, Key})
-    catch
-        error:badarg -> true  % the table is gone: the application is stopping
-    end,
+    true = pyport_table:runtime_stopped(self(), Key),
     ok.
 
 %%% Restarts
@@ -209,7 +195,7 @@ runtime_key(_) -> make_ref().
 %% The OS process is gone: callers are told at once, and a new one comes after the
 %% back-off delay.
 port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashes} = S) ->
-    true = ets:insert(?TABLE, {Key, down, Reason}),
+    true = pyport_table:runtime_down(Key, Reason),
     Crashes1 = case now_ms() - Started >= ?STABLE_MS of
                    true -> 0;
                    false -> Crashes
@@ -229,14 +215,14 @@ delay(Crashes, Restart) ->
     min(Max, Min bsl min(Crashes - 1, 20)).
 
 restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
-    true = ets:insert(?TABLE, {{restarts, Key}, N + 1}),
+    true = pyport_table:restarted(Key, N + 1),
     S1 = S#state{restarts = N + 1, started_at = now_ms()},
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             S1#state{port_owner = Pid};
         {error, Reason} ->
             %% It did not even start (a preload that crashes, say): down, try again.
-            true = ets:insert(?TABLE, {Key, down, Reason}),
+            true = pyport_table:runtime_down(Key, Reason),
             schedule_restart(S1)
     end.
 
