@@ -104,72 +104,6 @@ impl Args {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|a| a.to_string()).collect()
-    }
-
-    #[test]
-    fn every_limit_comes_from_the_command_line() {
-        let config = parse_args(&args(&[
-            "--max-frame",
-            "4096",
-            "--queue",
-            "7",
-            "--stuck-after",
-            "0",
-            "--max-atoms",
-            "9",
-            "--none-as",
-            "none",
-        ]))
-        .unwrap();
-        assert_eq!(config.config.max_frame, 4096);
-        assert_eq!(config.config.queue_capacity, 7);
-        assert_eq!(config.config.stuck_after, None, "0 is never");
-        assert_eq!(config.max_atoms, 9);
-        assert_eq!(config.none_as, "none");
-        assert_eq!(config.max_reply, None);
-    }
-
-    #[test]
-    fn a_missing_limit_is_a_start_error_not_a_default() {
-        let err = parse_args(&args(&[
-            "--max-frame",
-            "9",
-            "--queue",
-            "7",
-            "--stuck-after",
-            "5",
-            "--none-as",
-            "nil",
-        ]))
-        .err();
-        assert_eq!(
-            err.as_deref(),
-            Some("--max-atoms is required (the Erlang side gives every limit)")
-        );
-        let err = parse_args(&args(&[
-            "--queue",
-            "7",
-            "--stuck-after",
-            "5",
-            "--max-atoms",
-            "9",
-            "--none-as",
-            "nil",
-        ]))
-        .err();
-        assert_eq!(
-            err.as_deref(),
-            Some("--max-frame is required (the Erlang side gives every limit)")
-        );
-    }
-}
-
 /// Takes fds 0 and 1 for the protocol (close-on-exec, so children don't inherit them),
 /// then points fd 0 at /dev/null and fd 1 at fd 2: C code or Python that writes to
 /// stdout can't corrupt frames.
@@ -326,4 +260,70 @@ pub fn main(args: Vec<String>) -> i32 {
     // OS reclaims everything anyway.
     // SAFETY: ends the process without running atexit handlers or destructors.
     unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn every_limit_comes_from_the_command_line() {
+        let config = parse_args(&args(&[
+            "--max-frame",
+            "4096",
+            "--queue",
+            "7",
+            "--stuck-after",
+            "0",
+            "--max-atoms",
+            "9",
+            "--none-as",
+            "none",
+        ]))
+        .unwrap();
+        assert_eq!(config.config.max_frame, 4096);
+        assert_eq!(config.config.queue_capacity, 7);
+        assert_eq!(config.config.stuck_after, None, "0 is never");
+        assert_eq!(config.max_atoms, 9);
+        assert_eq!(config.none_as, "none");
+        assert_eq!(config.max_reply, None);
+    }
+
+    #[test]
+    fn a_missing_limit_is_a_start_error_not_a_default() {
+        let err = parse_args(&args(&[
+            "--max-frame",
+            "9",
+            "--queue",
+            "7",
+            "--stuck-after",
+            "5",
+            "--none-as",
+            "nil",
+        ]))
+        .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("--max-atoms is required (the Erlang side gives every limit)")
+        );
+        let err = parse_args(&args(&[
+            "--queue",
+            "7",
+            "--stuck-after",
+            "5",
+            "--max-atoms",
+            "9",
+            "--none-as",
+            "nil",
+        ]))
+        .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("--max-frame is required (the Erlang side gives every limit)")
+        );
+    }
 }
