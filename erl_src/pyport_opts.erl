@@ -7,7 +7,9 @@
 -module(pyport_opts).
 
 -export([check/1]).
+-export([check_pool/1]).
 -export([runtime_keys/0]).
+-export([pool_keys/0]).
 -export([unknown_key/2]).
 -export([contexts/1]).
 -export([context_body/1]).
@@ -16,6 +18,8 @@
 -export([max_frame/1]).
 -export([max_atoms/1]).
 -export([max_mailbox/1]).
+-export([restart_delays/1]).
+-export([drain_timeout/1]).
 -export([executable/1]).
 -export([port_args/2]).
 
@@ -33,6 +37,12 @@
 %% How long a request may stay blocked past its deadline before its context is replaced.
 -define(DEFAULT_STUCK_AFTER, 2000).
 -define(DEFAULT_NONE, none).
+%% The back-off between restarts of a crashing OS process: doubling from the first up
+%% to the second (`restart => #{min_delay, max_delay}').
+-define(DEFAULT_MIN_DELAY, 100).
+-define(DEFAULT_MAX_DELAY, 5000).
+%% How long a pool member being replaced may take to finish what it runs.
+-define(DEFAULT_DRAIN_TIMEOUT, 60000).
 %% The keys of a runtime's Opts (`key' and `runtime' are set by `pyport_runtime') and of
 %% a context spec. Any other key is `{error, {bad_option, Key}}' at start.
 -define(RUNTIME_KEYS, [name, key, runtime, executable, path, venv, env, contexts,
@@ -40,6 +50,8 @@
                        stuck_after, max_memory, max_atoms, max_reply, max_mailbox,
                        none, restart]).
 -define(CONTEXT_KEYS, [name, mode, preload, path]).
+%% A pool's own keys (with the runtime keys every member gets).
+-define(POOL_KEYS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
 
 -type context_spec() :: #{name => atom(),
                           mode => owngil | main,
@@ -82,10 +94,27 @@ check(Opts) ->
         Key -> {error, {bad_option, Key}}
     end.
 
-%% @doc The keys a runtime's Opts may have (for a pool, which passes them on).
+%% @doc Checks a pool's Opts: its own keys and the runtime options every member gets
+%% (but `key', `runtime' and `contexts', which the pool sets itself); any other key is
+%% `{error, {bad_option, Key}}', and a `venv' that is no virtualenv is refused as a
+%% runtime's is.
+-spec check_pool(map()) -> ok | {error, {bad_option, term()}}.
+check_pool(Opts) ->
+    Known = ?POOL_KEYS ++ (?RUNTIME_KEYS -- [key, runtime, contexts]),
+    case unknown_key(Opts, Known) of
+        none -> check(maps:with(?RUNTIME_KEYS, Opts));
+        Key -> {error, {bad_option, Key}}
+    end.
+
+%% @doc The keys a runtime's Opts may have.
 -spec runtime_keys() -> [atom()].
 runtime_keys() ->
     ?RUNTIME_KEYS.
+
+%% @doc A pool's own keys (a pool passes the others on to its members' runtimes).
+-spec pool_keys() -> [atom()].
+pool_keys() ->
+    ?POOL_KEYS.
 
 %% @doc The first key of an Opts map that is not in Known, or `none'.
 -spec unknown_key(map(), [atom()]) -> term().
@@ -194,6 +223,19 @@ max_atoms(_) -> ?DEFAULT_MAX_ATOMS.
 -spec max_mailbox(map()) -> pos_integer().
 max_mailbox(Opts) ->
     maps:get(max_mailbox, Opts, ?DEFAULT_MAX_MAILBOX).
+
+%% @doc The back-off between restarts of a crashing OS process: `{MinDelay, MaxDelay}'.
+-spec restart_delays(map()) -> {non_neg_integer(), non_neg_integer()}.
+restart_delays(Opts) ->
+    Restart = maps:get(restart, Opts, #{}),
+    {maps:get(min_delay, Restart, ?DEFAULT_MIN_DELAY),
+     maps:get(max_delay, Restart, ?DEFAULT_MAX_DELAY)}.
+
+%% @doc How long a pool member being replaced (`max_requests') may take to finish what
+%% it runs before it is replaced anyway.
+-spec drain_timeout(map()) -> timeout().
+drain_timeout(Opts) ->
+    maps:get(drain_timeout, Opts, ?DEFAULT_DRAIN_TIMEOUT).
 
 %%% The port program's command line
 

@@ -51,16 +51,12 @@
 -define(STOP_WAIT, 5000).
 %% how often a draining member's requests in flight are looked at
 -define(DRAIN_POLL_MS, 5).
-%% how long a member being replaced may take to finish what it runs (its calls, casts
-%% and streams) before it is replaced anyway (option `drain_timeout')
--define(DRAIN_TIMEOUT, 60000).
 -define(READY, 0).
 -define(DRAINING, 1).
 %% a member on a node that is down (or whose pyport is not running yet)
 -define(DOWN, 2).
 %% how often a node that is up but whose members could not start is tried again
 -define(NODE_RETRY_MS, 500).
--define(POOL_OPTIONS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
 
 -type opts() :: #{name := atom(),
                   nodes => [node()],
@@ -223,20 +219,9 @@ info(Name) ->
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(#{name := Name} = Opts0) ->
     process_flag(trap_exit, true),
-    case check_opts(Opts0) of
+    case pyport_opts:check_pool(Opts0) of
         ok -> init_pool(Name, Opts0);
         {error, Reason} -> {stop, {shutdown, Reason}}
-    end.
-
-%% A pool's own keys and the runtime options every member gets (but `key', `handle'
-%% and `contexts', which the pool sets itself): any other key is
-%% `{error, {bad_option, Key}}', and a `venv' that is no virtualenv is refused as a
-%% runtime's is.
-check_opts(Opts) ->
-    Known = ?POOL_OPTIONS ++ (pyport_opts:runtime_keys() -- [key, runtime, contexts]),
-    case pyport_opts:unknown_key(Opts, Known) of
-        none -> pyport_opts:check(maps:with(pyport_opts:runtime_keys(), Opts));
-        Key -> {error, {bad_option, Key}}
     end.
 
 init_pool(Name, Opts0) ->
@@ -542,7 +527,7 @@ member_name(I) ->
     list_to_atom("member_" ++ integer_to_list(I)).
 
 start_runtime(Opts) ->
-    RuntimeOpts = maps:without(?POOL_OPTIONS, Opts),
+    RuntimeOpts = maps:without(pyport_opts:pool_keys(), Opts),
     %% a failed start's exit, and no other, is taken out of the mailbox there
     %% (pyport_linked:quiet_start/1)
     pyport_runtime:start_link(RuntimeOpts).
@@ -590,7 +575,7 @@ set_members(Name, #row{members = Members} = Row, Changes) ->
 %% longer than `drain_timeout' is replaced anyway, and that is logged.
 drain(I, Since, #state{name = Name, opts = Opts, row = #row{load = Load}} = S) ->
     Waited = erlang:monotonic_time(millisecond) - Since,
-    Limit = maps:get(drain_timeout, Opts, ?DRAIN_TIMEOUT),
+    Limit = pyport_opts:drain_timeout(Opts),
     case atomics:get(Load, I) =:= 0 andalso idle(element(I, S#state.row#row.members)) of
         true ->
             replace(I, S);

@@ -6,7 +6,8 @@
 %% but a stop, it marks the runtime down (callers get `{error, {runtime_down, Reason}}'
 %% at once) and starts a new one after a back-off delay: at once after a run that
 %% lasted, then doubling from `restart => #{min_delay => Ms}' (default 100) up to
-%% `max_delay' (default 5000) while the OS process keeps crashing. Python crashing
+%% `max_delay' (default 5000; both in `pyport_opts') while the OS process keeps
+%% crashing. Python crashing
 %% therefore never makes a supervisor give up: not pyport's own, nor the user's when the
 %% runtime runs under it through child_spec/1.
 %%
@@ -37,9 +38,6 @@
 -export_type([key/0]).
 -export_type([context_spec/0]).
 
-%% the back-off between restarts of a crashing OS process
--define(MIN_DELAY, 100).
--define(MAX_DELAY, 5000).
 %% A run at least this long counts as healthy: the next crash restarts at once.
 -define(STABLE_MS, 10000).
 %% How long it may take to stop (pyport_linked waits that long for its port owner).
@@ -203,15 +201,13 @@ port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashe
     schedule_restart(S#state{crashes = Crashes1}).
 
 schedule_restart(#state{crashes = Crashes, opts = Opts} = S) ->
-    _ = erlang:send_after(delay(Crashes, maps:get(restart, Opts, #{})), self(), restart),
+    _ = erlang:send_after(delay(Crashes, pyport_opts:restart_delays(Opts)), self(), restart),
     S#state{crashes = Crashes + 1}.
 
 %% No wait after a healthy run; then min_delay, doubling up to max_delay.
 delay(0, _) ->
     0;
-delay(Crashes, Restart) ->
-    Min = maps:get(min_delay, Restart, ?MIN_DELAY),
-    Max = maps:get(max_delay, Restart, ?MAX_DELAY),
+delay(Crashes, {Min, Max}) ->
     min(Max, Min bsl min(Crashes - 1, 20)).
 
 restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
