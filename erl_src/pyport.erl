@@ -1299,7 +1299,7 @@ remote(Node, Function, Args) ->
     remote(Node, Function, Args, #{}).
 
 remote(Node, Function, Args, Opts) ->
-    case pyport_pool:connected(Node) of
+    case lists:member(Node, nodes([visible, hidden])) of
         false ->
             {error, {nodedown, Node}};
         true ->

@@ -40,7 +40,6 @@
 -export([start_part/2]).
 -export([stop_part/1]).
 -export([os_pid/1]).
--export([connected/1]).
 -export([init/1, handle_call/3, handle_cast/2, handle_info/2, terminate/2]).
 
 -export_type([opts/0]).
@@ -392,9 +391,7 @@ connect(Node) ->
             ok
     end.
 
-%% @doc Whether this node is connected to Node (hidden nodes too): the one check, also
-%% for requests on another node's handles (no connection attempt that could hang).
--spec connected(node()) -> boolean().
+%% Whether this node is connected to Node (hidden nodes too).
 connected(Node) ->
     lists:member(Node, nodes([visible, hidden])).
 
