@@ -148,9 +148,12 @@ relay_call({Relay, Port}, Payload) ->
         {'DOWN', Mref, _, _, Reason} -> error(Reason)
     end.
 
-%% pyport's binary driven by the caller itself: hello, one context, raw frames.
+%% pyport's binary driven by the caller itself: hello, one context, raw frames. Its
+%% command line carries the default limits (the port program has none of its own).
 with_raw(Exe, Fun) ->
-    Port = open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio]),
+    Args = pyport_opts:port_args(#{}, pyport_opts:max_atoms(#{})),
+    Port = open_port({spawn_executable, Exe},
+                     [{packet, 4}, binary, exit_status, use_stdio, {args, Args}]),
     try
         receive {Port, {data, <<1, _/binary>>}} -> ok end,
         H = term_to_binary(init),

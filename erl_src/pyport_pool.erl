@@ -50,16 +50,12 @@
 -define(STOP_WAIT, 5000).
 %% how often a draining member's requests in flight are looked at
 -define(DRAIN_POLL_MS, 5).
-%% how long a member being replaced may take to finish what it runs (its calls, casts
-%% and streams) before it is replaced anyway (option `drain_timeout')
--define(DRAIN_TIMEOUT, 60000).
 -define(READY, 0).
 -define(DRAINING, 1).
 %% a member on a node that is down (or whose pyport is not running yet)
 -define(DOWN, 2).
 %% how often a node that is up but whose members could not start is tried again
 -define(NODE_RETRY_MS, 500).
--define(POOL_OPTIONS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
 
 -type opts() :: #{name := atom(),
                   nodes => [node()],
@@ -112,7 +108,7 @@
 %% member.
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
+    pyport_linked:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc Starts a pool under pyport's supervisor: `{ok, Pid}', or `{error, Reason}'
 %% (`{already_started, Name}' for a name taken).
@@ -223,20 +219,9 @@ info(Name) ->
 -spec init(opts()) -> {ok, #state{}} | {stop, term()}.
 init(#{name := Name} = Opts0) ->
     process_flag(trap_exit, true),
-    case check_opts(Opts0) of
+    case pyport_opts:check_pool(Opts0) of
         ok -> init_pool(Name, Opts0);
         {error, Reason} -> {stop, {shutdown, Reason}}
-    end.
-
-%% A pool's own keys and the runtime options every member gets (but `key', `handle'
-%% and `contexts', which the pool sets itself): any other key is
-%% `{error, {bad_option, Key}}', and a `venv' that is no virtualenv is refused as a
-%% runtime's is.
-check_opts(Opts) ->
-    Known = ?POOL_OPTIONS ++ (pyport_port:runtime_options() -- [key, handle, contexts]),
-    case pyport_port:unknown_key(Opts, Known) of
-        none -> pyport_port:check_opts(maps:with(pyport_port:runtime_options(), Opts));
-        Key -> {error, {bad_option, Key}}
     end.
 
 init_pool(Name, Opts0) ->
@@ -263,7 +248,7 @@ init_pool(Name, Opts0) ->
                        state = atomics:new(Total, []),
                        served = atomics:new(Total, []),
                        max_requests = maps:get(max_requests, Opts, infinity),
-                       call_timeout = pyport_port:call_timeout(Opts),
+                       call_timeout = pyport_opts:call_timeout(Opts),
                        pid = self()},
             [atomics:put(Row#row.state, I, ?DOWN)
              || I <- lists:seq(length(LocalMembers) + 1, Total)],
@@ -351,7 +336,7 @@ terminate(_Reason, #state{name = Name, runtimes = Runtimes, remote_nodes = Remot
     _ = try ets:delete(?TABLE, {pool, Name}) catch error:badarg -> true end,
     _ = [catch erpc:call(N, pyport_pool, stop_part, [part_name(Name)], ?STOP_WAIT)
          || N <- Remote, connected(N)],
-    pyport_port:stop_linked(maps:keys(Runtimes)).
+    pyport_linked:stop(maps:keys(Runtimes)).
 
 %%% Members on other nodes
 
@@ -507,7 +492,7 @@ start_main(I, Size, Opts, Why, Runtimes, Members) ->
         {ok, Pid, Member} ->
             start_main(I + 1, Size, Opts, Why, Runtimes#{Pid => I}, [Member | Members]);
         {error, _} = Error ->
-            pyport_port:stop_linked(maps:keys(Runtimes)),
+            pyport_linked:stop(maps:keys(Runtimes)),
             Error
     end.
 
@@ -523,7 +508,7 @@ start_main_member(I, #{name := Name} = Opts) ->
 %% on this node together: a member runtime of its own (mode `main') gets its share, so
 %% the members do not multiply it. (An `owngil' pool is one runtime: it has it all.)
 atom_share(I, #{size := Size} = Opts) ->
-    Max = pyport_port:max_atoms(Opts),
+    Max = pyport_opts:max_atoms(Opts),
     Max div Size + case I =< Max rem Size of
                        true -> 1;
                        false -> 0
@@ -540,9 +525,9 @@ member_name(I) ->
     list_to_atom("member_" ++ integer_to_list(I)).
 
 start_runtime(Opts) ->
-    RuntimeOpts = maps:without(?POOL_OPTIONS, Opts),
+    RuntimeOpts = maps:without(pyport_opts:pool_keys(), Opts),
     %% a failed start's exit, and no other, is taken out of the mailbox there
-    %% (pyport_port:quiet_start/1)
+    %% (pyport_linked:quiet_start/1)
     pyport_runtime:start_link(RuntimeOpts).
 
 
@@ -588,7 +573,7 @@ set_members(Name, #row{members = Members} = Row, Changes) ->
 %% longer than `drain_timeout' is replaced anyway, and that is logged.
 drain(I, Since, #state{name = Name, opts = Opts, row = #row{load = Load}} = S) ->
     Waited = erlang:monotonic_time(millisecond) - Since,
-    Limit = maps:get(drain_timeout, Opts, ?DRAIN_TIMEOUT),
+    Limit = pyport_opts:drain_timeout(Opts),
     case atomics:get(Load, I) =:= 0 andalso idle(element(I, S#state.row#row.members)) of
         true ->
             replace(I, S);
@@ -652,11 +637,9 @@ replace(I, #state{name = Name, mode = Mode, row = Row, runtimes = Runtimes,
 %%% Dispatch (in the caller)
 
 row(Name) ->
-    try ets:lookup(?TABLE, {pool, Name}) of
+    case pyport_table:lookup({pool, Name}) of
         [{_, Row}] -> {ok, Row};
         [] -> {error, {pool_down, Name}}
-    catch
-        error:badarg -> {error, {pool_down, Name}}
     end.
 
 %% Tries members from the least loaded up; Skip holds those found down.

@@ -6,19 +6,17 @@
 %% but a stop, it marks the runtime down (callers get `{error, {runtime_down, Reason}}'
 %% at once) and starts a new one after a back-off delay: at once after a run that
 %% lasted, then doubling from `restart => #{min_delay => Ms}' (default 100) up to
-%% `max_delay' (default 5000) while the OS process keeps crashing. Python crashing
+%% `max_delay' (default 5000; both in `pyport_opts') while the OS process keeps
+%% crashing. Python crashing
 %% therefore never makes a supervisor give up: not pyport's own, nor the user's when the
 %% runtime runs under it through child_spec/1.
 %%
 %% Its pid (or its registered `name') is the handle `pyport:start_runtime/1' returns:
 %% valid for context/2, info/1, new_context/2 and stop_runtime/1 across restarts.
 %%
-%% ETS rows written here (`pyport_runtimes'; all removed when it stops):
-%%   {{pid, Pid}, Key}        the handle -> the key
-%%   {Key, down, Reason}       while no OS process serves (`pyport_port' replaces it)
-%%   {{restarts, Key}, N}      restarts so far
-%%   {{atoms, Key}, N}         new atoms its Python made in the node, over all its OS
-%%                             processes (max_atoms; counted by `pyport_port')
+%% It writes the runtime's rows of the table `pyport_runtimes' (its pid, `down' while no
+%% OS process serves, the restart count) through `pyport_table', and removes all the
+%% runtime's rows when it stops.
 -module(pyport_runtime).
 -behaviour(gen_server).
 
@@ -40,17 +38,14 @@
 -export_type([key/0]).
 -export_type([context_spec/0]).
 
--define(TABLE, pyport_runtimes).
--define(MIN_DELAY, 100).
--define(MAX_DELAY, 5000).
 %% A run at least this long counts as healthy: the next crash restarts at once.
 -define(STABLE_MS, 10000).
+%% How long it may take to stop (pyport_linked waits that long for its port owner).
 -define(STOP_WAIT, 5000).
 
-%% The types live with the port owner, which this module starts (arrows point one way).
--type key() :: pyport_port:key().
--type context_spec() :: pyport_port:context_spec().
--type opts() :: pyport_port:opts().
+-type key() :: pyport_table:key().
+-type context_spec() :: pyport_opts:context_spec().
+-type opts() :: pyport_opts:opts().
 
 -record(state, {
     key :: key(),
@@ -70,9 +65,9 @@
 %% Opts cannot be created (later failures are restarted with back-off instead).
 -spec start_link(opts()) -> {ok, pid()} | {error, term()}.
 start_link(#{name := Name} = Opts) when is_atom(Name) ->
-    pyport_port:quiet_start(gen_server:start_link({local, Name}, ?MODULE, Opts, []));
+    pyport_linked:quiet_start(gen_server:start_link({local, Name}, ?MODULE, Opts, []));
 start_link(Opts) when is_map(Opts) ->
-    pyport_port:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
+    pyport_linked:quiet_start(gen_server:start_link(?MODULE, Opts, [])).
 
 %% @doc A child spec for the user's own supervision tree. The runtime key (its
 %% registered name, else a reference made here) is fixed in the spec, so handles of
@@ -92,7 +87,7 @@ child_spec(Opts0) when is_map(Opts0) ->
 %% @doc How many times the runtime's OS process was replaced.
 -spec restarts(key()) -> non_neg_integer().
 restarts(Key) ->
-    pyport_port:restarts(Key).
+    pyport_table:count({restarts, Key}).
 
 %% @doc Whether an OS process serves the runtime now (its port owner is alive: a
 %% caller told `runtime_down' by its monitor never finds it up a moment later).
@@ -106,7 +101,7 @@ is_up(Key) ->
 %% @doc The key of the runtime behind that handle.
 -spec key(pid()) -> {ok, key()} | {error, not_found}.
 key(Pid) ->
-    case lookup({pid, Pid}) of
+    case pyport_table:lookup({pid, Pid}) of
         [{_, Key}] -> {ok, Key};
         [] -> {error, not_found}
     end.
@@ -114,7 +109,7 @@ key(Pid) ->
 %% @doc The id of the runtime's context with that name.
 -spec context_id(key(), atom()) -> {ok, pos_integer()} | {error, not_found}.
 context_id(Key, Name) ->
-    case lookup({ctx, Key, Name}) of
+    case pyport_table:lookup({ctx, Key, Name}) of
         [{_, Id}] -> {ok, Id};
         [] -> {error, not_found}
     end.
@@ -122,18 +117,9 @@ context_id(Key, Name) ->
 %% @doc The port owner serving the runtime now, and its call timeout.
 -spec port_owner(key()) -> {ok, pid(), timeout()} | {error, term()}.
 port_owner(Key) ->
-    case lookup(Key) of
-        [{_, Pid, _Port, Timeout, _MaxFrame}] when is_pid(Pid) -> {ok, Pid, Timeout};
-        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
-        [] -> {error, {runtime_down, noproc}}
-    end.
-
-%% The table's rows under Key; none when pyport is not started (no table).
-lookup(Key) ->
-    try
-        ets:lookup(?TABLE, Key)
-    catch
-        error:badarg -> []
+    case pyport_table:port_row(Key) of
+        {ok, {_, Pid, _Port, Timeout, _MaxFrame}} -> {ok, Pid, Timeout};
+        {error, _} = Error -> Error
     end.
 
 %% @doc Replaces the runtime's OS process at once (no back-off, not counted as a
@@ -150,8 +136,8 @@ recycle(Pid) ->
 init(Opts0) ->
     process_flag(trap_exit, true),
     Key = runtime_key(Opts0),
-    Opts = Opts0#{key => Key, handle => self()},
-    case pyport_port:check_opts(Opts0) of
+    Opts = Opts0#{key => Key, runtime => self()},
+    case pyport_opts:check(Opts0) of
         ok -> start_first(Key, Opts);
         {error, Reason} -> {stop, {shutdown, Reason}}
     end.
@@ -159,7 +145,7 @@ init(Opts0) ->
 start_first(Key, Opts) ->
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
-            true = ets:insert(?TABLE, [{{pid, self()}, Key}, {{restarts, Key}, 0}]),
+            true = pyport_table:runtime_started(self(), Key),
             {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
         {error, Reason} ->
             {stop, {shutdown, Reason}}
@@ -168,8 +154,8 @@ start_first(Key, Opts) ->
 %% @private gen_server callback.
 -spec handle_call(term(), gen_server:from(), #state{}) -> {reply, term(), #state{}}.
 handle_call(recycle, _From, #state{key = Key, port_owner = Pid} = S) ->
-    true = ets:insert(?TABLE, {Key, down, recycling}),
-    stop_port_owner(Pid),
+    true = pyport_table:runtime_down(Key, recycling),
+    pyport_linked:stop([Pid]),
     S1 = restart(S#state{port_owner = undefined}),
     Reply = case S1#state.port_owner of
                 undefined -> {error, restart_failed};
@@ -196,17 +182,8 @@ handle_info(_Msg, S) ->
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
 terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
-    stop_port_owner(Pid),
-    try
-        true = ets:delete(?TABLE, Key),
-        true = ets:delete(?TABLE, {pid, self()}),
-        true = ets:delete(?TABLE, {restarts, Key}),
-        true = ets:delete(?TABLE, {atoms, Key}),
-        true = ets:match_delete(?TABLE, {{ctx, Key, '_'}, '_'}),
-        true = ets:delete(?TABLE, {contexts, Key})
-    catch
-        error:badarg -> true  % the table is gone: the application is stopping
-    end,
+    pyport_linked:stop([Pid]),  % it stops its OS process and returns once that is gone
+    true = pyport_table:runtime_stopped(self(), Key),
     ok.
 
 %%% Restarts
@@ -218,7 +195,7 @@ runtime_key(_) -> make_ref().
 %% The OS process is gone: callers are told at once, and a new one comes after the
 %% back-off delay.
 port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashes} = S) ->
-    true = ets:insert(?TABLE, {Key, down, Reason}),
+    true = pyport_table:runtime_down(Key, Reason),
     Crashes1 = case now_ms() - Started >= ?STABLE_MS of
                    true -> 0;
                    false -> Crashes
@@ -226,34 +203,26 @@ port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashe
     schedule_restart(S#state{crashes = Crashes1}).
 
 schedule_restart(#state{crashes = Crashes, opts = Opts} = S) ->
-    _ = erlang:send_after(delay(Crashes, maps:get(restart, Opts, #{})), self(), restart),
+    _ = erlang:send_after(delay(Crashes, pyport_opts:restart_delays(Opts)), self(), restart),
     S#state{crashes = Crashes + 1}.
 
 %% No wait after a healthy run; then min_delay, doubling up to max_delay.
 delay(0, _) ->
     0;
-delay(Crashes, Restart) ->
-    Min = maps:get(min_delay, Restart, ?MIN_DELAY),
-    Max = maps:get(max_delay, Restart, ?MAX_DELAY),
+delay(Crashes, {Min, Max}) ->
     min(Max, Min bsl min(Crashes - 1, 20)).
 
 restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
-    true = ets:insert(?TABLE, {{restarts, Key}, N + 1}),
+    true = pyport_table:restarted(Key, N + 1),
     S1 = S#state{restarts = N + 1, started_at = now_ms()},
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             S1#state{port_owner = Pid};
         {error, Reason} ->
             %% It did not even start (a preload that crashes, say): down, try again.
-            true = ets:insert(?TABLE, {Key, down, Reason}),
+            true = pyport_table:runtime_down(Key, Reason),
             schedule_restart(S1)
     end.
-
-%% The port owner stops its OS process and returns once that is gone.
-stop_port_owner(undefined) ->
-    ok;
-stop_port_owner(Pid) ->
-    pyport_port:stop_linked([Pid]).
 
 now_ms() ->
     erlang:monotonic_time(millisecond).

@@ -21,7 +21,6 @@ use crate::sync::Unpoison;
 
 /// The bit of a frame's kind byte that asks Erlang to decode the payload with `[safe]`.
 pub const SAFE_DECODE: u8 = 0x80;
-pub const DEFAULT_MAX_ATOMS: usize = 5000;
 
 struct Budget {
     max: usize,
@@ -47,9 +46,11 @@ pub fn set_max(max: usize) {
     });
 }
 
+/// Start-up sets the budget from `--max-atoms` (the Erlang side owns its default);
+/// without one (library use, unit tests) there is no bound.
 fn budget() -> &'static Budget {
     BUDGET.get_or_init(|| Budget {
-        max: DEFAULT_MAX_ATOMS,
+        max: usize::MAX,
         names: Mutex::new(HashSet::new()),
     })
 }

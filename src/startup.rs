@@ -11,46 +11,52 @@ use crate::router::{Config, Router};
 use crate::writer::Writer;
 
 pub const PROTOCOL_VERSION: i64 = 1;
-const DEFAULT_MAX_FRAME: usize = 1 << 30;
-const DEFAULT_QUEUE: usize = 10_000;
-const DEFAULT_STUCK_AFTER_MS: u64 = 2000;
 
-/// Parses `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
-/// `--max-memory BYTES`, `--max-atoms N`, `--max-reply BYTES`, `--none-as ATOM`,
-/// `--arrays binary|lists`.
-pub fn parse_args(args: &[String]) -> Result<Config, String> {
-    let mut config = Config {
-        max_frame: DEFAULT_MAX_FRAME,
-        queue_capacity: DEFAULT_QUEUE,
-        stuck_after: Some(std::time::Duration::from_millis(DEFAULT_STUCK_AFTER_MS)),
-        max_memory: None,
-        path: Vec::new(),
-    };
+/// Parses the command line. The Erlang side (`pyport_opts`) owns every default and
+/// gives every limit, so this program keeps no copies of them (docs/protocol.md):
+/// `--path DIR`, `--max-frame BYTES`, `--queue N`, `--stuck-after MS` (0: never),
+/// `--max-atoms N`, `--none-as ATOM` (all of these but `--path` required), and the
+/// optional bounds `--max-memory BYTES` and `--max-reply BYTES` (none without them),
+/// and `--arrays binary|lists` (numpy arrays' form, `lists` without it).
+pub fn parse_args(args: &[String]) -> Result<Args, String> {
+    let mut max_frame = None;
+    let mut max_atoms = None;
+    let mut none_as = None;
+    let mut arrays = None;
+    let mut max_reply = None;
+    let mut queue_capacity = None;
+    let mut stuck_after = None;
+    let mut config_path = Vec::new();
+    let mut max_memory = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let mut value = || it.next().ok_or_else(|| format!("{arg} needs a value"));
         match arg.as_str() {
-            "--path" => config.path.push(value()?.clone()),
+            "--path" => config_path.push(value()?.clone()),
             "--max-frame" => {
-                config.max_frame = value()?
-                    .parse()
-                    .map_err(|_| "--max-frame needs a number of bytes")?
+                max_frame = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--max-frame needs a number of bytes")?,
+                )
             }
             "--queue" => {
-                config.queue_capacity = value()?.parse().map_err(|_| "--queue needs a number")?
+                queue_capacity = Some(value()?.parse().map_err(|_| "--queue needs a number")?)
             }
-            "--max-reply" => crate::framing::set_max_reply(
-                value()?
-                    .parse()
-                    .map_err(|_| "--max-reply needs a number of bytes")?,
-            ),
+            "--max-reply" => {
+                max_reply = Some(
+                    value()?
+                        .parse()
+                        .map_err(|_| "--max-reply needs a number of bytes")?,
+                )
+            }
             "--max-atoms" => {
-                crate::atoms::set_max(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
+                max_atoms = Some(value()?.parse().map_err(|_| "--max-atoms needs a number")?)
             }
-            "--none-as" => crate::convert::set_none_atom(value()?)?,
-            "--arrays" => crate::convert::set_arrays_binary(value()?)?,
+            "--none-as" => none_as = Some(value()?.clone()),
+            "--arrays" => arrays = Some(value()?.clone()),
             "--max-memory" => {
-                config.max_memory = Some(
+                max_memory = Some(
                     value()?
                         .parse()
                         .map_err(|_| "--max-memory needs a number of bytes")?,
@@ -60,12 +66,51 @@ pub fn parse_args(args: &[String]) -> Result<Config, String> {
                 let ms: u64 = value()?
                     .parse()
                     .map_err(|_| "--stuck-after needs a number of milliseconds")?;
-                config.stuck_after = (ms > 0).then(|| std::time::Duration::from_millis(ms));
+                stuck_after = Some((ms > 0).then(|| std::time::Duration::from_millis(ms)));
             }
             other => return Err(format!("unknown argument {other}")),
         }
     }
-    Ok(config)
+    let missing = |flag: &str| format!("{flag} is required (the Erlang side gives every limit)");
+    Ok(Args {
+        config: Config {
+            max_frame: max_frame.ok_or_else(|| missing("--max-frame"))?,
+            queue_capacity: queue_capacity.ok_or_else(|| missing("--queue"))?,
+            stuck_after: stuck_after.ok_or_else(|| missing("--stuck-after"))?,
+            max_memory,
+            path: config_path,
+        },
+        max_atoms: max_atoms.ok_or_else(|| missing("--max-atoms"))?,
+        none_as: none_as.ok_or_else(|| missing("--none-as"))?,
+        max_reply,
+        arrays,
+    })
+}
+
+/// The command line: the router's configuration and the process-wide settings.
+pub struct Args {
+    pub config: Config,
+    pub max_atoms: usize,
+    pub none_as: String,
+    pub max_reply: Option<usize>,
+    /// `--arrays binary|lists` (optional, `lists` without it): numpy arrays' form.
+    pub arrays: Option<String>,
+}
+
+impl Args {
+    /// Sets the process-wide settings (once, at start-up) and returns the router's
+    /// configuration; an unknown `--none-as` atom is an error.
+    fn apply(self) -> Result<Config, String> {
+        crate::atoms::set_max(self.max_atoms);
+        crate::convert::set_none_atom(&self.none_as)?;
+        if let Some(max) = self.max_reply {
+            crate::framing::set_max_reply(max);
+        }
+        if let Some(form) = &self.arrays {
+            crate::convert::set_arrays_binary(form)?;
+        }
+        Ok(self.config)
+    }
 }
 
 /// Takes fds 0 and 1 for the protocol (close-on-exec, so children don't inherit them),
@@ -193,7 +238,7 @@ pub fn main(args: Vec<String>) -> i32 {
             w.binary(name.as_bytes());
         })
     });
-    let config = match parse_args(&args) {
+    let config = match parse_args(&args).and_then(Args::apply) {
         Ok(c) => c,
         Err(e) => return start_error(&writer, &e),
     };
@@ -224,4 +269,70 @@ pub fn main(args: Vec<String>) -> i32 {
     // OS reclaims everything anyway.
     // SAFETY: ends the process without running atexit handlers or destructors.
     unsafe { libc::_exit(code) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn every_limit_comes_from_the_command_line() {
+        let config = parse_args(&args(&[
+            "--max-frame",
+            "4096",
+            "--queue",
+            "7",
+            "--stuck-after",
+            "0",
+            "--max-atoms",
+            "9",
+            "--none-as",
+            "none",
+        ]))
+        .unwrap();
+        assert_eq!(config.config.max_frame, 4096);
+        assert_eq!(config.config.queue_capacity, 7);
+        assert_eq!(config.config.stuck_after, None, "0 is never");
+        assert_eq!(config.max_atoms, 9);
+        assert_eq!(config.none_as, "none");
+        assert_eq!(config.max_reply, None);
+    }
+
+    #[test]
+    fn a_missing_limit_is_a_start_error_not_a_default() {
+        let err = parse_args(&args(&[
+            "--max-frame",
+            "9",
+            "--queue",
+            "7",
+            "--stuck-after",
+            "5",
+            "--none-as",
+            "nil",
+        ]))
+        .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("--max-atoms is required (the Erlang side gives every limit)")
+        );
+        let err = parse_args(&args(&[
+            "--queue",
+            "7",
+            "--stuck-after",
+            "5",
+            "--max-atoms",
+            "9",
+            "--none-as",
+            "nil",
+        ]))
+        .err();
+        assert_eq!(
+            err.as_deref(),
+            Some("--max-frame is required (the Erlang side gives every limit)")
+        );
+    }
 }

@@ -10,7 +10,8 @@
 -define(MAX_ATOMS, 100).
 
 all() ->
-    [atom_budget, send_flood_is_bounded, max_reply, output_flood, callbacks_are_bounded].
+    [atom_budget, send_flood_is_bounded, max_reply, output_flood, callbacks_are_bounded,
+     limits_come_from_erlang].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_app(),
@@ -265,3 +266,24 @@ update_max(Counter, N) ->
 %% The names among these that are atoms of the node.
 existing(Names) ->
     [N || N <- Names, try binary_to_existing_atom(N) of _ -> true catch error:badarg -> false end].
+
+limits_come_from_erlang() ->
+    [{doc, "The port program has no defaults of its own: started without the limits "
+           "it answers {start_error, ...} naming the first one missing instead of a "
+           "hello; started by a runtime without limit options, its info says the "
+           "defaults pyport_opts gave it (1 GiB frames, as the port program reports "
+           "them back, and 5000 atoms)."}].
+limits_come_from_erlang(_Config) ->
+    Exe = pyport_opts:executable(#{}),
+    Port = open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio]),
+    Event = receive
+                {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+                    binary_to_term(Payload)
+            end,
+    ?assertEqual({start_error, <<"--max-frame is required (the Erlang side gives every "
+                                 "limit)">>}, Event),
+    receive {Port, {exit_status, Status}} -> ?assertEqual(2, Status) end,
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
+    {ok, Info} = pyport:info(Rt),
+    ?assertMatch(#{max_frame := 1073741824, max_atoms := 5000}, Info),
+    ok = pyport:stop_runtime(Rt).
