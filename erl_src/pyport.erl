@@ -202,7 +202,7 @@ context(Runtime, Name) when is_atom(Name) ->
 stop_context(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
     pyport_remote:call(node(Home), stop_context, [Ctx]);
 stop_context(#pyport_ctx{key = Key, id = Id}) ->
-    case pyport_call:runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, _Port, Timeout, _MaxFrame}} ->
             case pyport_port:stop_context(Pid, Id, Timeout) of
                 {error, not_found} -> ok;
@@ -223,7 +223,7 @@ stop_context(_NotACtx) ->
 interrupt(#pyport_ctx{home = Home} = Ctx) when node(Home) =/= node() ->
     pyport_remote:call(node(Home), interrupt, [Ctx]);
 interrupt(#pyport_ctx{key = Key, id = Id}) ->
-    case pyport_call:runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, _Pid, Port, _, _}} ->
             _ = pyport_call:cast_request(Port, Id, {interrupt}),
             ok;
@@ -372,12 +372,12 @@ new_env_owned(Target, Owner) when ?REMOTE(Target) ->
 new_env_owned(#pyport_pool{} = Pool, Owner) ->
     pyport_affinity:on_pool(Pool, [], #{}, fun(Ctx) -> new_env_owned(Ctx, Owner) end);
 new_env_owned(#pyport_ctx{key = Key, id = Id}, Owner) ->
-    case pyport_call:runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, _, _, _} = Runtime} ->
             case pyport_call:new_id(Runtime, Id, {new_env}) of
                 {ok, EnvId} ->
                     pyport_call:own(Pid, Owner, Id, {env, EnvId}),
-                    {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}};
+                    {ok, #pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid}};
                 {error, _} = Error ->
                     Error
             end;
@@ -392,11 +392,11 @@ new_env_owned(_NotATarget, _Owner) ->
 %% turn (before any later request of the caller to that context), also when its queue
 %% is full.
 -spec drop_env(env()) -> ok | {error, {bad_request, env}}.
-drop_env(#pyport_env{runtime = Pid} = Env) when node(Pid) =/= node() ->
+drop_env(#pyport_env{port_owner = Pid} = Env) when node(Pid) =/= node() ->
     _ = pyport_remote:call(node(Pid), drop_env, [Env]),
     ok;
-drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid}) ->
-    case pyport_call:runtime(Key) of
+drop_env(#pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid}) ->
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, Port, _, _}} ->
             %% no reply wanted: a reply could be refused (a full queue) or dropped
             %% unrun (a deadline passed in the queue), and the env would live on
@@ -466,7 +466,7 @@ release(#pyport_ref{home = Home} = Ref) when node(Home) =/= node() ->
     _ = pyport_remote:call(node(Home), release, [Ref]),
     ok;
 release(#pyport_ref{key = Key, ctx = Id, id = RefId}) ->
-    case pyport_call:runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, Pid, Port, _, _}} ->
             _ = pyport_call:cast_request(Port, Id, {release, RefId, #{}}),
             pyport_call:disown(Pid, Id, {ref, RefId});
@@ -682,7 +682,7 @@ channel_open(Ctx, _Name, Opts) ->
 %% its context or runtime is gone).
 -spec channel_send(channel(), term()) ->
           ok | busy | {error, closed | {bad_request, channel} | error()}.
-channel_send(#pyport_channel{runtime = Pid} = Chan, Term) when node(Pid) =/= node() ->
+channel_send(#pyport_channel{port_owner = Pid} = Chan, Term) when node(Pid) =/= node() ->
     pyport_remote:call(node(Pid), channel_send, [Chan, Term]);
 channel_send(#pyport_channel{} = Chan, Term) ->
     pyport_channel:send(Chan, Term);
@@ -692,7 +692,7 @@ channel_send(_NotAChannel, _Term) ->
 %% @doc Closes the channel: Python takes what is left, then `receive()' raises
 %% `erlang.ChannelClosed' and `async for' ends. Closing again is `ok'.
 -spec channel_close(channel()) -> ok | {error, {bad_request, channel}}.
-channel_close(#pyport_channel{runtime = Pid} = Chan) when node(Pid) =/= node() ->
+channel_close(#pyport_channel{port_owner = Pid} = Chan) when node(Pid) =/= node() ->
     _ = pyport_remote:call(node(Pid), channel_close, [Chan]),
     ok;
 channel_close(#pyport_channel{} = Chan) ->
@@ -732,7 +732,7 @@ stop_pool(#pyport_pool{name = Name}) ->
 %% pyport_pool:child_spec/1, say).
 -spec pool(atom()) -> {ok, pool()} | {error, not_found}.
 pool(Name) when is_atom(Name) ->
-    case pyport_call:lookup({pool, Name}) of
+    case pyport_table:lookup({pool, Name}) of
         [_] -> {ok, #pyport_pool{name = Name}};
         [] -> {error, not_found}
     end.
@@ -763,12 +763,12 @@ pool_member(Pool) ->
 %% @private The runtime's row, for a stream consumed on another node.
 -spec runtime_row(pyport_runtime:key()) -> {ok, pyport_call:row()} | {error, error()}.
 runtime_row(Key) ->
-    pyport_call:runtime(Key).
+    pyport_table:port_row(Key).
 
 %%% Helpers
 
 default_context() ->
-    case pyport_call:lookup({contexts, ?DEFAULT_RUNTIME}) of
+    case pyport_table:lookup({contexts, ?DEFAULT_RUNTIME}) of
         [{_, Ids}] when tuple_size(Ids) > 0 ->
             N = (erlang:system_info(scheduler_id) - 1) rem tuple_size(Ids) + 1,
             {ok, #pyport_ctx{key = ?DEFAULT_RUNTIME, id = element(N, Ids)}};
@@ -782,7 +782,7 @@ default_context() ->
 with_runtime(Runtime, Fun) ->
     case runtime_key(Runtime) of
         {ok, Key} ->
-            case pyport_call:runtime(Key) of
+            case pyport_table:port_row(Key) of
                 {ok, {_, Pid, _Port, Timeout, _MaxFrame}} -> Fun(Key, Pid, Timeout);
                 {error, _} = Error -> Error
             end;

@@ -55,7 +55,7 @@ on_pool_checked(#pyport_pool{name = Name}, Args, Opts, Fun) ->
 member_ctx({Key, Id, Home}) -> #pyport_ctx{key = Key, id = Id, home = Home};
 member_ctx(undefined) -> undefined.
 
-affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, runtime = Pid}}) ->
+affinity(_Args, #{env := #pyport_env{key = Key, ctx = Id, port_owner = Pid}}) ->
     {ok, #pyport_ctx{key = Key, id = Id, home = Pid}};
 affinity(Args, _Opts) ->
     case find_ref([Args], ?REF_SEARCH) of

@@ -13,8 +13,6 @@
 -export([request/4]).
 -export([new_id/3]).
 -export([cast/6]).
--export([runtime/1]).
--export([lookup/1]).
 -export([wire_opts/4]).
 -export([write_request/5]).
 -export([encode/2]).
@@ -31,17 +29,16 @@
 
 -include("pyport_handles.hrl").
 
--define(TABLE, pyport_runtimes).
 %% Binary arguments larger than this are not copied into the request frame.
 -define(IOVEC_THRESHOLD, 65536).
 -define(REENTRANT_BIT, (1 bsl 63)).
 %% The process dictionary key of the runtime row a process used last (request/4).
 -define(LAST_RUNTIME, pyport_last_runtime).
 
-%% A runtime's row in pyport's table (written by pyport_port): its port owner, its
-%% port, its call_timeout and its max_frame.
 -type name() :: atom() | binary() | string().
--type row() :: {pyport_runtime:key(), pid(), port(), timeout(), pos_integer()}.
+%% A runtime's row in pyport's table (pyport_table): its port owner, its port, its
+%% call_timeout and its max_frame.
+-type row() :: pyport_table:port_row().
 
 %% @doc The reply to request Req (the request body without its trailing Opts map) to
 %% context Id of runtime Key. Opts is checked for unknown keys first, at no cost for
@@ -84,7 +81,7 @@ request_known(Key, Id, Req, Opts) ->
     end.
 
 request_looked_up(Key, Id, Req, Opts) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, Runtime} ->
             _ = put(?LAST_RUNTIME, Runtime),
             row_request(Runtime, Id, Req, Opts);
@@ -143,7 +140,7 @@ wire_opts(_Key, _Id, _Pid, #{timeout := T})
     {error, {bad_request, {timeout, T}}};
 wire_opts(Key, Id, Pid, #{env := Env} = Opts) ->
     case Env of
-        #pyport_env{key = Key, ctx = Id, id = EnvId, runtime = Pid} ->
+        #pyport_env{key = Key, ctx = Id, id = EnvId, port_owner = Pid} ->
             {ok, Opts#{env => EnvId}};
         #pyport_env{key = Key, ctx = Id} ->
             other_run;  % made before the runtime restarted, or after the row was read
@@ -215,7 +212,7 @@ write_request(Port, Id, H, Body, MaxFrame) ->
 %% as `!' would; one over max_frame is logged.
 -spec cast(pyport_runtime:key(), pos_integer(), binary(), binary(), list(), pid()) -> ok.
 cast(Key, Id, Module, Function, Args, Caller) ->
-    case runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, {_, _Pid, Port, CallTimeout, MaxFrame}} ->
             Body = encode({call, Module, Function, Args, #{}},
                           #{caller => Caller, timeout => CallTimeout}),
@@ -353,10 +350,9 @@ decode(<<131, 104, 2, 119, 2, "ok", 104, 4, 119, 7, "ndarray", 109, DLen:32,
     end;
 decode({pyport_safe, Max, Reply}) ->
     %% it holds atoms past the runtime's max_atoms budget: only existing ones decode
-    try
-        binary_to_term(Reply, [safe])
-    catch
-        error:badarg -> {error, {bad_term, {atom_limit, Max}}}
+    case pyport_atoms:decode(Reply, {true, Max}) of
+        {ok, Term} -> Term;
+        {error, Limit} -> {error, {bad_term, Limit}}
     end;
 decode(Reply) ->
     binary_to_term(Reply).
@@ -390,24 +386,4 @@ name(Name) when is_list(Name) -> unicode:characters_to_binary(Name).
 unknown_option(Opts, _Known) when map_size(Opts) =:= 0 ->
     none;
 unknown_option(Opts, Known) ->
-    pyport_port:unknown_key(Opts, Known).
-
-%%% The runtimes' table
-
-%% @doc The runtime's row: `{Key, PortOwner, Port, CallTimeout, MaxFrame}'.
--spec runtime(pyport_runtime:key()) -> {ok, row()} | {error, {runtime_down, term()}}.
-runtime(Key) ->
-    case lookup(Key) of
-        [{_, Pid, _, _, _} = Row] when is_pid(Pid) -> {ok, Row};
-        [{_, down, Reason}] -> {error, {runtime_down, Reason}};
-        [] -> {error, {runtime_down, noproc}}
-    end.
-
-%% @doc The rows of pyport's table under Key; none when pyport is not started.
--spec lookup(term()) -> [tuple()].
-lookup(Key) ->
-    try
-        ets:lookup(?TABLE, Key)
-    catch
-        error:badarg -> []
-    end.
+    pyport_opts:unknown_key(Opts, Known).

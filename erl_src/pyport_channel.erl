@@ -21,7 +21,7 @@
 open(#pyport_ctx{key = Key, id = Id}, Name, Opts) ->
     Capacity = maps:get(capacity, Opts, ?DEFAULT_CAPACITY),
     Unknown = pyport_call:unknown_option(Opts, ?CHANNEL_OPTIONS),
-    case pyport_call:runtime(Key) of
+    case pyport_table:port_row(Key) of
         {ok, _} when Unknown =/= none ->
             {error, {bad_option, Unknown}};
         {ok, _} when not (is_integer(Capacity) andalso Capacity > 0) ->
@@ -35,7 +35,7 @@ open(#pyport_ctx{key = Key, id = Id}, Name, Opts) ->
                     %% (same name, same context) answers `{error, closed}'
                     pyport_port:channel_opened(Pid, Id, ChanId, Bin, Counters),
                     {ok, #pyport_channel{key = Key, ctx = Id, id = ChanId, port = Port,
-                                         runtime = Pid, max_frame = MaxFrame,
+                                         port_owner = Pid, max_frame = MaxFrame,
                                          capacity = Capacity, counters = Counters}};
                 {error, _} = Error ->
                     Error
@@ -75,7 +75,7 @@ write(#pyport_channel{port = Port, ctx = Ctx, id = Id, counters = Counters,
 
 %% @doc Closes the channel; closing it again is `ok' (pyport:channel_close/1).
 -spec close(#pyport_channel{}) -> ok.
-close(#pyport_channel{port = Port, ctx = Ctx, id = Id, runtime = Pid, counters = Counters}) ->
+close(#pyport_channel{port = Port, ctx = Ctx, id = Id, port_owner = Pid, counters = Counters}) ->
     case counters:get(Counters, 2) of
         0 ->
             counters:put(Counters, 2, 1),

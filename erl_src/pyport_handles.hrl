@@ -8,17 +8,18 @@
 %% here): a local pid follows the node's name, so a handle made before distribution
 %% started stays this node's, and one made on a node before it started distribution
 %% stays that node's.
--record(pyport_ctx, {key :: pyport_runtime:key(), id :: pos_integer(),
+-record(pyport_ctx, {key :: pyport_table:key(), id :: pos_integer(),
                      home = whereis(init) :: pid()}).
-%% `runtime' is the owner process that made the env: an env does not outlive the OS
-%% process it lives in, even when a restarted runtime reuses the key and context id.
--record(pyport_env, {key :: pyport_runtime:key(),
+%% `port_owner' is the port owner (pyport_port) that made the env: an env does not
+%% outlive the OS process it lives in, even when a restarted runtime reuses the key and
+%% context id.
+-record(pyport_env, {key :: pyport_table:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
-                     runtime :: pid()}).
+                     port_owner :: pid()}).
 %% This exact shape, `{pyport_ref, Key, CtxId, RefId, Home}', is what the port program
 %% recognizes in arguments and replaces with the live object.
--record(pyport_ref, {key :: pyport_runtime:key(),
+-record(pyport_ref, {key :: pyport_table:key(),
                      ctx :: pos_integer(),
                      id :: non_neg_integer(),
                      home = whereis(init) :: pid()}).
@@ -26,11 +27,11 @@
 %% cast, stream and new_env.
 -record(pyport_pool, {name :: atom(), home = whereis(init) :: pid()}).
 %% `counters' holds the items Python has not taken yet (1) and a closed flag (2).
--record(pyport_channel, {key :: pyport_runtime:key(),
+-record(pyport_channel, {key :: pyport_table:key(),
                          ctx :: pos_integer(),
                          id :: pos_integer(),
                          port :: port(),
-                         runtime :: pid(),
+                         port_owner :: pid(),
                          max_frame :: pos_integer(),
                          capacity :: pos_integer(),
                          counters :: counters:counters_ref()}).

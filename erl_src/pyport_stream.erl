@@ -47,7 +47,7 @@ start(#pyport_pool{} = Pool, Module, Function, Args, Kwargs, Opts) ->
                             fun(Ctx) -> start(Ctx, Module, Function, Args, Kwargs, Opts) end);
 start(#pyport_ctx{key = Key, id = Id, home = Home}, Module, Function, Args, Kwargs, Opts) ->
     Row = case node(Home) =:= node() of
-              true -> pyport_call:runtime(Key);
+              true -> pyport_table:port_row(Key);
               false -> pyport_remote:call(node(Home), runtime_row, [Key])
           end,
     start_on(Row, Key, Id, {stream, pyport_call:name(Module), pyport_call:name(Function),
