@@ -36,6 +36,9 @@ pub struct Session {
     /// The context's asyncio loop and the poll it shares with the requests.
     pub event_loop: EventLoop,
     envs: RefCell<HashMap<u64, Py<PyDict>>>,
+    /// The names the context's preload bound in `__main__` (new or rebound), taken
+    /// once after it ran: every new env starts with a shallow copy of them.
+    preloaded: Option<Py<PyDict>>,
 }
 
 /// How a request was answered.
@@ -102,6 +105,23 @@ fn lookup<'py>(
     Ok(target)
 }
 
+/// The names of `after` that `before` (a copy of the same namespace) did not have, or
+/// had bound to another object.
+fn bound_by<'py>(
+    py: Python<'py>,
+    before: &Bound<'py, PyDict>,
+    after: &Bound<'py, PyDict>,
+) -> Result<Bound<'py, PyDict>, Error> {
+    let bound = PyDict::new(py);
+    for (name, value) in after.iter() {
+        match before.get_item(&name)? {
+            Some(old) if old.is(&value) => {}
+            _ => bound.set_item(name, value)?,
+        }
+    }
+    Ok(bound)
+}
+
 /// Text of Python source from an Erlang binary (`str`) or charlist (list of ints).
 fn source_text(code: &Bound<'_, PyAny>) -> Result<String, Error> {
     if let Ok(s) = code.cast::<PyString>() {
@@ -149,7 +169,7 @@ impl Session {
             types.clone(),
             link.open_requests.clone(),
         ));
-        let session = Session {
+        let mut session = Session {
             id: spec.id,
             link,
             types,
@@ -164,17 +184,17 @@ impl Session {
             exec: builtins.getattr("exec")?.unbind(),
             event_loop: EventLoop::new(reactor, outlet),
             envs: RefCell::new(HashMap::new()),
+            preloaded: None,
         };
         if let Some(code) = &spec.preload {
-            let preloaded = session
-                .exec
-                .bind(py)
-                .call1((code, session.main_dict.bind(py)));
-            if let Err(e) = preloaded {
+            let main_dict = session.main_dict.bind(py);
+            let before = main_dict.copy()?;
+            if let Err(e) = session.exec.bind(py).call1((code, main_dict)) {
                 // The preload may have made the loop: release it here, attached.
                 session.close(py);
                 return Err(e.into());
             }
+            session.preloaded = Some(bound_by(py, &before, main_dict)?.unbind());
         }
         Ok(session)
     }
@@ -418,6 +438,9 @@ impl Session {
                 let env = PyDict::new(py);
                 env.set_item("__builtins__", py.import("builtins")?)?;
                 env.set_item("__name__", "__main__")?;
+                if let Some(preloaded) = &self.preloaded {
+                    env.update(preloaded.bind(py).as_mapping())?;
+                }
                 let id = self.types.new_id();
                 self.envs.borrow_mut().insert(id, env.unbind());
                 Reply::Id(id)

@@ -18,7 +18,8 @@ all() ->
     [separate_globals, name_error_across_envs, exec_function_called_with_env,
      eval_locals_with_env, env_wrong_context, env_of_other_runtime, drop_env,
      env_used_by_other_process, freed_on_owner_exit, freed_on_owner_exit_10000_cycles,
-     env_after_context_stopped, env_after_runtime_restart].
+     env_after_context_stopped, env_after_runtime_restart, envs_see_preload,
+     envs_see_pool_preload].
 
 init_per_suite(Config) ->
     ok = pyport_ct:start_runtime_ab(?RUNTIME, #{}),
@@ -283,3 +284,61 @@ settle(Runtime, Ctx) ->
 owned_envs() ->
     {ok, #{owned := #{envs := N}}} = pyport:info(?RUNTIME),
     N.
+
+envs_see_preload() ->
+    [{doc, "A new env starts with a copy of the names the context's preload bound in "
+           "__main__ (both modes): a module it imported, a value it rebound; a name an "
+           "env rebinds stays in that env; what exec adds to __main__ later is not in a "
+           "new env; without a preload an env has only its builtins."}].
+envs_see_preload(_Config) ->
+    Preload = <<"import json\ndata = {'n': 1}\n__doc__ = 'preloaded'">>,
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => o, mode => owngil, preload => Preload},
+                                                   #{name => m, mode => main, preload => Preload},
+                                                   #{name => plain, mode => owngil}]}),
+    try
+        lists:foreach(
+          fun(Name) ->
+              {ok, Ctx} = pyport:context(Rt, Name),
+              {ok, E1} = pyport:new_env(Ctx),
+              ?assertEqual({ok, <<"{\"n\": 1}">>},
+                           pyport:eval(Ctx, <<"json.dumps(data)">>, #{}, #{env => E1})),
+              ?assertEqual({ok, <<"preloaded">>}, pyport:eval(Ctx, <<"__doc__">>, #{}, #{env => E1})),
+              ?assertEqual({ok, <<"__main__">>}, pyport:eval(Ctx, <<"__name__">>, #{}, #{env => E1})),
+              %% rebinding in an env is the env's; the objects are shared
+              ok = pyport:exec(Ctx, <<"json = None\ndata['m'] = 2">>, #{env => E1}),
+              ?assertEqual({ok, <<"json">>}, pyport:eval(Ctx, <<"json.__name__">>)),
+              {ok, E2} = pyport:new_env(Ctx),
+              ?assertEqual({ok, #{<<"n">> => 1, <<"m">> => 2}},
+                           pyport:eval(Ctx, <<"data">>, #{}, #{env => E2})),
+              ?assertEqual({ok, <<"json">>}, pyport:eval(Ctx, <<"json.__name__">>, #{}, #{env => E2})),
+              %% only the preload's names, not what __main__ gets later
+              ok = pyport:exec(Ctx, <<"later = 1">>),
+              {ok, E3} = pyport:new_env(Ctx),
+              ?assertMatch({error, {python, <<"NameError">>, _, _}},
+                           pyport:eval(Ctx, <<"later">>, #{}, #{env => E3}))
+          end, [o, m]),
+        {ok, Plain} = pyport:context(Rt, plain),
+        {ok, E} = pyport:new_env(Plain),
+        ?assertEqual({ok, [<<"__builtins__">>, <<"__name__">>]},
+                     pyport:eval(Plain, <<"sorted(globals())">>, #{}, #{env => E}))
+    after
+        ok = pyport:stop_runtime(Rt)
+    end.
+
+envs_see_pool_preload() ->
+    [{doc, "Issue 20's snippet: an env of a pool sees the module the pool's preload "
+           "imported (pools of both modes)."}].
+envs_see_pool_preload(_Config) ->
+    lists:foreach(
+      fun(Mode) ->
+          Name = list_to_atom("env_preload_" ++ atom_to_list(Mode)),
+          {ok, Pool} = pyport:start_pool(Name, #{mode => Mode, size => 2,
+                                                 preload => <<"import json">>}),
+          try
+              {ok, E} = pyport:new_env(Pool),
+              ok = pyport:exec(Pool, <<"a = json.dumps([1, 2])">>, #{env => E}),
+              ?assertEqual({ok, <<"[1, 2]">>}, pyport:eval(Pool, <<"a">>, #{}, #{env => E}))
+          after
+              ok = pyport:stop_pool(Pool)
+          end
+      end, [main, owngil]).
