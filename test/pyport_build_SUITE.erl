@@ -36,7 +36,7 @@ missing_cargo() ->
            "missing, nothing on stdout, a non-zero exit."}].
 missing_cargo(Config) ->
     Tree = source_copy(Config, "missing_cargo_tree"),
-    Bin = path_without(Config, "no_cargo", fun(Name) -> Name =:= "cargo" end),
+    Bin = path_without(Config, "missing_cargo", fun(Name) -> Name =:= "cargo" end),
     Script = filename:join([Tree, "scripts", "build-port.sh"]),
     {Status, Out, Err} = run(Config, ["PATH=" ++ Bin], Script, ""),
     ?assertNotEqual(0, Status),
