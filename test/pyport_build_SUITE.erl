@@ -31,11 +31,14 @@ end_per_suite(_Config) ->
 %%% Cases
 
 missing_cargo() ->
-    [{doc, "build-port.sh with this machine's PATH less cargo: exactly one line on "
-           "stderr, saying cargo is missing, nothing on stdout, a non-zero exit."}].
+    [{doc, "build-port.sh, in a copy of the sources with nothing built yet, with this "
+           "machine's PATH less cargo: exactly one line on stderr, saying cargo is "
+           "missing, nothing on stdout, a non-zero exit."}].
 missing_cargo(Config) ->
-    Bin = path_without(Config, "no_cargo", fun(Name) -> Name =:= "cargo" end),
-    {Status, Out, Err} = run(Config, ["PATH=" ++ Bin], ?config(build_port, Config), ""),
+    Tree = source_copy(Config, "missing_cargo_tree"),
+    Bin = path_without(Config, "missing_cargo", fun(Name) -> Name =:= "cargo" end),
+    Script = filename:join([Tree, "scripts", "build-port.sh"]),
+    {Status, Out, Err} = run(Config, ["PATH=" ++ Bin], Script, ""),
     ?assertNotEqual(0, Status),
     ?assertEqual("", Out),
     ?assertMatch(["pyport: cargo not found" ++ _], lines(Err)).
