@@ -214,7 +214,7 @@ schedule_restart(Why, #state{key = Key, crashes = Crashes, opts = Opts} = S) ->
     S#state{crashes = Crashes + 1}.
 
 who({pyport_pool, Pool}) -> io_lib:format("pyport pool ~p", [Pool]);
-who({pyport_pool, Pool, I}) -> io_lib:format("pyport pool ~p, member ~b,", [Pool, I]);
+who({pyport_pool, Pool, I}) -> io_lib:format("pyport pool ~p (member ~b)", [Pool, I]);
 who(Key) -> io_lib:format("pyport runtime ~p", [Key]).
 
 why({exited, {port_exit, Status}}) when Status > 128 ->
