@@ -236,7 +236,7 @@ fail(Code, Format, Args) ->
 %% (in Mix's VM Elixir's handler would print them again).
 print_python_output() ->
     _ = [logger:remove_handler(Id) || Id <- logger:get_handler_ids()],
-    ok = logger:set_primary_config(level, info),  % print() is logged at info
+    ok = logger:set_primary_config(level, info),  % logging.info() records too
     ok = logger:add_handler(pyport_cli_output, ?MODULE,
                             #{filter_default => stop,
                               filters => [{python, {fun logger_filters:domain/2,
@@ -246,7 +246,7 @@ print_python_output() ->
 -spec log(logger:log_event(), logger:handler_config()) -> ok.
 log(#{level := Level, msg := Msg}, _Config) ->
     Device = case Level of
-                 info -> standard_io;
+                 notice -> standard_io;  % print() and sys.stdout
                  _ -> standard_error
              end,
     Text = case Msg of

@@ -205,9 +205,9 @@ handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
                    [Key, Frame, 20], #{domain => [pyport]}),
     {noreply, S};
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = S) ->
-    {stop, {port_exit, Status}, S};
+    os_process_gone({port_exit, Status}, S);
 handle_info({'EXIT', Port, Reason}, #state{port = Port} = S) ->
-    {stop, {port_closed, Reason}, S};
+    os_process_gone({port_closed, Reason}, S);
 handle_info({Alias, Payload}, #state{pending = Pending} = S)
   when is_map_key(Alias, Pending) ->
     {{From, Action}, Rest} = maps:take(Alias, Pending),
@@ -256,6 +256,20 @@ atoms_used_up(#state{atoms_used_up = true} = S) ->
 atoms_used_up(#state{key = Key, max_atoms = Max} = S) ->
     pyport_atoms:log_used_up(Key, Max),
     S#state{atoms_used_up = true}.
+
+%% The OS process is gone (a segfault in Python, say): a crash pyport contains, which
+%% the runtime logs in one line and restarts. This process ends with Reason, as callers,
+%% streams and the runtime see it (`{runtime_down, Reason}'), but without the error
+%% report and crash report of a gen_server that stops with it, which are for bugs in
+%% pyport's own processes: after terminate/2's clean-up it lets the exit signal it sends
+%% itself end it, as a process that does not trap exits.
+-spec os_process_gone({port_exit, integer()} | {port_closed, term()}, #state{}) ->
+          no_return().
+os_process_gone(Reason, S) ->
+    terminate(Reason, S),
+    process_flag(trap_exit, false),
+    exit(self(), Reason),
+    receive after infinity -> exit(Reason) end.
 
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.

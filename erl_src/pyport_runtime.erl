@@ -42,6 +42,8 @@
 -define(STABLE_MS, 10000).
 %% How long it may take to stop (pyport_linked waits that long for its port owner).
 -define(STOP_WAIT, 5000).
+%% The exit status of a port program over its max_memory (src/memory.rs).
+-define(MEMORY_EXIT, 76).
 
 -type key() :: pyport_table:key().
 -type context_spec() :: pyport_opts:context_spec().
@@ -200,11 +202,41 @@ port_owner_down(Reason, #state{key = Key, started_at = Started, crashes = Crashe
                    true -> 0;
                    false -> Crashes
                end,
-    schedule_restart(S#state{crashes = Crashes1}).
+    schedule_restart({exited, Reason}, S#state{crashes = Crashes1}).
 
-schedule_restart(#state{crashes = Crashes, opts = Opts} = S) ->
-    _ = erlang:send_after(delay(Crashes, pyport_opts:restart_delays(Opts)), self(), restart),
+%% A crash pyport contains is one warning line (the port owner leaves no crash report:
+%% pyport_port), saying what happened and when the runtime comes back.
+schedule_restart(Why, #state{key = Key, crashes = Crashes, opts = Opts} = S) ->
+    Delay = delay(Crashes, pyport_opts:restart_delays(Opts)),
+    logger:warning("~ts: ~ts; restarting it in ~b ms", [who(Key), why(Why), Delay],
+                   #{domain => [pyport], pyport_runtime => Key}),
+    _ = erlang:send_after(Delay, self(), restart),
     S#state{crashes = Crashes + 1}.
+
+who({pyport_pool, Pool}) -> io_lib:format("pyport pool ~p", [Pool]);
+who({pyport_pool, Pool, I}) -> io_lib:format("pyport pool ~p (member ~b)", [Pool, I]);
+who(Key) -> io_lib:format("pyport runtime ~p", [Key]).
+
+why({exited, {port_exit, Status}}) when Status > 128 ->
+    io_lib:format("its Python process was killed by signal ~b~ts (exit status ~b)",
+                  [Status - 128, signal_name(Status - 128), Status]);
+why({exited, {port_exit, ?MEMORY_EXIT}}) ->
+    io_lib:format("its Python process went over max_memory (exit status ~b)", [?MEMORY_EXIT]);
+why({exited, {port_exit, Status}}) ->
+    io_lib:format("its Python process exited (exit status ~b)", [Status]);
+why({exited, Reason}) ->
+    io_lib:format("its Python process is gone (~0p)", [Reason]);
+why({not_started, Reason}) ->
+    io_lib:format("its Python process did not start again (~0p)", [Reason]).
+
+signal_name(4) -> " (SIGILL)";
+signal_name(6) -> " (SIGABRT)";
+signal_name(7) -> " (SIGBUS)";
+signal_name(8) -> " (SIGFPE)";
+signal_name(9) -> " (SIGKILL)";
+signal_name(11) -> " (SIGSEGV)";
+signal_name(15) -> " (SIGTERM)";
+signal_name(_) -> "".
 
 %% No wait after a healthy run; then min_delay, doubling up to max_delay.
 delay(0, _) ->
@@ -221,7 +253,7 @@ restart(#state{key = Key, opts = Opts, restarts = N} = S) ->
         {error, Reason} ->
             %% It did not even start (a preload that crashes, say): down, try again.
             true = pyport_table:runtime_down(Key, Reason),
-            schedule_restart(S1)
+            schedule_restart({not_started, Reason}, S1)
     end.
 
 now_ms() ->

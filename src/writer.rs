@@ -76,11 +76,15 @@ impl Writer {
             batch.clear();
             q = self.lock();
             if let Err(e) = result {
-                // Erlang closed the port: nothing can be delivered any more.
+                // Nothing can be delivered any more. A broken pipe is Erlang closing
+                // the port (its node halted, or it let the runtime go): the end of
+                // the stream, which nobody needs to hear about on the node's stderr.
                 q.broken = true;
                 q.flushing = false;
                 q.pending = Vec::new();
-                eprintln!("pyport: protocol stream closed: {e}");
+                if e.kind() != io::ErrorKind::BrokenPipe {
+                    eprintln!("pyport: protocol stream failed: {e}");
+                }
                 return;
             }
             if q.pending.is_empty() {

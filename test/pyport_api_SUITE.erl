@@ -337,7 +337,7 @@ timeout_interrupts_python(Config) ->
 
 python_output_logged() ->
     [{doc, "print(), sys.stdout, sys.stderr and Python logging reach Erlang's logger "
-           "(domain [pyport, python]): stdout at info, stderr at warning, log records "
+           "(domain [pyport, python]): stdout at notice, stderr at warning, log records "
            "at their level."}].
 python_output_logged(Config) ->
     Ctx = ?config(ctx, Config),
@@ -346,9 +346,9 @@ python_output_logged(Config) ->
     pyport_ct:forward_logs(),
     try
         ok = pyport:exec(Ctx, <<"print('hello from print')">>),
-        ?assertMatch({info, _}, await_log_containing(<<"hello from print">>)),
+        ?assertMatch({notice, _}, await_log_containing(<<"hello from print">>)),
         ok = pyport:exec(Ctx, <<"import sys\nsys.stdout.write('hello from stdout\\n')">>),
-        ?assertMatch({info, _}, await_log_containing(<<"hello from stdout">>)),
+        ?assertMatch({notice, _}, await_log_containing(<<"hello from stdout">>)),
         ok = pyport:exec(Ctx, <<"import sys\nsys.stderr.write('hello from stderr\\n')">>),
         ?assertMatch({warning, _}, await_log_containing(<<"hello from stderr">>)),
         ok = pyport:exec(Ctx, <<"print('to stderr by print', file=__import__('sys').stderr)">>),
@@ -362,7 +362,7 @@ python_output_logged(Config) ->
         %% an unterminated line arrives when flushed
         ok = pyport:exec(Ctx, <<"import sys\nsys.stdout.write('flushed part')\n"
                                 "sys.stdout.flush()">>),
-        ?assertMatch({info, _}, await_log_containing(<<"flushed part">>))
+        ?assertMatch({notice, _}, await_log_containing(<<"flushed part">>))
     after
         pyport_ct:stop_forwarding_logs(),
         ok = logger:set_primary_config(level, Level),
@@ -379,7 +379,7 @@ python_output_unterminated_line(Config) ->
     pyport_ct:forward_logs(),
     try
         ok = pyport:exec(Ctx, <<"print('no newline', end='')">>),
-        ?assertMatch({info, _}, await_log_containing(<<"no newline">>))
+        ?assertMatch({notice, _}, await_log_containing(<<"no newline">>))
     after
         pyport_ct:stop_forwarding_logs(),
         ok = logger:set_primary_config(level, Level),

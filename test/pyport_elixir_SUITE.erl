@@ -14,7 +14,7 @@ suite() ->
     [{timetrap, {minutes, 20}}].
 
 all() ->
-    [mix_dependency, mix_release, elixir_example].
+    [mix_dependency, mix_release, elixir_example, elixir_logger].
 
 init_per_suite(Config) ->
     case os:find_executable("mix") of
@@ -85,3 +85,24 @@ env(Root) ->
     "MIX_HOME=" ++ filename:join([Root, "_build", "mix_home"])
         ++ " CARGO_TARGET_DIR=" ++ filename:join([Root, "target", "dependency-build"]).
 
+
+elixir_logger() ->
+    [{doc, "In Elixir, Python's print shows through Elixir's Logger with no configuration "
+           "as a [notice] line; the primary filter docs/api.md gives mutes it."}].
+elixir_logger(Config) ->
+    Root = ?config(root, Config),
+    Dir = filename:join(?config(priv_dir, Config), "mixapp"),
+    filelib:is_regular(filename:join(Dir, "mix.exs")) orelse mix_dependency(Config),
+    Script = "{:ok, _} = Application.ensure_all_started(:pyport); "
+             "{:ok, rt} = :pyport.start_runtime(%{name: :out, contexts: [%{name: :a}]}); "
+             "{:ok, c} = :pyport.context(rt, :a); "
+             ":ok = :pyport.exec(c, \"print(\\\"shown by logger\\\")\"); "
+             "Logger.flush(); "
+             ":logger.add_primary_filter(:no_python, "
+             "{&:logger_filters.domain/2, {:stop, :sub, [:pyport, :python]}}); "
+             ":ok = :pyport.exec(c, \"print(\\\"muted by filter\\\")\"); "
+             "Logger.flush(); IO.puts(\"script done\")",
+    {0, Out} = pyport_ct:shell(Dir, env(Root) ++ " mix run -e '" ++ Script ++ "'"),
+    ?assertMatch({match, _}, re:run(Out, "\\[notice\\] *python \\(context a\\): shown by logger")),
+    ?assertEqual(nomatch, string:find(Out, "muted by filter")),
+    ?assertNotEqual(nomatch, string:find(Out, "script done")).

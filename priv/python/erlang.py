@@ -360,7 +360,7 @@ def _no_daemon_context_thread():
 
 def _install_output():
     import sys
-    sys.stdout = _Output("info", "<stdout>")
+    sys.stdout = _Output("notice", "<stdout>")
     sys.stderr = _Output("warning", "<stderr>")
 
 
