@@ -75,6 +75,8 @@
 -export([stop_pool/1]).
 -export([pool/1]).
 -export([pool_info/1]).
+-export([reload/2]).
+-export([reload/3]).
 
 -export_type([runtime/0]).
 -export_type([ctx/0]).
@@ -699,6 +701,72 @@ channel_close(#pyport_channel{} = Chan) ->
     pyport_channel:close(Chan);
 channel_close(_NotAChannel) ->
     {error, {bad_request, channel}}.
+
+%%% Reloading code
+
+%% @doc reload/3 with the runtime's `call_timeout' for each context.
+-spec reload(runtime() | target(), name()) ->
+          {ok, [{ctx(), ok | {error, error()}}]} | {error, error()}.
+reload(Target, Module) ->
+    reload(Target, Module, #{}).
+
+%% @doc Loads `Module' again from its source in every context of Target: a runtime
+%% (pid or registered name: all its contexts), a context, or a pool (every member, on
+%% every node). A context where the module is imported reloads it
+%% (`importlib.reload'); one where it is not imports it, so once this answers `ok'
+%% every context runs the current code, and an error in it shows now. The answer
+%% has each context's handle with `ok' or its error, the error a call would give
+%% (`{python, <<"ModuleNotFoundError">>, ...}' for no such module, `{python,
+%% <<"ValueError">>, ...}' for a name that is no module name, `timeout' for a context
+%% still busy at the timeout). Opts: `timeout' (ms or `infinity'). The contexts are
+%% asked at once, so it takes as long as the slowest of them. See docs/api.md,
+%% "Reloading code", for what a reload keeps.
+-spec reload(runtime() | target(), name(), #{timeout => timeout()}) ->
+          {ok, [{ctx(), ok | {error, error()}}]} | {error, error()}.
+reload(Target, Module, Opts) ->
+    Checks = [{ctx, is_pid(Target) orelse is_atom(Target) orelse ?IS_TARGET(Target)},
+              {module, is_name(Module)},
+              {opts, is_map(Opts)}],
+    case [What || {What, false} <- Checks] of
+        [] ->
+            case pyport_call:unknown_option(Opts, [timeout]) of
+                none -> reload_checked(Target, pyport_call:name(Module), Opts);
+                Key -> {error, {bad_option, Key}}
+            end;
+        [What | _] ->
+            {error, {bad_request, What}}
+    end.
+
+reload_checked(Runtime, Module, Opts) when is_pid(Runtime), node(Runtime) =/= node() ->
+    pyport_remote:call(node(Runtime), reload, [Runtime, Module, Opts], Opts);
+reload_checked(Target, Module, Opts) when ?REMOTE(Target) ->
+    pyport_remote:call(pyport_remote:node_of(Target), reload, [Target, Module, Opts], Opts);
+reload_checked(#pyport_pool{name = Name}, Module, Opts) ->
+    case pyport_pool:member_contexts(Name) of
+        {ok, Members} ->
+            Ctxs = [pyport_affinity:member_ctx(M) || M <- Members],
+            {ok, reloaded(pyport_reload:contexts(Ctxs, Module, Opts, false))};
+        {error, _} = Error ->
+            Error
+    end;
+reload_checked(#pyport_ctx{} = Ctx, Module, Opts) ->
+    {ok, reloaded(pyport_reload:contexts([Ctx], Module, Opts, false))};
+reload_checked(Runtime, Module, Opts) ->
+    case runtime_key(Runtime) of
+        {ok, Key} ->
+            case pyport_reload:runtime(Key, Module, Opts, false) of
+                {ok, Answers} -> {ok, reloaded(Answers)};
+                {error, _} = Error -> Error
+            end;
+        {error, _} = Error ->
+            Error
+    end.
+
+reloaded(Answers) ->
+    [{Ctx, case Outcome of
+               {error, _} -> Outcome;
+               _ -> ok
+           end} || {Ctx, Outcome} <- Answers].
 
 %%% For the benchmarks
 

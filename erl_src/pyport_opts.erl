@@ -20,6 +20,8 @@
 -export([max_mailbox/1]).
 -export([restart_delays/1]).
 -export([drain_timeout/1]).
+-export([watch_dirs/1]).
+-export([watch_interval/0]).
 -export([executable/1]).
 -export([port_args/2]).
 
@@ -43,12 +45,14 @@
 -define(DEFAULT_MAX_DELAY, 5000).
 %% How long a pool member being replaced may take to finish what it runs.
 -define(DEFAULT_DRAIN_TIMEOUT, 60000).
+%% How often the folders of `watch' are scanned for changed `.py' files (pyport_watch).
+-define(WATCH_INTERVAL_MS, 500).
 %% The keys of a runtime's Opts (`key' and `runtime' are set by `pyport_runtime') and of
 %% a context spec. Any other key is `{error, {bad_option, Key}}' at start.
 -define(RUNTIME_KEYS, [name, key, runtime, executable, path, venv, app, env, contexts,
                        call_timeout, start_timeout, max_frame, queue_capacity,
                        stuck_after, max_memory, max_atoms, max_reply, max_mailbox,
-                       none, arrays, restart]).
+                       none, arrays, restart, watch]).
 -define(CONTEXT_KEYS, [name, mode, preload, path]).
 %% A pool's own keys (with the runtime keys every member gets).
 -define(POOL_KEYS, [name, nodes, size, mode, preload, max_requests, drain_timeout]).
@@ -84,19 +88,23 @@
                   %% issue 20: whose priv/python/.venv (pyport_app_env)
                   app => atom(),
                   restart => #{min_delay => non_neg_integer(),
-                               max_delay => non_neg_integer()}}.
+                               max_delay => non_neg_integer()},
+                  %% issue 20: folders whose changed .py files are reloaded (pyport_watch)
+                  watch => [file:filename_all()]}.
 
 %% @doc Checks a runtime's Opts before anything starts: `{error, {bad_option, Key}}'
 %% for a key no runtime knows (a misspelt `call_timout' would otherwise be ignored),
 %% `{error, {bad_option, {venv, Dir}}}' for a `venv' that is no virtualenv (no
-%% `lib/python*/site-packages' under it), and `{error, {bad_option, Key}}' for a
-%% context spec in `contexts' with an unknown key.
+%% `lib/python*/site-packages' under it), `{error, {bad_option, {watch, Dir}}}' for a
+%% `watch' entry that is no directory (or a `watch' that is no list of them), and
+%% `{error, {bad_option, Key}}' for a context spec in `contexts' with an unknown key.
 -spec check(map()) -> ok | {error, {bad_option, term()}}.
 check(Opts) ->
-    case unknown_key(Opts, ?RUNTIME_KEYS) of
-        none when is_map_key(venv, Opts) -> check_venv(Opts);
-        none -> pyport_app_env:check(Opts);  % issue 20: the app's venv
-        Key -> {error, {bad_option, Key}}
+    case {unknown_key(Opts, ?RUNTIME_KEYS), check_watch(Opts)} of
+        {none, ok} when is_map_key(venv, Opts) -> check_venv(Opts);
+        {none, ok} -> pyport_app_env:check(Opts);  % issue 20: the app's venv
+        {none, Error} -> Error;
+        {Key, _} -> {error, {bad_option, Key}}
     end.
 
 %% @doc Checks a pool's Opts: its own keys and the runtime options every member gets
@@ -136,6 +144,24 @@ check_venv(#{venv := Dir}) ->
     end;
 check_venv(_) ->
     ok.
+
+%% `watch' is a list of directories (a string alone is refused, not taken for a list of
+%% characters).
+check_watch(#{watch := Dirs}) ->
+    case Dirs =:= [] orelse is_list(Dirs) andalso not io_lib:printable_unicode_list(Dirs) of
+        true ->
+            case [Dir || Dir <- Dirs, not is_dir(Dir)] of
+                [] -> ok;
+                [Dir | _] -> {error, {bad_option, {watch, Dir}}}
+            end;
+        false ->
+            {error, {bad_option, {watch, Dirs}}}
+    end;
+check_watch(_) ->
+    ok.
+
+is_dir(Dir) ->
+    (is_binary(Dir) orelse is_list(Dir)) andalso (catch filelib:is_dir(Dir)) =:= true.
 
 venv_site_packages(Dir) ->
     try
@@ -241,6 +267,17 @@ restart_delays(Opts) ->
 -spec drain_timeout(map()) -> timeout().
 drain_timeout(Opts) ->
     maps:get(drain_timeout, Opts, ?DEFAULT_DRAIN_TIMEOUT).
+
+%% @doc The folders of the runtime's `watch' option (none without it), as absolute
+%% paths.
+-spec watch_dirs(map()) -> [file:filename_all()].
+watch_dirs(Opts) ->
+    [filename:absname(Dir) || Dir <- maps:get(watch, Opts, [])].
+
+%% @doc How often pyport_watch scans the `watch' folders, in ms.
+-spec watch_interval() -> pos_integer().
+watch_interval() ->
+    ?WATCH_INTERVAL_MS.
 
 %%% The port program's command line
 

@@ -36,6 +36,7 @@
 -export([checkout/2]).
 -export([checkin/1]).
 -export([checkout_member/4]).
+-export([member_contexts/1]).
 -export([info/1]).
 -export([start_part/2]).
 -export([stop_part/1]).
@@ -198,6 +199,28 @@ member_index(Ms, {Key, Id, Node} = Ctx, I) ->
 -spec checkin(ticket()) -> ok.
 checkin({Load, Index}) ->
     atomics:sub(Load, Index, 1).
+
+%% @doc Every member's context, on every node of the pool, whatever its state (for
+%% pyport:reload/3, which answers for each): those of this node by their names, those
+%% of other nodes as last started there (a member never started there has none).
+-spec member_contexts(atom()) -> {ok, [member()]} | {error, {pool_down, atom()}}.
+member_contexts(Name) ->
+    case row(Name) of
+        {ok, #row{members = Ms}} ->
+            {ok, lists:filtermap(fun member_context/1, tuple_to_list(Ms))};
+        {error, _} = Error ->
+            Error
+    end.
+
+member_context({remote, _Node, _J, undefined}) ->
+    false;
+member_context({remote, _Node, _J, Member}) ->
+    {true, Member};
+member_context({Key, Context}) ->
+    case pyport_runtime:context_id(Key, Context) of
+        {ok, Id} -> {true, {Key, Id, whereis(init)}};
+        {error, not_found} -> false
+    end.
 
 %% @doc The pool's mode (and why), size and members.
 -spec info(atom()) -> {ok, map()} | {error, term()}.

@@ -57,7 +57,9 @@
     started_at = 0 :: integer(),
     %% crashes since the last healthy run
     crashes = 0 :: non_neg_integer(),
-    restarts = 0 :: non_neg_integer()
+    restarts = 0 :: non_neg_integer(),
+    %% the `watch' option's scanner (pyport_watch), if any
+    watcher :: pid() | undefined
 }).
 
 %%% API
@@ -148,7 +150,8 @@ start_first(Key, Opts) ->
     case pyport_port:start_link(Opts) of
         {ok, Pid} ->
             true = pyport_table:runtime_started(self(), Key),
-            {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms()}};
+            {ok, #state{key = Key, opts = Opts, port_owner = Pid, started_at = now_ms(),
+                        watcher = start_watch(Key, pyport_opts:watch_dirs(Opts))}};
         {error, Reason} ->
             {stop, {shutdown, Reason}}
     end.
@@ -183,10 +186,20 @@ handle_info(_Msg, S) ->
 
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{key = Key, port_owner = Pid}) ->
-    pyport_linked:stop([Pid]),  % it stops its OS process and returns once that is gone
+terminate(_Reason, #state{key = Key, port_owner = Pid, watcher = Watcher}) ->
+    %% the port owner stops its OS process; this returns once that is gone
+    pyport_linked:stop([Watcher, Pid]),
     true = pyport_table:runtime_stopped(self(), Key),
     ok.
+
+%% The `watch' option's scanner lives with this process, across restarts of the OS
+%% process. Should it fail (a bug: it is logged as a crash), the runtime goes on
+%% without it.
+start_watch(_Key, []) ->
+    undefined;
+start_watch(Key, Dirs) ->
+    {ok, Pid} = pyport_watch:start_link(Key, Dirs),
+    Pid.
 
 %%% Restarts
 

@@ -60,7 +60,7 @@ fi
 [ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
 choose_python
 version=$("$python" -c 'import sys; print(sys.version.split()[0])')
-stamp=$( { find src build.rs Cargo.toml Cargo.lock priv/python -type f -print0 | sort -z | xargs -0 sha256sum
+stamp=$( { find src build.rs Cargo.toml Cargo.lock priv/python/erlang*.py -type f -print0 | sort -z | xargs -0 sha256sum
            printf '%s\n%s\n' "$python" "$version"; } | sha256sum | cut -d' ' -f1)
 if [ -x priv/pyport ] && [ "$(recorded stamp)" = "$stamp" ]; then
     exit 0

@@ -233,6 +233,46 @@ def whereis(name):
     return _pyport.call("$whereis", (name,))
 
 
+def _reload(name, only_if_imported=False):
+    """``pyport:reload/2,3`` and the ``watch`` option, in one context: loads module
+    ``name`` again from its source (``importlib.reload``), or imports it if this
+    interpreter has not yet (unless ``only_if_imported``: then returns False). The
+    import system's caches and the module's bytecode cache are dropped first, so a
+    file changed a moment ago (the same second, the same size) is read again."""
+    import importlib
+    import importlib.util
+    import sys
+    name = str(name)
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError("%r is not a module name" % name)
+    importlib.invalidate_caches()
+    module = sys.modules.get(name)
+    if module is None and only_if_imported:
+        return False
+    spec = module.__spec__ if module is not None else importlib.util.find_spec(name)
+    _forget_bytecode(spec)
+    if module is None:
+        importlib.import_module(name)
+    else:
+        importlib.reload(module)
+    return True
+
+
+def _forget_bytecode(spec):
+    """Removes the ``__pycache__`` file of a module loaded from source: it is checked
+    against the source's mtime in whole seconds and its size only."""
+    import importlib.machinery
+    import os
+    origin = getattr(spec, "origin", None)
+    cached = getattr(spec, "cached", None)
+    if (cached and origin and cached != origin
+            and origin.endswith(tuple(importlib.machinery.SOURCE_SUFFIXES))):
+        try:
+            os.remove(cached)
+        except OSError:
+            pass
+
+
 class _Output(io.TextIOBase):
     """sys.stdout / sys.stderr: complete lines go to Erlang's logger."""
 
