@@ -60,9 +60,31 @@ fi
 [ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
 choose_python
 version=$("$python" -c 'import sys; print(sys.version.split()[0])')
+
+# PYPORT_BUNDLE_PYTHON=1: priv/python-home carries the Python priv/pyport links (its
+# libpython, standard library and executable; scripts/bundle-python.py), so a release
+# runs where no Python is installed (docs/deployment.md). Made once per Python, kept
+# while the variable is set, taken away when it is not.
+bundle_python() {
+    local home=priv/python-home want
+    if [ "${PYPORT_BUNDLE_PYTHON:-}" != 1 ]; then
+        rm -rf "$home"
+        return
+    fi
+    want=$(printf '%s\n%s\n' "$python" "$version" | sha256sum | cut -d' ' -f1)
+    [ "$(cat "$home/pyport.stamp" 2>/dev/null || true)" != "$want" ] || return 0
+    rm -rf "$home" "$home.tmp"
+    mkdir -p priv
+    "$python" scripts/bundle-python.py "$home.tmp" \
+        || fail "could not copy $python into $home (see above)"
+    echo "$want" > "$home.tmp/pyport.stamp"
+    mv "$home.tmp" "$home"
+}
+
 stamp=$( { find src build.rs Cargo.toml Cargo.lock priv/python/erlang*.py -type f -print0 | sort -z | xargs -0 sha256sum
            printf '%s\n%s\n' "$python" "$version"; } | sha256sum | cut -d' ' -f1)
 if [ -x priv/pyport ] && [ "$(recorded stamp)" = "$stamp" ]; then
+    bundle_python
     exit 0
 fi
 
@@ -77,3 +99,4 @@ if ! cmp -s "$built" priv/pyport 2>/dev/null; then
 fi
 printf 'python=%s\nwhy=%s\nversion=%s\nstamp=%s\n' "$python" "$why" "$version" "$stamp" > "$record.tmp"
 mv "$record.tmp" "$record"
+bundle_python

@@ -6,6 +6,7 @@
 //! Each sub-interpreter is created on, used by, and ended on one dedicated thread.
 
 use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
 
 use pyo3::ffi;
 use pyo3::prelude::*;
@@ -18,12 +19,63 @@ pub struct PythonInfo {
     pub owngil: bool,
 }
 
-/// The Python executable pyport was built against; used as `sys.executable` and to
-/// locate the standard library. `PYPORT_PYTHON_EXECUTABLE` overrides it.
-fn program_name() -> Option<String> {
+/// The Python carried beside the port program: `python-home` in its folder, made by a
+/// build with `PYPORT_BUNDLE_PYTHON=1` (scripts/bundle-python.py, docs/deployment.md)
+/// and marked by its `pyport.stamp`. The binary's rpath looks in `python-home/lib`
+/// first (build.rs), so the libpython there is the one already loaded.
+fn bundled_home() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let home = exe.parent()?.join("python-home");
+    home.join("pyport.stamp").is_file().then_some(home)
+}
+
+/// The Python executable: `PYPORT_PYTHON_EXECUTABLE`, else the carried one, else the
+/// one pyport was built against. It is `sys.executable`, and CPython finds its
+/// standard library from it.
+fn program_name(bundled: Option<&Path>) -> Option<String> {
     std::env::var("PYPORT_PYTHON_EXECUTABLE")
         .ok()
+        .or_else(|| bundled.map(|home| home.join("bin").join("python3").display().to_string()))
         .or_else(|| option_env!("PYPORT_BUILD_PYTHON").map(str::to_string))
+}
+
+/// With a carried Python: its folder is the home (unless `PYTHONHOME` says otherwise),
+/// and its `lib` leads `LD_LIBRARY_PATH` for the processes Python starts
+/// (`sys.executable` in a subprocess or `multiprocessing`'s spawn finds the same
+/// libpython). Called before Python starts, as the PYTHONMALLOC default is set.
+fn use_bundled_home(home: &Path) -> Option<String> {
+    let lib = home.join("lib");
+    let path = match std::env::var_os("LD_LIBRARY_PATH") {
+        Some(old) if !old.is_empty() => {
+            let mut joined = lib.into_os_string();
+            joined.push(":");
+            joined.push(old);
+            joined
+        }
+        _ => lib.into_os_string(),
+    };
+    std::env::set_var("LD_LIBRARY_PATH", path);
+    match std::env::var_os("PYTHONHOME") {
+        Some(_) => None,
+        None => Some(home.display().to_string()),
+    }
+}
+
+/// Sets one string field of a `PyConfig`; the error is the status's text.
+///
+/// # Safety
+/// `config` is initialised and `field` one of its `wchar_t*` fields.
+unsafe fn set_config_string(
+    config: *mut ffi::PyConfig,
+    field: *mut *mut libc::wchar_t,
+    value: &str,
+) -> Result<(), String> {
+    let value = CString::new(value).map_err(|_| format!("NUL in {value:?}"))?;
+    let status = ffi::PyConfig_SetBytesString(config, field, value.as_ptr());
+    if ffi::PyStatus_Exception(status) != 0 {
+        return Err(status_message(&status));
+    }
+    Ok(())
 }
 
 /// The text of a failed `PyStatus`.
@@ -62,6 +114,8 @@ pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<Pytho
     if std::env::var_os("PYTHONMALLOC").is_none() {
         std::env::set_var("PYTHONMALLOC", "mimalloc");
     }
+    let bundled = bundled_home();
+    let home = bundled.as_deref().and_then(use_bundled_home);
     // SAFETY: called once, before any other Python API, on the main thread. The config
     // is initialised by CPython before use and cleared after.
     unsafe {
@@ -69,13 +123,16 @@ pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<Pytho
         ffi::PyConfig_InitPythonConfig(&mut config);
         config.install_signal_handlers = 0;
         config.parse_argv = 0;
-        if let Some(prog) = program_name().and_then(|p| CString::new(p).ok()) {
-            let status =
-                ffi::PyConfig_SetBytesString(&mut config, &mut config.program_name, prog.as_ptr());
-            if ffi::PyStatus_Exception(status) != 0 {
-                ffi::PyConfig_Clear(&mut config);
-                return Err(status_message(&status));
-            }
+        let set = program_name(bundled.as_deref())
+            .map_or(Ok(()), |prog| {
+                set_config_string(&mut config, &mut config.program_name, &prog)
+            })
+            .and_then(|()| {
+                home.map_or(Ok(()), |home| set_config_string(&mut config, &mut config.home, &home))
+            });
+        if let Err(e) = set {
+            ffi::PyConfig_Clear(&mut config);
+            return Err(e);
         }
         let status = ffi::Py_InitializeFromConfig(&config);
         ffi::PyConfig_Clear(&mut config);

@@ -8,7 +8,9 @@
 %% - one Python, chosen once: the dependency's first build records its Python, later
 %%   compiles (with no PYPORT_PYTHON and no cargo) take it and rebuild nothing;
 %% - tooling with the dependency: `rebar3 pyport doctor|eval|run|call' and `mix
-%%   pyport.doctor|eval|run|call' on the app's own port program and venv.
+%%   pyport.doctor|eval|run|call' on the app's own port program and venv;
+%% - a release that carries its Python: built with PYPORT_BUNDLE_PYTHON=1, moved, and
+%%   run where the build tree, the Python cache and every other Python are hidden.
 %%
 %% Needs the package index (a small pure-Python package, `six') for the first venv.
 -module(pyport_app_SUITE).
@@ -30,7 +32,8 @@ suite() ->
 all() ->
     [rebar3_app_packages, mix_app_packages,
      rebar3_path_dependency, mix_path_dependency,
-     rebar3_tooling, mix_tooling].
+     rebar3_tooling, mix_tooling,
+     rebar3_release_carries_python, mix_release_carries_python].
 
 init_per_suite(Config) ->
     Root = pyport_ct:repo_root(),
@@ -229,6 +232,111 @@ count(Regex, Text) ->
         {match, Matches} -> {match, length(Matches)};
         nomatch -> nomatch
     end.
+
+%%% Item 6: a release that carries its Python
+
+rebar3_release_carries_python() ->
+    [{doc, "`PYPORT_BUNDLE_PYTHON=1 rebar3 release' of lifeapp (relx, ERTS included): "
+           "the release, moved to a folder of its own and run in a mount namespace where "
+           "the Python cache, pyenv, the system's Pythons, the checkout and the app's "
+           "build tree are hidden and with an empty environment, calls the package of "
+           "its requirements through the default runtime, its runtime and pool; "
+           "libpython, sys.prefix, the package and a subprocess of sys.executable are "
+           "all the release's own. Logs the release's size."}].
+rebar3_release_carries_python(Config) ->
+    App = rebar3_app(Config),
+    RebarConfig = filename:join(App, "rebar.config"),
+    {ok, Old} = file:read_file(RebarConfig),
+    ok = file:write_file(RebarConfig, [Old, "{relx, [{release, {lifeapp, \"0.1.0\"}, [lifeapp]},\n"
+                                            "        {dev_mode, false}, {include_erts, true}]}.\n"]),
+    try
+        {0, _} = pyport_ct:shell(App, user_env() ++ " PYPORT_BUNDLE_PYTHON=1 rebar3 release"),
+        carried_python(Config, filename:join(App, "_build/default/rel/lifeapp"), "lifeapp",
+                       "bin/lifeapp eval '" ++ release_check("lifeapp") ++ "'")
+    after
+        ok = file:write_file(RebarConfig, Old),
+        %% the clone's bundle goes with the variable
+        {0, _} = pyport_ct:shell(App, user_env() ++ " rebar3 compile")
+    end.
+
+mix_release_carries_python() ->
+    [{doc, "The same with `PYPORT_BUNDLE_PYTHON=1 mix release' of lifemix (MIX_ENV=prod)."}].
+mix_release_carries_python(Config) ->
+    case os:find_executable("mix") of
+        false ->
+            {skip, "mix (Elixir) is not installed"};
+        _ ->
+            Dir = mix_app(Config),
+            Env = mix_env(Config) ++ " MIX_ENV=prod PYPORT_BUNDLE_PYTHON=1",
+            try
+                {0, _} = pyport_ct:shell(Dir, Env ++ " mix release --overwrite"),
+                carried_python(Config, filename:join(Dir, "_build/prod/rel/lifemix"), "lifemix",
+                               "bin/lifemix eval '" ++ mix_release_check() ++ "'")
+            after
+                {0, _} = pyport_ct:shell(Dir, mix_env(Config) ++ " mix compile")
+            end
+    end.
+
+%% Moves the release Rel to a folder outside every build tree and runs Command in it,
+%% in a mount namespace that hides every Python but the release's, with an empty
+%% environment; checks what release_check/1 prints.
+carried_python(Config, Rel, Name, Command) ->
+    {0, Tmp} = pyport_ct:shell("/", "mktemp -d /tmp/pyport-release-XXXXXX"),
+    Moved = filename:join(string:trim(Tmp), Name),
+    try
+        {0, _} = pyport_ct:shell("/", "mv " ++ Rel ++ " " ++ Moved),
+        {0, Size} = pyport_ct:shell(Moved, "du -sh . lib/pyport-*/priv/python-home "
+                                    "lib/" ++ Name ++ "-*/priv/python/.venv erts-*"),
+        ct:log("the release's size:~n~s", [Size]),
+        Python = ?config(python, Config),
+        Hidden = [filename:dirname(filename:dirname(Python)),
+                  filename:join(os:getenv("HOME"), ".cache/pyport"),
+                  filename:join(os:getenv("HOME"), ".pyenv"),
+                  ?config(root, Config), ?config(clone, Config), ?config(priv_dir, Config)]
+                 ++ filelib:wildcard("/usr/lib/python3*") ++ filelib:wildcard("/usr/local/lib/python3*"),
+        Mounts = [["mount -t tmpfs none ", D, " && "] || D <- lists:usort(Hidden), filelib:is_dir(D)],
+        {0, Out} = pyport_ct:shell(Moved, "unshare -m sh -c '" ++ escape_quotes(
+                                            [Mounts, "exec env -i HOME=/nonexistent PATH=/usr/bin:/bin ",
+                                             Command]) ++ "'"),
+        ?assertNotEqual(nomatch, string:find(Out, "check=" ?CHECK)),
+        {match, [Lib, Prefix, Package, Child]} =
+            re:run(Out, "where=\\[<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>\\]",
+                   [{capture, all_but_first, list}]),
+        Home = filename:join([Moved, hd(filelib:wildcard("lib/pyport-*", Moved)), "priv", "python-home"]),
+        ?assertEqual({Home, Home}, {Prefix, Child}),
+        ?assertEqual(filename:join(Home, "lib"), filename:dirname(Lib)),
+        ?assertMatch({match, _}, re:run(Package, "^" ++ Moved ++ "/lib/" ++ Name ++
+                                            "-0.1.0/priv/python/.venv/lib/python3[.0-9]+/site-packages/six.py$"))
+    after
+        pyport_ct:shell("/", "rm -rf " ++ string:trim(Tmp))
+    end.
+
+%% Erlang that starts App, prints check=[...] as check_call/1 does, and where=[...]
+%% (python_where/0).
+release_check(App) ->
+    "{ok, _} = application:ensure_all_started(" ++ App ++ "), "
+    "io:format(\"check=~0p~n\", [" ++ App ++ ":check()]), "
+    "{ok, Where} = pyport:eval(<<\"" ++ python_where() ++ "\">>), "
+    "io:format(\"where=~0p~n\", [Where]), halt().".
+
+%% The same in Elixir, for lifemix.
+mix_release_check() ->
+    "{:ok, _} = Application.ensure_all_started(:lifemix); "
+    ":io.format(\"check=~0p~n\", [Lifemix.check()]); "
+    "{:ok, where} = :pyport.eval(\"" ++ python_where() ++ "\"); "
+    ":io.format(\"where=~0p~n\", [where])".
+
+%% A Python expression, its double quotes escaped for an Erlang or Elixir string: the
+%% libpython the OS process mapped, sys.prefix, the package's file, and the sys.prefix
+%% of a subprocess running sys.executable.
+python_where() ->
+    "[[l.split()[-1] for l in open(\\\"/proc/self/maps\\\") if \\\"libpython\\\" in l][0], "
+    "__import__(\\\"sys\\\").prefix, __import__(\\\"six\\\").__file__, "
+    "__import__(\\\"subprocess\\\").run([__import__(\\\"sys\\\").executable, \\\"-c\\\", "
+    "\\\"import sys; print(sys.prefix)\\\"], capture_output=True, text=True).stdout.strip()]".
+
+escape_quotes(IoData) ->
+    lists:flatten(string:replace(lists:flatten(IoData), "'", "'\\''", all)).
 
 %%% The throwaway apps
 
