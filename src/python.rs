@@ -71,8 +71,10 @@ unsafe fn set_config_string(
     value: &str,
 ) -> Result<(), String> {
     let value = CString::new(value).map_err(|_| format!("NUL in {value:?}"))?;
-    let status = ffi::PyConfig_SetBytesString(config, field, value.as_ptr());
-    if ffi::PyStatus_Exception(status) != 0 {
+    // SAFETY: as the caller promises; `value` outlives the call, which copies it.
+    let status = unsafe { ffi::PyConfig_SetBytesString(config, field, value.as_ptr()) };
+    // SAFETY: plain struct inspection.
+    if unsafe { ffi::PyStatus_Exception(status) } != 0 {
         return Err(status_message(&status));
     }
     Ok(())
