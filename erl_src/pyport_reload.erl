@@ -56,7 +56,10 @@ run(Groups, Module, Opts, OnlyIfImported) ->
     Started = [{spawn_monitor(fun() -> exit({reload, one(Ctx, Module, Opts, OnlyIfImported)})
                               end), Group}
                || [Ctx | _] = Group <- Groups],
-    lists:append([[{Ctx, await(Monitor)} || Ctx <- Group] || {Monitor, Group} <- Started]).
+    lists:append([begin
+                      Outcome = await(Monitor),  % one 'DOWN' per group
+                      [{Ctx, Outcome} || Ctx <- Group]
+                  end || {Monitor, Group} <- Started]).
 
 %% The reply is the process's exit reason: no message of it can stray into the
 %% caller's mailbox. It ends once its call is answered (at worst at the call's

@@ -397,7 +397,7 @@ watch_bad_option(Config) ->
     write(Dir, "file.py", <<>>),
     [?assertEqual({error, {bad_option, {watch, What}}}, pyport:start_runtime(#{watch => Opt}))
      || {Opt, What} <- [{[Missing], Missing}, {[Dir, File], File}, {Dir, Dir},
-                        {not_a_list, not_a_list}, {[42], 42}]],
+                        {not_a_list, not_a_list}, {[undefined], undefined}]],
     ?assertEqual({error, {bad_option, {watch, Missing}}},
                  pyport:start_pool(reload_bad_watch, #{size => 1, watch => [Missing]})),
     {ok, Rt} = pyport:start_runtime(#{watch => []}),
