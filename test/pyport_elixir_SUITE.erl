@@ -103,6 +103,6 @@ elixir_logger(Config) ->
              ":ok = :pyport.exec(c, \"print(\\\"muted by filter\\\")\"); "
              "Logger.flush(); IO.puts(\"script done\")",
     {0, Out} = pyport_ct:shell(Dir, env(Root) ++ " mix run -e '" ++ Script ++ "'"),
-    ?assertMatch({match, _}, re:run(Out, "\\[notice\\] *python \\(context a\\): shown by logger")),
+    ?assertMatch({match, _}, re:run(Out, "\\[notice\\] *python \\(context :a\\): shown by logger")),
     ?assertEqual(nomatch, string:find(Out, "muted by filter")),
     ?assertNotEqual(nomatch, string:find(Out, "script done")).
