@@ -296,7 +296,7 @@ carried_python(Config, Rel, Name, Command) ->
                  ++ filelib:wildcard("/usr/lib/python3*") ++ filelib:wildcard("/usr/local/lib/python3*"),
         %% a folder inside another hidden one is hidden with it (and is no mount point
         %% once that one is)
-        Dirs = [D || D <- lists:usort(Hidden), filelib:is_dir(D)],
+        Dirs = lists:usort([filename:join([D]) || D <- Hidden, filelib:is_dir(D)]),
         Mounts = [["mount -t tmpfs none ", D, " && "]
                   || D <- Dirs, not lists:any(fun(Up) -> lists:prefix(Up ++ "/", D) end, Dirs)],
         {0, Out} = pyport_ct:shell(Moved, "unshare -m sh -c '" ++ escape_quotes(
