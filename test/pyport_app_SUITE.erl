@@ -296,7 +296,7 @@ carried_python(Config, Rel, Name, Command) ->
                  ++ filelib:wildcard("/usr/lib/python3*") ++ filelib:wildcard("/usr/local/lib/python3*"),
         %% a folder inside another hidden one is hidden with it (and is no mount point
         %% once that one is)
-        Dirs = lists:usort([filename:join([D]) || D <- Hidden, filelib:is_dir(D)]),
+        Dirs = lists:usort([normal(D) || D <- Hidden, filelib:is_dir(D)]),
         Mounts = [["mount -t tmpfs none ", D, " && "]
                   || D <- Dirs, not lists:any(fun(Up) -> lists:prefix(Up ++ "/", D) end, Dirs)],
         {0, Out} = pyport_ct:shell(Moved, "unshare -m sh -c '" ++ escape_quotes(
@@ -338,6 +338,14 @@ python_where() ->
     "__import__(\\\"sys\\\").prefix, __import__(\\\"six\\\").__file__, "
     "__import__(\\\"subprocess\\\").run([__import__(\\\"sys\\\").executable, \\\"-c\\\", "
     "\\\"import sys; print(sys.prefix)\\\"], capture_output=True, text=True).stdout.strip()]".
+
+%% Dir as an absolute path with no `.', `..' or trailing slash.
+normal(Dir) ->
+    Parts = lists:foldl(fun(".", Acc) -> Acc;
+                           ("..", [_ | Acc]) -> Acc;
+                           (Part, Acc) -> [Part | Acc]
+                        end, [], filename:split(filename:absname(Dir))),
+    filename:join(lists:reverse(Parts)).
 
 escape_quotes(IoData) ->
     lists:flatten(string:replace(lists:flatten(IoData), "'", "'\\''", all)).
