@@ -251,8 +251,15 @@ rebar3_release_carries_python(Config) ->
                                             "        {dev_mode, false}, {include_erts, true}]}.\n"]),
     try
         {0, _} = pyport_ct:shell(App, user_env() ++ " PYPORT_BUNDLE_PYTHON=1 rebar3 release"),
+        %% relx's eval asks a running node: the release is started as a daemon, and
+        %% stopped after
         carried_python(Config, filename:join(App, "_build/default/rel/lifeapp"), "lifeapp",
-                       "bin/lifeapp eval '" ++ release_check("lifeapp") ++ "'")
+                       "bin/lifeapp daemon\n"
+                       "i=0; until bin/lifeapp ping >/dev/null 2>&1; do\n"
+                       "    i=$((i + 1)); [ $i -lt 300 ] || exit 9; sleep 0.1\n"
+                       "done\n"
+                       "bin/lifeapp eval '" ++ release_check("lifeapp") ++ "'\n"
+                       "status=$?\nbin/lifeapp stop\nexit $status\n")
     after
         ok = file:write_file(RebarConfig, Old),
         %% the clone's bundle goes with the variable
@@ -299,9 +306,10 @@ carried_python(Config, Rel, Name, Command) ->
         Dirs = lists:usort([normal(D) || D <- Hidden, filelib:is_dir(D)]),
         Mounts = [["mount -t tmpfs none ", D, " && "]
                   || D <- Dirs, not lists:any(fun(Up) -> lists:prefix(Up ++ "/", D) end, Dirs)],
-        {0, Out} = pyport_ct:shell(Moved, "unshare -m sh -c '" ++ escape_quotes(
-                                            [Mounts, "exec env -i HOME=/nonexistent PATH=/usr/bin:/bin ",
-                                             Command]) ++ "'"),
+        ok = file:write_file(filename:join(Moved, "run.sh"), Command),
+        {0, Out} = pyport_ct:shell(Moved, lists:flatten(
+                                            ["unshare -m sh -c '", Mounts,
+                                             "exec env -i HOME=/nonexistent PATH=/usr/bin:/bin sh run.sh'"])),
         ?assertNotEqual(nomatch, string:find(Out, "check=" ?CHECK)),
         {match, [Lib, Prefix, Package, Child]} =
             re:run(Out, "where=\\[<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>\\]",
@@ -321,7 +329,7 @@ release_check(App) ->
     "{ok, _} = application:ensure_all_started(" ++ App ++ "), "
     "io:format(\"check=~0p~n\", [" ++ App ++ ":check()]), "
     "{ok, Where} = pyport:eval(<<\"" ++ python_where() ++ "\">>), "
-    "io:format(\"where=~0p~n\", [Where]), halt().".
+    "io:format(\"where=~0p~n\", [Where]).".
 
 %% The same in Elixir, for lifemix.
 mix_release_check() ->
@@ -346,9 +354,6 @@ normal(Dir) ->
                            (Part, Acc) -> [Part | Acc]
                         end, [], filename:split(filename:absname(Dir))),
     filename:join(lists:reverse(Parts)).
-
-escape_quotes(IoData) ->
-    lists:flatten(string:replace(lists:flatten(IoData), "'", "'\\''", all)).
 
 %%% The throwaway apps
 
