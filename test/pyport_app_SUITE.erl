@@ -286,7 +286,7 @@ mix_release_carries_python(Config) ->
 
 %% Moves the release Rel to a folder outside every build tree and runs Command in it,
 %% in a mount namespace that hides every Python but the release's, with an empty
-%% environment; checks what release_check/1 prints.
+%% environment; checks the result.txt of release_check/1.
 carried_python(Config, Rel, Name, Command) ->
     {0, Tmp} = pyport_ct:shell("/", "mktemp -d /tmp/pyport-release-XXXXXX"),
     Moved = filename:join(string:trim(Tmp), Name),
@@ -307,9 +307,12 @@ carried_python(Config, Rel, Name, Command) ->
         Mounts = [["mount -t tmpfs none ", D, " && "]
                   || D <- Dirs, not lists:any(fun(Up) -> lists:prefix(Up ++ "/", D) end, Dirs)],
         ok = file:write_file(filename:join(Moved, "run.sh"), Command),
-        {0, Out} = pyport_ct:shell(Moved, lists:flatten(
+        {0, _} = pyport_ct:shell(Moved, lists:flatten(
                                             ["unshare -m sh -c '", Mounts,
                                              "exec env -i HOME=/nonexistent PATH=/usr/bin:/bin sh run.sh'"])),
+        {ok, Result} = file:read_file(filename:join(Moved, "result.txt")),
+        Out = binary_to_list(Result),
+        ct:log("result.txt:~n~s", [Out]),
         ?assertNotEqual(nomatch, string:find(Out, "check=" ?CHECK)),
         {match, [Lib, Prefix, Package, Child]} =
             re:run(Out, "where=\\[<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>,<<\"([^\"]*)\">>\\]",
@@ -323,20 +326,23 @@ carried_python(Config, Rel, Name, Command) ->
         pyport_ct:shell("/", "rm -rf " ++ string:trim(Tmp))
     end.
 
-%% Erlang that starts App, prints check=[...] as check_call/1 does, and where=[...]
-%% (python_where/0).
+%% Erlang that starts App and writes result.txt in the release's root (relx's eval
+%% runs on the release's node, whose output is not ours): check=[...] as check_call/1
+%% prints, and where=[...] (python_where/0).
 release_check(App) ->
     "{ok, _} = application:ensure_all_started(" ++ App ++ "), "
-    "io:format(\"check=~0p~n\", [" ++ App ++ ":check()]), "
+    "Check = " ++ App ++ ":check(), "
     "{ok, Where} = pyport:eval(<<\"" ++ python_where() ++ "\">>), "
-    "io:format(\"where=~0p~n\", [Where]).".
+    "ok = file:write_file(filename:join(code:root_dir(), \"result.txt\"), "
+    "io_lib:format(\"check=~0p~nwhere=~0p~n\", [Check, Where])).".
 
 %% The same in Elixir, for lifemix.
 mix_release_check() ->
     "{:ok, _} = Application.ensure_all_started(:lifemix); "
-    ":io.format(\"check=~0p~n\", [Lifemix.check()]); "
+    "check = Lifemix.check(); "
     "{:ok, where} = :pyport.eval(\"" ++ python_where() ++ "\"); "
-    ":io.format(\"where=~0p~n\", [where])".
+    ":ok = :file.write_file(:filename.join(:code.root_dir(), ~c\"result.txt\"), "
+    ":io_lib.format(~c\"check=~0p~nwhere=~0p~n\", [check, where]))".
 
 %% A Python expression, its double quotes escaped for an Erlang or Elixir string: the
 %% libpython the OS process mapped, sys.prefix, the package's file, and the sys.prefix
