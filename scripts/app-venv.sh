@@ -10,7 +10,7 @@
 # stamp .venv/pyport.stamp holds their digest, and while it matches this script does
 # nothing (no pip, no network). Otherwise the venv is made afresh; a package that fails
 # to install fails this script with pip's own message, and leaves no stamp, so the next
-# compile tries again. No requirements file: nothing to do.
+# compile tries again. No requirements file: no venv.
 set -euo pipefail
 fail() { echo "pyport: $*" >&2; exit 1; }
 [ $# -eq 1 ] || fail "usage: app-venv.sh APP_DIR"
@@ -18,6 +18,9 @@ app=$(cd "$1" && pwd)
 pyport=$(cd "$(dirname "$0")/.." && pwd)
 requirements="$app/priv/python/requirements.txt"
 venv="$app/priv/python/.venv"
+# pyport compiles once as a dependency, the app at every compile: the copy of Python a
+# release carries (PYPORT_BUNDLE_PYTHON) follows the variable from here
+"$pyport/scripts/build-port.sh" --bundle
 [ -f "$requirements" ] || exit 0
 
 python=$("$pyport/scripts/build-port.sh" --python) || exit 1

@@ -13,6 +13,9 @@
 #
 #   build-port.sh            build, or find up to date, priv/pyport
 #   build-port.sh --python   print the Python priv/pyport links (for app-venv.sh)
+#   build-port.sh --bundle   only make, or take away, priv/python-home as
+#                            PYPORT_BUNDLE_PYTHON says (app-venv.sh, which an app's
+#                            every compile runs, while pyport itself compiles once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 record=priv/pyport.build
@@ -45,6 +48,27 @@ choose_python() {
     why=$(echo "$answer" | sed -n 2p)
 }
 
+# PYPORT_BUNDLE_PYTHON=1: priv/python-home carries the Python priv/pyport links (its
+# libpython, standard library and executable; scripts/bundle-python.py), so a release
+# runs where no Python is installed (docs/deployment.md). Made once per Python, kept
+# while the variable is set, taken away when it is not.
+bundle_python() {
+    local home=priv/python-home want version
+    if [ "${PYPORT_BUNDLE_PYTHON:-}" != 1 ]; then
+        rm -rf "$home"
+        return
+    fi
+    version=$("$python" -c 'import sys; print(sys.version.split()[0])')
+    want=$(printf '%s\n%s\n' "$python" "$version" | sha256sum | cut -d' ' -f1)
+    [ "$(cat "$home/pyport.stamp" 2>/dev/null || true)" != "$want" ] || return 0
+    rm -rf "$home" "$home.tmp"
+    mkdir -p priv
+    "$python" scripts/bundle-python.py "$home.tmp" \
+        || fail "could not copy $python into $home (see above)"
+    echo "$want" > "$home.tmp/pyport.stamp"
+    mv "$home.tmp" "$home"
+}
+
 if [ "${1:-}" = "--python" ]; then
     if [ -n "${PYPORT_EXECUTABLE:-}" ] || [ -z "$(recorded python)" ]; then
         # a port program of the user's own, or none built yet: as a build would choose
@@ -56,30 +80,17 @@ if [ "${1:-}" = "--python" ]; then
     exit 0
 fi
 
+if [ "${1:-}" = "--bundle" ]; then
+    [ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
+    python=$("$0" --python)
+    bundle_python
+    exit 0
+fi
+
 # A port program of the user's own (or the other-Python test run's) is used instead.
 [ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
 choose_python
 version=$("$python" -c 'import sys; print(sys.version.split()[0])')
-
-# PYPORT_BUNDLE_PYTHON=1: priv/python-home carries the Python priv/pyport links (its
-# libpython, standard library and executable; scripts/bundle-python.py), so a release
-# runs where no Python is installed (docs/deployment.md). Made once per Python, kept
-# while the variable is set, taken away when it is not.
-bundle_python() {
-    local home=priv/python-home want
-    if [ "${PYPORT_BUNDLE_PYTHON:-}" != 1 ]; then
-        rm -rf "$home"
-        return
-    fi
-    want=$(printf '%s\n%s\n' "$python" "$version" | sha256sum | cut -d' ' -f1)
-    [ "$(cat "$home/pyport.stamp" 2>/dev/null || true)" != "$want" ] || return 0
-    rm -rf "$home" "$home.tmp"
-    mkdir -p priv
-    "$python" scripts/bundle-python.py "$home.tmp" \
-        || fail "could not copy $python into $home (see above)"
-    echo "$want" > "$home.tmp/pyport.stamp"
-    mv "$home.tmp" "$home"
-}
 
 stamp=$( { find src build.rs Cargo.toml Cargo.lock priv/python/erlang*.py -type f -print0 | sort -z | xargs -0 sha256sum
            printf '%s\n%s\n' "$python" "$version"; } | sha256sum | cut -d' ' -f1)
