@@ -82,7 +82,7 @@ fi
 
 if [ "${1:-}" = "--bundle" ]; then
     [ -z "${PYPORT_EXECUTABLE:-}" ] || exit 0
-    python=$("$0" --python)
+    python=$(scripts/build-port.sh --python)
     bundle_python
     exit 0
 fi
