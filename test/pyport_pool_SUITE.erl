@@ -404,10 +404,13 @@ bad_options(_Config) ->
 cpu_scales_like_processes() ->
     [{doc, "CPU-bound pure Python on a 2-member main pool: two calls at once against "
       "one, next to the same for two plain CPython processes in the same round, 9 "
-      "rounds (single rounds range from 1.0 to 2.3 on this shared 2-core host). The pool's median speedup is at least 1.2 (one GIL for both would give "
-      "at most 1.0), unless the control's own median is under 1.25: then the host has "
-      "no second core to give and the case is skipped, saying so. The numbers are "
-      "logged; `make bench' has the careful ones."}].
+      "rounds. This shared 2-core host often lends its second core away for a while "
+      "(single rounds of either side range from 1.0 to 2.3, in runs of low ones), so "
+      "the case looks at what the good rounds reach: in at least 3 of the 9 the pool's "
+      "speedup is 1.5 or more, where one GIL for both gives about 1.0 in every round. "
+      "When the control itself does not reach 1.5 in 3 rounds, the host had no second "
+      "core to give and the case is skipped, saying so. The numbers are logged; "
+      "`make bench' has the careful ones."}].
 cpu_scales_like_processes(_Config) ->
     cpu_scales(p_cpu, main).
 
@@ -433,12 +436,12 @@ cpu_scales(Name, Mode) ->
               end || _ <- lists:seq(1, 9)],
     ct:log("speedup of 2 calls at once (pool, two CPython processes): ~p", [Rounds]),
     ok = pyport:stop_pool(Pool),
-    PoolSpeedup = median([P || {P, _} <- Rounds]),
-    case median([C || {_, C} <- Rounds]) of
-        Control when Control < 1.25 ->
+    PoolSpeedup = third_best([P || {P, _} <- Rounds]),
+    case third_best([C || {_, C} <- Rounds]) of
+        Control when Control < 1.5 ->
             {skip, {no_second_core_free, {control_speedup, Control}}};
         _ ->
-            ?assert(PoolSpeedup >= 1.2)
+            ?assert(PoolSpeedup >= 1.5)
     end.
 
 timed(Fun) ->
@@ -455,8 +458,9 @@ run_python(Python, Code) ->
     Port = open_port({spawn_executable, Python}, [{args, ["-c", Code]}, exit_status]),
     receive {Port, {exit_status, 0}} -> ok after 60000 -> ct:fail({no_message, ?LINE}) end.
 
-median(Xs) ->
-    lists:nth((length(Xs) + 1) div 2, lists:sort(Xs)).
+%% the third highest: what a third of the rounds reach
+third_best(Xs) ->
+    lists:nth(3, lists:reverse(lists:sort(Xs))).
 
 numpy_in_main_pool_and_auto_mode() ->
     [{doc, "A venv with numpy from the package index (made once, cached outside the "
