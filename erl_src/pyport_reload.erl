@@ -52,9 +52,10 @@ contexts(Ctxs, Module, Opts, OnlyIfImported) ->
     run([[Ctx] || Ctx <- Ctxs], Module, Opts, OnlyIfImported).
 
 %% Each group's first context reloads; the group's contexts answer with its outcome.
+%% (The spawned fun ends by exit/1 on purpose: its exit reason is the answer.)
+-dialyzer({no_return, run/4}).
 run(Groups, Module, Opts, OnlyIfImported) ->
-    Started = [{spawn_monitor(fun() -> exit({reload, one(Ctx, Module, Opts, OnlyIfImported)})
-                              end), Group}
+    Started = [{spawn_monitor(fun() -> answer(Ctx, Module, Opts, OnlyIfImported) end), Group}
                || [Ctx | _] = Group <- Groups],
     lists:append([begin
                       Outcome = await(Monitor),  % one 'DOWN' per group
@@ -69,6 +70,10 @@ await({Pid, Monitor}) ->
         {'DOWN', Monitor, process, Pid, {reload, Outcome}} -> Outcome;
         {'DOWN', Monitor, process, Pid, Reason} -> {error, Reason}
     end.
+
+-spec answer(#pyport_ctx{}, binary(), map(), boolean()) -> no_return().
+answer(Ctx, Module, Opts, OnlyIfImported) ->
+    exit({reload, one(Ctx, Module, Opts, OnlyIfImported)}).
 
 one(#pyport_ctx{home = Home} = Ctx, Module, Opts, OnlyIfImported) when node(Home) =/= node() ->
     outcome(pyport_remote:request(Ctx, call, [Ctx, erlang, '_reload',

@@ -130,7 +130,9 @@ pub fn init_main(setup: impl FnOnce(Python<'_>) -> PyResult<()>) -> Result<Pytho
                 set_config_string(&mut config, &mut config.program_name, &prog)
             })
             .and_then(|()| {
-                home.map_or(Ok(()), |home| set_config_string(&mut config, &mut config.home, &home))
+                home.map_or(Ok(()), |home| {
+                    set_config_string(&mut config, &mut config.home, &home)
+                })
             });
         if let Err(e) = set {
             ffi::PyConfig_Clear(&mut config);
