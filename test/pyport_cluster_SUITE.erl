@@ -19,7 +19,7 @@ all() ->
      port_programs_die_with_their_node].
 
 init_per_suite(Config) ->
-    case start_distribution() of
+    case pyport_ct:start_distribution() of
         ok ->
             ok = pyport_ct:start_app(),
             {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
@@ -33,37 +33,19 @@ end_per_suite(Config) ->
     _ = pyport:stop_runtime(?config(rt, Config)),
     pyport_ct:stop_app().
 
-%% Distribution for this node, with epmd started if needed.
-start_distribution() ->
-    case node() of
-        nonode@nohost ->
-            _ = case os:find_executable("epmd") of
-                    false -> ok;
-                    Epmd -> os:cmd(Epmd ++ " -daemon")
-                end,
-            case net_kernel:start(pyport_ct, #{name_domain => shortnames}) of
-                {ok, _} -> ok;
-                {error, _} = Error -> Error
-            end;
-        _ ->
-            ok
-    end.
-
 %% A peer node of this machine with this node's code path; pyport is loaded there but
 %% started only when asked.
 start_peer(Started) ->
     start_peer(Started, peer:random_name(?MODULE)).
 
 start_peer(Started, Name) ->
-    {ok, Peer, Node} = peer:start_link(#{name => Name, args => code_path()}),
+    {ok, Peer, Node} = peer:start_link(#{name => Name, args => pyport_ct:code_path()}),
     case Started of
         true -> start_pyport(fun(M, F, A) -> erpc:call(Node, M, F, A) end);
         false -> ok
     end,
     {Peer, Node}.
 
-code_path() ->
-    lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]).
 
 %% pyport with its default runtime, started through Call (erpc or peer:call).
 start_pyport(Call) ->
@@ -526,7 +508,7 @@ pool_connects_to_its_nodes(_Config) ->
     {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(?MODULE),
                                          connection => standard_io,
                                          args => ["-setcookie", atom_to_list(erlang:get_cookie())
-                                                  | code_path()]}),
+                                                  | pyport_ct:code_path()]}),
     try
         ok = start_pyport(fun(M, F, A) -> peer:call(Peer, M, F, A, 30000) end),
         ?assertNot(lists:member(Node, nodes([visible, hidden]))),
@@ -553,7 +535,7 @@ handles_made_before_distribution() ->
       "pool."}].
 handles_made_before_distribution(_Config) ->
     {ok, Peer, nonode@nohost} = peer:start_link(#{connection => standard_io,
-                                                   args => code_path()}),
+                                                   args => pyport_ct:code_path()}),
     Name = list_to_atom(peer:random_name(?MODULE)),
     try
         ok = start_pyport(fun(M, F, A) -> peer:call(Peer, M, F, A, 30000) end),

@@ -23,6 +23,8 @@
 -export([stream_items/1]).
 -export([stop_forwarding_logs/0]).
 -export([log/2]).
+-export([start_distribution/0]).
+-export([code_path/0]).
 
 -define(LOG_HANDLER, pyport_ct_logs).
 
@@ -208,3 +210,23 @@ stream_items(Stream) ->
         {data, Item} -> [Item | stream_items(Stream)];
         done -> []
     end.
+
+%% Distribution for this node (for peer nodes), with epmd started if needed.
+start_distribution() ->
+    case node() of
+        nonode@nohost ->
+            _ = case os:find_executable("epmd") of
+                    false -> ok;
+                    Epmd -> os:cmd(Epmd ++ " -daemon")
+                end,
+            case net_kernel:start(pyport_ct, #{name_domain => shortnames}) of
+                {ok, _} -> ok;
+                {error, _} = Error -> Error
+            end;
+        _ ->
+            ok
+    end.
+
+%% This node's code path as arguments of a peer node (peer:start_link/1's args).
+code_path() ->
+    lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]).

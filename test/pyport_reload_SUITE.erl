@@ -188,7 +188,7 @@ pool_across_nodes() ->
     [{doc, "reload/2 on a pool with nodes => [here, peer]: the member on the peer answers "
            "too and runs the new code (the file is read there from the same path)."}].
 pool_across_nodes(Config) ->
-    case start_distribution() of
+    case pyport_ct:start_distribution() of
         ok -> pool_across_nodes_started(Config);
         {error, Reason} -> {skip, {no_distribution, Reason}}
     end.
@@ -197,7 +197,7 @@ pool_across_nodes_started(Config) ->
     Dir = ?config(dir, Config),
     write(Dir, "spread.py", version_module(1)),
     {ok, Peer, Node} = peer:start_link(#{name => peer:random_name(?MODULE),
-                                         args => code_path()}),
+                                         args => pyport_ct:code_path()}),
     try
         ok = erpc:call(Node, application, load, [pyport]),
         ok = erpc:call(Node, application, set_env, [pyport, default_runtime, false]),
@@ -425,21 +425,3 @@ watcher(Rt) ->
         [] -> undefined
     end.
 
-%% Distribution for this node, with epmd started if needed (as pyport_cluster_SUITE).
-start_distribution() ->
-    case node() of
-        nonode@nohost ->
-            _ = case os:find_executable("epmd") of
-                    false -> ok;
-                    Epmd -> os:cmd(Epmd ++ " -daemon")
-                end,
-            case net_kernel:start(pyport_ct, #{name_domain => shortnames}) of
-                {ok, _} -> ok;
-                {error, _} = Error -> Error
-            end;
-        _ ->
-            ok
-    end.
-
-code_path() ->
-    lists:append([["-pa", P] || P <- code:get_path(), filelib:is_dir(P)]).
