@@ -742,7 +742,7 @@ reload_checked(Runtime, Module, Opts) when is_pid(Runtime), node(Runtime) =/= no
 reload_checked(Target, Module, Opts) when ?REMOTE(Target) ->
     pyport_remote:call(pyport_remote:node_of(Target), reload, [Target, Module, Opts], Opts);
 reload_checked(#pyport_pool{name = Name}, Module, Opts) ->
-    case pyport_pool:member_contexts(Name) of
+    case pyport_dispatch:member_contexts(Name) of
         {ok, Members} ->
             Ctxs = [pyport_affinity:member_ctx(M) || M <- Members],
             {ok, reloaded(pyport_reload:contexts(Ctxs, Module, Opts, false))};

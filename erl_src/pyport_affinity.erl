@@ -1,6 +1,6 @@
 %% @private Pool affinity, on the caller's side: the member of a pool a request goes
 %% to. That is the member holding the env or an object handle the request uses (they
-%% stay on their member), else the least loaded one (pyport_pool:checkout/2); the
+%% stay on their member), else the least loaded one (pyport_dispatch:checkout/2); the
 %% request counts as in flight on that member while it runs. The pool's process
 %% (pyport_pool) is not involved: its ETS row and counters are read and updated here.
 -module(pyport_affinity).
@@ -26,23 +26,23 @@ on_pool(Pool, Args, Opts, Fun) ->
 on_pool_checked(#pyport_pool{name = Name}, Args, Opts, Fun) ->
     case affinity(Args, Opts) of
         {ok, #pyport_ctx{key = Key, id = Id, home = Home} = Ctx} ->
-            case pyport_pool:checkout_member(Name, Key, Id, node(Home)) of
+            case pyport_dispatch:checkout_member(Name, Key, Id, node(Home)) of
                 {ok, Ticket} ->
                     try
                         Fun(Ctx)
                     after
-                        pyport_pool:checkin(Ticket)
+                        pyport_dispatch:checkin(Ticket)
                     end;
                 none ->
                     Fun(Ctx)
             end;
         none ->
-            case pyport_pool:checkout(Name, maps:get(timeout, Opts, default)) of
+            case pyport_dispatch:checkout(Name, maps:get(timeout, Opts, default)) of
                 {ok, Ticket, Member} ->
                     try
                         Fun(member_ctx(Member))
                     after
-                        pyport_pool:checkin(Ticket)
+                        pyport_dispatch:checkin(Ticket)
                     end;
                 {error, _} = Error ->
                     Error
