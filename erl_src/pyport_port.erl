@@ -41,7 +41,9 @@
 %% How long the OS process may take to exit when asked to before it is killed (twice:
 %% the exit after the kill too stays well within pyport_linked's stop wait).
 -define(EXIT_GRACE, 1500).
--define(PROTOCOL_VERSION, 1).
+%% the start of the keeper's event `{exited, Status}' as the port program encodes it
+-define(EXITED, 131, 104, 2, 119, 6, "exited").
+-define(PROTOCOL_VERSION, 2).
 %% Ids of contexts made with new_context start above this, ids 1..N are the Opts ones.
 -define(DYNAMIC_ID_BASE, 1000000).
 
@@ -70,7 +72,10 @@
     callbacks = pyport_callback:new() :: pyport_callback:limiter(),
     sends :: pyport_send:sends(),
     owners = pyport_owners:new() :: pyport_owners:owners(),
-    channels = pyport_channels:new() :: pyport_channels:channels()
+    channels = pyport_channels:new() :: pyport_channels:channels(),
+    %% how the OS process ended, as its keeper said (`{exited, Status}'), while the
+    %% port's own exit status is on its way
+    exited :: undefined | integer()
 }).
 
 %%% API
@@ -206,8 +211,13 @@ handle_info({Port, {data, Frame}}, #state{port = Port, key = Key} = S) ->
     {noreply, S};
 handle_info({Port, {exit_status, Status}}, #state{port = Port} = S) ->
     os_process_gone({port_exit, Status}, S);
-handle_info({'EXIT', Port, Reason}, #state{port = Port} = S) ->
-    os_process_gone({port_closed, Reason}, S);
+handle_info({'EXIT', Port, Reason}, #state{port = Port, exited = Exited} = S) ->
+    %% a write after the keeper's exit closes the port (EPIPE) before its exit status
+    %% comes: the keeper has told the status already
+    case Exited of
+        undefined -> os_process_gone({port_closed, Reason}, S);
+        Status -> os_process_gone({port_exit, Status}, S)
+    end;
 handle_info({Alias, Payload}, #state{pending = Pending} = S)
   when is_map_key(Alias, Pending) ->
     {{From, Action}, Rest} = maps:take(Alias, Pending),
@@ -232,9 +242,15 @@ handle_info(_Msg, S) ->
 frame(Kind, H, Payload, Safe, S) when Kind =:= 0; Kind =:= 4 ->
     route(H, Payload, Safe, S),
     {noreply, S};
-frame(1, _H, Payload, _Safe, #state{key = Key, contexts = Contexts, channels = Chans} = S) ->
-    event(Payload, Key, Contexts, Chans),
-    {noreply, S};
+frame(1, _H, Payload, _Safe, #state{key = Key, contexts = Contexts, channels = Chans,
+                                   port = Port} = S) ->
+    case exited(Port, Payload) of
+        {exited, Status} ->
+            {noreply, S#state{exited = Status}};
+        none ->
+            event(Payload, Key, Contexts, Chans),
+            {noreply, S}
+    end;
 frame(2, _H, Payload, Safe, #state{max_atoms = Max, callbacks = Callbacks} = S) ->
     {noreply, S#state{callbacks = pyport_callback:start({Payload, {Safe, Max}}, target(S),
                                                         Callbacks)}};
@@ -273,8 +289,8 @@ os_process_gone(Reason, S) ->
 
 %% @private gen_server callback.
 -spec terminate(term(), #state{}) -> ok.
-terminate(_Reason, #state{key = Key, port = Port, channels = Chans}) ->
-    stop_os_process(Port),
+terminate(_Reason, #state{key = Key, channels = Chans} = S) ->
+    stop_os_process(S),
     pyport_channels:close_all(Chans),
     pyport_table:unpublish(Key, self()),
     ok.
@@ -320,6 +336,9 @@ await_hello(Key, Port, Deadline) ->
                 {hello, #{protocol := ?PROTOCOL_VERSION} = Hello} -> {ok, Hello};
                 {hello, Hello} -> {error, {protocol_mismatch, Hello}};
                 {start_error, Reason} -> {error, {start_error, Reason}};
+                {exited, Status} ->
+                    _ = pyport_call:cast_request(Port, 0, exited_seen),
+                    {error, {port_exit, Status}};
                 {log, _, _, _} = Log ->
                     pyport_pylog:log(Key, #{}, Log),
                     await_hello(Key, Port, Deadline);
@@ -348,8 +367,13 @@ await_contexts({Names, {Key, _, _} = Target, MaxAtoms} = Known, Port, Waiting,
                 Error -> {error, {context_error, Body, Error}}
             end;
         {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-            event(Payload, Key, Names, pyport_channels:new()),
-            await_contexts(Known, Port, Waiting, Deadline);
+            case exited(Port, Payload) of
+                {exited, Status} ->
+                    {error, {port_exit, Status}};
+                none ->
+                    event(Payload, Key, Names, pyport_channels:new()),
+                    await_contexts(Known, Port, Waiting, Deadline)
+            end;
         {Port, {data, <<Kind, HLen:16, _:HLen/binary, Payload/binary>>}}
           when Kind band 16#7f =:= 2 ->
             pyport_callback:run_now(Target, Payload, {Kind band 16#80 =/= 0, MaxAtoms}),
@@ -379,23 +403,51 @@ publish(Opts, Contexts, #state{key = Key, port = Port, max_frame = MaxFrame} = S
     S#state{contexts = Infos, names = Names}.
 
 %% Asks the port program to exit (`shutdown') and waits for its exit status: a stop
-%% returns once the OS process is gone. One that has not exited after ?EXIT_GRACE (a
-%% thread blocked in C that the exit waits for, a process that does not read) is
-%% killed (SIGKILL) by its OS pid. A port that is already closed has exited.
-stop_os_process(Port) ->
+%% returns once the OS process, and its keeper, are gone. One that has not exited after
+%% ?EXIT_GRACE (a thread blocked in C that the exit waits for, a process that does not
+%% read) is killed (SIGKILL) by its OS pid, the keeper with it. A port that is already
+%% closed has exited.
+stop_os_process(#state{port = Port, hello = Hello}) ->
     case erlang:port_info(Port, os_pid) of
-        {os_pid, OsPid} ->
+        {os_pid, Keeper} ->
             _ = pyport_call:cast_request(Port, 0, shutdown),
-            receive
-                {Port, {exit_status, _}} -> ok
-            after ?EXIT_GRACE ->
-                _ = os:cmd("kill -9 " ++ integer_to_list(OsPid)),
-                receive {Port, {exit_status, _}} -> ok after ?EXIT_GRACE -> ok end
+            case await_exit(Port, ?EXIT_GRACE) of
+                ok ->
+                    ok;
+                timeout ->
+                    Pids = [P || P <- [maps:get(os_pid, Hello, undefined), Keeper],
+                                 is_integer(P)],
+                    _ = os:cmd(["kill -9" | [[$\s | integer_to_list(P)] || P <- Pids]]),
+                    await_exit(Port, ?EXIT_GRACE)
             end,
             close(Port);
         undefined ->
             ok
     end.
+
+%% The port's exit status, once the keeper's `exited' has been answered.
+await_exit(Port, Timeout) ->
+    receive
+        {Port, {exit_status, _}} ->
+            ok;
+        {Port, {data, <<1, HLen:16, _:HLen/binary, ?EXITED, _/binary>> = Frame}} ->
+            <<1, HLen:16, _:HLen/binary, Payload/binary>> = Frame,
+            _ = exited(Port, Payload),
+            await_exit(Port, Timeout);
+        {'EXIT', Port, _} ->
+            ok
+    after Timeout ->
+        timeout
+    end.
+
+%% The keeper's event `{exited, Status}' (src/keeper.rs): the OS process has ended;
+%% answered with `exited_seen', after which the keeper exits with that status.
+exited(Port, <<?EXITED, _/binary>> = Payload) ->
+    {exited, Status} = binary_to_term(Payload),
+    _ = pyport_call:cast_request(Port, 0, exited_seen),
+    {exited, Status};
+exited(_Port, _Payload) ->
+    none.
 
 close(Port) ->
     try

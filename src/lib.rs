@@ -3,6 +3,8 @@
 //! # Layout
 //!
 //! - [`startup`]: command line, fd hygiene, Python start, the hello frame; `main` calls it.
+//! - [`keeper`]: the first process, which forks the worker, holds stdin while the port
+//!   lives and reports how the worker ended (`{exited, Status}`).
 //! - [`framing`]: `{packet,4}` frames in (incremental, non-blocking) and out.
 //! - [`etf`]: External Term Format reader/writer and a small `Term` tree for control.
 //! - [`router`]: the router thread: stdin frames -> context mailboxes; control requests.
@@ -56,6 +58,7 @@ pub mod etf;
 pub mod event_loop;
 pub mod fork;
 pub mod framing;
+pub mod keeper;
 pub mod memory;
 pub mod pyerr;
 pub mod python;

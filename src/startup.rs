@@ -10,7 +10,7 @@ use crate::python::{self, PythonInfo};
 use crate::router::{Config, Router};
 use crate::writer::Writer;
 
-pub const PROTOCOL_VERSION: i64 = 1;
+pub const PROTOCOL_VERSION: i64 = 2;
 
 /// Parses the command line. The Erlang side (`pyport_opts`) owns every default and
 /// gives every limit, so this program keeps no copies of them (docs/protocol.md):
@@ -222,6 +222,7 @@ fn die_with_parent() {
 /// Runs the port program; returns the exit code.
 pub fn main(args: Vec<String>) -> i32 {
     die_with_parent();
+    crate::keeper::split();
     let (input, output) = match take_protocol_fds() {
         Ok(fds) => fds,
         Err(e) => {

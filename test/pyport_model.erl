@@ -500,10 +500,7 @@ stopped_ok(#{reply := ok, os_alive := Alive, resources := Res}) ->
 stopped_ok(_) -> false.
 
 crashed_ok(#{reply := R, up := true, finals := Fs}, Expected) ->
-    %% {port_closed, epipe}: a write reached the pipe after the OS process had exited,
-    %% and Erlang then never delivers the exit status (docs/reliability.md, "Crashes")
-    (Expected =:= none orelse R =:= {error, {runtime_down, Expected}}
-     orelse R =:= {error, {runtime_down, {port_closed, epipe}}})
+    (Expected =:= none orelse R =:= {error, {runtime_down, Expected}})
         andalso lists:all(fun(F) -> is_down(F, runtime_down) end, Fs);
 crashed_ok(_, _) -> false.
 
