@@ -150,7 +150,6 @@ up_to_date_needs_no_cargo(Config) ->
 
 up_to_date_needs_no_cargo(Config, Root, Record) ->
     Tree = source_copy(Config, "built"),
-    ok = file:make_dir(filename:join(Tree, "priv")),
     {ok, _} = file:copy(filename:join([Root, "priv", "pyport"]), filename:join([Tree, "priv", "pyport"])),
     ok = file:change_mode(filename:join([Tree, "priv", "pyport"]), 8#755),
     {ok, _} = file:copy(Record, filename:join([Tree, "priv", "pyport.build"])),
@@ -176,12 +175,14 @@ up_to_date_needs_no_cargo(Config, Root, Record) ->
 
 %%% Helpers
 
-%% A copy of what build-port.sh reads (scripts, the Rust sources and manifests), with
-%% no priv/: nothing built yet.
+%% A copy of what build-port.sh reads (scripts, the Rust sources and manifests, and
+%% the Python the binary embeds, priv/python/erlang*.py), with nothing built yet.
 source_copy(Config, Name) ->
     Tree = fresh_dir(Config, Name),
     Root = pyport_ct:repo_root(),
-    {0, _} = pyport_ct:shell(Root, "cp -r scripts src build.rs Cargo.toml Cargo.lock " ++ Tree),
+    {0, _} = pyport_ct:shell(Root, "cp -r scripts src build.rs Cargo.toml Cargo.lock " ++ Tree
+                             ++ " && mkdir -p " ++ Tree ++ "/priv/python && cp priv/python/erlang*.py "
+                             ++ Tree ++ "/priv/python/"),
     Tree.
 
 %% Runs Command Args with the environment less PYPORT_* plus Env; its exit status,
