@@ -1,7 +1,7 @@
 /* A stand-in for the pyport port program that answers every request at once, for
  * `benches/stages.escript': `pyport:call/4' over it is the floor of the Erlang side
  * (facade, port owner, monitors), with no Python and no Rust in the way.
- * It says hello ({hello, #{protocol => 1}}), answers `ok' to every control request
+ * It says hello ({hello, #{protocol => 2}}), answers `ok' to every control request
  * (context 0: new_context...) and {ok, 3} to every context request with a header, and
  * spins on a non-blocking stdin like benches/echo.c. Frames: docs/protocol.md. */
 #include "port_loop.h"
@@ -10,7 +10,7 @@
  * 97 small integer. */
 static const unsigned char HELLO[] = {131, 104, 2, 119, 5, 'h', 'e', 'l', 'l', 'o',
                                       116, 0, 0, 0, 1,
-                                      119, 8, 'p', 'r', 'o', 't', 'o', 'c', 'o', 'l', 97, 1};
+                                      119, 8, 'p', 'r', 'o', 't', 'o', 'c', 'o', 'l', 97, 2};
 static const unsigned char OK3[] = {131, 104, 2, 119, 2, 'o', 'k', 97, 3};
 static const unsigned char OK[] = {131, 119, 2, 'o', 'k'};
 
