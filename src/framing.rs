@@ -11,7 +11,7 @@ use std::io::{self, Read};
 const STAGING: usize = 64 * 1024;
 /// Frames up to this size get their whole buffer when their header arrives; a larger
 /// announced length is allocated only as its bytes come (at most doubling).
-const EAGER_FRAME: usize = 128 << 20;
+const EAGER_FRAME: usize = 64 << 20;
 /// Bytes of an oversized frame kept so its request can still be answered:
 /// context id (8) + header length (2) + the largest header (65535).
 pub const HEAD_KEEP: usize = 8 + 2 + 65535;
