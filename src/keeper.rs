@@ -27,9 +27,10 @@ const ACK_BOUND: Duration = Duration::from_secs(5);
 /// Forks the worker. Returns in the worker; the keeper never returns. If the fork
 /// fails, the process goes on as the worker alone (and says so on stderr).
 pub fn split() {
+    // SAFETY: getpid has no preconditions.
+    let keeper = unsafe { libc::getpid() };
     // SAFETY: no other thread exists yet; the child only returns into Rust code that
     // starts from scratch, as after exec.
-    let keeper = unsafe { libc::getpid() };
     let pid = unsafe { libc::fork() };
     if pid < 0 {
         eprintln!(
@@ -117,7 +118,11 @@ fn drain_until_seen() {
         if left.is_zero() {
             return;
         }
-        poll(0, libc::POLLIN, left.as_millis().min(i32::MAX as u128) as i32);
+        poll(
+            0,
+            libc::POLLIN,
+            left.as_millis().min(i32::MAX as u128) as i32,
+        );
         loop {
             // SAFETY: reads into a live buffer of that length.
             let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };

@@ -153,6 +153,12 @@ fn take_protocol_fds() -> io::Result<(File, File)> {
         );
         // subprocess.run hangs if SIGCHLD is ignored.
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+        // Rust's runtime catches SIGSEGV and SIGBUS to name a stack overflow; for any
+        // other fault its handler returns, so a raised SIGSEGV (`os.kill(os.getpid(),
+        // SIGSEGV)`, as in a forked child) was survived and the process exited 0. A
+        // fault must end the process with its signal, as in plain CPython.
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
     }
     Ok((File::from(input), File::from(output)))
 }

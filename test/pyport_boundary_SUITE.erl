@@ -270,20 +270,25 @@ existing(Names) ->
 limits_come_from_erlang() ->
     [{doc, "The port program has no defaults of its own: started without the limits "
            "it answers {start_error, ...} naming the first one missing instead of a "
-           "hello; started by a runtime without limit options, its info says the "
+           "hello (then the keeper's {exited, 2}); started by a runtime without limit options, its info says the "
            "defaults pyport_opts gave it (1 GiB frames, as the port program reports "
            "them back, and 5000 atoms)."}].
 limits_come_from_erlang(_Config) ->
     Exe = pyport_opts:executable(#{}),
     Port = open_port({spawn_executable, Exe}, [{packet, 4}, binary, exit_status, use_stdio]),
-    Event = receive
-                {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
-                    binary_to_term(Payload)
-            end,
     ?assertEqual({start_error, <<"--max-frame is required (the Erlang side gives every "
-                                 "limit)">>}, Event),
+                                 "limit)">>}, next_event(Port)),
+    %% the keeper reports the worker's exit and waits for the owner's answer
+    ?assertEqual({exited, 2}, next_event(Port)),
+    _ = pyport_call:cast_request(Port, 0, exited_seen),
     receive {Port, {exit_status, Status}} -> ?assertEqual(2, Status) end,
     {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}]}),
     {ok, Info} = pyport:info(Rt),
     ?assertMatch(#{max_frame := 1073741824, max_atoms := 5000}, Info),
     ok = pyport:stop_runtime(Rt).
+
+next_event(Port) ->
+    receive
+        {Port, {data, <<1, HLen:16, _:HLen/binary, Payload/binary>>}} ->
+            binary_to_term(Payload)
+    end.

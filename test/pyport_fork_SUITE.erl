@@ -91,6 +91,17 @@ async def fork_in_task():
         return 'child'
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
+def child_dies_of(signum):
+    '''The child sends itself `signum`; its exit code as waitpid gives it.'''
+    import signal
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.kill(os.getpid(), signum)
+        finally:
+            os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
 def fork_pool(n):
     with multiprocessing.get_context('fork').Pool(2) as pool:
         return pool.map(square, range(n))
@@ -140,6 +151,7 @@ all() ->
 groups() ->
     [{main, [], [fork_child_computes, fork_child_has_no_protocol_pipes,
                  fork_child_cannot_reach_erlang, fork_child_ends_with_its_request,
+                 fork_child_dies_of_sigsegv,
                  multiprocessing_fork_pool, subprocess_preexec_fn,
                  multiprocessing_spawn_pool]},
      {owngil, [], [fork_refused, preexec_fn_refused, multiprocessing_fork_refused,
@@ -204,6 +216,12 @@ fork_child_ends_with_its_request(Config) ->
     ?assertEqual({ok, 0}, call(Config, fork_and_return, [<<"return">>])),
     ?assertEqual({ok, 5}, call(Config, fork_and_return, [<<"exit">>])),
     ?assertEqual({ok, 1}, call(Config, fork_and_return, [<<"raise">>])).
+
+%% A child that raises SIGSEGV or SIGBUS dies of it, as under plain CPython (the port
+%% program's Rust runtime had a handler for both that returned: the child exited 0).
+fork_child_dies_of_sigsegv(Config) ->
+    ?assertEqual({ok, -11}, call(Config, child_dies_of, [11])),
+    ?assertEqual({ok, -7}, call(Config, child_dies_of, [7])).
 
 %% A child forked by a task of the context's loop ends when it is back in the loop.
 %% Not in groups/0: it passed, then hung now and then (on 3.12 and 3.13: the parent

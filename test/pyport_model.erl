@@ -53,6 +53,9 @@
             sure = [] :: [atom()],
             maybe = [] :: [atom()],
             full = false :: boolean(),
+            %% after a crash that followed a used-up budget: the runtime spent between
+            %% `minted' and all of it (a refused frame's names were counted, not made)
+            unsure = false :: boolean(),
             pool = none :: none | integer(),
             next = 1 :: pos_integer()}).
 
@@ -247,13 +250,13 @@ bump(Args, S) ->
 
 next(start_runtime, [A, M], S) ->
     S#s{rt = up, static = [A, M], ctxs = #{A => {owngil, static}, M => {main, static}},
-        minted = 0, sure = [], maybe = [], full = false,
+        minted = 0, sure = [], maybe = [], full = false, unsure = false,
         next = max(S#s.next, max(A, M) + 1)};
 next(stop_runtime, _, S) ->
     S1 = lose(fun(_) -> true end, everything, S),
     S1#s{rt = none, static = [], ctxs = #{}};
 next(Op, _, S) when Op =:= segfault; Op =:= os_exit; Op =:= kill; Op =:= crash_race ->
-    lose(fun(_) -> true end, handles, S);
+    new_os_process(lose(fun(_) -> true end, handles, S));
 next(new_context, [N, Mode], S) ->
     S#s{ctxs = (S#s.ctxs)#{N => {Mode, dynamic}}};
 next(stop_context, [C], S) ->
@@ -333,9 +336,18 @@ lose(CtxMatch, What, S) ->
         tasks = maps:filter(fun(_, C) -> not Lost(C) end, S#s.tasks),
         stale = lists:sublist(Stale ++ S#s.stale, 12)}.
 
+%% A restarted OS process starts with what the runtime's earlier ones left of the
+%% budget (docs/boundary.md): only names new to the node were spent, so the names the
+%% node had (`sure', `maybe') count again from nothing; a budget used up before leaves
+%% it unknown how much of it the refused names took.
+new_os_process(S) ->
+    S#s{sure = [], maybe = [], full = false, unsure = S#s.unsure orelse S#s.full}.
+
 %% The least and the most of the atom budget used.
 budget_used(#s{full = true}) ->
     {?MAX_ATOMS, ?MAX_ATOMS};
+budget_used(#s{unsure = true, minted = M, sure = Sure}) ->
+    {M + length(Sure), ?MAX_ATOMS};
 budget_used(#s{minted = M, sure = Sure, maybe = Maybe}) ->
     {M + length(Sure), M + length(lists:usort(Sure ++ Maybe))}.
 
