@@ -25,6 +25,7 @@
 all() ->
     [start_stop, pool_goes_where_a_context_goes, least_loaded_dispatch, affinity,
      owngil_mode, owngil_max_requests_and_restart, auto_mode_owngil, auto_mode_main,
+     auto_mode_crash_checked_alone,
      member_crash_restarts_alone, max_requests_replaces, max_requests_waits_for_work,
      options_on_every_member, child_spec_in_own_tree, bad_options, cpu_scales_like_processes,
      owngil_cpu_scales_like_processes,
@@ -239,6 +240,40 @@ auto_mode_main(_Config) ->
     ?assertNotEqual(P1, P2),
     ?assertEqual({ok, true}, pyport:eval(Pool, <<"'readline' in __import__('sys').modules">>)),
     ok = pyport:stop_pool(Pool).
+
+auto_mode_crash_checked_alone() ->
+    [{doc, "mode => auto with a preload that crashes the runtime of two sub-interpreters "
+      "(as `import readline` in two at once did now and then on CPython 3.12) and fails "
+      "with an ImportError in one alone: the pool is main and the reason is the "
+      "ImportError found alone, not the crash."}].
+auto_mode_crash_checked_alone(Config) ->
+    %% each sub-interpreter signs in with its process's pid; one that sees another of
+    %% its process within 5 s crashes the process, one left alone raises ImportError; the main interpreter (main members)
+    %% imports it
+    File = io_lib:format("~p", [filename:join(?config(priv_dir, Config), "signed")]),
+    Preload = iolist_to_binary(
+                ["import os, signal, time\n"
+                 "try:\n"
+                 "    import _interpreters as interpreters\n"
+                 "except ImportError:\n"
+                 "    import _xxsubinterpreters as interpreters\n"
+                 "me = interpreters.get_current()\n"
+                 "if int(me[0] if isinstance(me, tuple) else me) != 0:\n"
+                 "    with open(", File, ", 'a') as f:\n"
+                 "        f.write(f'{os.getpid()}\\n')\n"
+                 "    deadline = time.monotonic() + 5\n"
+                 "    while time.monotonic() < deadline:\n"
+                 "        with open(", File, ") as f:\n"
+                 "            if f.read().split().count(str(os.getpid())) >= 2:\n"
+                 "                os.kill(os.getpid(), signal.SIGSEGV)\n"
+                 "        time.sleep(0.01)\n"
+                 "    raise ImportError('alone, refused')\n"]),
+    {ok, Pool} = pyport:start_pool(p_auto_crash, #{size => 2, preload => Preload}),
+    {ok, #{mode := Mode, mode_reason := Why}} = pyport:pool_info(Pool),
+    ok = pyport:stop_pool(Pool),
+    ?assertEqual(main, Mode),
+    ?assertEqual(<<"the preload fails in a sub-interpreter: ImportError: alone, refused">>,
+                 Why).
 
 member_crash_restarts_alone() ->
     [{doc, "A member whose OS process dies mid-call: that call gets "
