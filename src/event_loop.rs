@@ -531,6 +531,9 @@ impl EventLoop {
         self.reactor.stepping.set(true);
         let due = py_loop.call_method0("_pyport_step");
         self.reactor.stepping.set(false);
+        if crate::fork::in_child() {
+            self.end_forked_child(py, py_loop, due.err());
+        }
         self.reactor.touched.set(false);
         match due {
             Ok(d) => {
@@ -574,6 +577,32 @@ impl EventLoop {
                 .log("error", 0, &format!("event loop outbox: {err}"));
         }
         true
+    }
+
+    /// A task forked during the step just run, and this is the child, back in the loop:
+    /// it ends here, as a child forked by a request ends when the request returns
+    /// (src/fork.rs). Its status comes from what raised out of the step (a
+    /// `SystemExit`), else from the task that forked (`_pyport_forked_task`, noted by
+    /// erlang.py as the child starts) if it ended, else 0: a task that awaited after
+    /// the fork does not go on in the child.
+    fn end_forked_child(
+        &self,
+        py: Python<'_>,
+        py_loop: &Bound<'_, PyAny>,
+        raised: Option<PyErr>,
+    ) -> ! {
+        let outcome = match raised {
+            Some(e) => Some(crate::pyerr::to_error(py, &e)),
+            None => py_loop
+                .getattr("_pyport_forked_task")
+                .ok()
+                .filter(|task| {
+                    task.call_method0("done")
+                        .is_ok_and(|d| d.is_truthy().unwrap_or(false))
+                })
+                .and_then(|task| task_result(py, &task).err()),
+        };
+        crate::fork::end_child(py, outcome.as_ref().map_or(Ok(()), Err))
     }
 
     /// Calls `method(*args)` on the loop (a pyport helper of `erlang._Loop`), then sends

@@ -544,6 +544,7 @@ def _new_loop():
 
 def _define_loop():
     import asyncio
+    import os
     import selectors
     import sys
     import threading
@@ -581,6 +582,25 @@ def _define_loop():
                 _pyport.unwatch(fd)
             super().close()
 
+    # A child forked by a task of a pyport loop is ended by pyport once it is back in
+    # the loop, with that task's outcome if it ended (src/event_loop.rs). The task is
+    # noted before the fork: in the child asyncio's own hook has already cleared the
+    # running loop, as in plain CPython.
+    forking = []
+
+    def note_forking_task():
+        loop = events._get_running_loop()
+        if isinstance(loop, Loop):
+            forking.append((loop, asyncio.current_task(loop)))
+
+    def mark_forked_task():
+        while forking:
+            loop, task = forking.pop()
+            loop._pyport_forked_task = task
+
+    os.register_at_fork(before=note_forking_task, after_in_child=mark_forked_task,
+                        after_in_parent=forking.clear)
+
     class Stream:
         __slots__ = ("credit", "waiter", "task", "cancelled")
 
@@ -599,6 +619,7 @@ def _define_loop():
             self._pyport_pending = {}   # erlang.async_call id -> future
             self._pyport_streams = {}   # request header -> Stream
             self._pyport_outbox = []    # (tag, header, value) for Erlang
+            self._pyport_forked_task = None     # in a forked child: the task that forked
             self._pyport_channel_waiters = []   # coroutines in `async for` on a channel
             sys.set_asyncgen_hooks(firstiter=self._asyncgen_firstiter_hook,
                                    finalizer=self._asyncgen_finalizer_hook)
