@@ -270,15 +270,6 @@ diff(Mode, Control, Context) ->
 
 %% Differences seen and explained in docs/cpython-suite.md that are not a restriction
 %% of sub-interpreters.
-known(owngil, <<"test.test_signal.", _/binary>>, {crash, Detail}) ->
-    %% test_signal sends SIGINT to its own process in several tests (the control dies
-    %% of each one; pyport installs no Python signal handlers, so SIGINT ends the
-    %% runtime): when the whole module runs, two more tests ended with the runtime
-    %% killed by SIGINT (status 130); run alone they pass
-    case binary:match(Detail, <<"port_exit,130">>) of
-        nomatch -> false;
-        _ -> sigint
-    end;
 known(_Mode, <<"test.test_threading.SubinterpThreadingTests.", _/binary>>, {crash, Detail}) ->
     %% CPython aborts (status 134) in these tests now and then, the control as well
     %% (in another test of the class in the same run)
@@ -423,7 +414,10 @@ context(Mode, Name, Runner, Control) ->
 
 %% A test whose outcome differs from the control's leaves a fresh runtime to the tests
 %% after it (the control's process went on with a clean state there): what a failure
-%% left behind (a handler on the root logger, say) fails no later test.
+%% left behind (a handler on the root logger, say) fails no later test. So does a crash
+%% or a timeout where the control crashed too: a runtime whose OS process just died
+%% answers `runtime_down' until its supervisor has restarted it, so the next test
+%% would see the same crash again.
 run_ids(_Run, Rt, [], Acc) ->
     stop(Rt),
     Acc;
@@ -440,7 +434,8 @@ run_ids({Mode, Source, Control} = Run, Rt, [Id | Ids], Acc) ->
                  Error ->
                      {error, format(Error)}
              end,
-    Rt1 = case class(Result) =:= class(maps:get(Id, Control, missing)) of
+    Rt1 = case class(Result) =:= class(maps:get(Id, Control, missing))
+                  andalso class(Result) =/= crash andalso class(Result) =/= timeout of
               true ->
                   Rt;
               false ->
