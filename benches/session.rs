@@ -81,7 +81,7 @@ fn main() {
         ));
         let deadline = std::sync::Arc::new(pyport::watchdog::Deadline::default());
         let link = pyport::erlang_module::Link::new(1, writer, deadline);
-        let poll = mio::Poll::new().expect("poll");
+        let poll = pyport::poller::Poller::new().expect("poll");
         let reactor = std::rc::Rc::new(pyport::event_loop::Reactor::new(poll).expect("reactor"));
         let session = Session::new(py, &spec, link, reactor).expect("session");
         time(

@@ -3,7 +3,7 @@
 //!
 //! Frames are routed into a context's bounded [`Mailbox`], which wakes the thread only if
 //! it sleeps. A thread that runs out of work spins for a short, bounded while (GIL
-//! released, yielding the CPU between tries) before it sleeps in its own mio poll,
+//! released, yielding the CPU between tries) before it sleeps in its own poll,
 //! because a sleeping thread costs tens of microseconds of wake-up latency (docs/architecture.md, "Latency").
 //! While it spins it also reads stdin itself through the shared [`Inbox`]: a request for
 //! an idle context is then read, served and answered by that one thread, with no hop.
@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use mio::{Poll, Waker};
 use pyo3::prelude::*;
 
 use crate::erlang_module::{self, Link, NestedServe};
 use crate::error::{panic_message, stop_error, Error};
 use crate::event_loop::{Reactor, WAKE};
+use crate::poller::{Poller, Waker};
 use crate::python::{detached, SubInterpreter};
 use crate::request::{Job, Kind, Mode};
 use crate::session::{Passed, Served, Session};
@@ -394,8 +394,8 @@ pub fn spawn(
     capacity: usize,
     stuck_after: Option<Duration>,
 ) -> std::io::Result<Arc<Mailbox>> {
-    let poll = Poll::new()?;
-    let waker = Waker::new(poll.registry(), WAKE)?;
+    let poll = Poller::new()?;
+    let waker = Waker::new(&poll, WAKE)?;
     let mailbox = Arc::new(Mailbox {
         queue: Mutex::new(VecDeque::new()),
         capacity,
@@ -423,7 +423,7 @@ pub fn spawn(
     Ok(mailbox)
 }
 
-fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<dyn Inbox>, poll: Poll) {
+fn run(mode: Mode, mailbox: Arc<Mailbox>, inbox: Arc<dyn Inbox>, poll: Poller) {
     match mode {
         Mode::Main => serve(&mailbox, &inbox, poll),
         Mode::OwnGil => match SubInterpreter::new() {
@@ -451,7 +451,7 @@ fn next_job(py: Python<'_>, mailbox: &Mailbox, inbox: &dyn Inbox, reactor: &Reac
 }
 
 /// The context's loop, attached to its interpreter.
-fn serve(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
+fn serve(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poller) {
     serve_interpreter(mailbox, inbox, poll);
     // Before the interpreter ends (in `run`): the watchdog and `pyport:interrupt/1`
     // queue no interrupt on it from now on.
@@ -461,7 +461,7 @@ fn serve(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
     }
 }
 
-fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poll) {
+fn serve_interpreter(mailbox: &Arc<Mailbox>, inbox: &Arc<dyn Inbox>, poll: Poller) {
     let writer: &Writer = inbox.writer();
     let reactor = match Reactor::new(poll) {
         Ok(r) => Rc::new(r),

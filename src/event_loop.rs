@@ -1,7 +1,7 @@
 //! The event loop of a context: one wait per context thread, shared by the requests
 //! and by that interpreter's asyncio loop.
 //!
-//! The [`Reactor`] owns the context thread's mio `Poll`: its waker (new requests, results
+//! The [`Reactor`] owns the context thread's [`Poller`]: its waker (new requests, results
 //! of `erlang.async_call`, credit for streams) and the fds Python registers through the
 //! loop's selector. Rust owns the wait. When the poll reports fds, or the loop's next
 //! timer is due, the context thread *steps* the asyncio loop once ([`EventLoop::step`]):
@@ -9,7 +9,7 @@
 //! once. Between steps no loop is marked running, so sync requests (which run between
 //! steps) can call `asyncio.run()` like any other code.
 //!
-//! mio is edge-triggered and asyncio expects level-triggered readiness, so every fd
+//! The poll is edge-triggered and asyncio expects level-triggered readiness, so every fd
 //! handed to Python is re-armed (`EPOLL_CTL_MOD`) as it is handed over: if Python leaves
 //! data unread, the next poll reports the fd again.
 //!
@@ -25,8 +25,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Registry, Token};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyTuple};
 
@@ -34,19 +32,19 @@ use crate::convert::{self, Types};
 use crate::error::Error;
 use crate::etf;
 use crate::framing::KIND_STREAM;
+use crate::poller::{Events, Poller};
 use crate::writer::Writer;
 
 /// The poll token of the context's waker; fd `n` uses token `n + 1`.
-pub const WAKE: Token = Token(0);
+pub const WAKE: u64 = 0;
 /// `selectors.EVENT_READ` and `selectors.EVENT_WRITE`.
 pub const READ: u8 = 1;
 pub const WRITE: u8 = 2;
 
 /// The context thread's poll and the fds Python watches with it.
 pub struct Reactor {
-    poll: RefCell<Poll>,
+    poll: Poller,
     events: RefCell<Events>,
-    registry: Registry,
     fds: RefCell<HashMap<RawFd, u8>>,
     /// Readiness the poll reported and Python has not taken yet.
     ready: RefCell<Vec<(RawFd, u8)>>,
@@ -61,20 +59,15 @@ pub struct Reactor {
     py_loop: RefCell<Option<Py<PyAny>>>,
 }
 
-fn interest(mask: u8) -> Option<Interest> {
-    match (mask & READ != 0, mask & WRITE != 0) {
-        (true, true) => Some(Interest::READABLE | Interest::WRITABLE),
-        (true, false) => Some(Interest::READABLE),
-        (false, true) => Some(Interest::WRITABLE),
-        (false, false) => None,
-    }
+/// The poll token of fd `fd`.
+fn token(fd: RawFd) -> u64 {
+    u64::try_from(fd).unwrap_or(u64::MAX - 1) + 1
 }
 
 impl Reactor {
-    pub fn new(poll: Poll) -> io::Result<Self> {
+    pub fn new(poll: Poller) -> io::Result<Self> {
         Ok(Reactor {
-            registry: poll.registry().try_clone()?,
-            poll: RefCell::new(poll),
+            poll,
             events: RefCell::new(Events::with_capacity(64)),
             fds: RefCell::new(HashMap::new()),
             ready: RefCell::new(Vec::new()),
@@ -128,41 +121,38 @@ impl Reactor {
     /// Waits at most `timeout` (`None`: until woken) and collects fd readiness.
     /// Call it detached: it touches no Python object.
     pub fn wait(&self, timeout: Option<Duration>) {
-        let mut poll = self.poll.borrow_mut();
         let mut events = self.events.borrow_mut();
-        loop {
-            match poll.poll(&mut events, timeout) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                _ => break,
-            }
-        }
+        self.poll.wait(&mut events, timeout);
         let mut ready = self.ready.borrow_mut();
         for ev in events.iter() {
-            if ev.token() == WAKE {
+            if ev.token == WAKE {
                 continue;
             }
             let mut mask = 0;
-            if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+            if ev.read {
                 mask |= READ;
             }
-            if ev.is_writable() || ev.is_write_closed() || ev.is_error() {
+            if ev.write {
                 mask |= WRITE;
             }
-            ready.push((ev.token().0 as RawFd - 1, mask));
+            let Ok(fd) = RawFd::try_from(ev.token - 1) else {
+                continue;
+            };
+            ready.push((fd, mask));
         }
     }
 
     /// Watches `fd` for `mask` (replacing an earlier registration).
     pub fn watch(&self, fd: RawFd, mask: u8) -> io::Result<()> {
-        let interest = interest(mask).ok_or_else(|| io::Error::other("no events to watch for"))?;
-        let token = Token(fd as usize + 1);
+        if mask & (READ | WRITE) == 0 {
+            return Err(io::Error::other("no events to watch for"));
+        }
+        let (read, write) = (mask & READ != 0, mask & WRITE != 0);
         let mut fds = self.fds.borrow_mut();
         if fds.contains_key(&fd) {
-            self.registry
-                .reregister(&mut SourceFd(&fd), token, interest)?;
+            self.poll.modify(fd, token(fd), read, write)?;
         } else {
-            self.registry
-                .register(&mut SourceFd(&fd), token, interest)?;
+            self.poll.add(fd, token(fd), read, write)?;
         }
         fds.insert(fd, mask);
         Ok(())
@@ -171,7 +161,7 @@ impl Reactor {
     /// Stops watching `fd`. A closed fd has left the poll already: that is no error.
     pub fn unwatch(&self, fd: RawFd) {
         if self.fds.borrow_mut().remove(&fd).is_some() {
-            let _ = self.registry.deregister(&mut SourceFd(&fd));
+            let _ = self.poll.delete(fd);
         }
         self.ready.borrow_mut().retain(|&(f, _)| f != fd);
     }
@@ -185,10 +175,10 @@ impl Reactor {
             let Some(&watched) = fds.get(&fd) else {
                 continue;
             };
-            if let Some(i) = interest(watched) {
+            if watched & (READ | WRITE) != 0 {
                 let _ = self
-                    .registry
-                    .reregister(&mut SourceFd(&fd), Token(fd as usize + 1), i);
+                    .poll
+                    .modify(fd, token(fd), watched & READ != 0, watched & WRITE != 0);
             }
             match out.iter_mut().find(|(f, _)| *f == fd) {
                 Some((_, m)) => *m |= mask,

@@ -12,8 +12,9 @@
 //! - [`context`]: context threads, one interpreter each, and their bounded mailboxes.
 //! - [`session`]: what a context does with a request: call, eval, exec, envs, handles,
 //!   streams; coroutine results become tasks.
-//! - [`event_loop`]: the one wait of a context thread (mio poll) and the asyncio loop
+//! - [`event_loop`]: the one wait of a context thread (its poller) and the asyncio loop
 //!   it drives between requests: fds, timers, tasks, streams, async callbacks.
+//! - [`poller`]: a context thread's epoll and waker, on fds above the ones Python opens.
 //! - [`fork`]: what a child forked without `exec` keeps of pyport (nothing that
 //!   reaches Erlang), and CPython's after-fork code made safe with sub-interpreters.
 //! - [`atoms`]: `max_atoms`, the budget of atoms Python may create in the node.
@@ -60,6 +61,7 @@ pub mod fork;
 pub mod framing;
 pub mod keeper;
 pub mod memory;
+pub mod poller;
 pub mod pyerr;
 pub mod python;
 pub mod request;

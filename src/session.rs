@@ -57,10 +57,11 @@ pub struct Passed;
 /// before a restart, cannot name a live object here (ids stay below 2^62).
 fn random_id_base() -> u64 {
     let mut bytes = [0u8; 8];
-    if std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
-        .is_err()
-    {
+    // getrandom(2), not /dev/urandom: a context starting opens no fd while other
+    // contexts run Python (see `poller`)
+    // SAFETY: fills the 8 bytes of `bytes`.
+    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if got != 8 {
         let t = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();

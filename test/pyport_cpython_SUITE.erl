@@ -434,8 +434,9 @@ run_ids({Mode, Source, Control} = Run, Rt, [Id | Ids], Acc) ->
                  Error ->
                      {error, format(Error)}
              end,
-    Rt1 = case class(Result) =:= class(maps:get(Id, Control, missing))
-                  andalso class(Result) =/= crash andalso class(Result) =/= timeout of
+    Class = class(Result),
+    Rt1 = case Class =:= class(maps:get(Id, Control, missing))
+                  andalso Class =/= crash andalso Class =/= timeout of
               true ->
                   Rt;
               false ->

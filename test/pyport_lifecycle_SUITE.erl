@@ -15,7 +15,8 @@ all() ->
 groups() ->
     Cases = [panic_outside_request_takes_context_down,
              thread_belongs_to_its_context,
-             thread_waiting_in_call_is_released_at_stop],
+             thread_waiting_in_call_is_released_at_stop,
+             contexts_leave_no_fd_gaps],
     [{owngil, [], Cases}, {main, [], Cases}].
 
 init_per_suite(Config) ->
@@ -45,6 +46,41 @@ start_runtime(Config, Opts) ->
     Rt.
 
 %%% Cases
+
+contexts_leave_no_fd_gaps() ->
+    [{doc, "While a thread of a context's code opens and closes files without a pause, "
+           "20 other contexts start and stop: the fds pyport makes for them (a poll "
+           "and its waker each) live above the ones Python code opens, so no gap is left "
+           "among those (test_os's closerange tests take the lowest free fd and the one "
+           "after it)."}].
+contexts_leave_no_fd_gaps(Config) ->
+    Rt = start_runtime(Config, #{contexts => [#{name => c, mode => ?config(mode, Config)}]}),
+    {ok, C} = pyport:context(Rt, c),
+    ok = pyport:exec(C, <<"import os, threading\n"
+                          "def _churn(stop):\n"
+                          "    while not stop.is_set():\n"
+                          "        os.close(os.open(os.devnull, os.O_RDONLY))\n"
+                          "_stop = threading.Event()\n"
+                          "_churner = threading.Thread(target=_churn, args=(_stop,))\n"
+                          "_churner.start()\n"
+                          "def _open(fd):\n"
+                          "    try:\n"
+                          "        os.fstat(fd)\n"
+                          "        return True\n"
+                          "    except OSError:\n"
+                          "        return False\n"
+                          "def gaps():\n"
+                          "    _stop.set()\n"
+                          "    _churner.join()\n"
+                          "    fds = [fd for fd in range(256) if _open(fd)]\n"
+                          "    return [fd for fd in range(fds[-1]) if fd not in fds]\n">>),
+    [begin
+         {ok, X} = pyport:new_context(Rt, #{mode => M}),
+         {ok, 2} = pyport:eval(X, <<"1 + 1">>),
+         ok = pyport:stop_context(X)
+     end || _ <- lists:seq(1, 10), M <- [owngil, main]],
+    ?assertEqual({ok, []}, pyport:call(C, '__main__', gaps, [])),
+    ok = pyport:stop_runtime(Rt).
 
 interrupts_race_stop_context() ->
     [{doc, "300 owngil contexts, each ended by stop_context while its request's deadline "
