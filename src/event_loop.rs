@@ -64,6 +64,12 @@ fn token(fd: RawFd) -> u64 {
     u64::try_from(fd).unwrap_or(u64::MAX - 1) + 1
 }
 
+/// What a selector mask asks the poll for: (read, write); `None` when it asks nothing.
+fn interest(mask: u8) -> Option<(bool, bool)> {
+    let (read, write) = (mask & READ != 0, mask & WRITE != 0);
+    (read || write).then_some((read, write))
+}
+
 impl Reactor {
     pub fn new(poll: Poller) -> io::Result<Self> {
         Ok(Reactor {
@@ -144,10 +150,8 @@ impl Reactor {
 
     /// Watches `fd` for `mask` (replacing an earlier registration).
     pub fn watch(&self, fd: RawFd, mask: u8) -> io::Result<()> {
-        if mask & (READ | WRITE) == 0 {
-            return Err(io::Error::other("no events to watch for"));
-        }
-        let (read, write) = (mask & READ != 0, mask & WRITE != 0);
+        let (read, write) =
+            interest(mask).ok_or_else(|| io::Error::other("no events to watch for"))?;
         let mut fds = self.fds.borrow_mut();
         if fds.contains_key(&fd) {
             self.poll.modify(fd, token(fd), read, write)?;
@@ -175,10 +179,8 @@ impl Reactor {
             let Some(&watched) = fds.get(&fd) else {
                 continue;
             };
-            if watched & (READ | WRITE) != 0 {
-                let _ = self
-                    .poll
-                    .modify(fd, token(fd), watched & READ != 0, watched & WRITE != 0);
+            if let Some((read, write)) = interest(watched) {
+                let _ = self.poll.modify(fd, token(fd), read, write);
             }
             match out.iter_mut().find(|(f, _)| *f == fd) {
                 Some((_, m)) => *m |= mask,

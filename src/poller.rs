@@ -68,6 +68,13 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// The fd a syscall that makes one returned (or its error), moved above Python's.
+fn made_fd(ret: libc::c_int) -> io::Result<OwnedFd> {
+    let fd = check(ret)?;
+    // SAFETY: `fd` was just made by the syscall and nothing else owns it.
+    Ok(above_python(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
 /// An epoll instance.
 pub struct Poller {
     epoll: OwnedFd,
@@ -75,10 +82,8 @@ pub struct Poller {
 
 impl Poller {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; the fd it returns is ours.
-        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        // SAFETY: as above.
-        let epoll = above_python(unsafe { OwnedFd::from_raw_fd(fd) });
+        // SAFETY: plain syscall.
+        let epoll = made_fd(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         Ok(Poller { epoll })
     }
 
@@ -190,10 +195,8 @@ pub struct Waker {
 
 impl Waker {
     pub fn new(poller: &Poller, token: u64) -> io::Result<Self> {
-        // SAFETY: plain syscall; the fd it returns is ours.
-        let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
-        // SAFETY: as above.
-        let fd = above_python(unsafe { OwnedFd::from_raw_fd(fd) });
+        // SAFETY: plain syscall.
+        let fd = made_fd(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         poller.add(fd.as_raw_fd(), token, true, false)?;
         Ok(Waker { fd })
     }
