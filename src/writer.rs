@@ -2,26 +2,45 @@
 //!
 //! Any thread with a finished frame appends it under a short lock. If no other thread is
 //! writing, it becomes the flusher and writes everything queued so far in one `write`,
-//! repeating until the queue is empty; frames queued meanwhile by others ride along in the
-//! next batch. So replies are batched under load without a writer thread to wake.
+//! repeating while frames keep coming; frames queued meanwhile by others ride along in
+//! the next batch. So replies are batched under load without a writer thread to wake.
+//!
+//! The queue is bounded: a sender that finds [`ROOM`] bytes queued behind the flusher
+//! waits until a batch has gone out. And a flusher whose own frame is out hands the rest
+//! to a waiting sender instead of writing on: a thread that floods the stream (a context
+//! in a loop of `erlang.send`) pays for its own frames, and a thread that answers one
+//! request between two of them is not kept writing the flood's frames for as long as
+//! it lasts.
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex, MutexGuard};
 
 use crate::error::Error;
 use crate::etf;
 use crate::framing::{begin_frame, finish_frame, KIND_EVENT, KIND_REPLY};
 use crate::sync::Unpoison;
 
+/// How many bytes may wait behind the flusher before senders wait (plus one frame: a
+/// frame larger than this is queued when nothing else is).
+pub const ROOM: usize = 1 << 20;
+
 struct Queue {
     pending: Vec<u8>,
     flushing: bool,
     broken: bool,
+    /// Bytes ever handed to the stream, and bytes written: stream offsets, so a flusher
+    /// knows when its own frame is out.
+    queued: u64,
+    written: u64,
+    /// Senders waiting for room.
+    waiting: usize,
 }
 
 pub struct Writer {
     queue: Mutex<Queue>,
+    /// Signalled when a batch has gone out or the flusher stops.
+    room: Condvar,
     out: Mutex<File>,
 }
 
@@ -32,7 +51,11 @@ impl Writer {
                 pending: Vec::new(),
                 flushing: false,
                 broken: false,
+                queued: 0,
+                written: 0,
+                waiting: 0,
             }),
+            room: Condvar::new(),
             out: Mutex::new(out),
         }
     }
@@ -50,14 +73,25 @@ impl Writer {
             return;
         }
         let mut q = self.lock();
+        while q.flushing
+            && !q.broken
+            && !q.pending.is_empty()
+            && q.pending.len() + frame.len() > ROOM
+        {
+            q.waiting += 1;
+            q = self.room.wait(q).unpoison();
+            q.waiting -= 1;
+        }
         if q.broken {
             return;
         }
+        q.queued += frame.len() as u64;
         if q.flushing {
             q.pending.extend_from_slice(frame);
             return;
         }
         q.flushing = true;
+        let mine = q.queued;
         let mut direct = q.pending.is_empty().then_some(frame);
         if direct.is_none() {
             q.pending.extend_from_slice(frame);
@@ -73,8 +107,10 @@ impl Writer {
             };
             drop(q);
             let result = self.out.lock().unpoison().write_all(bytes);
+            let sent = bytes.len() as u64;
             batch.clear();
             q = self.lock();
+            q.written += sent;
             if let Err(e) = result {
                 // Nothing can be delivered any more. A broken pipe is Erlang closing
                 // the port (its node halted, or it let the runtime go): the end of
@@ -82,6 +118,7 @@ impl Writer {
                 q.broken = true;
                 q.flushing = false;
                 q.pending = Vec::new();
+                self.room.notify_all();
                 if e.kind() != io::ErrorKind::BrokenPipe {
                     eprintln!("pyport: protocol stream failed: {e}");
                 }
@@ -89,10 +126,21 @@ impl Writer {
             }
             if q.pending.is_empty() {
                 q.flushing = false;
-                if batch.capacity() > q.pending.capacity() && batch.capacity() <= 1 << 20 {
+                if batch.capacity() > q.pending.capacity() && batch.capacity() <= ROOM {
                     q.pending = batch;
                 }
+                self.room.notify_all();
                 return;
+            }
+            if q.waiting > 0 {
+                // A sender waits for room: it takes over as flusher once ours is out,
+                // or queues behind this batch.
+                if q.written >= mine {
+                    q.flushing = false;
+                    self.room.notify_all();
+                    return;
+                }
+                self.room.notify_all();
             }
         }
     }

@@ -10,7 +10,7 @@
 -define(MAX_ATOMS, 100).
 
 all() ->
-    [atom_budget, send_flood_is_bounded, max_reply, output_flood, callbacks_are_bounded,
+    [atom_budget, send_flood_is_bounded, send_flood_leaves_others_served, max_reply, output_flood, callbacks_are_bounded,
      limits_come_from_erlang].
 
 init_per_suite(Config) ->
@@ -148,6 +148,61 @@ sink_drain(Parent) ->
         Parent ! {drained, self()},
         receive <<"again">> -> Parent ! {again, self()} end
     end.
+
+send_flood_leaves_others_served() ->
+    [{doc, "One context sends 200 kB binaries as fast as it can to a process that reads "
+           "them, for as long as the case runs: meanwhile 300 calls to a second "
+           "context and 20 new_context/stop_context pairs each answer within 5 s, and "
+           "the port program's peak resident memory stays under 512 MiB. (Before the "
+           "fix, a reply that found the stream idle made its thread write the flood's "
+           "frames, queued without bound behind it, for as long as the flood lasted: "
+           "its context answered nothing more and the queue grew by gigabytes.)"}].
+send_flood_leaves_others_served(Config) ->
+    Stop = filename:join(?config(priv_dir, Config), "stop_flood"),
+    {ok, Rt} = pyport:start_runtime(#{contexts => [#{name => a}, #{name => b}],
+                                      max_memory => 4 bsl 30}),
+    {ok, A} = pyport:context(Rt, a),
+    {ok, B} = pyport:context(Rt, b),
+    ok = pyport:exec(A, <<"import erlang, os\n"
+                          "def flood(sink, stop):\n"
+                          "    n = 0\n"
+                          "    while n % 64 or not os.path.exists(stop):\n"
+                          "        erlang.send(sink, b'x' * 200000)\n"
+                          "        n += 1\n"
+                          "    return n\n">>),
+    Self = self(),
+    Sink = spawn_link(fun() -> receive _ -> Self ! flooding end, discard() end),
+    Flood = pyport:async_call(A, '__main__', flood, [Sink, list_to_binary(Stop)], #{},
+                              #{timeout => 120000}),
+    receive flooding -> ok after 30000 -> ct:fail(no_flood) end,
+    Calls = [pyport:call(B, operator, add, [I, 1], #{}, #{timeout => 5000})
+             || I <- lists:seq(1, 300)],
+    Churn = [case pyport:new_context(Rt, #{}) of
+                 {ok, C} -> pyport:stop_context(C);
+                 Other -> Other
+             end || _ <- lists:seq(1, 20)],
+    ok = file:write_file(Stop, <<>>),
+    {ok, Sent} = pyport:await(Flood, 60000),
+    {ok, #{os_pid := OsPid}} = pyport:info(Rt),
+    Peak = peak_rss(OsPid),
+    ct:log("~b binaries of 200 kB sent meanwhile; peak RSS of the port program ~b MiB",
+           [Sent, Peak bsr 20]),
+    ?assertEqual([{ok, I + 1} || I <- lists:seq(1, 300)], Calls),
+    ?assertEqual(lists:duplicate(20, ok), Churn),
+    ?assert(Peak < 512 bsl 20),
+    unlink(Sink),
+    exit(Sink, kill),
+    ok = pyport:stop_runtime(Rt).
+
+discard() ->
+    receive _ -> discard() end.
+
+%% The peak resident memory of OS process OsPid, in bytes.
+peak_rss(OsPid) ->
+    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/status"),
+    [Kb] = [binary_to_integer(K) || <<"VmHWM:", Rest/binary>> <- binary:split(Status, <<"\n">>, [global]),
+                                    [K | _] <- [binary:split(string:trim(Rest), <<" ">>)]],
+    Kb * 1024.
 
 max_reply() ->
     [{doc, "max_reply 1000 bytes: a larger result is {error, {reply_too_large, Size, "
