@@ -184,7 +184,7 @@ send_flood_leaves_others_served(Config) ->
     ok = file:write_file(Stop, <<>>),
     {ok, Sent} = pyport:await(Flood, 60000),
     {ok, #{os_pid := OsPid}} = pyport:info(Rt),
-    Peak = peak_rss(OsPid),
+    Peak = pyport_ct:peak_rss_kib(OsPid) * 1024,
     ct:log("~b binaries of 200 kB sent meanwhile; peak RSS of the port program ~b MiB",
            [Sent, Peak bsr 20]),
     ?assertEqual([{ok, I + 1} || I <- lists:seq(1, 300)], Calls),
@@ -196,13 +196,6 @@ send_flood_leaves_others_served(Config) ->
 
 discard() ->
     receive _ -> discard() end.
-
-%% The peak resident memory of OS process OsPid, in bytes.
-peak_rss(OsPid) ->
-    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/status"),
-    [Kb] = [binary_to_integer(K) || <<"VmHWM:", Rest/binary>> <- binary:split(Status, <<"\n">>, [global]),
-                                    [K | _] <- [binary:split(string:trim(Rest), <<" ">>)]],
-    Kb * 1024.
 
 max_reply() ->
     [{doc, "max_reply 1000 bytes: a larger result is {error, {reply_too_large, Size, "

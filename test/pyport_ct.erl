@@ -20,6 +20,7 @@
 -export([forward_logs/0]).
 -export([forward_logs_with_meta/0]).
 -export([rss_kib/1]).
+-export([peak_rss_kib/1]).
 -export([stream_items/1]).
 -export([stop_forwarding_logs/0]).
 -export([log/2]).
@@ -200,8 +201,21 @@ log(#{level := Level, msg := Msg} = Event, #{config := #{pid := Pid} = Config}) 
 %% The resident set size of an OS process, in KiB.
 -spec rss_kib(integer()) -> non_neg_integer().
 rss_kib(OsPid) ->
-    Out = os:cmd("ps -o rss= -p " ++ integer_to_list(OsPid)),
-    list_to_integer(string:trim(Out)).
+    status_kib(OsPid, <<"VmRSS:">>).
+
+%% The peak resident memory of OS process OsPid (KiB) over its life so far.
+-spec peak_rss_kib(integer()) -> non_neg_integer().
+peak_rss_kib(OsPid) ->
+    status_kib(OsPid, <<"VmHWM:">>).
+
+%% A "Field:  N kB" line of /proc/OsPid/status, as N.
+status_kib(OsPid, Field) ->
+    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/status"),
+    [Kib] = [binary_to_integer(hd(binary:split(string:trim(Rest), <<" ">>)))
+             || <<F:(byte_size(Field))/binary, Rest/binary>>
+                    <- binary:split(Status, <<"\n">>, [global]),
+                F =:= Field],
+    Kib.
 
 %% The items of a stream up to its end (each within 5 s).
 -spec stream_items(pyport:stream()) -> [term()].

@@ -335,10 +335,7 @@ settled_node_memory() ->
 
 rss(Runtime) ->
     {ok, #{os_pid := OsPid}} = pyport:info(Runtime),
-    {ok, Status} = file:read_file("/proc/" ++ integer_to_list(OsPid) ++ "/status"),
-    [Kb] = [binary_to_integer(K) || <<"VmRSS:", Rest/binary>> <- binary:split(Status, <<"\n">>, [global]),
-                                    [K | _] <- [binary:split(string:trim(Rest), <<" ">>)]],
-    Kb * 1024.
+    pyport_ct:rss_kib(OsPid) * 1024.
 
 node_fds() ->
     {ok, Fds} = file:list_dir("/proc/self/fd"),
