@@ -343,14 +343,16 @@ impl Session {
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
-        let args = (
-            PyBytes::new(py, header),
-            coro,
-            timeout,
-            self.caller_pid(py, req)?,
-            req.opts.return_ref,
-        );
-        self.answer_later(py, header, "_pyport_start_task", args)
+        self.link.deadline.outside_request(|| {
+            let args = (
+                PyBytes::new(py, header),
+                coro,
+                timeout,
+                self.caller_pid(py, req)?,
+                req.opts.return_ref,
+            );
+            self.answer_later(py, header, "_pyport_start_task", args)
+        })
     }
 
     /// Starts streaming the items of `source` (a generator, an async generator or any
@@ -363,17 +365,20 @@ impl Session {
         req: &Request<'_>,
     ) -> Result<(), Error> {
         let window = req.opts.window.unwrap_or(DEFAULT_WINDOW);
-        let args = (
-            PyBytes::new(py, header),
-            source,
-            window,
-            self.caller_pid(py, req)?,
-        );
-        self.answer_later(py, header, "_pyport_start_stream", args)
+        self.link.deadline.outside_request(|| {
+            let args = (
+                PyBytes::new(py, header),
+                source,
+                window,
+                self.caller_pid(py, req)?,
+            );
+            self.answer_later(py, header, "_pyport_start_stream", args)
+        })
     }
 
     /// Hands the request to the loop (`method(*args)`), which answers it later; if that
-    /// fails, the request is answered now with the error.
+    /// fails, the request is answered now with the error. Pyport's own Python runs
+    /// here (and in making `args`): call it inside `Deadline::outside_request`.
     fn answer_later<'py>(
         &self,
         py: Python<'py>,

@@ -316,6 +316,18 @@ impl Deadline {
         self.code.store(parked.seq, Ordering::SeqCst);
     }
 
+    /// Runs pyport's own Python code in the middle of a request (handing a stream or a
+    /// coroutine to the loop) as no request's code: a stop raised into it would leave
+    /// the loop's bookkeeping half done (a stream registered without its task, whose
+    /// caller then waits for items that never come). A stop that comes meanwhile is
+    /// left to the request's own code, if any runs after.
+    pub fn outside_request<R>(&self, f: impl FnOnce() -> R) -> R {
+        let parked = self.park();
+        let result = f();
+        self.unpark(parked);
+        result
+    }
+
     /// Whether the request parked in a wait must stop, and why: it was stopped (its
     /// deadline fired, or `pyport:interrupt/1`), or its own deadline has passed (it may
     /// have passed while a nested request ran, or fired for a request nested on its

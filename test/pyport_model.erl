@@ -832,6 +832,10 @@ op(ref_release, [R], O) ->
     {pyport:release(h(R, O)), O};
 op(stream_open, [N, C, Start], O) ->
     {ok, S} = pyport:stream(h(C, O), '__main__', counter, [Start], #{}, #{window => 3}),
+    %% stream/6 returns at once, while the context may still run the stream's function
+    %% (`counter'), a request an interrupt/1 may stop (api.md): a round trip after it
+    %% makes the stream open for what the model does next
+    _ = pyport:call(h(C, O), operator, add, [0, 0]),
     O1 = put_h(N, S, O),
     {ok, O1#{streams := (maps:get(streams, O1))#{S => N}, ctx_of := (maps:get(ctx_of, O1))#{N => C}}};
 op(stream_next, [N], O) ->
