@@ -343,15 +343,8 @@ impl Session {
         deadline: Option<Instant>,
     ) -> Result<(), Error> {
         let timeout = deadline.map(|d| d.saturating_duration_since(Instant::now()).as_secs_f64());
-        self.link.deadline.outside_request(|| {
-            let args = (
-                PyBytes::new(py, header),
-                coro,
-                timeout,
-                self.caller_pid(py, req)?,
-                req.opts.return_ref,
-            );
-            self.answer_later(py, header, "_pyport_start_task", args)
+        self.answer_later(py, header, req, "_pyport_start_task", |header, caller| {
+            (header, coro, timeout, caller, req.opts.return_ref)
         })
     }
 
@@ -365,33 +358,32 @@ impl Session {
         req: &Request<'_>,
     ) -> Result<(), Error> {
         let window = req.opts.window.unwrap_or(DEFAULT_WINDOW);
-        self.link.deadline.outside_request(|| {
-            let args = (
-                PyBytes::new(py, header),
-                source,
-                window,
-                self.caller_pid(py, req)?,
-            );
-            self.answer_later(py, header, "_pyport_start_stream", args)
+        self.answer_later(py, header, req, "_pyport_start_stream", |header, caller| {
+            (header, source, window, caller)
         })
     }
 
-    /// Hands the request to the loop (`method(*args)`), which answers it later; if that
-    /// fails, the request is answered now with the error. Pyport's own Python runs
-    /// here (and in making `args`): call it inside `Deadline::outside_request`.
-    fn answer_later<'py>(
+    /// Hands the request to the loop (`method(*args(header, caller pid))`), which
+    /// answers it later; if that fails, the request is answered now with the error.
+    /// This is pyport's own Python, run as no request's code: a stop raised into it
+    /// would leave the loop's bookkeeping half done (`Deadline::outside_request`).
+    fn answer_later<'py, A: pyo3::call::PyCallArgs<'py>>(
         &self,
         py: Python<'py>,
         header: &[u8],
+        req: &Request<'_>,
         method: &str,
-        args: impl pyo3::call::PyCallArgs<'py>,
+        args: impl FnOnce(Bound<'py, PyBytes>, Bound<'py, PyAny>) -> A,
     ) -> Result<(), Error> {
-        self.event_loop.outlet.open(header);
-        if let Err(e) = self.event_loop.call(py, method, args) {
-            self.event_loop.outlet.forget(header);
-            return Err(e.into());
-        }
-        Ok(())
+        self.link.deadline.outside_request(|| {
+            let args = args(PyBytes::new(py, header), self.caller_pid(py, req)?);
+            self.event_loop.outlet.open(header);
+            if let Err(e) = self.event_loop.call(py, method, args) {
+                self.event_loop.outlet.forget(header);
+                return Err(e.into());
+            }
+            Ok(())
+        })
     }
 
     fn dispatch<'py>(
